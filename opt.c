@@ -1,0 +1,3495 @@
+/* opt.c: OPT language models on the CPU, from Hugging Face checkpoints.
+ *
+ * Sections, in order: utilities, JSON, config, checkpoints (safetensors, PyTorch
+ * zip/pickle, shard indexes), CPU kernels (runtime SIMD dispatch), the model,
+ * tokenizer, sampler, command line. See README.md for the design. */
+#include "opt.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ----------------------------------------------------------------------------
+ * Utilities */
+
+static const char *g_prog = "opt";
+
+void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", g_prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+void die_at(const char *file, int line, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: %s:%d: ", g_prog, file, line);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+void warn_once(int *flag, const char *fmt, ...) {
+    if (flag && *flag) return;
+    if (flag) *flag = 1;
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", g_prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+void *check_malloc(size_t n, const char *what) {
+    void *p = malloc(n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    return p;
+}
+
+void *check_calloc(size_t n, const char *what) {
+    void *p = calloc(1, n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    return p;
+}
+
+void *check_realloc(void *p, size_t n, const char *what) {
+    p = realloc(p, n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes for %s", n, what);
+    return p;
+}
+
+char *check_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    return memcpy(check_malloc(n, "a string"), s, n);
+}
+
+/* ----------------------------------------------------------------------------
+ * JSON: a strict recursive-descent parser into a small tree. Big inputs (a
+ * 900 kB vocab.json) are fine; nesting depth is bounded so hostile headers
+ * cannot overflow the stack. */
+
+typedef struct {
+    const char *s, *end, *start; /* cursor, end, beginning (for offsets in errors) */
+    char *err; size_t errlen;    /* where the first error goes */
+    int depth;                   /* current nesting */
+} JsonParser;
+
+static bool jp_fail(JsonParser *p, const char *what) {
+    if (p->err && !p->err[0]) snprintf(p->err, p->errlen, "byte %td: %s", p->s - p->start, what);
+    return false;
+}
+
+static void jp_ws(JsonParser *p) {
+    while (p->s < p->end && (*p->s == ' ' || *p->s == '\t' || *p->s == '\n' || *p->s == '\r')) p->s++;
+}
+
+static int jp_hex4(const char *s) {
+    int v = 0;
+    for (int i = 0; i < 4; i++) {
+        int c = s[i], d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+static int utf8_put(char *o, unsigned cp) {
+    if (cp < 0x80) { o[0] = (char)cp; return 1; }
+    if (cp < 0x800) { o[0] = (char)(0xC0 | cp >> 6); o[1] = (char)(0x80 | (cp & 63)); return 2; }
+    if (cp < 0x10000) { o[0] = (char)(0xE0 | cp >> 12); o[1] = (char)(0x80 | (cp >> 6 & 63)); o[2] = (char)(0x80 | (cp & 63)); return 3; }
+    o[0] = (char)(0xF0 | cp >> 18); o[1] = (char)(0x80 | (cp >> 12 & 63)); o[2] = (char)(0x80 | (cp >> 6 & 63)); o[3] = (char)(0x80 | (cp & 63));
+    return 4;
+}
+
+/* Length of the valid UTF-8 sequence at s (1-4), or 0 when it is invalid
+ * (overlong, surrogate, beyond U+10FFFF, truncated). */
+static int utf8_len(const unsigned char *s, size_t n, unsigned *cp) {
+    unsigned c = s[0];
+    if (c < 0x80) { *cp = c; return 1; }
+    int len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+    if (!len || c > 0xF4 || (size_t)len > n) return 0;
+    unsigned v = c & (0x3F >> (len - 1));
+    for (int i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        v = v << 6 | (s[i] & 0x3F);
+    }
+    if ((len == 3 && v < 0x800) || (len == 4 && (v < 0x10000 || v > 0x10FFFF)) || (v >= 0xD800 && v <= 0xDFFF)) return 0;
+    *cp = v;
+    return len;
+}
+
+static bool jp_string(JsonParser *p, char **out, size_t *outlen) {
+    p->s++; /* opening quote */
+    const char *q = p->s;
+    size_t cap = 0;
+    while (q < p->end && *q != '"') { if (*q == '\\') q++; q++; cap++; }
+    if (q >= p->end) return jp_fail(p, "unterminated string");
+    char *o = check_malloc(cap * 4 + 1, "a JSON string"), *w = o;
+    while (*p->s != '"') {
+        unsigned char c = (unsigned char)*p->s;
+        if (c < 0x20) { free(o); return jp_fail(p, "control character in string"); }
+        if (c != '\\') {
+            unsigned cp;
+            int n = utf8_len((const unsigned char *)p->s, (size_t)(p->end - p->s), &cp);
+            if (!n) { free(o); return jp_fail(p, "invalid UTF-8 in string"); }
+            memcpy(w, p->s, (size_t)n); w += n; p->s += n;
+            continue;
+        }
+        p->s++;
+        char e = *p->s++;
+        switch (e) {
+        case '"': *w++ = '"'; break;
+        case '\\': *w++ = '\\'; break;
+        case '/': *w++ = '/'; break;
+        case 'b': *w++ = '\b'; break;
+        case 'f': *w++ = '\f'; break;
+        case 'n': *w++ = '\n'; break;
+        case 'r': *w++ = '\r'; break;
+        case 't': *w++ = '\t'; break;
+        case 'u': {
+            int h = p->end - p->s >= 4 ? jp_hex4(p->s) : -1;
+            if (h < 0) { free(o); return jp_fail(p, "bad \\u escape"); }
+            p->s += 4;
+            unsigned cp = (unsigned)h;
+            if (cp >= 0xD800 && cp <= 0xDBFF) { /* surrogate pair */
+                int l = p->end - p->s >= 6 && p->s[0] == '\\' && p->s[1] == 'u' ? jp_hex4(p->s + 2) : -1;
+                if (l < 0xDC00 || l > 0xDFFF) { free(o); return jp_fail(p, "unpaired surrogate"); }
+                p->s += 6;
+                cp = 0x10000 + ((cp - 0xD800) << 10) + ((unsigned)l - 0xDC00);
+            } else if (cp >= 0xDC00 && cp <= 0xDFFF) { free(o); return jp_fail(p, "unpaired surrogate"); }
+            w += utf8_put(w, cp);
+            break;
+        }
+        default: free(o); p->s--; return jp_fail(p, "bad escape");
+        }
+    }
+    p->s++;
+    *w = 0;
+    *out = o;
+    *outlen = (size_t)(w - o);
+    return true;
+}
+
+static bool jp_value(JsonParser *p, Json *v);
+
+static bool jp_container(JsonParser *p, Json *v, bool obj) {
+    char close = obj ? '}' : ']';
+    int cap = 0;
+    v->type = obj ? J_OBJ : J_ARR;
+    p->s++;
+    if (++p->depth > 64) return jp_fail(p, "nesting too deep");
+    jp_ws(p);
+    if (p->s < p->end && *p->s == close) { p->s++; p->depth--; return true; }
+    for (;;) {
+        if (v->n == cap) {
+            cap = cap ? cap * 2 : 8;
+            v->kids = check_realloc(v->kids, (size_t)cap * sizeof(Json), "JSON");
+            if (obj) v->keys = check_realloc(v->keys, (size_t)cap * sizeof(char *), "JSON");
+        }
+        Json *k = &v->kids[v->n];
+        memset(k, 0, sizeof *k);
+        jp_ws(p);
+        if (obj) {
+            size_t kl;
+            if (p->s >= p->end || *p->s != '"') return jp_fail(p, "expected a key");
+            if (!jp_string(p, &v->keys[v->n], &kl)) return false;
+            jp_ws(p);
+            if (p->s >= p->end || *p->s != ':') { v->n++; k->type = J_NULL; return jp_fail(p, "expected ':'"); }
+            p->s++;
+        }
+        v->n++;
+        if (!jp_value(p, k)) return false;
+        jp_ws(p);
+        if (p->s < p->end && *p->s == ',') { p->s++; continue; }
+        if (p->s < p->end && *p->s == close) { p->s++; p->depth--; return true; }
+        return jp_fail(p, obj ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+static bool jp_value(JsonParser *p, Json *v) {
+    jp_ws(p);
+    if (p->s >= p->end) return jp_fail(p, "unexpected end of input");
+    char c = *p->s;
+    if (c == '{' || c == '[') return jp_container(p, v, c == '{');
+    if (c == '"') { v->type = J_STR; return jp_string(p, &v->str, &v->len); }
+    static const char *const words[] = {"true", "false", "null"};
+    for (int i = 0; i < 3; i++) {
+        size_t n = strlen(words[i]);
+        if ((size_t)(p->end - p->s) >= n && !memcmp(p->s, words[i], n)) {
+            v->type = i == 2 ? J_NULL : J_BOOL;
+            v->num = i == 0;
+            p->s += n;
+            return true;
+        }
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) {
+        char buf[64];
+        size_t n = 0;
+        while (p->s + n < p->end && n < sizeof buf - 1 && strchr("+-0123456789.eE", p->s[n])) n++;
+        memcpy(buf, p->s, n);
+        buf[n] = 0;
+        char *e;
+        v->type = J_NUM;
+        v->num = strtod(buf, &e);
+        if (e != buf + n) return jp_fail(p, "bad number");
+        p->s += n;
+        return true;
+    }
+    return jp_fail(p, "unexpected character");
+}
+
+Json *json_parse(const char *text, size_t len, char *err, size_t errlen) {
+    JsonParser p = {text, text + len, text, err, errlen, 0};
+    if (err && errlen) err[0] = 0;
+    Json *v = check_calloc(sizeof *v, "JSON");
+    bool ok = jp_value(&p, v);
+    if (ok) { jp_ws(&p); if (p.s != p.end) ok = jp_fail(&p, "trailing characters"); }
+    if (!ok) { json_free(v); return NULL; }
+    return v;
+}
+
+static void json_free_in(Json *j) {
+    for (int i = 0; i < j->n; i++) {
+        json_free_in(&j->kids[i]);
+        if (j->keys) free(j->keys[i]);
+    }
+    free(j->kids);
+    free(j->keys);
+    free(j->str);
+}
+
+void json_free(Json *j) {
+    if (!j) return;
+    json_free_in(j);
+    free(j);
+}
+
+const Json *json_get(const Json *obj, const char *key) {
+    if (!obj || obj->type != J_OBJ) return NULL;
+    for (int i = 0; i < obj->n; i++)
+        if (!strcmp(obj->keys[i], key)) return &obj->kids[i];
+    return NULL;
+}
+
+/* Bytes an invalid UTF-8 sequence at s occupies under the "maximal subpart"
+ * rule that Python's errors="replace" follows: one U+FFFD per such run. */
+static int utf8_bad_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0], lo = 0x80, hi = 0xBF;
+    int len;
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c == 0xE0) { len = 3; lo = 0xA0; }
+    else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) len = 3;
+    else if (c == 0xED) { len = 3; hi = 0x9F; }
+    else if (c == 0xF0) { len = 4; lo = 0x90; }
+    else if (c >= 0xF1 && c <= 0xF3) len = 4;
+    else if (c == 0xF4) { len = 4; hi = 0x8F; }
+    else return 1;
+    if (n < 2 || s[1] < lo || s[1] > hi) return 1;
+    int i = 2;
+    while (i < len && (size_t)i < n && (s[i] & 0xC0) == 0x80) i++;
+    return i;
+}
+
+/* Writes s as a JSON string. Invalid UTF-8 (a generation cut inside a
+ * character) becomes U+FFFD, as Hugging Face's errors="replace" decoding does. */
+void json_write_str(FILE *f, const char *s, size_t len) {
+    fputc('"', f);
+    for (size_t i = 0; i < len;) {
+        unsigned char c = (unsigned char)s[i];
+        unsigned cp;
+        int n = utf8_len((const unsigned char *)s + i, len - i, &cp);
+        if (!n) { fputs("\xEF\xBF\xBD", f); i += utf8_bad_len((const unsigned char *)s + i, len - i); continue; }
+        if (c == '"' || c == '\\') { fputc('\\', f); fputc(c, f); }
+        else if (c == '\n') fputs("\\n", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c == '\r') fputs("\\r", f);
+        else if (c < 0x20 || c == 0x7F) fprintf(f, "\\u%04x", c);
+        else fwrite(s + i, 1, (size_t)n, f);
+        i += (size_t)n;
+    }
+    fputc('"', f);
+}
+
+/* Reads a whole small file (config.json, an index) into a NUL-terminated buffer. */
+static char *file_read(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = check_malloc(cap, path);
+    for (size_t r; (r = fread(buf + n, 1, cap - n - 1, f)) > 0;) {
+        n += r;
+        if (n + 1 == cap) buf = check_realloc(buf, cap *= 2, path);
+    }
+    bool err = ferror(f);
+    fclose(f);
+    if (err) die("%s: read error: %s", path, strerror(errno));
+    buf[n] = 0;
+    if (len) *len = n;
+    return buf;
+}
+
+static Json *json_load(const char *path) {
+    size_t n;
+    char *text = file_read(path, &n), err[128];
+    if (!text) die("%s: %s", path, strerror(errno));
+    Json *j = json_parse(text, n, err, sizeof err);
+    free(text);
+    if (!j) die("%s: invalid JSON: %s", path, err);
+    return j;
+}
+
+static char *path_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = check_malloc(n, "a path");
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static bool file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* ----------------------------------------------------------------------------
+ * Config: config.json as Hugging Face writes it for OPTForCausalLM. */
+
+static int cfg_int(const Json *j, const char *key, int def, const char *path) {
+    const Json *v = json_get(j, key);
+    if (!v || v->type == J_NULL) {
+        if (def == INT32_MIN) die("%s: missing \"%s\"", path, key);
+        return def;
+    }
+    if (v->type != J_NUM || v->num != floor(v->num) || v->num < 0 || v->num > 1e9)
+        die("%s: \"%s\" must be a non-negative integer", path, key);
+    return (int)v->num;
+}
+
+static int cfg_bool(const Json *j, const char *key, int def, const char *path) {
+    const Json *v = json_get(j, key);
+    if (!v || v->type == J_NULL) return def;
+    if (v->type != J_BOOL) die("%s: \"%s\" must be true or false", path, key);
+    return (int)v->num;
+}
+
+/* Validates the sizes so that nothing later can overflow or divide by zero. */
+static void config_check(const Config *c, const char *path) {
+    if (c->hidden <= 0 || c->ffn <= 0 || c->n_layer <= 0 || c->n_head <= 0 || c->vocab <= 0 || c->max_pos <= 0 || c->embed_dim <= 0)
+        die("%s: sizes must be positive", path);
+    if (c->hidden % c->n_head) die("%s: hidden_size %d is not a multiple of num_attention_heads %d", path, c->hidden, c->n_head);
+    if (c->hidden / c->n_head > 512) die("%s: head dimension %d exceeds 512", path, c->hidden / c->n_head);
+    if (c->hidden > 65536 || c->ffn > 262144 || c->n_layer > 1024 || c->vocab > 1 << 22 || c->max_pos > 1 << 20 || c->embed_dim > 65536)
+        die("%s: sizes are implausibly large", path);
+}
+
+void config_load(Config *c, const char *dir) {
+    char *path = path_join(dir, "config.json");
+    if (!file_exists(path)) die("%s: missing (is %s an OPT checkpoint directory?)", path, dir);
+    Json *j = json_load(path);
+    if (j->type != J_OBJ) die("%s: not a JSON object", path);
+    const Json *mt = json_get(j, "model_type");
+    if (mt && mt->type == J_STR && strcmp(mt->str, "opt")) die("%s: model_type is \"%s\", not \"opt\"", path, mt->str);
+    const Json *act = json_get(j, "activation_function");
+    if (act && (act->type != J_STR || strcmp(act->str, "relu")))
+        die("%s: activation_function must be \"relu\" (OPT)", path);
+    memset(c, 0, sizeof *c);
+    c->hidden = cfg_int(j, "hidden_size", INT32_MIN, path);
+    c->ffn = cfg_int(j, "ffn_dim", INT32_MIN, path);
+    c->n_layer = cfg_int(j, "num_hidden_layers", INT32_MIN, path);
+    c->n_head = cfg_int(j, "num_attention_heads", INT32_MIN, path);
+    c->vocab = cfg_int(j, "vocab_size", INT32_MIN, path);
+    c->max_pos = cfg_int(j, "max_position_embeddings", INT32_MIN, path);
+    c->embed_dim = cfg_int(j, "word_embed_proj_dim", c->hidden, path);
+    c->pre_ln = cfg_bool(j, "do_layer_norm_before", 1, path);
+    c->final_ln = c->pre_ln && !cfg_bool(j, "_remove_final_layer_norm", 0, path);
+    c->bias = cfg_bool(j, "enable_bias", 1, path);
+    c->ln_affine = cfg_bool(j, "layer_norm_elementwise_affine", 1, path);
+    c->bos = 2; /* OPT's tokenizer prepends </s>, whatever bos_token_id says (opt-30b says 0) */
+    c->eos = cfg_int(j, "eos_token_id", 2, path);
+    c->pad = cfg_int(j, "pad_token_id", 1, path);
+    config_check(c, path);
+    c->head_dim = c->hidden / c->n_head;
+    const char *base = strrchr(dir, '/');
+    base = base && base[1] ? base + 1 : dir;
+    snprintf(c->name, sizeof c->name, "%s", base);
+    json_free(j);
+    free(path);
+}
+
+/* Parameter count of the architecture the config describes. */
+int64_t config_params(const Config *c) {
+    int64_t h = c->hidden, f = c->ffn, e = c->embed_dim;
+    int64_t layer = 4 * h * h + 2 * h * f + (c->bias ? 4 * h + f + h : 0) + (c->ln_affine ? 4 * h : 0);
+    int64_t n = (int64_t)c->vocab * e + (int64_t)(c->max_pos + 2) * h + c->n_layer * layer;
+    if (e != h) n += 2 * e * h;
+    if (c->final_ln && c->ln_affine) n += 2 * h;
+    return n;
+}
+
+/* ----------------------------------------------------------------------------
+ * Checkpoints. Every weight file is mmap'd read-only; tensors point into the
+ * mapping, so the page cache holds the only copy of the model. Formats: a
+ * Hugging Face directory with model.safetensors, sharded safetensors with
+ * model.safetensors.index.json, pytorch_model.bin (torch.save's zip of a
+ * pickle plus raw storages) or its sharded variant. */
+
+const char *const dtype_names[DT_COUNT] = {"f32", "f16", "bf16", "q4", "i8"};
+const char *const tier_names[TIER_COUNT] = {"gpu", "cpu", "disk"};
+
+size_t dtype_bytes(DType t, int64_t n) {
+    switch (t) {
+    case DT_F32: return (size_t)n * 4;
+    case DT_F16: case DT_BF16: return (size_t)n * 2;
+    case DT_Q4: return (size_t)(n + 1) / 2;
+    default: return (size_t)n;
+    }
+}
+
+typedef struct {
+    char *path;            /* file path, for messages */
+    const uint8_t *base;   /* (size) mmap'd bytes */
+    size_t size;           /* file size */
+} MapFile;
+
+typedef struct {
+    char *name;            /* name as stored, e.g. "model.decoder.layers.0.fc1.weight" */
+    const char *key;       /* name without "model."/"decoder." prefixes, e.g. "layers.0.fc1.weight" */
+    DType dtype;           /* stored format */
+    int ndim;              /* 0..4 */
+    int64_t shape[4];      /* (ndim) sizes */
+    const void *data;      /* into files[file].base */
+    int file;              /* index into Checkpoint.files */
+    bool used;             /* claimed by the model (to report leftovers) */
+} CkTensor;
+
+typedef struct {
+    char *dir;             /* the checkpoint directory */
+    MapFile *files;        /* (n_files) mapped weight files */
+    int n_files;
+    CkTensor *t;           /* (n) tensors, sorted by key after loading */
+    int n, cap;
+} Checkpoint;
+
+static void map_file(MapFile *m, const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("%s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    if (st.st_size == 0) die("%s: empty file", path);
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) die("%s: mmap: %s", path, strerror(errno));
+    close(fd);
+    m->path = check_strdup(path);
+    m->base = p;
+    m->size = (size_t)st.st_size;
+}
+
+static const char *ck_key(const char *name) {
+    if (!strncmp(name, "model.", 6)) name += 6;
+    if (!strncmp(name, "decoder.", 8)) name += 8;
+    return name;
+}
+
+static CkTensor *ck_add(Checkpoint *ck, const char *name, size_t namelen) {
+    if (ck->n == ck->cap) ck->t = check_realloc(ck->t, (size_t)(ck->cap = ck->cap ? 2 * ck->cap : 256) * sizeof *ck->t, "tensor list");
+    CkTensor *t = &ck->t[ck->n++];
+    memset(t, 0, sizeof *t);
+    t->name = check_malloc(namelen + 1, "a tensor name");
+    memcpy(t->name, name, namelen);
+    t->name[namelen] = 0;
+    t->key = ck_key(t->name);
+    t->file = ck->n_files - 1;
+    return t;
+}
+
+static int64_t ck_numel(const CkTensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+/* --- safetensors: u64 header length, JSON header, raw little-endian data --- */
+
+static bool dtype_parse(const char *s, DType *t) {
+    static const char *const st[] = {"F32", "F16", "BF16"};
+    for (int i = 0; i < 3; i++) if (!strcmp(s, st[i])) { *t = (DType)i; return true; }
+    if (!strcmp(s, "U8")) { *t = DT_Q4; return true; }  /* native packed file: 4-bit codes */
+    if (!strcmp(s, "I8")) { *t = DT_I8; return true; }  /* native packed file: int8 weights */
+    return false;
+}
+
+static void ck_read_safetensors(Checkpoint *ck, const char *path) {
+    ck->files = check_realloc(ck->files, (size_t)(ck->n_files + 1) * sizeof(MapFile), "files");
+    MapFile *m = &ck->files[ck->n_files++];
+    map_file(m, path);
+    if (m->size < 8) die("%s: truncated safetensors file (%zu bytes, no header)", path, m->size);
+    uint64_t hlen;
+    memcpy(&hlen, m->base, 8);
+    if (hlen > m->size - 8) die("%s: truncated safetensors file: header of %llu bytes, file of %zu", path, (unsigned long long)hlen, m->size);
+    char err[128];
+    Json *h = json_parse((const char *)m->base + 8, (size_t)hlen, err, sizeof err);
+    if (!h) die("%s: corrupt safetensors header: %s", path, err);
+    if (h->type != J_OBJ) die("%s: corrupt safetensors header: not an object", path);
+    const uint8_t *data = m->base + 8 + hlen;
+    size_t dlen = m->size - 8 - hlen;
+    for (int i = 0; i < h->n; i++) {
+        const char *name = h->keys[i];
+        if (!strcmp(name, "__metadata__")) continue;
+        const Json *e = &h->kids[i], *dt = json_get(e, "dtype"), *sh = json_get(e, "shape"), *off = json_get(e, "data_offsets");
+        if (!dt || dt->type != J_STR || !sh || sh->type != J_ARR || !off || off->type != J_ARR || off->n != 2)
+            die("%s: tensor %s: header entry needs dtype, shape and data_offsets", path, name);
+        CkTensor *t = ck_add(ck, name, strlen(name));
+        if (!dtype_parse(dt->str, &t->dtype)) die("%s: tensor %s: unsupported dtype %s (F32, F16 and BF16 are)", path, name, dt->str);
+        if (sh->n > 4) die("%s: tensor %s: %d dimensions", path, name, sh->n);
+        t->ndim = sh->n;
+        for (int d = 0; d < sh->n; d++) {
+            const Json *v = &sh->kids[d];
+            if (v->type != J_NUM || v->num < 0 || v->num != floor(v->num) || v->num > 1e12) die("%s: tensor %s: bad shape", path, name);
+            t->shape[d] = (int64_t)v->num;
+        }
+        double b = off->kids[0].num, e2 = off->kids[1].num;
+        if (off->kids[0].type != J_NUM || off->kids[1].type != J_NUM || b < 0 || e2 < b || e2 > (double)dlen)
+            die("%s: tensor %s: data offsets [%.0f, %.0f) outside the %zu data bytes (truncated file?)", path, name, b, e2, dlen);
+        int64_t numel = ck_numel(t);
+        size_t want = t->dtype == DT_Q4 || t->dtype == DT_I8 ? (size_t)numel : dtype_bytes(t->dtype, numel);
+        if ((size_t)(e2 - b) != want) die("%s: tensor %s: %.0f data bytes for shape and dtype needing %zu", path, name, e2 - b, want);
+        t->data = data + (size_t)b;
+    }
+    json_free(h);
+}
+
+/* --- PyTorch: a zip archive (stored, not deflated) holding data.pkl and one
+ * file per storage. We walk the central directory, then run a small pickle
+ * machine that understands exactly what torch.save writes for a state dict. --- */
+
+typedef struct {
+    char *name;            /* entry name, e.g. "archive/data/0" */
+    const uint8_t *data;   /* entry bytes inside the mapping */
+    uint64_t size;         /* entry size */
+} ZipEntry;
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+static uint64_t rd64(const uint8_t *p) { return rd32(p) | (uint64_t)rd32(p + 4) << 32; }
+
+static ZipEntry *zip_entries(const MapFile *m, int *count) {
+    const char *path = m->path;
+    const uint8_t *b = m->base;
+    size_t n = m->size;
+    if (n < 22) die("%s: not a zip archive (truncated; torch.save writes zip files)", path);
+    size_t eocd = 0;
+    bool found = false;
+    for (size_t i = n - 22 + 1, lim = n > 65557 ? n - 65557 : 0; i-- > lim;)
+        if (rd32(b + i) == 0x06054b50) { eocd = i; found = true; break; }
+    if (!found) die("%s: not a zip archive or truncated (no end-of-central-directory record)", path);
+    uint64_t nent = rd16(b + eocd + 10), cdsize = rd32(b + eocd + 12), cdoff = rd32(b + eocd + 16);
+    if (eocd >= 20 && rd32(b + eocd - 20) == 0x07064b50) { /* zip64 locator */
+        uint64_t z = rd64(b + eocd - 20 + 8);
+        if (z + 56 > n || rd32(b + z) != 0x06064b50) die("%s: corrupt zip64 directory", path);
+        nent = rd64(b + z + 32);
+        cdsize = rd64(b + z + 40);
+        cdoff = rd64(b + z + 48);
+    }
+    if (cdoff > n || cdsize > n - cdoff || nent > cdsize / 46) die("%s: corrupt zip central directory (truncated file?)", path);
+    ZipEntry *e = check_calloc(nent * sizeof *e, "zip entries");
+    const uint8_t *p = b + cdoff, *end = b + cdoff + cdsize;
+    for (uint64_t i = 0; i < nent; i++) {
+        if (end - p < 46 || rd32(p) != 0x02014b50) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
+        unsigned method = rd16(p + 10), nlen = rd16(p + 28), xlen = rd16(p + 30), clen = rd16(p + 32);
+        uint64_t csize = rd32(p + 20), usize = rd32(p + 24), loff = rd32(p + 42);
+        if ((size_t)(end - p) < 46u + nlen + xlen + clen) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
+        for (const uint8_t *x = p + 46 + nlen, *xe = x + xlen; xe - x >= 4;) { /* zip64 extra field */
+            unsigned id = rd16(x), sz = rd16(x + 2);
+            const uint8_t *f = x + 4;
+            if (id == 1) {
+                if (usize == 0xFFFFFFFF && sz >= 8) { usize = rd64(f); f += 8; sz -= 8; }
+                if (csize == 0xFFFFFFFF && sz >= 8) { csize = rd64(f); f += 8; sz -= 8; }
+                if (loff == 0xFFFFFFFF && sz >= 8) loff = rd64(f);
+            }
+            x += 4 + rd16(x + 2);
+        }
+        e[i].name = check_malloc(nlen + 1u, "zip name");
+        memcpy(e[i].name, p + 46, nlen);
+        e[i].name[nlen] = 0;
+        if (method != 0) die("%s: entry %s is compressed (method %u); torch.save stores entries uncompressed", path, e[i].name, method);
+        if (loff > n - 30 || rd32(b + loff) != 0x04034b50) die("%s: entry %s: bad local header (truncated file?)", path, e[i].name);
+        uint64_t start = loff + 30 + rd16(b + loff + 26) + rd16(b + loff + 28);
+        if (start > n || csize > n - start || csize != usize) die("%s: entry %s runs past the end of the file (truncated?)", path, e[i].name);
+        e[i].data = b + start;
+        e[i].size = csize;
+        p += 46 + nlen + xlen + clen;
+    }
+    *count = (int)nent;
+    return e;
+}
+
+typedef enum { PV_NONE, PV_BOOL, PV_INT, PV_FLOAT, PV_STR, PV_TUPLE, PV_LIST, PV_DICT, PV_GLOBAL, PV_STORAGE, PV_TENSOR, PV_MARK } PvType;
+typedef struct Pv {
+    PvType type;           /* what this value is */
+    int64_t i;             /* PV_INT, PV_BOOL; PV_STORAGE: element count */
+    double f;              /* PV_FLOAT */
+    char *s;               /* PV_STR text; PV_GLOBAL "module.name"; PV_STORAGE key */
+    struct Pv **items;     /* PV_TUPLE/PV_LIST items; PV_DICT alternating keys and values */
+    int n, cap;            /* items used/allocated */
+    DType dtype;           /* PV_STORAGE, PV_TENSOR */
+    int64_t offset;        /* PV_TENSOR: storage offset in elements */
+    int ndim;              /* PV_TENSOR */
+    int64_t shape[4], stride[4]; /* PV_TENSOR */
+    struct Pv *storage;    /* PV_TENSOR */
+    struct Pv *next_alloc; /* every value, for freeing in one sweep */
+} Pv;
+
+typedef struct {
+    const char *path;      /* for messages */
+    const uint8_t *start, *p, *end; /* pickle bytes and cursor */
+    Pv **stack; int sp, scap;
+    Pv **memo; int64_t nmemo;  /* memo table and its allocated size */
+    int64_t memo_count;        /* entries set, the index MEMOIZE uses next */
+    Pv *all;               /* allocation list */
+} Unpickler;
+
+__attribute__((noreturn, format(printf, 2, 3))) static void up_fail(Unpickler *u, const char *fmt, ...) {
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    die("%s: corrupt pickle (data.pkl byte %td): %s", u->path, u->p - u->start, msg);
+}
+
+static Pv *pv_new(Unpickler *u, PvType t) {
+    Pv *v = check_calloc(sizeof *v, "pickle value");
+    v->type = t;
+    v->next_alloc = u->all;
+    u->all = v;
+    return v;
+}
+
+static void pv_append(Pv *l, Pv *x) {
+    if (l->n == l->cap) l->items = check_realloc(l->items, (size_t)(l->cap = l->cap ? 2 * l->cap : 8) * sizeof(Pv *), "pickle");
+    l->items[l->n++] = x;
+}
+
+static void up_push(Unpickler *u, Pv *v) {
+    if (u->sp == u->scap) u->stack = check_realloc(u->stack, (size_t)(u->scap = u->scap ? 2 * u->scap : 64) * sizeof(Pv *), "pickle stack");
+    u->stack[u->sp++] = v;
+}
+
+static Pv *up_pop(Unpickler *u) {
+    if (u->sp == 0 || u->stack[u->sp - 1]->type == PV_MARK) up_fail(u, "stack underflow");
+    return u->stack[--u->sp];
+}
+
+static int up_marker(Unpickler *u) { /* index just above the topmost MARK */
+    for (int i = u->sp; i-- > 0;) if (u->stack[i]->type == PV_MARK) return i;
+    up_fail(u, "no MARK on the stack");
+}
+
+static const uint8_t *up_take(Unpickler *u, uint64_t n) {
+    if ((uint64_t)(u->end - u->p) < n) up_fail(u, "truncated");
+    const uint8_t *r = u->p;
+    u->p += n;
+    return r;
+}
+
+static Pv *up_str(Unpickler *u, uint64_t n) {
+    Pv *v = pv_new(u, PV_STR);
+    const uint8_t *s = up_take(u, n);
+    v->s = check_malloc(n + 1, "pickle string");
+    memcpy(v->s, s, n);
+    v->s[n] = 0;
+    return v;
+}
+
+static void up_memo_put(Unpickler *u, int64_t idx, Pv *v) {
+    if (idx < 0 || idx > 1 << 24) up_fail(u, "bad memo index");
+    if (idx >= u->nmemo) {
+        int64_t n = idx + 64;
+        u->memo = check_realloc(u->memo, (size_t)n * sizeof(Pv *), "pickle memo");
+        memset(u->memo + u->nmemo, 0, (size_t)(n - u->nmemo) * sizeof(Pv *));
+        u->nmemo = n;
+    }
+    if (!u->memo[idx]) u->memo_count++;
+    u->memo[idx] = v;
+}
+
+static Pv *up_memo_get(Unpickler *u, int64_t idx) {
+    if (idx < 0 || idx >= u->nmemo || !u->memo[idx]) up_fail(u, "bad memo reference %lld", (long long)idx);
+    return u->memo[idx];
+}
+
+static bool storage_dtype(const char *g, DType *t) {
+    static const struct { const char *name; DType t; } map[] = {
+        {"torch.FloatStorage", DT_F32}, {"torch.HalfStorage", DT_F16}, {"torch.BFloat16Storage", DT_BF16}};
+    for (size_t i = 0; i < sizeof map / sizeof *map; i++) if (!strcmp(g, map[i].name)) { *t = map[i].t; return true; }
+    return false;
+}
+
+static int64_t pv_int(Unpickler *u, const Pv *v, const char *what) {
+    if (v->type != PV_INT) up_fail(u, "%s is not an integer", what);
+    return v->i;
+}
+
+/* torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata]) */
+static Pv *up_rebuild_tensor(Unpickler *u, Pv *args) {
+    if (args->type != PV_TUPLE || args->n < 4) up_fail(u, "_rebuild_tensor_v2 needs (storage, offset, size, stride, ...)");
+    Pv *st = args->items[0], *size = args->items[2], *stride = args->items[3];
+    if (st->type != PV_STORAGE) up_fail(u, "tensor without a storage");
+    if (size->type != PV_TUPLE || stride->type != PV_TUPLE || size->n != stride->n || size->n > 4) up_fail(u, "bad tensor size/stride");
+    Pv *t = pv_new(u, PV_TENSOR);
+    t->storage = st;
+    t->dtype = st->dtype;
+    t->offset = pv_int(u, args->items[1], "storage offset");
+    t->ndim = size->n;
+    for (int i = 0; i < size->n; i++) {
+        t->shape[i] = pv_int(u, size->items[i], "size");
+        t->stride[i] = pv_int(u, stride->items[i], "stride");
+        if (t->shape[i] < 0) up_fail(u, "negative size");
+    }
+    return t;
+}
+
+static Pv *up_call(Unpickler *u, Pv *fn, Pv *args) {
+    if (fn->type != PV_GLOBAL) up_fail(u, "REDUCE on a non-callable");
+    const char *g = fn->s;
+    if (!strcmp(g, "torch._utils._rebuild_tensor_v2")) return up_rebuild_tensor(u, args);
+    if (!strcmp(g, "torch._utils._rebuild_parameter") || !strcmp(g, "torch._utils._rebuild_parameter_with_state")) {
+        if (args->type != PV_TUPLE || args->n < 1 || args->items[0]->type != PV_TENSOR) up_fail(u, "bad parameter");
+        return args->items[0];
+    }
+    if (!strcmp(g, "torch._tensor._rebuild_from_type_v2")) { /* (func, type, args, state) */
+        if (args->type != PV_TUPLE || args->n < 3 || args->items[2]->type != PV_TUPLE) up_fail(u, "bad _rebuild_from_type_v2");
+        return up_call(u, args->items[0], args->items[2]);
+    }
+    if (!strcmp(g, "collections.OrderedDict") || !strcmp(g, "builtins.dict")) return pv_new(u, PV_DICT);
+    up_fail(u, "unsupported object %s (only tensors and dicts of tensors can be loaded)", g);
+}
+
+/* Runs the pickle program and returns the top-level object. */
+static Pv *up_run(Unpickler *u) {
+    for (;;) {
+        uint8_t op = *up_take(u, 1);
+        Pv *v, *k, *w;
+        int m;
+        switch (op) {
+        case 0x80: up_take(u, 1); break;                              /* PROTO */
+        case 0x95: up_take(u, 8); break;                              /* FRAME */
+        case '.': return up_pop(u);                                   /* STOP */
+        case '(': up_push(u, pv_new(u, PV_MARK)); break;              /* MARK */
+        case 'N': up_push(u, pv_new(u, PV_NONE)); break;
+        case 0x88: case 0x89: v = pv_new(u, PV_BOOL); v->i = op == 0x88; up_push(u, v); break;
+        case 'J': v = pv_new(u, PV_INT); v->i = (int32_t)rd32(up_take(u, 4)); up_push(u, v); break;
+        case 'K': v = pv_new(u, PV_INT); v->i = *up_take(u, 1); up_push(u, v); break;
+        case 'M': v = pv_new(u, PV_INT); v->i = rd16(up_take(u, 2)); up_push(u, v); break;
+        case 0x8a: { /* LONG1 */
+            unsigned n = *up_take(u, 1);
+            const uint8_t *b = up_take(u, n);
+            if (n > 8) up_fail(u, "integer too large");
+            uint64_t x = 0;
+            for (unsigned i = 0; i < n; i++) x |= (uint64_t)b[i] << (8 * i);
+            if (n && n < 8 && (b[n - 1] & 0x80)) x |= ~0ull << (8 * n);
+            v = pv_new(u, PV_INT); v->i = (int64_t)x; up_push(u, v);
+            break;
+        }
+        case 'G': { /* BINFLOAT, big-endian */
+            const uint8_t *b = up_take(u, 8);
+            uint64_t x = 0;
+            for (int i = 0; i < 8; i++) x = x << 8 | b[i];
+            v = pv_new(u, PV_FLOAT); memcpy(&v->f, &x, 8); up_push(u, v);
+            break;
+        }
+        case 'X': up_push(u, up_str(u, rd32(up_take(u, 4)))); break; /* BINUNICODE */
+        case 0x8c: up_push(u, up_str(u, *up_take(u, 1))); break;     /* SHORT_BINUNICODE */
+        case 0x8d: up_push(u, up_str(u, rd64(up_take(u, 8)))); break;/* BINUNICODE8 */
+        case 'U': up_push(u, up_str(u, *up_take(u, 1))); break;      /* SHORT_BINSTRING */
+        case 'T': up_push(u, up_str(u, rd32(up_take(u, 4)))); break; /* BINSTRING */
+        case 'c': { /* GLOBAL "module\nname\n" */
+            const uint8_t *s = u->p, *nl1 = memchr(s, '\n', (size_t)(u->end - s));
+            const uint8_t *nl2 = nl1 ? memchr(nl1 + 1, '\n', (size_t)(u->end - nl1 - 1)) : NULL;
+            if (!nl2) up_fail(u, "bad GLOBAL");
+            v = pv_new(u, PV_GLOBAL);
+            v->s = check_malloc((size_t)(nl2 - s) + 1, "pickle global");
+            memcpy(v->s, s, (size_t)(nl2 - s));
+            v->s[nl1 - s] = '.';
+            v->s[nl2 - s] = 0;
+            u->p = nl2 + 1;
+            up_push(u, v);
+            break;
+        }
+        case 0x93: { /* STACK_GLOBAL */
+            w = up_pop(u); k = up_pop(u);
+            if (k->type != PV_STR || w->type != PV_STR) up_fail(u, "bad STACK_GLOBAL");
+            v = pv_new(u, PV_GLOBAL);
+            size_t n = strlen(k->s) + strlen(w->s) + 2;
+            v->s = check_malloc(n, "pickle global");
+            snprintf(v->s, n, "%s.%s", k->s, w->s);
+            up_push(u, v);
+            break;
+        }
+        case ')': up_push(u, pv_new(u, PV_TUPLE)); break;
+        case ']': up_push(u, pv_new(u, PV_LIST)); break;
+        case '}': up_push(u, pv_new(u, PV_DICT)); break;
+        case 't': case 'l': case 'd': /* TUPLE, LIST, DICT from MARK */
+            m = up_marker(u);
+            v = pv_new(u, op == 't' ? PV_TUPLE : op == 'l' ? PV_LIST : PV_DICT);
+            if (op == 'd' && (u->sp - m - 1) % 2) up_fail(u, "odd DICT");
+            for (int i = m + 1; i < u->sp; i++) pv_append(v, u->stack[i]);
+            u->sp = m;
+            up_push(u, v);
+            break;
+        case 0x85: case 0x86: case 0x87: { /* TUPLE1..3 */
+            int n = op - 0x84;
+            if (u->sp < n) up_fail(u, "stack underflow");
+            v = pv_new(u, PV_TUPLE);
+            for (int i = u->sp - n; i < u->sp; i++) { if (u->stack[i]->type == PV_MARK) up_fail(u, "MARK in tuple"); pv_append(v, u->stack[i]); }
+            u->sp -= n;
+            up_push(u, v);
+            break;
+        }
+        case 'a': w = up_pop(u); v = up_pop(u); if (v->type != PV_LIST) up_fail(u, "APPEND to a non-list"); pv_append(v, w); up_push(u, v); break;
+        case 'e': case 'u': /* APPENDS, SETITEMS */
+            m = up_marker(u);
+            if (m == 0) up_fail(u, "stack underflow");
+            v = u->stack[m - 1];
+            if (v->type != (op == 'e' ? PV_LIST : PV_DICT) || (op == 'u' && (u->sp - m - 1) % 2)) up_fail(u, "bad APPENDS/SETITEMS");
+            for (int i = m + 1; i < u->sp; i++) pv_append(v, u->stack[i]);
+            u->sp = m;
+            break;
+        case 's': w = up_pop(u); k = up_pop(u); v = up_pop(u); if (v->type != PV_DICT) up_fail(u, "SETITEM on a non-dict"); pv_append(v, k); pv_append(v, w); up_push(u, v); break;
+        case 'q': up_memo_put(u, *up_take(u, 1), u->sp ? u->stack[u->sp - 1] : NULL); break;
+        case 'r': up_memo_put(u, rd32(up_take(u, 4)), u->sp ? u->stack[u->sp - 1] : NULL); break;
+        case 0x94: up_memo_put(u, u->memo_count, u->sp ? u->stack[u->sp - 1] : NULL); break;
+        case 'h': up_push(u, up_memo_get(u, *up_take(u, 1))); break;
+        case 'j': up_push(u, up_memo_get(u, rd32(up_take(u, 4)))); break;
+        case 'R': w = up_pop(u); v = up_pop(u); up_push(u, up_call(u, v, w)); break;     /* REDUCE */
+        case 0x81: w = up_pop(u); v = up_pop(u); up_push(u, up_call(u, v, w)); break;  /* NEWOBJ */
+        case 'b': up_pop(u); break; /* BUILD: state of an OrderedDict or tensor; nothing we need */
+        case 'Q': { /* BINPERSID: ('storage', StorageType, key, location, numel) */
+            w = up_pop(u);
+            if (w->type != PV_TUPLE || w->n < 5 || w->items[0]->type != PV_STR || strcmp(w->items[0]->s, "storage") ||
+                w->items[1]->type != PV_GLOBAL || w->items[2]->type != PV_STR)
+                up_fail(u, "unsupported persistent id");
+            v = pv_new(u, PV_STORAGE);
+            if (!storage_dtype(w->items[1]->s, &v->dtype)) up_fail(u, "unsupported dtype %s (float32, float16 and bfloat16 are)", w->items[1]->s);
+            v->s = w->items[2]->s;
+            v->i = pv_int(u, w->items[4], "storage size");
+            up_push(u, v);
+            break;
+        }
+        default: up_fail(u, "unsupported opcode 0x%02x", op);
+        }
+    }
+}
+
+static void ck_read_bin(Checkpoint *ck, const char *path) {
+    ck->files = check_realloc(ck->files, (size_t)(ck->n_files + 1) * sizeof(MapFile), "files");
+    MapFile *m = &ck->files[ck->n_files++];
+    map_file(m, path);
+    if (m->size >= 2 && m->base[0] == 0x80 && m->base[1] <= 5)
+        die("%s: legacy (pre-1.6) torch.save format; re-save it with a current PyTorch or convert to safetensors", path);
+    int ne;
+    ZipEntry *ents = zip_entries(m, &ne);
+    const ZipEntry *pkl = NULL;
+    for (int i = 0; i < ne; i++) {
+        size_t l = strlen(ents[i].name);
+        if (l >= 8 && !strcmp(ents[i].name + l - 8, "data.pkl") && (l == 8 || ents[i].name[l - 9] == '/')) pkl = &ents[i];
+    }
+    if (!pkl) die("%s: no data.pkl in the archive (not a torch.save file)", path);
+    size_t plen = strlen(pkl->name) - 8; /* archive prefix, "archive/" */
+    Unpickler u = {.path = path, .start = pkl->data, .p = pkl->data, .end = pkl->data + pkl->size};
+    Pv *root = up_run(&u);
+    if (root->type != PV_DICT) die("%s: the pickle holds no state dict", path);
+    for (int i = 0; i + 1 < root->n; i += 2) {
+        Pv *k = root->items[i], *t = root->items[i + 1];
+        if (k->type != PV_STR) die("%s: state dict key is not a string", path);
+        if (t->type != PV_TENSOR) continue; /* e.g. "_metadata" entries */
+        char ename[512];
+        snprintf(ename, sizeof ename, "%.*sdata/%s", (int)plen, pkl->name, t->storage->s);
+        const ZipEntry *se = NULL;
+        for (int j = 0; j < ne; j++) if (!strcmp(ents[j].name, ename)) { se = &ents[j]; break; }
+        if (!se) die("%s: tensor %s: storage %s missing from the archive", path, k->s, ename);
+        size_t esz = dtype_bytes(t->dtype, 1);
+        if (t->storage->i < 0 || se->size < (uint64_t)t->storage->i * esz)
+            die("%s: tensor %s: storage %s holds %llu bytes, needs %lld (truncated?)", path, k->s, ename, (unsigned long long)se->size, (long long)(t->storage->i * (int64_t)esz));
+        CkTensor *c = ck_add(ck, k->s, strlen(k->s));
+        c->dtype = t->dtype;
+        c->ndim = t->ndim;
+        int64_t expect = 1, numel = 1;
+        for (int d = t->ndim; d-- > 0;) {
+            c->shape[d] = t->shape[d];
+            if (t->shape[d] > 1 && t->stride[d] != expect) die("%s: tensor %s is not contiguous", path, k->s);
+            expect *= t->shape[d];
+            numel *= t->shape[d];
+        }
+        if (t->offset < 0 || t->offset + numel > t->storage->i) die("%s: tensor %s runs past its storage", path, k->s);
+        c->data = se->data + (size_t)t->offset * esz;
+    }
+    for (Pv *v = u.all, *nx; v; v = nx) { nx = v->next_alloc; free(v->s); free(v->items); free(v); }
+    free(u.stack);
+    free(u.memo);
+    for (int i = 0; i < ne; i++) free(ents[i].name);
+    free(ents);
+}
+
+/* --- the directory: one file, or shards listed by an index --- */
+
+static void ck_read_file(Checkpoint *ck, const char *path) {
+    size_t l = strlen(path);
+    if (l > 12 && !strcmp(path + l - 12, ".safetensors")) ck_read_safetensors(ck, path);
+    else ck_read_bin(ck, path);
+}
+
+static int ck_cmp(const void *a, const void *b) { return strcmp(((const CkTensor *)a)->key, ((const CkTensor *)b)->key); }
+
+static void ck_read_index(Checkpoint *ck, const char *index) {
+    Json *j = json_load(index);
+    const Json *wm = json_get(j, "weight_map");
+    if (!wm || wm->type != J_OBJ || wm->n == 0) die("%s: no \"weight_map\" object", index);
+    char **done = check_calloc((size_t)wm->n * sizeof(char *), "shards");
+    int nd = 0;
+    for (int i = 0; i < wm->n; i++) {
+        const Json *f = &wm->kids[i];
+        if (f->type != J_STR || !f->len || strchr(f->str, '/')) die("%s: weight_map[\"%s\"] is not a file name", index, wm->keys[i]);
+        bool seen = false;
+        for (int d = 0; d < nd; d++) seen |= !strcmp(done[d], f->str);
+        if (seen) continue;
+        done[nd++] = f->str;
+        char *p = path_join(ck->dir, f->str);
+        if (!file_exists(p)) die("%s: shard %s listed in %s is missing", p, f->str, index);
+        ck_read_file(ck, p);
+        free(p);
+    }
+    free(done);
+    json_free(j);
+}
+
+void ck_open(Checkpoint *ck, const char *dir) {
+    memset(ck, 0, sizeof *ck);
+    ck->dir = check_strdup(dir);
+    static const char *const names[] = {"model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"};
+    int i;
+    char *p = NULL;
+    for (i = 0; i < 4; i++) {
+        free(p);
+        p = path_join(dir, names[i]);
+        if (file_exists(p)) break;
+    }
+    if (i == 4) die("%s: no model.safetensors, pytorch_model.bin or shard index found", dir);
+    if (strstr(names[i], "index.json")) ck_read_index(ck, p);
+    else ck_read_file(ck, p);
+    free(p);
+    qsort(ck->t, (size_t)ck->n, sizeof *ck->t, ck_cmp);
+    for (int k = 1; k < ck->n; k++)
+        if (!strcmp(ck->t[k].key, ck->t[k - 1].key)) die("%s: tensor %s appears twice (as %s and %s)", dir, ck->t[k].key, ck->t[k - 1].name, ck->t[k].name);
+}
+
+static CkTensor *ck_find(Checkpoint *ck, const char *key) {
+    CkTensor probe = {.key = key};
+    return bsearch(&probe, ck->t, (size_t)ck->n, sizeof *ck->t, ck_cmp);
+}
+
+void ck_close(Checkpoint *ck) {
+    for (int i = 0; i < ck->n_files; i++) { munmap((void *)ck->files[i].base, ck->files[i].size); free(ck->files[i].path); }
+    for (int i = 0; i < ck->n; i++) free(ck->t[i].name);
+    free(ck->files);
+    free(ck->t);
+    free(ck->dir);
+    memset(ck, 0, sizeof *ck);
+}
+
+/* ----------------------------------------------------------------------------
+ * Numbers: exact half/bfloat16 conversions (the SIMD kernels use F16C or
+ * AVX-512 for the same results). */
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000 | man << 13;          /* inf, nan */
+    else if (exp) bits = sign | (exp + 112) << 23 | man << 13;       /* normal */
+    else if (man) {                                                   /* subnormal: normalize */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        bits = sign | (uint32_t)(112 - e) << 23 | (man & 0x3FF) << 13;
+    } else bits = sign;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7FFFFFFF;
+    if (ax > 0x7F800000) return (uint16_t)(sign | 0x7E00);           /* nan */
+    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00);          /* overflow to inf */
+    if (ax < 0x38800000) {                                            /* subnormal or zero */
+        if (ax < 0x33000000) return (uint16_t)sign;
+        uint32_t e = ax >> 23, m = (ax & 0x7FFFFF) | 0x800000, shift = 126 - e;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ax - 0x38000000 + 0xFFF + (ax >> 13 & 1);             /* rebias, round */
+    return (uint16_t)(sign | r >> 13);
+}
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(x >> 16 | 0x40);
+    return (uint16_t)((x + 0x7FFF + (x >> 16 & 1)) >> 16);
+}
+
+/* Converts n elements of any float format to f32. */
+static void to_f32(float *out, const void *in, DType dt, int64_t n) {
+    const uint16_t *h = in;
+    if (dt == DT_F32) memcpy(out, in, (size_t)n * 4);
+    else if (dt == DT_F16) for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(h[i]);
+    else if (dt == DT_BF16) for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(h[i]);
+    else die("internal: to_f32 on %s", dtype_names[dt]);
+}
+
+/* ----------------------------------------------------------------------------
+ * The model's weights, bound from a checkpoint by name and shape. Matrices keep
+ * their stored dtype and point into the mapping; the small 1-D tensors (biases,
+ * LayerNorm) are converted to f32 once, since every kernel reads them whole. */
+
+typedef struct {
+    Tensor q, k, v, o;     /* (hidden, hidden) attention projections, nn.Linear (out, in) layout */
+    Tensor fc1;            /* (ffn, hidden) */
+    Tensor fc2;            /* (hidden, ffn) */
+    float *qb, *kb, *vb, *ob; /* (hidden) biases, NULL without enable_bias */
+    float *fc1b;           /* (ffn) */
+    float *fc2b;           /* (hidden) */
+    float *ln1w, *ln1b;    /* (hidden) self_attn_layer_norm, NULL when not affine */
+    float *ln2w, *ln2b;    /* (hidden) final_layer_norm of the layer */
+} Layer;
+
+typedef struct {
+    Config cfg;            /* hyperparameters */
+    Tensor embed;          /* (vocab, embed_dim) token embedding */
+    Tensor pos;            /* (max_pos + 2, hidden) learned positions, offset 2 */
+    Tensor proj_in;        /* (hidden, embed_dim), data NULL unless embed_dim != hidden */
+    Tensor proj_out;       /* (embed_dim, hidden), likewise */
+    float *lnfw, *lnfb;    /* (hidden) decoder.final_layer_norm, NULL when absent */
+    Tensor lm_head;        /* (vocab, embed_dim), the embedding when tied */
+    Layer *layers;         /* (n_layer) */
+    Checkpoint ck;         /* the mapped files the tensors point into */
+    float *owned;          /* one allocation holding every f32 1-D tensor */
+    size_t owned_n, owned_used; /* its size and fill, in floats */
+} Model;
+
+static CkTensor *model_need(Model *m, const char *key, int64_t rows, int64_t cols) {
+    CkTensor *t = ck_find(&m->ck, key);
+    if (!t) die("%s: missing tensor %s (looked for model.decoder.%s and decoder.%s)", m->ck.dir, key, key, key);
+    bool ok = rows ? t->ndim == 2 && t->shape[0] == rows && t->shape[1] == cols : t->ndim == 1 && t->shape[0] == cols;
+    if (!ok) {
+        char got[96] = "", *w = got;
+        for (int i = 0; i < t->ndim; i++) w += snprintf(w, (size_t)(got + sizeof got - w), "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+        if (rows) die("%s: tensor %s has shape [%s], expected [%lld, %lld]", m->ck.files[t->file].path, t->name, got, (long long)rows, (long long)cols);
+        die("%s: tensor %s has shape [%s], expected [%lld]", m->ck.files[t->file].path, t->name, got, (long long)cols);
+    }
+    if (t->dtype != DT_F32 && t->dtype != DT_F16 && t->dtype != DT_BF16)
+        die("%s: tensor %s has dtype %s, expected F32, F16 or BF16", m->ck.files[t->file].path, t->name, dtype_names[t->dtype]);
+    t->used = true;
+    return t;
+}
+
+static Tensor model_matrix(Model *m, const char *key, int64_t rows, int64_t cols) {
+    CkTensor *c = model_need(m, key, rows, cols);
+    return (Tensor){.dtype = c->dtype, .rows = rows, .cols = cols, .data = c->data, .tier = TIER_CPU, .name = c->name};
+}
+
+static float *model_vector(Model *m, const char *key, int64_t n) {
+    CkTensor *c = model_need(m, key, 0, n);
+    check(m->owned_used + (size_t)n <= m->owned_n, "vector pool overflow");
+    float *v = m->owned + m->owned_used;
+    m->owned_used += (size_t)n;
+    to_f32(v, c->data, c->dtype, n);
+    return v;
+}
+
+void model_load(Model *m, const char *dir) {
+    memset(m, 0, sizeof *m);
+    config_load(&m->cfg, dir);
+    ck_open(&m->ck, dir);
+    const Config *c = &m->cfg;
+    int64_t h = c->hidden, f = c->ffn, e = c->embed_dim;
+    m->owned_n = (size_t)c->n_layer * (size_t)(9 * h + f) + 2 * (size_t)h;
+    m->owned = check_malloc(m->owned_n * sizeof(float), "biases and LayerNorms");
+    m->embed = model_matrix(m, "embed_tokens.weight", c->vocab, e);
+    m->pos = model_matrix(m, "embed_positions.weight", c->max_pos + 2, h);
+    if (e != h) {
+        m->proj_in = model_matrix(m, "project_in.weight", h, e);
+        m->proj_out = model_matrix(m, "project_out.weight", e, h);
+    }
+    if (c->final_ln && c->ln_affine) {
+        m->lnfw = model_vector(m, "final_layer_norm.weight", h);
+        m->lnfb = model_vector(m, "final_layer_norm.bias", h);
+    }
+    m->lm_head = ck_find(&m->ck, "lm_head.weight") ? model_matrix(m, "lm_head.weight", c->vocab, e) : m->embed;
+    m->layers = check_calloc((size_t)c->n_layer * sizeof(Layer), "layers");
+    for (int l = 0; l < c->n_layer; l++) {
+        Layer *L = &m->layers[l];
+        char k[128];
+#define MAT(field, name, r, cc) (snprintf(k, sizeof k, "layers.%d.%s.weight", l, name), L->field = model_matrix(m, k, r, cc))
+#define VEC(name, what, n) (snprintf(k, sizeof k, "layers.%d.%s.%s", l, name, what), model_vector(m, k, n))
+        MAT(q, "self_attn.q_proj", h, h);
+        MAT(k, "self_attn.k_proj", h, h);
+        MAT(v, "self_attn.v_proj", h, h);
+        MAT(o, "self_attn.out_proj", h, h);
+        MAT(fc1, "fc1", f, h);
+        MAT(fc2, "fc2", h, f);
+        if (c->bias) {
+            L->qb = VEC("self_attn.q_proj", "bias", h);
+            L->kb = VEC("self_attn.k_proj", "bias", h);
+            L->vb = VEC("self_attn.v_proj", "bias", h);
+            L->ob = VEC("self_attn.out_proj", "bias", h);
+            L->fc1b = VEC("fc1", "bias", f);
+            L->fc2b = VEC("fc2", "bias", h);
+        }
+        if (c->ln_affine) {
+            L->ln1w = VEC("self_attn_layer_norm", "weight", h);
+            L->ln1b = VEC("self_attn_layer_norm", "bias", h);
+            L->ln2w = VEC("final_layer_norm", "weight", h);
+            L->ln2b = VEC("final_layer_norm", "bias", h);
+        }
+#undef MAT
+#undef VEC
+    }
+}
+
+void model_free(Model *m) {
+    ck_close(&m->ck);
+    free(m->layers);
+    free(m->owned);
+}
+
+/* ----------------------------------------------------------------------------
+ * CPU kernels, chosen at run time by cpuid (OPT_SIMD=scalar|avx2|avx512 forces
+ * a level). Every dot product has one fixed reduction order: 16 lanes, lane l
+ * accumulating k = l, l+16, l+32, ... with fused multiply-adds, then the
+ * pairwise tree (l, l+8), (l, l+4), (l, l+2), (l, l+1). AVX-512 does that
+ * natively, AVX2 with two 8-lane halves, the scalar code with a 16-float
+ * array. So every level, batch size, tiling and thread count gives bitwise
+ * identical results: a prompt's output cannot depend on its batch-mates, the
+ * policy, or the machine's SIMD width. */
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <omp.h>
+
+enum { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
+static const char *const simd_names[] = {"scalar", "avx2", "avx512"};
+static int g_simd = SIMD_SCALAR;   /* level in use */
+static int g_simd_max = SIMD_SCALAR; /* best level this CPU and OS support */
+static int g_vnni = 0;             /* AVX-512 VNNI present (int8 dot products) */
+
+static int simd_detect(void) {
+    unsigned a, b, c, d, xlo, xhi;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return SIMD_SCALAR;
+    bool fma = c >> 12 & 1, osxsave = c >> 27 & 1, avx = c >> 28 & 1, f16c = c >> 29 & 1;
+    if (!osxsave || !avx) return SIMD_SCALAR;
+    __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 6) != 6) return SIMD_SCALAR; /* the OS does not save YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return SIMD_SCALAR;
+    bool avx2 = b >> 5 & 1, f = b >> 16 & 1, bw = b >> 30 & 1, vl = b >> 31 & 1;
+    if (!(avx2 && fma && f16c)) return SIMD_SCALAR;
+    if (!(f && bw && vl) || (xlo & 0xE0) != 0xE0) return SIMD_AVX2; /* no ZMM state */
+    g_vnni = c >> 11 & 1;
+    return SIMD_AVX512;
+}
+
+/* OpenMP threads that spin while waiting steal the issue slots of their
+ * sibling hyperthread and made decode 6x slower on a 2-vCPU machine; sleeping
+ * costs a few microseconds per parallel region instead. This runs before
+ * libgomp reads its environment (constructors with a priority run first in a
+ * static link, and libgomp is linked statically in every build). */
+__attribute__((constructor(101))) static void omp_env_default(void) { setenv("OMP_WAIT_POLICY", "passive", 0); }
+
+void simd_init(void) {
+    g_simd = g_simd_max = simd_detect();
+    const char *e = getenv("OPT_SIMD");
+    if (!e || !*e) return;
+    int want = -1;
+    for (int i = 0; i < 3; i++) if (!strcmp(e, simd_names[i])) want = i;
+    if (want < 0) die("OPT_SIMD=%s: expected scalar, avx2 or avx512", e);
+    if (want > g_simd_max) die("OPT_SIMD=%s: this CPU supports only %s", e, simd_names[g_simd_max]);
+    g_simd = want;
+}
+
+/* y[m, n] = x[m, :] . W[n, :] + bias[n], then optionally += y (residual) and ReLU. */
+typedef struct {
+    float *y;              /* (M, ldy) output */
+    const float *x;        /* (M, ldx) input rows */
+    const Tensor *w;       /* (N, K) weights, f32/f16/bf16 */
+    const float *bias;     /* (N) or NULL */
+    int64_t ldy, ldx;      /* row strides in floats */
+    int M, N, K;           /* sizes */
+    int acc;               /* add into y (residual connection) */
+    int relu;              /* ReLU after the bias */
+} Gemm;
+
+static inline void gemm_store(const Gemm *g, int m, int n, float dot) {
+    float v = g->bias ? dot + g->bias[n] : dot, *y = g->y + (int64_t)m * g->ldy + n;
+    if (g->acc) v = *y + v;
+    if (g->relu && v < 0) v = 0;
+    *y = v;
+}
+
+static inline const void *w_row(const Tensor *w, int64_t n) {
+    return (const char *)w->data + dtype_bytes(w->dtype, n * w->cols);
+}
+
+/* --- scalar: the reference order, written out --- */
+
+static inline float lanes_sum16(const float l[16]) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = l[i] + l[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static inline float w_at(const void *w, DType dt, int64_t k) {
+    return dt == DT_F32 ? ((const float *)w)[k] : dt == DT_F16 ? f16_to_f32(((const uint16_t *)w)[k]) : bf16_to_f32(((const uint16_t *)w)[k]);
+}
+
+static float dot_scalar(const float *x, const void *w, DType dt, int K) {
+    float l[16] = {0};
+    int k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int i = 0; i < 16; i++) l[i] = fmaf(x[k + i], w_at(w, dt, k + i), l[i]);
+    if (k < K) /* lanes past the end add 0*0, as the masked SIMD loads do */
+        for (int i = 0; i < 16; i++) l[i] = k + i < K ? fmaf(x[k + i], w_at(w, dt, k + i), l[i]) : fmaf(0.0f, 0.0f, l[i]);
+    return lanes_sum16(l);
+}
+
+static void gemm_scalar(const Gemm *g, int n0, int n1) {
+    for (int m = 0; m < g->M; m++)
+        for (int n = n0; n < n1; n++)
+            gemm_store(g, m, n, dot_scalar(g->x + (int64_t)m * g->ldx, w_row(g->w, n), g->w->dtype, g->K));
+}
+
+/* --- AVX2: 16 lanes as two 8-float halves --- */
+
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+T_AVX2 static inline __m256 ld8_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128(p)); }
+T_AVX2 static inline __m256 ld8_bf16(const void *p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16)); }
+T_AVX2 static inline __m256 ld8_f32(const void *p) { return _mm256_loadu_ps(p); }
+
+T_AVX2 static inline float hsum16_avx2(__m256 lo, __m256 hi) {
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+/* A tile: MR rows of x against NR weight rows, over all of K. The K tail is
+ * copied into zero-padded buffers so the last step adds the same 0*0 the
+ * masked AVX-512 loads add. `pf` is the distance to the next tile's weights,
+ * prefetched as we go: interleaved row streams alone reach only ~60% of the
+ * memory bandwidth. */
+#define GEMM_TILE_AVX2(SUF, ESZ, LD, MR, NR)                                                              \
+T_AVX2 static void tile_avx2_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, float *out) { \
+    __m256 a[MR][NR][2];                                                                               \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j][0] = a[i][j][1] = _mm256_setzero_ps(); \
+    int k = 0;                                                                                         \
+    for (; k + 16 <= K; k += 16) {                                                                     \
+        if (!(k & (31 >> (ESZ / 4)))) for (int j = 0; j < NR; j++) _mm_prefetch(w[j] + (size_t)k * ESZ + pf, _MM_HINT_T0); \
+        for (int h = 0; h < 2; h++) {                                                                  \
+            __m256 xv[MR];                                                                             \
+            for (int i = 0; i < MR; i++) xv[i] = _mm256_loadu_ps(x[i] + k + 8 * h);                    \
+            for (int j = 0; j < NR; j++) {                                                             \
+                __m256 wv = LD(w[j] + (size_t)(k + 8 * h) * ESZ);                                      \
+                for (int i = 0; i < MR; i++) a[i][j][h] = _mm256_fmadd_ps(xv[i], wv, a[i][j][h]);      \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+    if (k < K) {                                                                                       \
+        float xt[MR][16] = {{0}}; char wt[NR][64] = {{0}};                                             \
+        for (int i = 0; i < MR; i++) memcpy(xt[i], x[i] + k, (size_t)(K - k) * 4);                     \
+        for (int j = 0; j < NR; j++) memcpy(wt[j], w[j] + (size_t)k * ESZ, (size_t)(K - k) * ESZ);     \
+        for (int h = 0; h < 2; h++)                                                                    \
+            for (int j = 0; j < NR; j++) {                                                             \
+                __m256 wv = LD(wt[j] + 8 * h * ESZ);                                                   \
+                for (int i = 0; i < MR; i++) a[i][j][h] = _mm256_fmadd_ps(_mm256_loadu_ps(xt[i] + 8 * h), wv, a[i][j][h]); \
+            }                                                                                          \
+    }                                                                                                  \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) out[i * NR + j] = hsum16_avx2(a[i][j][0], a[i][j][1]); \
+}
+#define GEMM_TILES_AVX2(SUF, ESZ, LD) GEMM_TILE_AVX2(SUF, ESZ, LD, 1, 4) GEMM_TILE_AVX2(SUF, ESZ, LD, 2, 3)
+GEMM_TILES_AVX2(f32, 4, ld8_f32)
+GEMM_TILES_AVX2(f16, 2, ld8_f16)
+GEMM_TILES_AVX2(bf16, 2, ld8_bf16)
+
+/* --- AVX-512: 16 lanes in one register --- */
+
+T_AVX512 static inline __m512 ld16_f16(const void *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(p)); }
+T_AVX512 static inline __m512 ld16_bf16(const void *p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16)); }
+T_AVX512 static inline __m512 ld16_f32(const void *p) { return _mm512_loadu_ps(p); }
+T_AVX512 static inline __m512 ldm16_f16(__mmask16 m, const void *p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+T_AVX512 static inline __m512 ldm16_bf16(__mmask16 m, const void *p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16)); }
+T_AVX512 static inline __m512 ldm16_f32(__mmask16 m, const void *p) { return _mm512_maskz_loadu_ps(m, p); }
+
+T_AVX512 static inline float hsum16_avx512(__m512 v) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+#define GEMM_TILE_AVX512(SUF, ESZ, LD, LDM, MR, NR)                                                       \
+T_AVX512 static void tile_avx512_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, float *out) { \
+    __m512 a[MR][NR];                                                                                  \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm512_setzero_ps();           \
+    int k = 0;                                                                                         \
+    for (; k + 16 <= K; k += 16) {                                                                     \
+        if (!(k & (31 >> (ESZ / 4)))) for (int j = 0; j < NR; j++) _mm_prefetch(w[j] + (size_t)k * ESZ + pf, _MM_HINT_T0); \
+        __m512 xv[MR];                                                                                 \
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_ps(x[i] + k);                                \
+        for (int j = 0; j < NR; j++) {                                                                 \
+            __m512 wv = LD(w[j] + (size_t)k * ESZ);                                                    \
+            for (int i = 0; i < MR; i++) a[i][j] = _mm512_fmadd_ps(xv[i], wv, a[i][j]);                \
+        }                                                                                              \
+    }                                                                                                  \
+    if (k < K) {                                                                                       \
+        __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);                                               \
+        __m512 xv[MR];                                                                                 \
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_maskz_loadu_ps(mk, x[i] + k);                      \
+        for (int j = 0; j < NR; j++) {                                                                 \
+            __m512 wv = LDM(mk, w[j] + (size_t)k * ESZ);                                               \
+            for (int i = 0; i < MR; i++) a[i][j] = _mm512_fmadd_ps(xv[i], wv, a[i][j]);                \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) out[i * NR + j] = hsum16_avx512(a[i][j]); \
+}
+#define GEMM_TILES_AVX512(SUF, ESZ, LD, LDM) \
+    GEMM_TILE_AVX512(SUF, ESZ, LD, LDM, 1, 8) GEMM_TILE_AVX512(SUF, ESZ, LD, LDM, 2, 8) GEMM_TILE_AVX512(SUF, ESZ, LD, LDM, 4, 6)
+GEMM_TILES_AVX512(f32, 4, ld16_f32, ldm16_f32)
+GEMM_TILES_AVX512(f16, 2, ld16_f16, ldm16_f16)
+GEMM_TILES_AVX512(bf16, 2, ld16_bf16, ldm16_bf16)
+
+typedef void (*TileFn)(const float *const *x, const char *const *w, int K, size_t pf, float *out);
+typedef struct { int mr, nr; TileFn fn[3]; } Tile; /* fn by dtype: f32, f16, bf16 */
+static const Tile tiles_avx2[] = {
+    {2, 3, {tile_avx2_f32_2, tile_avx2_f16_2, tile_avx2_bf16_2}},
+    {1, 4, {tile_avx2_f32_1, tile_avx2_f16_1, tile_avx2_bf16_1}}, {0, 0, {0}}};
+static const Tile tiles_avx512[] = {
+    {4, 6, {tile_avx512_f32_4, tile_avx512_f16_4, tile_avx512_bf16_4}},
+    {2, 8, {tile_avx512_f32_2, tile_avx512_f16_2, tile_avx512_bf16_2}},
+    {1, 8, {tile_avx512_f32_1, tile_avx512_f16_1, tile_avx512_bf16_1}}, {0, 0, {0}}};
+
+/* Rows [0, M) x weights [n0, n1) with the largest tiles that fit the rows
+ * left; a tile at the weight edge repeats the last row and drops the copy. */
+static void gemm_tiled(const Gemm *g, int n0, int n1, const Tile *tiles) {
+    size_t rb = dtype_bytes(g->w->dtype, g->K);
+    for (int m0 = 0; m0 < g->M;) {
+        const Tile *t = tiles;
+        while (t->mr > g->M - m0) t++;
+        TileFn fn = t->fn[g->w->dtype];
+        const float *x[4];
+        for (int i = 0; i < t->mr; i++) x[i] = g->x + (int64_t)(m0 + i) * g->ldx;
+        for (int nb = n0; nb < n1; nb += t->nr) {
+            const char *w[8];
+            float out[32];
+            for (int j = 0; j < t->nr; j++) w[j] = w_row(g->w, nb + j < n1 ? nb + j : n1 - 1);
+            fn(x, w, g->K, rb * (size_t)t->nr, out);
+            for (int i = 0; i < t->mr; i++)
+                for (int j = 0; j < t->nr && nb + j < n1; j++) gemm_store(g, m0 + i, nb + j, out[i * t->nr + j]);
+        }
+        m0 += t->mr;
+    }
+}
+
+/* Splits N into blocks small enough that a block of weights stays in L2 while
+ * every row of x streams past it; threads take whole blocks. */
+void gemm(const Gemm *g) {
+    if (g->M <= 0 || g->N <= 0) return;
+    check(g->w->dtype == DT_F32 || g->w->dtype == DT_F16 || g->w->dtype == DT_BF16, "gemm on %s", dtype_names[g->w->dtype]);
+    int nb = 48;
+    int nblk = (g->N + nb - 1) / nb;
+    #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
+    for (int b = 0; b < nblk; b++) {
+        int n0 = b * nb, n1 = n0 + nb < g->N ? n0 + nb : g->N;
+        if (g_simd == SIMD_AVX512) gemm_tiled(g, n0, n1, tiles_avx512);
+        else if (g_simd == SIMD_AVX2) gemm_tiled(g, n0, n1, tiles_avx2);
+        else gemm_scalar(g, n0, n1);
+    }
+}
+
+/* --- attention: scores vectorize over positions (keys are stored transposed),
+ * the weighted sum over head_dim; both accumulate in order with FMAs, so the
+ * vector width does not change a bit of the result. --- */
+
+static void attn_scores_scalar(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
+    for (int t = 0; t < T; t++) s[t] = 0;
+    for (int d = 0; d < hd; d++)
+        for (int t = 0; t < T; t++) s[t] = fmaf(q[d], kt[d * ld + t], s[t]);
+}
+
+static void attn_mix_scalar(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
+    for (int d = 0; d < hd; d++) out[d] = 0;
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < hd; d++) out[d] = fmaf(p[t], v[t * ld + d], out[d]);
+}
+
+T_AVX2 static void attn_scores_avx2(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
+    int t = 0;
+    for (; t + 32 <= T; t += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int d = 0; d < hd; d++) {
+            __m256 qd = _mm256_set1_ps(q[d]);
+            const float *r = kt + d * ld + t;
+            a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r), a0);
+            a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r + 8), a1);
+            a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r + 16), a2);
+            a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r + 24), a3);
+        }
+        _mm256_storeu_ps(s + t, a0); _mm256_storeu_ps(s + t + 8, a1);
+        _mm256_storeu_ps(s + t + 16, a2); _mm256_storeu_ps(s + t + 24, a3);
+    }
+    if (t < T) attn_scores_scalar(s + t, q, kt + t, ld, hd, T - t);
+}
+
+T_AVX2 static void attn_mix_avx2(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
+    int d = 0;
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * ld + d), a);
+        _mm256_storeu_ps(out + d, a);
+    }
+    if (d < hd) attn_mix_scalar(out + d, p, v + d, ld, hd - d, T);
+}
+
+T_AVX512 static void attn_scores_avx512(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
+    for (int t = 0; t < T; t += 64) {
+        __m512 a[4];
+        __mmask16 mk[4];
+        for (int i = 0; i < 4; i++) {
+            int left = T - t - 16 * i;
+            mk[i] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            a[i] = _mm512_setzero_ps();
+        }
+        for (int d = 0; d < hd; d++) {
+            __m512 qd = _mm512_set1_ps(q[d]);
+            const float *r = kt + d * ld + t;
+            for (int i = 0; i < 4; i++) a[i] = _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(mk[i], r + 16 * i), a[i]);
+        }
+        for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(s + t + 16 * i, mk[i], a[i]);
+    }
+}
+
+T_AVX512 static void attn_mix_avx512(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
+    for (int d = 0; d < hd; d += 64) {
+        __m512 a[4];
+        __mmask16 mk[4];
+        for (int i = 0; i < 4; i++) {
+            int left = hd - d - 16 * i;
+            mk[i] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            a[i] = _mm512_setzero_ps();
+        }
+        for (int t = 0; t < T; t++) {
+            __m512 pt = _mm512_set1_ps(p[t]);
+            const float *r = v + t * ld + d;
+            for (int i = 0; i < 4; i++) a[i] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(mk[i], r + 16 * i), a[i]);
+        }
+        for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(out + d + 16 * i, mk[i], a[i]);
+    }
+}
+
+static void attn_scores(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
+    if (g_simd == SIMD_AVX512) attn_scores_avx512(s, q, kt, ld, hd, T);
+    else if (g_simd == SIMD_AVX2) attn_scores_avx2(s, q, kt, ld, hd, T);
+    else attn_scores_scalar(s, q, kt, ld, hd, T);
+}
+
+static void attn_mix(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
+    if (g_simd == SIMD_AVX512) attn_mix_avx512(out, p, v, ld, hd, T);
+    else if (g_simd == SIMD_AVX2) attn_mix_avx2(out, p, v, ld, hd, T);
+    else attn_mix_scalar(out, p, v, ld, hd, T);
+}
+
+/* In-place softmax of s[0..T). Plain C compiled once, so identical everywhere. */
+static void softmax(float *s, int T) {
+    float mx = -INFINITY, l[16] = {0};
+    for (int t = 0; t < T; t++) mx = s[t] > mx ? s[t] : mx;
+    for (int t = 0; t < T; t++) {
+        s[t] = expf(s[t] - mx);
+        l[t & 15] += s[t];
+    }
+    float sum = lanes_sum16(l);
+    for (int t = 0; t < T; t++) s[t] /= sum;
+}
+
+/* LayerNorm over rows of n, eps 1e-5 as OPT uses; w/b NULL when not affine. */
+static void layernorm(float *out, const float *x, const float *w, const float *b, int rows, int n) {
+    #pragma omp parallel for if (rows > 4)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (int64_t)r * n;
+        float *o = out + (int64_t)r * n, l[16] = {0}, v[16] = {0};
+        for (int i = 0; i < n; i++) l[i & 15] += xr[i];
+        float mean = lanes_sum16(l) / (float)n;
+        for (int i = 0; i < n; i++) { float d = xr[i] - mean; v[i & 15] += d * d; }
+        float rstd = 1.0f / sqrtf(lanes_sum16(v) / (float)n + 1e-5f);
+        for (int i = 0; i < n; i++) {
+            float y = (xr[i] - mean) * rstd;
+            o[i] = w ? y * w[i] + b[i] : y;
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------
+ * The model: one step over a set of rows (tokens), each belonging to a cache
+ * slot at a position. Prefill is a step with all prompt tokens (packed, no
+ * padding computed); decode is a step with one row per live sequence. A
+ * sequence's rows never see another's, so batch-mates cannot change a result. */
+
+typedef struct {
+    int n_slot;            /* sequences the cache holds */
+    int cap;               /* positions per sequence */
+    int n_layer, n_head, head_dim; /* copied from the config */
+    float *k;              /* (n_layer, n_slot, n_head, head_dim, cap) keys, transposed */
+    float *v;              /* (n_layer, n_slot, n_head, cap, head_dim) values */
+} KVCache;
+
+void kv_init(KVCache *kv, const Config *c, int n_slot, int cap) {
+    kv->n_slot = n_slot;
+    kv->cap = cap;
+    kv->n_layer = c->n_layer;
+    kv->n_head = c->n_head;
+    kv->head_dim = c->head_dim;
+    size_t n = (size_t)c->n_layer * n_slot * c->hidden * cap;
+    kv->k = check_malloc(n * sizeof(float), "the KV cache (keys)");
+    kv->v = check_malloc(n * sizeof(float), "the KV cache (values)");
+}
+
+void kv_free(KVCache *kv) { free(kv->k); free(kv->v); }
+
+static float *kv_k(const KVCache *kv, int layer, int slot, int head) {
+    return kv->k + (((size_t)layer * kv->n_slot + slot) * kv->n_head + head) * (size_t)kv->head_dim * kv->cap;
+}
+static float *kv_v(const KVCache *kv, int layer, int slot, int head) {
+    return kv->v + (((size_t)layer * kv->n_slot + slot) * kv->n_head + head) * (size_t)kv->head_dim * kv->cap;
+}
+
+typedef struct {
+    int n;                 /* rows in the step */
+    const int *tok;        /* (n) token ids */
+    const int *slot;       /* (n) cache slot of each row */
+    const int *pos;        /* (n) position of each row in its sequence, from 0 */
+} Step;
+
+typedef struct {
+    int rows;              /* capacity in rows */
+    float *x;              /* (rows, hidden) residual stream */
+    float *h;              /* (rows, max(hidden, embed_dim)) normalized input of a sublayer */
+    float *q, *k, *v;      /* (rows, hidden) projections */
+    float *att;            /* (rows, hidden) attention output before out_proj */
+    float *f;              /* (rows, ffn) MLP hidden */
+    float *e;              /* (rows, embed_dim) embeddings / final hidden */
+    float *scores;         /* (threads, cap) per-thread attention scores */
+    int score_cap;         /* cap the scores buffer was sized for */
+} Scratch;
+
+void scratch_init(Scratch *s, const Config *c, int rows, int cap) {
+    memset(s, 0, sizeof *s);
+    s->rows = rows;
+    int64_t h = c->hidden, e = c->embed_dim, big = h > e ? h : e;
+    s->x = check_malloc(sizeof(float) * rows * h, "activations");
+    s->h = check_malloc(sizeof(float) * rows * big, "activations");
+    s->q = check_malloc(sizeof(float) * rows * h, "activations");
+    s->k = check_malloc(sizeof(float) * rows * h, "activations");
+    s->v = check_malloc(sizeof(float) * rows * h, "activations");
+    s->att = check_malloc(sizeof(float) * rows * h, "activations");
+    s->f = check_malloc(sizeof(float) * rows * c->ffn, "activations");
+    s->e = check_malloc(sizeof(float) * rows * e, "activations");
+    s->score_cap = cap;
+    s->scores = check_malloc(sizeof(float) * (size_t)omp_get_max_threads() * cap, "attention scores");
+}
+
+void scratch_free(Scratch *s) {
+    free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att); free(s->f); free(s->e); free(s->scores);
+}
+
+static void linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
+    Gemm g = {.y = y, .x = x, .w = w, .bias = b, .ldy = w->rows, .ldx = w->cols, .M = rows, .N = (int)w->rows, .K = (int)w->cols, .acc = acc, .relu = relu};
+    gemm(&g);
+}
+
+/* Writes the step's keys and values into the cache, then attends: row r sees
+ * positions 0..pos[r] of its own slot. */
+static void attention(const Model *m, const KVCache *kv, int layer, const Step *st, Scratch *s) {
+    const Config *c = &m->cfg;
+    int H = c->n_head, D = c->head_dim;
+    float scale = 1.0f / sqrtf((float)D);
+    for (int r = 0; r < st->n; r++)
+        for (int hh = 0; hh < H; hh++) {
+            float *kt = kv_k(kv, layer, st->slot[r], hh), *vr = kv_v(kv, layer, st->slot[r], hh) + (size_t)st->pos[r] * D;
+            const float *kr = s->k + (size_t)r * c->hidden + hh * D;
+            for (int d = 0; d < D; d++) kt[(size_t)d * kv->cap + st->pos[r]] = kr[d];
+            memcpy(vr, s->v + (size_t)r * c->hidden + hh * D, sizeof(float) * D);
+        }
+    #pragma omp parallel for collapse(2) schedule(dynamic, 4)
+    for (int r = 0; r < st->n; r++)
+        for (int hh = 0; hh < H; hh++) {
+            float *sc = s->scores + (size_t)omp_get_thread_num() * s->score_cap, q[512];
+            const float *qr = s->q + (size_t)r * c->hidden + hh * D;
+            for (int d = 0; d < D; d++) q[d] = qr[d] * scale; /* HF scales q_proj's output */
+            int T = st->pos[r] + 1;
+            attn_scores(sc, q, kv_k(kv, layer, st->slot[r], hh), kv->cap, D, T);
+            softmax(sc, T);
+            attn_mix(s->att + (size_t)r * c->hidden + hh * D, sc, kv_v(kv, layer, st->slot[r], hh), D, D, T);
+        }
+}
+
+/* Runs the decoder over the step's rows; leaves the final hidden states
+ * (after final LayerNorm and project_out) in s->e, (n, embed_dim). */
+void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s) {
+    const Config *c = &m->cfg;
+    int n = st->n, h = c->hidden, e = c->embed_dim;
+    check(n <= s->rows, "step of %d rows exceeds scratch of %d", n, s->rows);
+    for (int r = 0; r < n; r++) {
+        check(st->pos[r] < kv->cap && st->pos[r] < c->max_pos, "position %d out of range", st->pos[r]);
+        to_f32(s->e + (size_t)r * e, w_row(&m->embed, st->tok[r]), m->embed.dtype, e);
+    }
+    if (e != h) linear(s->x, s->e, &m->proj_in, NULL, n, 0, 0);
+    else memcpy(s->x, s->e, sizeof(float) * n * h);
+    for (int r = 0; r < n; r++) { /* OPT's learned positions are offset by 2 */
+        float *xr = s->x + (size_t)r * h, *p = s->h;
+        to_f32(p, w_row(&m->pos, st->pos[r] + 2), m->pos.dtype, h);
+        for (int i = 0; i < h; i++) xr[i] += p[i];
+    }
+    for (int l = 0; l < c->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        const float *in = s->x;
+        if (c->pre_ln) { layernorm(s->h, s->x, L->ln1w, L->ln1b, n, h); in = s->h; }
+        linear(s->q, in, &L->q, L->qb, n, 0, 0);
+        linear(s->k, in, &L->k, L->kb, n, 0, 0);
+        linear(s->v, in, &L->v, L->vb, n, 0, 0);
+        attention(m, kv, l, st, s);
+        linear(s->x, s->att, &L->o, L->ob, n, 1, 0);
+        if (!c->pre_ln) layernorm(s->x, s->x, L->ln1w, L->ln1b, n, h);
+        in = s->x;
+        if (c->pre_ln) { layernorm(s->h, s->x, L->ln2w, L->ln2b, n, h); in = s->h; }
+        linear(s->f, in, &L->fc1, L->fc1b, n, 0, 1);
+        linear(s->x, s->f, &L->fc2, L->fc2b, n, 1, 0);
+        if (!c->pre_ln) layernorm(s->x, s->x, L->ln2w, L->ln2b, n, h);
+    }
+    const float *out = s->x;
+    if (c->final_ln) { layernorm(s->h, s->x, m->lnfw, m->lnfb, n, h); out = s->h; }
+    if (e != h) linear(s->e, out, &m->proj_out, NULL, n, 0, 0);
+    else memcpy(s->e, out, sizeof(float) * n * h);
+}
+
+/* logits (rows, vocab) for the given final hidden rows. */
+void model_logits(const Model *m, float *logits, const float *hid, int rows) {
+    linear(logits, hid, &m->lm_head, NULL, rows, 0, 0);
+}
+
+/* ----------------------------------------------------------------------------
+ * Synthetic checkpoints (`opt synth`): seeded random weights written in real
+ * Hugging Face layout, as safetensors or as torch.save's zip/pickle, so tests
+ * and benchmarks need no downloads. The values are deterministic functions of
+ * (seed, tensor, element), independent of the thread count. */
+
+/* The tokenizer files travel inside the binary, so `opt synth` and
+ * `opt tokenize` work from anywhere. */
+__asm__(".section .rodata\n"
+        ".balign 16\n.global opt_vocab_json\nopt_vocab_json:\n.incbin \"tokenizer/vocab.json\"\n.global opt_vocab_json_end\nopt_vocab_json_end:\n"
+        ".balign 16\n.global opt_merges_txt\nopt_merges_txt:\n.incbin \"tokenizer/merges.txt\"\n.global opt_merges_txt_end\nopt_merges_txt_end:\n"
+        ".previous\n");
+extern const char opt_vocab_json[], opt_vocab_json_end[], opt_merges_txt[], opt_merges_txt_end[];
+
+typedef struct { const char *name; int hidden, layers, heads, ffn, embed; } Shape;
+static const Shape opt_shapes[] = { /* the published OPT family */
+    {"opt-125m", 768, 12, 12, 3072, 768},     {"opt-350m", 1024, 24, 16, 4096, 512},
+    {"opt-1.3b", 2048, 24, 32, 8192, 2048},   {"opt-2.7b", 2560, 32, 32, 10240, 2560},
+    {"opt-6.7b", 4096, 32, 32, 16384, 4096},  {"opt-13b", 5120, 40, 40, 20480, 5120},
+    {"opt-30b", 7168, 48, 56, 28672, 7168},   {"opt-66b", 9216, 64, 72, 36864, 9216},
+    {"opt-175b", 12288, 96, 96, 49152, 12288},
+};
+
+/* "opt-1.3b" or HxLxAxF (hidden x layers x heads x ffn) into a Config. */
+void shape_config(Config *c, const char *spec) {
+    memset(c, 0, sizeof *c);
+    const Shape *s = NULL;
+    for (size_t i = 0; i < sizeof opt_shapes / sizeof *opt_shapes; i++)
+        if (!strcmp(spec, opt_shapes[i].name) || !strcmp(spec, opt_shapes[i].name + 4)) s = &opt_shapes[i];
+    if (s) {
+        *c = (Config){.hidden = s->hidden, .n_layer = s->layers, .n_head = s->heads, .ffn = s->ffn, .embed_dim = s->embed};
+        c->pre_ln = s->embed == s->hidden; /* only 350m is post-LN */
+    } else {
+        int h, l, a, f, n = 0;
+        if (sscanf(spec, "%dx%dx%dx%d%n", &h, &l, &a, &f, &n) != 4 || spec[n])
+            die("unknown shape '%s': use opt-125m ... opt-175b or HIDDENxLAYERSxHEADSxFFN, e.g. 256x2x4x1024", spec);
+        *c = (Config){.hidden = h, .n_layer = l, .n_head = a, .ffn = f, .embed_dim = h, .pre_ln = 1};
+    }
+    c->vocab = 50272;
+    c->max_pos = 2048;
+    c->final_ln = c->pre_ln;
+    c->bias = c->ln_affine = 1;
+    c->bos = 2; c->eos = 2; c->pad = 1;
+    snprintf(c->name, sizeof c->name, "%s", spec);
+    config_check(c, spec);
+    c->head_dim = c->hidden / c->n_head;
+}
+
+enum { W_LINEAR, W_EMBED, W_POS, W_LNW, W_BIAS };
+typedef struct {
+    char name[96];         /* Hugging Face name, prefix included */
+    int64_t rows, cols;    /* rows = 0 for 1-D tensors */
+    int kind;              /* W_* distribution */
+} WSpec;
+
+/* Every tensor an OPTForCausalLM checkpoint holds, in HF's order. */
+static int wspec_list(const Config *c, const char *prefix, bool tie, WSpec **out) {
+    int cap = 16 + 16 * c->n_layer, n = 0;
+    WSpec *w = check_malloc(sizeof(WSpec) * (size_t)cap, "tensor list");
+#define ADD(r, cc, k_, ...) (snprintf(w[n].name, sizeof w[n].name, __VA_ARGS__), w[n].rows = r, w[n].cols = cc, w[n].kind = k_, n++)
+    int64_t h = c->hidden, e = c->embed_dim;
+    ADD(c->vocab, e, W_EMBED, "%sembed_tokens.weight", prefix);
+    ADD(c->max_pos + 2, h, W_POS, "%sembed_positions.weight", prefix);
+    if (c->final_ln) { ADD(0, h, W_LNW, "%sfinal_layer_norm.weight", prefix); ADD(0, h, W_BIAS, "%sfinal_layer_norm.bias", prefix); }
+    if (e != h) { ADD(e, h, W_LINEAR, "%sproject_out.weight", prefix); ADD(h, e, W_LINEAR, "%sproject_in.weight", prefix); }
+    static const char *const attn[] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+    for (int l = 0; l < c->n_layer; l++) {
+        for (int i = 0; i < 4; i++) {
+            ADD(h, h, W_LINEAR, "%slayers.%d.self_attn.%s.weight", prefix, l, attn[i]);
+            if (c->bias) ADD(0, h, W_BIAS, "%slayers.%d.self_attn.%s.bias", prefix, l, attn[i]);
+        }
+        ADD(0, h, W_LNW, "%slayers.%d.self_attn_layer_norm.weight", prefix, l);
+        ADD(0, h, W_BIAS, "%slayers.%d.self_attn_layer_norm.bias", prefix, l);
+        ADD(c->ffn, h, W_LINEAR, "%slayers.%d.fc1.weight", prefix, l);
+        if (c->bias) ADD(0, c->ffn, W_BIAS, "%slayers.%d.fc1.bias", prefix, l);
+        ADD(h, c->ffn, W_LINEAR, "%slayers.%d.fc2.weight", prefix, l);
+        if (c->bias) ADD(0, h, W_BIAS, "%slayers.%d.fc2.bias", prefix, l);
+        ADD(0, h, W_LNW, "%slayers.%d.final_layer_norm.weight", prefix, l);
+        ADD(0, h, W_BIAS, "%slayers.%d.final_layer_norm.bias", prefix, l);
+    }
+    if (!tie) ADD(c->vocab, e, W_EMBED, "lm_head.weight");
+#undef ADD
+    *out = w;
+    return n;
+}
+
+static inline uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Approximately N(0, 1): Irwin-Hall of four 16-bit uniforms. Cheap enough to
+ * fill a 175B-parameter dummy model; the tails are irrelevant for tests. */
+static inline float gauss16(uint64_t r) {
+    float s = (float)(r & 0xFFFF) + (float)(r >> 16 & 0xFFFF) + (float)(r >> 32 & 0xFFFF) + (float)(r >> 48);
+    return (s / 65536.0f - 2.0f) * 1.7320508f;
+}
+
+/* Fills n values of tensor `idx`'s elements [start, start+n) into out (as dt). */
+static void synth_fill(void *out, DType dt, const WSpec *w, uint64_t seed, int idx, int64_t start, int64_t n) {
+    float sd = 0, mean = 0;
+    switch (w->kind) {
+    case W_LINEAR: sd = 1.0f / sqrtf((float)w->cols); break;
+    case W_EMBED: sd = 0.1f; break;
+    case W_POS: sd = 0.1f; break;
+    case W_LNW: sd = 0.1f; mean = 1; break;
+    case W_BIAS: sd = 0.02f; break;
+    }
+    uint64_t base = seed * 0x100000001B3ull ^ (uint64_t)idx * 0x9E3779B97F4A7C15ull;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t s = base + (uint64_t)(start + i) * 0xD1B54A32D192ED03ull;
+        float v = mean + sd * gauss16(splitmix64(&s));
+        if (dt == DT_F32) ((float *)out)[i] = v;
+        else ((uint16_t *)out)[i] = dt == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v);
+    }
+}
+
+static void write_all(FILE *f, const void *p, size_t n, const char *path) {
+    if (n && fwrite(p, 1, n, f) != n) die("%s: write failed: %s", path, strerror(errno));
+}
+
+/* Streams tensor idx's bytes to f in chunks generated in parallel. */
+static uint32_t crc32_update(uint32_t crc, const void *p, size_t n);
+static void synth_write_tensor(FILE *f, const WSpec *w, DType dt, uint64_t seed, int idx, const char *path, uint32_t *crc) {
+    int64_t numel = (w->rows ? w->rows : 1) * w->cols, chunk = 1 << 20;
+    int nt = omp_get_max_threads();
+    size_t esz = dtype_bytes(dt, 1);
+    char *buf = check_malloc((size_t)chunk * esz * (size_t)nt, "synthesis buffer");
+    for (int64_t s0 = 0; s0 < numel; s0 += chunk * nt) {
+        #pragma omp parallel for
+        for (int t = 0; t < nt; t++) {
+            int64_t a = s0 + (int64_t)t * chunk, b = a + chunk < numel ? a + chunk : numel;
+            if (a < b) synth_fill(buf + (size_t)t * chunk * esz, dt, w, seed, idx, a, b - a);
+        }
+        size_t bytes = (size_t)((s0 + chunk * nt < numel ? chunk * nt : numel - s0)) * esz;
+        if (crc) *crc = crc32_update(*crc, buf, bytes);
+        write_all(f, buf, bytes, path);
+    }
+    free(buf);
+}
+
+static const char *dtype_st_name(DType dt) { return dt == DT_F32 ? "F32" : dt == DT_F16 ? "F16" : dt == DT_BF16 ? "BF16" : dt == DT_Q4 ? "U8" : "I8"; }
+
+static void synth_safetensors(const char *path, const WSpec *w, int n, DType dt, uint64_t seed, int first) {
+    size_t cap = 256 + (size_t)n * 160, len = 0, off = 0;
+    char *hdr = check_malloc(cap, "safetensors header");
+    len += (size_t)snprintf(hdr + len, cap - len, "{\"__metadata__\":{\"format\":\"pt\"}");
+    for (int i = 0; i < n; i++) {
+        size_t bytes = dtype_bytes(dt, (w[i].rows ? w[i].rows : 1) * w[i].cols);
+        if (w[i].rows) len += (size_t)snprintf(hdr + len, cap - len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld,%lld],\"data_offsets\":[%zu,%zu]}", w[i].name, dtype_st_name(dt), (long long)w[i].rows, (long long)w[i].cols, off, off + bytes);
+        else len += (size_t)snprintf(hdr + len, cap - len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld],\"data_offsets\":[%zu,%zu]}", w[i].name, dtype_st_name(dt), (long long)w[i].cols, off, off + bytes);
+        off += bytes;
+    }
+    len += (size_t)snprintf(hdr + len, cap - len, "}");
+    while (len % 8) hdr[len++] = ' '; /* the data starts 8-aligned, as the reference writer does */
+    FILE *f = fopen(path, "wb");
+    if (!f) die("%s: %s", path, strerror(errno));
+    uint64_t hl = len;
+    write_all(f, &hl, 8, path);
+    write_all(f, hdr, len, path);
+    for (int i = 0; i < n; i++) synth_write_tensor(f, &w[i], dt, seed, first + i, path, NULL);
+    if (fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+    free(hdr);
+}
+
+/* --- torch.save's format: a zip (stored entries, 64-byte aligned data) of
+ * data.pkl, a protocol-2 pickle of an OrderedDict of _rebuild_tensor_v2 calls
+ * whose storages are persistent ids, plus one entry per storage --- */
+
+static uint32_t crc_table[8][256];
+static uint32_t crc32_update(uint32_t crc, const void *p, size_t n) {
+    if (!crc_table[0][1]) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            crc_table[0][i] = c;
+        }
+        for (int t = 1; t < 8; t++)
+            for (int i = 0; i < 256; i++) crc_table[t][i] = crc_table[t - 1][i] >> 8 ^ crc_table[0][crc_table[t - 1][i] & 255];
+    }
+    const uint8_t *b = p;
+    crc = ~crc;
+    for (; n >= 8; n -= 8, b += 8) { /* slicing by 8 */
+        uint32_t lo = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+        lo ^= crc;
+        crc = crc_table[7][lo & 255] ^ crc_table[6][lo >> 8 & 255] ^ crc_table[5][lo >> 16 & 255] ^ crc_table[4][lo >> 24] ^
+              crc_table[3][b[4]] ^ crc_table[2][b[5]] ^ crc_table[1][b[6]] ^ crc_table[0][b[7]];
+    }
+    while (n--) crc = crc_table[0][(crc ^ *b++) & 255] ^ crc >> 8;
+    return ~crc;
+}
+
+typedef struct { char name[128]; uint64_t off, size; uint32_t crc; } ZipOut;
+
+typedef struct { char *p; size_t n, cap; } Buf;
+static void buf_put(Buf *b, const void *p, size_t n) {
+    if (b->n + n > b->cap) b->p = check_realloc(b->p, b->cap = (b->n + n) * 2 + 256, "buffer");
+    memcpy(b->p + b->n, p, n);
+    b->n += n;
+}
+static void buf_u8(Buf *b, unsigned v) { uint8_t c = (uint8_t)v; buf_put(b, &c, 1); }
+static void buf_u16(Buf *b, unsigned v) { buf_u8(b, v & 255); buf_u8(b, v >> 8 & 255); }
+static void buf_u32(Buf *b, uint32_t v) { buf_u16(b, v & 0xFFFF); buf_u16(b, v >> 16); }
+static void buf_u64(Buf *b, uint64_t v) { buf_u32(b, (uint32_t)v); buf_u32(b, (uint32_t)(v >> 32)); }
+static void pk_str(Buf *b, const char *s) { buf_u8(b, 'X'); buf_u32(b, (uint32_t)strlen(s)); buf_put(b, s, strlen(s)); }
+static void pk_int(Buf *b, int64_t v) {
+    if (v >= 0 && v < 256) { buf_u8(b, 'K'); buf_u8(b, (unsigned)v); }
+    else if (v >= INT32_MIN && v <= INT32_MAX) { buf_u8(b, 'J'); buf_u32(b, (uint32_t)v); }
+    else { buf_u8(b, 0x8a); buf_u8(b, 8); buf_u64(b, (uint64_t)v); }
+}
+static void pk_global(Buf *b, const char *mod, const char *name) {
+    buf_u8(b, 'c'); buf_put(b, mod, strlen(mod)); buf_u8(b, '\n'); buf_put(b, name, strlen(name)); buf_u8(b, '\n');
+}
+
+/* Starts an entry of known size: a local header with zip64 sizes and an
+ * extra field padding the data to 64 bytes, as torch does. The CRC is patched
+ * in by zip_end_entry once the data is written. */
+static void zip_begin_entry(FILE *f, ZipOut *e, const char *path) {
+    Buf b = {0};
+    size_t nl = strlen(e->name);
+    uint64_t pos = (uint64_t)ftello(f), base = pos + 30 + nl + 20 + 4, pad = (64 - base % 64) % 64;
+    e->off = pos;
+    buf_u32(&b, 0x04034b50); buf_u16(&b, 45); buf_u16(&b, 0); buf_u16(&b, 0); buf_u32(&b, 0);
+    buf_u32(&b, 0); buf_u32(&b, 0xFFFFFFFF); buf_u32(&b, 0xFFFFFFFF);
+    buf_u16(&b, (unsigned)nl); buf_u16(&b, (unsigned)(20 + 4 + pad));
+    buf_put(&b, e->name, nl);
+    buf_u16(&b, 1); buf_u16(&b, 16); buf_u64(&b, e->size); buf_u64(&b, e->size);
+    buf_u16(&b, 0x4246); buf_u16(&b, (unsigned)pad); /* padding field */
+    for (uint64_t i = 0; i < pad; i++) buf_u8(&b, 'Z');
+    write_all(f, b.p, b.n, path);
+    free(b.p);
+}
+
+static void zip_end_entry(FILE *f, const ZipOut *e, const char *path) {
+    off_t end = ftello(f);
+    uint8_t crc[4] = {(uint8_t)e->crc, (uint8_t)(e->crc >> 8), (uint8_t)(e->crc >> 16), (uint8_t)(e->crc >> 24)};
+    if (fseeko(f, (off_t)e->off + 14, SEEK_SET) || fwrite(crc, 1, 4, f) != 4 || fseeko(f, end, SEEK_SET))
+        die("%s: write failed: %s", path, strerror(errno));
+}
+
+static void zip_entry(FILE *f, ZipOut *e, const void *data, size_t n, const char *path) {
+    e->size = n;
+    e->crc = crc32_update(0, data, n);
+    zip_begin_entry(f, e, path);
+    write_all(f, data, n, path);
+    zip_end_entry(f, e, path);
+}
+
+static void zip_finish(FILE *f, const ZipOut *e, int n, const char *path) {
+    Buf b = {0};
+    uint64_t cd = (uint64_t)ftello(f);
+    for (int i = 0; i < n; i++) {
+        size_t nl = strlen(e[i].name);
+        buf_u32(&b, 0x02014b50); buf_u16(&b, 45); buf_u16(&b, 45); buf_u16(&b, 0); buf_u16(&b, 0);
+        buf_u32(&b, 0); buf_u32(&b, e[i].crc); buf_u32(&b, 0xFFFFFFFF); buf_u32(&b, 0xFFFFFFFF);
+        buf_u16(&b, (unsigned)nl); buf_u16(&b, 28); buf_u16(&b, 0); buf_u16(&b, 0); buf_u16(&b, 0); buf_u32(&b, 0);
+        buf_u32(&b, 0xFFFFFFFF);
+        buf_put(&b, e[i].name, nl);
+        buf_u16(&b, 1); buf_u16(&b, 24); buf_u64(&b, e[i].size); buf_u64(&b, e[i].size); buf_u64(&b, e[i].off);
+    }
+    uint64_t cdsize = b.n, z64 = cd + cdsize;
+    buf_u32(&b, 0x06064b50); buf_u64(&b, 44); buf_u16(&b, 45); buf_u16(&b, 45); buf_u32(&b, 0); buf_u32(&b, 0);
+    buf_u64(&b, (uint64_t)n); buf_u64(&b, (uint64_t)n); buf_u64(&b, cdsize); buf_u64(&b, cd);
+    buf_u32(&b, 0x07064b50); buf_u32(&b, 0); buf_u64(&b, z64); buf_u32(&b, 1);
+    buf_u32(&b, 0x06054b50); buf_u16(&b, 0); buf_u16(&b, 0); buf_u16(&b, 0xFFFF); buf_u16(&b, 0xFFFF);
+    buf_u32(&b, 0xFFFFFFFF); buf_u32(&b, 0xFFFFFFFF); buf_u16(&b, 0);
+    write_all(f, b.p, b.n, path);
+    free(b.p);
+}
+
+static void synth_bin(const char *path, const WSpec *w, int n, DType dt, uint64_t seed, int first) {
+    FILE *f = fopen(path, "wb");
+    if (!f) die("%s: %s", path, strerror(errno));
+    const char *stype = dt == DT_F32 ? "FloatStorage" : dt == DT_F16 ? "HalfStorage" : "BFloat16Storage";
+    Buf pk = {0};
+    buf_u8(&pk, 0x80); buf_u8(&pk, 2);
+    pk_global(&pk, "collections", "OrderedDict");
+    buf_u8(&pk, ')'); buf_u8(&pk, 'R'); buf_u8(&pk, '(');
+    for (int i = 0; i < n; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "%d", i);
+        int64_t numel = (w[i].rows ? w[i].rows : 1) * w[i].cols;
+        pk_str(&pk, w[i].name);
+        pk_global(&pk, "torch._utils", "_rebuild_tensor_v2");
+        buf_u8(&pk, '(');
+        buf_u8(&pk, '('); pk_str(&pk, "storage"); pk_global(&pk, "torch", stype); pk_str(&pk, key); pk_str(&pk, "cpu"); pk_int(&pk, numel); buf_u8(&pk, 't');
+        buf_u8(&pk, 'Q');
+        pk_int(&pk, 0);
+        buf_u8(&pk, '(');
+        if (w[i].rows) pk_int(&pk, w[i].rows);
+        pk_int(&pk, w[i].cols);
+        buf_u8(&pk, 't');
+        buf_u8(&pk, '(');
+        if (w[i].rows) pk_int(&pk, w[i].cols);
+        pk_int(&pk, 1);
+        buf_u8(&pk, 't');
+        buf_u8(&pk, 0x89);
+        pk_global(&pk, "collections", "OrderedDict"); buf_u8(&pk, ')'); buf_u8(&pk, 'R');
+        buf_u8(&pk, 't'); buf_u8(&pk, 'R');
+    }
+    buf_u8(&pk, 'u'); buf_u8(&pk, '.');
+    ZipOut *e = check_calloc(sizeof(ZipOut) * (size_t)(n + 3), "zip entries");
+    int ne = 0;
+    snprintf(e[ne].name, sizeof e[ne].name, "archive/data.pkl");
+    zip_entry(f, &e[ne++], pk.p, pk.n, path);
+    snprintf(e[ne].name, sizeof e[ne].name, "archive/byteorder");
+    zip_entry(f, &e[ne++], "little", 6, path);
+    for (int i = 0; i < n; i++, ne++) {
+        snprintf(e[ne].name, sizeof e[ne].name, "archive/data/%d", i);
+        e[ne].size = dtype_bytes(dt, (w[i].rows ? w[i].rows : 1) * w[i].cols);
+        zip_begin_entry(f, &e[ne], path);
+        synth_write_tensor(f, &w[i], dt, seed, first + i, path, &e[ne].crc);
+        zip_end_entry(f, &e[ne], path);
+    }
+    snprintf(e[ne].name, sizeof e[ne].name, "archive/version");
+    zip_entry(f, &e[ne++], "3\n", 2, path);
+    zip_finish(f, e, ne, path);
+    if (fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+    free(e);
+    free(pk.p);
+}
+
+static void write_text(const char *path, const char *text, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) die("%s: %s", path, strerror(errno));
+    write_all(f, text, n, path);
+    if (fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+}
+
+/* config.json as Hugging Face writes it for OPT (sorted keys, indent 2). */
+static void config_write(const Config *c, const char *path, DType dt) {
+    char buf[2048];
+    int n = snprintf(buf, sizeof buf,
+        "{\n  \"_name_or_path\": \"%s\",\n  \"_remove_final_layer_norm\": false,\n  \"activation_dropout\": 0.0,\n"
+        "  \"activation_function\": \"relu\",\n  \"architectures\": [\n    \"OPTForCausalLM\"\n  ],\n  \"attention_dropout\": 0.0,\n"
+        "  \"bos_token_id\": 2,\n  \"do_layer_norm_before\": %s,\n  \"dropout\": 0.1,\n  \"enable_bias\": %s,\n  \"eos_token_id\": 2,\n"
+        "  \"ffn_dim\": %d,\n  \"hidden_size\": %d,\n  \"init_std\": 0.02,\n  \"layer_norm_elementwise_affine\": %s,\n  \"layerdrop\": 0.0,\n"
+        "  \"max_position_embeddings\": %d,\n  \"model_type\": \"opt\",\n  \"num_attention_heads\": %d,\n  \"num_hidden_layers\": %d,\n"
+        "  \"pad_token_id\": 1,\n  \"prefix\": \"</s>\",\n  \"torch_dtype\": \"%s\",\n  \"transformers_version\": \"4.36.2\",\n  \"use_cache\": true,\n"
+        "  \"vocab_size\": %d,\n  \"word_embed_proj_dim\": %d\n}\n",
+        c->name, c->pre_ln ? "true" : "false", c->bias ? "true" : "false", c->ffn, c->hidden, c->ln_affine ? "true" : "false",
+        c->max_pos, c->n_head, c->n_layer, dt == DT_F32 ? "float32" : dt == DT_F16 ? "float16" : "bfloat16", c->vocab, c->embed_dim);
+    write_text(path, buf, (size_t)n);
+}
+
+typedef struct {
+    const char *out;       /* output directory */
+    DType dtype;           /* weight dtype */
+    int bin;               /* torch.save format instead of safetensors */
+    int shards;            /* number of weight files (1 = unsharded) */
+    const char *prefix;    /* "model.decoder." or "decoder." */
+    int tie;               /* omit lm_head.weight (tied to the embedding) */
+    uint64_t seed;         /* weight seed */
+} SynthOpts;
+
+void synth_write(const Config *c, const SynthOpts *o) {
+    if (mkdir(o->out, 0777) != 0 && errno != EEXIST) die("%s: %s", o->out, strerror(errno));
+    WSpec *w;
+    int n = wspec_list(c, o->prefix, o->tie, &w);
+    char *p = path_join(o->out, "config.json");
+    config_write(c, p, o->dtype);
+    free(p);
+    static const char gen[] = "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 2,\n  \"eos_token_id\": 2,\n  \"pad_token_id\": 1,\n  \"transformers_version\": \"4.27.0.dev0\"\n}\n";
+    static const char stm[] = "{\"bos_token\": \"</s>\", \"eos_token\": \"</s>\", \"unk_token\": \"</s>\", \"pad_token\": \"<pad>\"}";
+    static const char tcfg[] = "{\"errors\": \"replace\", \"unk_token\": \"</s>\", \"bos_token\": \"</s>\", \"eos_token\": \"</s>\", \"pad_token\": \"<pad>\", \"add_prefix_space\": false, \"add_bos_token\": true, \"tokenizer_class\": \"GPT2Tokenizer\"}";
+    struct { const char *name; const char *data; size_t n; } files[] = {
+        {"generation_config.json", gen, sizeof gen - 1}, {"special_tokens_map.json", stm, sizeof stm - 1}, {"tokenizer_config.json", tcfg, sizeof tcfg - 1},
+        {"vocab.json", opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json)}, {"merges.txt", opt_merges_txt, (size_t)(opt_merges_txt_end - opt_merges_txt)}};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        p = path_join(o->out, files[i].name);
+        write_text(p, files[i].data, files[i].n);
+        free(p);
+    }
+    int shards = o->shards < 1 ? 1 : o->shards > n ? n : o->shards;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += dtype_bytes(o->dtype, (w[i].rows ? w[i].rows : 1) * w[i].cols);
+    Buf idx = {0};
+    char line[256];
+    int first = 0;
+    size_t done = 0;
+    for (int s = 0; s < shards; s++) {
+        int last = first;
+        if (s == shards - 1) last = n;
+        else { /* fill to an equal share of the bytes, at least one tensor, leaving one per later shard */
+            size_t target = total * (size_t)(s + 1) / (size_t)shards;
+            do done += dtype_bytes(o->dtype, (w[last].rows ? w[last].rows : 1) * w[last].cols), last++;
+            while (last < n - (shards - 1 - s) && done < target);
+        }
+        char name[64];
+        if (shards == 1) snprintf(name, sizeof name, o->bin ? "pytorch_model.bin" : "model.safetensors");
+        else snprintf(name, sizeof name, o->bin ? "pytorch_model-%05d-of-%05d.bin" : "model-%05d-of-%05d.safetensors", s + 1, shards);
+        p = path_join(o->out, name);
+        if (o->bin) synth_bin(p, w + first, last - first, o->dtype, o->seed, first);
+        else synth_safetensors(p, w + first, last - first, o->dtype, o->seed, first);
+        free(p);
+        for (int i = first; i < last; i++) {
+            int l = snprintf(line, sizeof line, "%s    \"%s\": \"%s\"", idx.n ? ",\n" : "", w[i].name, name);
+            buf_put(&idx, line, (size_t)l);
+        }
+        first = last;
+    }
+    if (shards > 1) {
+        p = path_join(o->out, o->bin ? "pytorch_model.bin.index.json" : "model.safetensors.index.json");
+        FILE *f = fopen(p, "wb");
+        if (!f) die("%s: %s", p, strerror(errno));
+        fprintf(f, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
+        write_all(f, idx.p, idx.n, p);
+        fprintf(f, "\n  }\n}\n");
+        if (fclose(f) != 0) die("%s: write failed: %s", p, strerror(errno));
+        free(p);
+    }
+    free(idx.p);
+    free(w);
+}
+
+/* ----------------------------------------------------------------------------
+ * Tokenizer: byte-level BPE, identical to Hugging Face's GPT2Tokenizer for OPT. */
+
+#include "unicode_tab.h"
+
+
+/* ----------------------------------------------------------------------------
+ * Tokenizer: Hugging Face's GPT2Tokenizer as OPT uses it, byte for byte.
+ *
+ * Encoding runs in three steps, as in HF:
+ *  1. The special tokens "</s>" and "<pad>" are cut out of the text wherever
+ *     they occur (the added tokens of OPT's tokenizer.json; "<s>", "<unk>" and
+ *     "<mask>" are plain text there). Spaces around them stay with the
+ *     neighbouring text: "a </s> b" is "a", " ", </s>, " b".
+ *  2. The rest is split into pre-tokens by GPT-2's pattern
+ *       's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ *     matched by hand (tok_pretoken_end) with the classes of unicode_tab.h.
+ *  3. Each pre-token's bytes are merged by byte-level BPE: every byte starts
+ *     as its own token and the adjacent pair of lowest merges.txt rank merges
+ *     first, the leftmost of equals first (tok_bpe).
+ * Token strings in vocab.json spell bytes through GPT-2's bytes_to_unicode
+ * (a space is "Ġ"); tok_piece gives the bytes back, so that the pieces of
+ * encode(x) concatenate to x. */
+
+enum { TC_OTHER, TC_LETTER, TC_NUMBER, TC_SPACE }; /* pre-tokenizer classes of a character */
+
+typedef struct {
+    uint32_t str;     /* offset of its vocab.json string (NUL-terminated) in strs; UINT32_MAX: no such id */
+    uint32_t str_len; /* its length in bytes */
+    uint32_t raw;     /* offset of the bytes it decodes to in Tokenizer.raws */
+    uint32_t raw_len; /* their length */
+} TokEntry;
+
+typedef struct {
+    uint64_t pair;    /* left id << 32 | right id */
+    int rank;         /* position in merges.txt, lower merges first; -1 marks an empty slot */
+    int id;           /* the merged token */
+} TokMerge;
+
+/* A direct-mapped cache of short words, because running text repeats its
+ * words: "the" need not be merged again every time. */
+#define TOK_CACHE_SLOTS 8192
+#define TOK_CACHE_WORD 15 /* longest word cached, in bytes; it has at most as many ids */
+typedef struct {
+    uint8_t len;                   /* word length; 0 = empty slot */
+    uint8_t n_ids;                 /* ids it encodes to */
+    char word[TOK_CACHE_WORD];     /* the word's bytes */
+    int ids[TOK_CACHE_WORD];       /* its ids */
+} TokCacheSlot;
+
+typedef struct {
+    int id;           /* current token; -1 once merged into its left neighbour */
+    int prev, next;   /* neighbours in the word, -1 at the ends */
+} TokSym;
+
+typedef struct {
+    int pos;          /* left symbol of a candidate pair */
+    int next;         /* next entry of the same rank's list, -1 at its end */
+} TokLink;
+
+typedef struct {      /* tok_bpe's working memory, kept between words */
+    TokSym *sym;      /* (word_cap) symbols of the word being merged */
+    int word_cap;     /* capacity of sym */
+    TokLink *link;    /* (link_cap) entries of the per-rank candidate lists */
+    int *order;       /* (link_cap) one rank's positions, sorted */
+    int link_cap;     /* capacity of link and order */
+    int n_link;       /* entries of link in use */
+    int *first;       /* (n_ranks) head of each rank's list in link; -1 = empty, as between words */
+    int *rank_heap;   /* (n_ranks) min-heap of the ranks whose lists are not empty */
+    int n_heap;       /* ranks in rank_heap */
+} TokWork;
+
+struct Tokenizer {
+    int n_vocab;              /* entries in vocab.json */
+    int n_ids;                /* largest id + 1: the length of tok */
+    TokEntry *tok;            /* (n_ids) indexed by id */
+    char *strs;               /* vocab.json strings, back to back */
+    char *raws;               /* decoded bytes of every token, back to back */
+    int *vocab_slot;          /* (vocab_mask + 1) open addressing: id by string hash; -1 = empty */
+    uint32_t vocab_mask;      /* table size - 1, a power of two minus one */
+    TokMerge *merge_slot;     /* (merge_mask + 1) open addressing: merge by pair hash */
+    uint32_t merge_mask;      /* table size - 1 */
+    int byte_id[256];         /* the one-byte token of each byte */
+    int special_id[2];        /* ids of "</s>" and "<pad>"; -1 when the vocab lacks one */
+    uint8_t latin1[256];      /* TC_* of U+0000..U+00FF, spared the table search */
+    int n_ranks;              /* merges.txt merge lines: ranks are 0 .. n_ranks - 1 */
+    TokCacheSlot *cache;      /* (TOK_CACHE_SLOTS) filled by tok_encode */
+    TokWork *work;            /* tok_bpe's working memory; it and the cache make tok_encode non-reentrant */
+};
+
+static const char *const tok_special[2] = {"</s>", "<pad>"};
+
+/* ---- character classes and UTF-8 ---- */
+
+static bool uni_in(const uint32_t (*tab)[2], int n, uint32_t cp) {
+    int lo = 0, hi = n - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (cp < tab[mid][0]) hi = mid - 1;
+        else if (cp > tab[mid][1]) lo = mid + 1;
+        else return true;
+    }
+    return false;
+}
+
+static int tok_class_cp(uint32_t cp) {
+#define UNI_N(tab) ((int)(sizeof tab / sizeof tab[0]))
+    if (uni_in(uni_letter, UNI_N(uni_letter), cp)) return TC_LETTER;
+    if (uni_in(uni_number, UNI_N(uni_number), cp)) return TC_NUMBER;
+    if (uni_in(uni_space, UNI_N(uni_space), cp)) return TC_SPACE;
+    return TC_OTHER;
+#undef UNI_N
+}
+
+/* Class of the character at s[i]; *next gets the index after it. The text is
+ * valid UTF-8 by contract; should it not be, a stray byte is one "other"
+ * character and nothing is read past len, so encoding still round-trips. */
+static int tok_class_at(const Tokenizer *t, const unsigned char *s, size_t len, size_t i, size_t *next) {
+    unsigned c = s[i];
+    if (c < 0x80) { *next = i + 1; return t->latin1[c]; }
+    size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+    if (n > len - i) n = len - i;
+    uint32_t cp = n == 1 ? 0xFFFD : c & (0x7F >> n);
+    for (size_t k = 1; k < n; k++) cp = cp << 6 | (s[i + k] & 0x3F);
+    *next = i + n;
+    return cp < 256 ? t->latin1[cp] : tok_class_cp(cp);
+}
+
+size_t utf8_valid_prefix(const char *s, size_t len) {
+    size_t i = 0;
+    unsigned cp;
+    for (int n; i < len && (n = utf8_len((const unsigned char *)s + i, len - i, &cp)) > 0;) i += (size_t)n;
+    return i;
+}
+
+/* GPT-2's bytes_to_unicode: the printable bytes stand for themselves and the
+ * other 68 (controls, space, U+007F..U+00A0, U+00AD) for U+0100 onwards, in
+ * byte order, so that every token is printable text. */
+static void tok_byte_chars(uint32_t cp[256]) {
+    uint32_t n = 0;
+    for (uint32_t b = 0; b < 256; b++) {
+        bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+        cp[b] = printable ? b : 256 + n++;
+    }
+}
+
+/* ---- hash tables ---- */
+
+static uint32_t tok_hash_str(const char *s, size_t n) { /* FNV-1a */
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+static uint32_t tok_hash_pair(uint64_t pair) {
+    return (uint32_t)((pair * 0x9E3779B97F4A7C15ull) >> 32);
+}
+
+static uint32_t tok_table_size(size_t n) { /* a power of two at least twice n: short probe runs */
+    uint32_t size = 16;
+    while (size < 2 * n) size *= 2;
+    return size;
+}
+
+static int tok_lookup_n(const Tokenizer *t, const char *s, size_t n) {
+    for (uint32_t h = tok_hash_str(s, n) & t->vocab_mask;; h = (h + 1) & t->vocab_mask) {
+        int id = t->vocab_slot[h];
+        if (id < 0) return -1;
+        const TokEntry *e = &t->tok[id];
+        if (e->str_len == n && !memcmp(t->strs + e->str, s, n)) return id;
+    }
+}
+
+static const TokMerge *tok_merge_find(const Tokenizer *t, int left, int right) {
+    uint64_t pair = (uint64_t)left << 32 | (uint32_t)right;
+    for (uint32_t h = tok_hash_pair(pair) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
+        const TokMerge *m = &t->merge_slot[h];
+        if (m->rank < 0) return NULL;
+        if (m->pair == pair) return m;
+    }
+}
+
+/* ---- loading ---- */
+
+/* A token as an error message shows it: on one line, at most 48 bytes, with
+ * control bytes as \xNN. */
+static const char *tok_shown(const char *s, size_t n, char buf[256]) {
+    size_t o = 0;
+    for (size_t i = 0; i < n && i < 48; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c == 0x7F) o += (size_t)snprintf(buf + o, 5, "\\x%02X", c);
+        else buf[o++] = (char)c;
+    }
+    if (n > 48) { memcpy(buf + o, "...", 3); o += 3; }
+    buf[o] = 0;
+    return buf;
+}
+
+static char *tok_file_read(const char *path, size_t *len) {
+    char *text = file_read(path, len);
+    if (!text) die("%s: %s", path, strerror(errno));
+    return text;
+}
+
+/* vocab.json: {"token": id, ...}. Ids need not be dense, but each is used once. */
+static void tok_load_vocab(Tokenizer *t, const char *text, size_t n, const char *path) {
+    char err[128];
+    Json *j = json_parse(text, n, err, sizeof err);
+    if (!j) die("%s: %s", path, err);
+    if (j->type != J_OBJ) die("%s: expected a JSON object of token -> id", path);
+    if (j->n == 0) die("%s: the vocabulary is empty", path);
+    int max_id = -1;
+    size_t str_bytes = 0;
+    char shown[256], shown2[256];
+    for (int i = 0; i < j->n; i++) {
+        double v = j->kids[i].num; /* range first: converting a huge double to int is undefined */
+        if (j->kids[i].type != J_NUM || !(v >= 0 && v < (1 << 24)) || v != (double)(int)v)
+            die("%s: entry %d (\"%s\"): the id is not an integer in [0, 16777216)", path, i + 1,
+                tok_shown(j->keys[i], strlen(j->keys[i]), shown));
+        if ((int)v > max_id) max_id = (int)v;
+        str_bytes += strlen(j->keys[i]) + 1;
+    }
+    if (str_bytes > UINT32_MAX / 2) die("%s: too large", path);
+    t->n_vocab = j->n;
+    t->n_ids = max_id + 1;
+    t->tok = check_malloc((size_t)t->n_ids * sizeof *t->tok, "the vocabulary");
+    for (int id = 0; id < t->n_ids; id++) t->tok[id] = (TokEntry){UINT32_MAX, 0, 0, 0};
+    t->strs = check_malloc(str_bytes, "the vocabulary");
+    /* a token decodes to at most as many bytes as its string has */
+    t->raws = check_malloc(str_bytes, "the vocabulary");
+    uint32_t size = tok_table_size((size_t)j->n);
+    t->vocab_mask = size - 1;
+    t->vocab_slot = check_malloc(size * sizeof(int), "the vocabulary");
+    memset(t->vocab_slot, 0xFF, size * sizeof(int));
+
+    /* bytes_to_unicode inverted: code point (< 324) -> byte, -1 for none */
+    uint32_t byte_cp[256];
+    int cp_byte[324];
+    tok_byte_chars(byte_cp);
+    for (int c = 0; c < 324; c++) cp_byte[c] = -1;
+    for (int b = 0; b < 256; b++) cp_byte[byte_cp[b]] = b;
+
+    uint32_t str_at = 0, raw_at = 0;
+    for (int i = 0; i < j->n; i++) {
+        const char *key = j->keys[i];
+        int id = (int)j->kids[i].num;
+        size_t len = strlen(key);
+        TokEntry *e = &t->tok[id];
+        if (e->str != UINT32_MAX)
+            die("%s: id %d is given to both \"%s\" and \"%s\"", path, id,
+                tok_shown(t->strs + e->str, e->str_len, shown), tok_shown(key, len, shown2));
+        if (tok_lookup_n(t, key, len) >= 0) die("%s: token \"%s\" appears twice", path, tok_shown(key, len, shown));
+        *e = (TokEntry){str_at, (uint32_t)len, raw_at, 0};
+        memcpy(t->strs + str_at, key, len + 1);
+        str_at += (uint32_t)len + 1;
+        uint32_t h = tok_hash_str(key, len) & t->vocab_mask;
+        while (t->vocab_slot[h] >= 0) h = (h + 1) & t->vocab_mask;
+        t->vocab_slot[h] = id;
+        /* Decode the string through bytes_to_unicode. Like HF's ByteLevel
+         * decoder, a token with any character outside that map (none in OPT's
+         * vocab) decodes to its UTF-8 text as it stands. */
+        const unsigned char *s = (const unsigned char *)key;
+        size_t k = 0;
+        while (k < len) {
+            size_t next;
+            uint32_t cp = s[k];
+            if (cp >= 0x80) { /* json_parse only gives valid UTF-8 */
+                next = k + (cp >= 0xF0 ? 4 : cp >= 0xE0 ? 3 : 2);
+                cp &= 0x7F >> (next - k);
+                for (size_t q = k + 1; q < next; q++) cp = cp << 6 | (s[q] & 0x3F);
+            } else next = k + 1;
+            if (cp >= 324 || cp_byte[cp] < 0) break;
+            t->raws[raw_at + e->raw_len++] = (char)cp_byte[cp];
+            k = next;
+        }
+        if (k < len) { memcpy(t->raws + raw_at, key, len); e->raw_len = (uint32_t)len; }
+        raw_at += e->raw_len;
+    }
+    json_free(j);
+
+    for (int b = 0; b < 256; b++) {
+        char c[4];
+        int n_c = utf8_put(c, byte_cp[b]);
+        if ((t->byte_id[b] = tok_lookup_n(t, c, (size_t)n_c)) < 0)
+            die("%s: no token \"%.*s\" for the byte 0x%02X", path, n_c, c, b);
+    }
+    for (int k = 0; k < 2; k++) t->special_id[k] = tok_lookup_n(t, tok_special[k], strlen(tok_special[k]));
+}
+
+/* merges.txt: an optional "#version" line, then one "left right" merge per
+ * line, highest priority first; both halves and their concatenation must be
+ * vocabulary tokens. */
+static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char *path) {
+    size_t lines = 1;
+    for (size_t i = 0; i < n; i++) lines += text[i] == '\n';
+    uint32_t size = tok_table_size(lines);
+    t->merge_mask = size - 1;
+    t->merge_slot = check_malloc(size * sizeof *t->merge_slot, "the merges");
+    for (uint32_t h = 0; h < size; h++) t->merge_slot[h].rank = -1;
+    char *both = NULL, shown[256];
+    size_t both_cap = 0;
+    int rank = 0, line_no = 0;
+    for (size_t at = 0; at < n;) {
+        const char *s = text + at, *nl = memchr(s, '\n', n - at), *e = nl ? nl : text + n;
+        at = (size_t)(e - text) + 1;
+        line_no++;
+        if (e > s && e[-1] == '\r') e--; /* tolerate CRLF files */
+        if (e - s >= 8 && !memcmp(s, "#version", 8)) continue;
+        const char *sp = memchr(s, ' ', (size_t)(e - s));
+        if (!sp || sp == s || sp + 1 == e || memchr(sp + 1, ' ', (size_t)(e - sp - 1)))
+            die("%s:%d: expected two tokens separated by one space", path, line_no);
+        size_t la = (size_t)(sp - s), lb = (size_t)(e - sp - 1);
+        int a = tok_lookup_n(t, s, la), b = tok_lookup_n(t, sp + 1, lb);
+        if (a < 0) die("%s:%d: \"%s\" is not in vocab.json", path, line_no, tok_shown(s, la, shown));
+        if (b < 0) die("%s:%d: \"%s\" is not in vocab.json", path, line_no, tok_shown(sp + 1, lb, shown));
+        if (la + lb > both_cap) both = check_realloc(both, both_cap = 2 * (la + lb), "a merge");
+        memcpy(both, s, la);
+        memcpy(both + la, sp + 1, lb);
+        int ab = tok_lookup_n(t, both, la + lb);
+        if (ab < 0)
+            die("%s:%d: the merged token \"%s\" is not in vocab.json", path, line_no, tok_shown(both, la + lb, shown));
+        /* a repeated pair takes its later rank, as HF's map insertion does */
+        uint64_t pair = (uint64_t)a << 32 | (uint32_t)b;
+        uint32_t h = tok_hash_pair(pair) & t->merge_mask;
+        while (t->merge_slot[h].rank >= 0 && t->merge_slot[h].pair != pair) h = (h + 1) & t->merge_mask;
+        t->merge_slot[h] = (TokMerge){pair, rank++, ab};
+    }
+    t->n_ranks = rank;
+    free(both);
+}
+
+/* A tokenizer from the texts of vocab.json and merges.txt (which need no
+ * NUL at the end, so embedded copies do); the names are for error messages. */
+static Tokenizer *tok_load_text(const char *vocab, size_t vocab_len, const char *vocab_name,
+                                const char *merges, size_t merges_len, const char *merges_name) {
+    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+    tok_load_vocab(t, vocab, vocab_len, vocab_name);
+    tok_load_merges(t, merges, merges_len, merges_name);
+    for (uint32_t cp = 0; cp < 256; cp++) t->latin1[cp] = (uint8_t)tok_class_cp(cp);
+    t->cache = check_calloc(TOK_CACHE_SLOTS * sizeof *t->cache, "the tokenizer cache");
+    t->work = check_calloc(sizeof *t->work, "the tokenizer");
+    t->work->first = check_malloc((size_t)(t->n_ranks + 1) * sizeof(int), "the merges");
+    for (int r = 0; r < t->n_ranks; r++) t->work->first[r] = -1;
+    t->work->rank_heap = check_malloc((size_t)(t->n_ranks + 1) * sizeof(int), "the merges");
+    return t;
+}
+
+Tokenizer *tok_load(const char *dir) {
+    size_t n = strlen(dir) + 16, vocab_len, merges_len;
+    char *vocab_path = check_malloc(n, "a path"), *merges_path = check_malloc(n, "a path");
+    snprintf(vocab_path, n, "%s/vocab.json", dir);
+    snprintf(merges_path, n, "%s/merges.txt", dir);
+    char *vocab = tok_file_read(vocab_path, &vocab_len), *merges = tok_file_read(merges_path, &merges_len);
+    Tokenizer *t = tok_load_text(vocab, vocab_len, vocab_path, merges, merges_len, merges_path);
+    free(vocab);
+    free(merges);
+    free(vocab_path);
+    free(merges_path);
+    return t;
+}
+
+void tok_free(Tokenizer *t) {
+    if (!t) return;
+    free(t->tok);
+    free(t->strs);
+    free(t->raws);
+    free(t->vocab_slot);
+    free(t->merge_slot);
+    free(t->cache);
+    free(t->work->sym);
+    free(t->work->link);
+    free(t->work->order);
+    free(t->work->first);
+    free(t->work->rank_heap);
+    free(t->work);
+    free(t);
+}
+
+int tok_count(const Tokenizer *t) { return t->n_vocab; }
+
+int tok_lookup(const Tokenizer *t, const char *token) { return tok_lookup_n(t, token, strlen(token)); }
+
+const char *tok_piece(const Tokenizer *t, int id, size_t *len) {
+    if (id < 0 || id >= t->n_ids || t->tok[id].str == UINT32_MAX) return NULL;
+    if (len) *len = t->tok[id].raw_len;
+    return t->raws + t->tok[id].raw;
+}
+
+/* ---- encoding ---- */
+
+typedef struct {      /* where tok_encode's ids go */
+    int **ids;        /* the caller's array */
+    int *cap;         /* its capacity */
+    int n;            /* ids written */
+} TokOut;
+
+static void tok_emit(TokOut *out, int id) {
+    if (out->n == *out->cap) {
+        if (*out->cap > INT_MAX / 2) die("tok_encode: too many tokens");
+        *out->cap = *out->cap ? 2 * *out->cap : 256;
+        *out->ids = check_realloc(*out->ids, (size_t)*out->cap * sizeof(int), "token ids");
+    }
+    (*out->ids)[out->n++] = id;
+}
+
+static void tok_rank_push(TokWork *w, int rank) {
+    int i = w->n_heap++;
+    while (i > 0 && rank < w->rank_heap[(i - 1) / 2]) {
+        w->rank_heap[i] = w->rank_heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    w->rank_heap[i] = rank;
+}
+
+static int tok_rank_pop(TokWork *w) {
+    int top = w->rank_heap[0], last = w->rank_heap[--w->n_heap], i = 0;
+    for (;;) {
+        int kid = 2 * i + 1;
+        if (kid >= w->n_heap) break;
+        if (kid + 1 < w->n_heap && w->rank_heap[kid + 1] < w->rank_heap[kid]) kid++;
+        if (w->rank_heap[kid] >= last) break;
+        w->rank_heap[i] = w->rank_heap[kid];
+        i = kid;
+    }
+    w->rank_heap[i] = last;
+    return top;
+}
+
+static void tok_list_add(TokWork *w, int rank, int pos) {
+    if (w->n_link == w->link_cap) {
+        if (w->link_cap > INT_MAX / 4) die("tok_encode: a word is too long");
+        w->link_cap = w->link_cap ? 2 * w->link_cap : 1024;
+        w->link = check_realloc(w->link, (size_t)w->link_cap * sizeof *w->link, "a word");
+        w->order = check_realloc(w->order, (size_t)w->link_cap * sizeof *w->order, "a word");
+    }
+    if (w->first[rank] < 0) tok_rank_push(w, rank);
+    w->link[w->n_link] = (TokLink){pos, w->first[rank]};
+    w->first[rank] = w->n_link++;
+}
+
+/* Queues the pair that starts at symbol pos, if it has a merge; returns its rank or -1. */
+static int tok_add_pair(const Tokenizer *t, TokWork *w, int pos) {
+    if (pos < 0 || w->sym[pos].next < 0) return -1;
+    const TokMerge *m = tok_merge_find(t, w->sym[pos].id, w->sym[w->sym[pos].next].id);
+    if (!m) return -1;
+    tok_list_add(w, m->rank, pos);
+    return m->rank;
+}
+
+static int tok_int_cmp(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* Byte-level BPE of one pre-token: the adjacent pair of lowest merges.txt
+ * rank merges first, the leftmost of equals first, as HF's Word::merge_all
+ * does with a heap of all candidate pairs. Here the candidates wait in one
+ * list per rank, and a small heap holds the ranks present, so that a long
+ * word (a 1 MB run of digits is one pre-token) costs O(n log n) with small
+ * constants: a rank's positions are sorted and merged left to right in one
+ * sweep. Merging creates pairs of higher rank in a well-made merges.txt,
+ * where a merge builds on earlier ones (OPT's is); should a new pair rank
+ * lower or equal, the rest of the sweep goes back to wait, so the order stays
+ * exact. A queued pair that has changed since is skipped: its rank tells,
+ * since each rank belongs to one pair. */
+static void tok_bpe(const Tokenizer *t, TokOut *out, const unsigned char *word, size_t len) {
+    if (len == 1) { tok_emit(out, t->byte_id[word[0]]); return; }
+    TokCacheSlot *slot = NULL;
+    if (len <= TOK_CACHE_WORD) {
+        slot = &t->cache[tok_hash_str((const char *)word, len) & (TOK_CACHE_SLOTS - 1)];
+        if (slot->len == len && !memcmp(slot->word, word, len)) {
+            for (int i = 0; i < slot->n_ids; i++) tok_emit(out, slot->ids[i]);
+            return;
+        }
+    }
+    TokWork *w = t->work;
+    if (len > (size_t)w->word_cap) {
+        if (len > INT_MAX / 4) die("tok_encode: a word of %zu bytes is too long", len);
+        w->word_cap = (int)len;
+        w->sym = check_realloc(w->sym, len * sizeof *w->sym, "a word");
+    }
+    int n = (int)len;
+    TokSym *sym = w->sym;
+    for (int i = 0; i < n; i++) sym[i] = (TokSym){t->byte_id[word[i]], i - 1, i + 1 < n ? i + 1 : -1};
+    w->n_link = 0;
+    for (int i = n - 2; i >= 0; i--) tok_add_pair(t, w, i); /* backwards: the lists come out in order */
+    while (w->n_heap > 0) {
+        int rank = tok_rank_pop(w), m = 0;
+        for (int e = w->first[rank]; e >= 0; e = w->link[e].next) w->order[m++] = w->link[e].pos;
+        w->first[rank] = -1;
+        bool sorted = true;
+        for (int k = 1; k < m && sorted; k++) sorted = w->order[k - 1] <= w->order[k];
+        if (!sorted) qsort(w->order, (size_t)m, sizeof(int), tok_int_cmp);
+        for (int k = 0; k < m; k++) {
+            int pos = w->order[k];
+            TokSym *l = &sym[pos];
+            if (l->next < 0) continue;
+            TokSym *r = &sym[l->next];
+            const TokMerge *mg = tok_merge_find(t, l->id, r->id);
+            if (!mg || mg->rank != rank) continue;
+            l->id = mg->id;
+            l->next = r->next;
+            if (r->next >= 0) sym[r->next].prev = pos;
+            *r = (TokSym){-1, -1, -1}; /* gone: its queued pairs die with it */
+            int left = tok_add_pair(t, w, l->prev), right = tok_add_pair(t, w, pos);
+            if ((left >= 0 && left <= rank) || (right >= 0 && right <= rank)) {
+                while (++k < m) tok_list_add(w, rank, w->order[k]);
+                break;
+            }
+        }
+    }
+    int first = out->n;
+    for (int i = 0; i >= 0; i = sym[i].next) tok_emit(out, sym[i].id);
+    if (slot) {
+        slot->len = (uint8_t)len;
+        slot->n_ids = (uint8_t)(out->n - first);
+        memcpy(slot->word, word, len);
+        memcpy(slot->ids, *out->ids + first, (size_t)slot->n_ids * sizeof(int));
+    }
+}
+
+/* End of the pre-token that starts at s[i]: GPT-2's pattern, whose
+ * alternatives are tried in order and always match at i, since every
+ * character is a letter, a number, a space or "other". */
+static size_t tok_pretoken_end(const Tokenizer *t, const unsigned char *s, size_t len, size_t i) {
+    /* 's 't 're 've 'm 'll 'd come first, lower case only: "IT'S" is IT ' S */
+    if (s[i] == '\'' && len - i >= 2) {
+        unsigned a = s[i + 1], b = len - i >= 3 ? s[i + 2] : 0;
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    }
+    size_t j, k;
+    int c = tok_class_at(t, s, len, i, &j);
+    /* " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+": one ASCII space (no other
+     * kind) may lead a run of letters, numbers or others */
+    if (s[i] == ' ' && j < len) {
+        int d = tok_class_at(t, s, len, j, &k);
+        if (d != TC_SPACE) { c = d; j = k; }
+    }
+    if (c != TC_SPACE) {
+        while (j < len && tok_class_at(t, s, len, j, &k) == c) j = k;
+        return j;
+    }
+    /* "\s+(?!\S)|\s+": a run of spaces at the end of the text is one
+     * pre-token; before a non-space, the run backs off by one character so
+     * that a last " " can lead the next word ("a   b" is a, "  ", " b"); a
+     * single space character before a non-space is a pre-token of its own */
+    size_t last = i;
+    while (j < len && tok_class_at(t, s, len, j, &k) == TC_SPACE) { last = j; j = k; }
+    return j < len && last > i ? last : j;
+}
+
+/* Where the next special token starts in s[from..len), len when none;
+ * *which gets its index in tok_special. */
+static size_t tok_find_special(const Tokenizer *t, const char *s, size_t len, size_t from, int *which) {
+    for (const char *p = s + from; (p = memchr(p, '<', len - (size_t)(p - s))); p++)
+        for (int k = 0; k < 2; k++) {
+            size_t n = strlen(tok_special[k]);
+            if (t->special_id[k] >= 0 && n <= len - (size_t)(p - s) && !memcmp(p, tok_special[k], n)) {
+                *which = k;
+                return (size_t)(p - s);
+            }
+        }
+    return len;
+}
+
+int tok_encode(const Tokenizer *t, const char *text, size_t len, int **ids, int *cap) {
+    TokOut out = {ids, cap, 0};
+    const unsigned char *s = (const unsigned char *)text;
+    for (size_t at = 0; at <= len;) {
+        int which = -1;
+        size_t end = tok_find_special(t, text, len, at, &which);
+        for (size_t i = at; i < end;) {
+            size_t j = tok_pretoken_end(t, s, end, i);
+            tok_bpe(t, &out, s + i, j - i);
+            i = j;
+        }
+        if (which < 0) break;
+        tok_emit(&out, t->special_id[which]);
+        at = end + strlen(tok_special[which]);
+    }
+    return out.n;
+}
+
+/* ----------------------------------------------------------------------------
+ * Sampler: greedy, temperature, top-k, top-p. Each sequence draws from its own
+ * random stream, seeded by (--seed, its input index), so a result does not
+ * depend on the batch it ran in or on the thread count. */
+
+typedef struct {
+    float temperature;     /* 0 = greedy */
+    int top_k;             /* keep the k most likely tokens; 0 = all */
+    float top_p;           /* keep the smallest set with this much mass; 1 = all */
+} SamplerCfg;
+
+static inline uint64_t rng_next(uint64_t s[2]) { /* xorshift128+ */
+    uint64_t a = s[0], b = s[1];
+    s[0] = b;
+    a ^= a << 23;
+    s[1] = a ^ b ^ (a >> 17) ^ (b >> 26);
+    return s[1] + b;
+}
+
+static void rng_seed(uint64_t s[2], uint64_t seed, uint64_t index) {
+    uint64_t x = seed ^ (index * 0xA0761D6478BD642Full);
+    s[0] = splitmix64(&x);
+    s[1] = splitmix64(&x) | 1;
+}
+
+static int argmax(const float *x, int n) { /* first maximum, as torch.argmax */
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+typedef struct { float p; int id; } ProbId;
+static int probid_cmp(const void *a, const void *b) {
+    const ProbId *x = a, *y = b;
+    return x->p > y->p ? -1 : x->p < y->p ? 1 : x->id - y->id;
+}
+
+/* Picks the next token from logits (n). `work` has room for n ProbIds. */
+static int sample(const SamplerCfg *sc, const float *logits, int n, uint64_t rng[2], ProbId *work) {
+    if (sc->temperature <= 0) return argmax(logits, n);
+    float mx = logits[argmax(logits, n)];
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        work[i].id = i;
+        work[i].p = expf((logits[i] - mx) / sc->temperature);
+        sum += work[i].p;
+    }
+    int keep = n;
+    if ((sc->top_k > 0 && sc->top_k < n) || sc->top_p < 1) {
+        qsort(work, (size_t)n, sizeof *work, probid_cmp);
+        if (sc->top_k > 0 && sc->top_k < n) keep = sc->top_k;
+        if (sc->top_p < 1) {
+            double acc = 0;
+            for (int i = 0; i < keep; i++) {
+                acc += work[i].p / sum;
+                if (acc >= sc->top_p) { keep = i + 1; break; }
+            }
+        }
+        sum = 0;
+        for (int i = 0; i < keep; i++) sum += work[i].p;
+    }
+    double r = (double)(rng_next(rng) >> 11) * 0x1.0p-53 * sum, acc = 0;
+    for (int i = 0; i < keep; i++) {
+        acc += work[i].p;
+        if (r < acc) return work[i].id;
+    }
+    return work[keep - 1].id;
+}
+
+/* ----------------------------------------------------------------------------
+ * The engine: continuous batching over cache slots. Each step feeds, for every
+ * busy slot, either its next chunk of prompt tokens or its last sampled token;
+ * a slot that finishes takes the next prompt at once. Kernels are row-
+ * independent, so this changes throughput, never results. */
+
+typedef struct {
+    int *ids;              /* (n_ids) prompt token ids, BOS included for text */
+    int n_ids;
+    int *out;              /* (n_out) generated ids */
+    int n_out;
+    float *lp;             /* score: (n_ids - 1) log-probabilities */
+    char *text;            /* prompt text as given (for --jsonl), or NULL */
+    size_t text_len;
+    int line;              /* input line, for messages */
+    uint64_t rng[2];       /* this sequence's sampling stream */
+    bool done;             /* finished; waiting to be printed in order */
+} Job;
+
+typedef struct {
+    const Model *m;        /* the model */
+    int slots;             /* sequences in flight (-b) */
+    int max_new;           /* -n */
+    int score;             /* log-probs of the given tokens instead of generating */
+    int ignore_eos;        /* keep generating past </s> */
+    int step_rows;         /* rows per step: bounds activation memory */
+    SamplerCfg sc;         /* sampling */
+    void (*emit)(void *ctx, Job *j, int index); /* prints a finished job */
+    void (*on_token)(void *ctx, Job *j, int index); /* after each sampled token (--stream) */
+    void *ctx;             /* for emit/on_token */
+    double t_prefill, t_decode; /* seconds spent in steps with/without prompt rows */
+    int64_t n_prompt_tok, n_gen_tok; /* tokens processed */
+} Engine;
+
+static double now_sec(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* log-softmax at target, in a fixed order */
+static float logprob_at(const float *logits, int n, int target) {
+    float mx = logits[argmax(logits, n)], l[16] = {0};
+    for (int i = 0; i < n; i++) l[i & 15] += expf(logits[i] - mx);
+    return logits[target] - mx - logf(lanes_sum16(l));
+}
+
+static void progress(const Engine *e, int done, int total, double t0) {
+    static double last;
+    double t = now_sec();
+    if (!isatty(2) || (t - last < 0.2 && done < total)) return;
+    last = t;
+    double rate = (double)(e->n_gen_tok + (e->score ? e->n_prompt_tok : 0)) / (t - t0 + 1e-9);
+    int w = 30, fill = total ? (int)((int64_t)w * done / total) : w;
+    fprintf(stderr, "\r[%.*s%*s] %d/%d %s, %.1f tok/s ", fill, "==============================", w - fill, "", done, total,
+            e->score ? "scored" : "done", rate);
+    if (done == total) fputc('\n', stderr);
+}
+
+void engine_run(Engine *e, Job *jobs, int n_jobs) {
+    const Config *c = &e->m->cfg;
+    int cap = 1;
+    for (int i = 0; i < n_jobs; i++) {
+        int need = jobs[i].n_ids + (e->score ? 0 : e->max_new);
+        cap = need > cap ? need : cap;
+    }
+    int slots = e->slots < n_jobs ? e->slots : n_jobs;
+    if (slots < 1) return;
+    int rows_max = e->step_rows > slots ? e->step_rows : slots;
+    KVCache kv;
+    kv_init(&kv, c, slots, cap);
+    Scratch s;
+    scratch_init(&s, c, rows_max, cap);
+    int lrows = 64; /* logits are computed 64 rows at a time */
+    float *logits = check_malloc(sizeof(float) * (size_t)lrows * c->vocab, "logits");
+    float *hid = check_malloc(sizeof(float) * (size_t)lrows * c->embed_dim, "logits input");
+    ProbId *work = check_malloc(sizeof(ProbId) * (size_t)c->vocab, "sampler");
+    int *tok = check_malloc(sizeof(int) * 3 * (size_t)rows_max, "step"), *slot = tok + rows_max, *pos = slot + rows_max;
+    int *need = check_malloc(sizeof(int) * (size_t)rows_max, "step"); /* row -> job needing its logits, or -1 */
+    int *job_of = check_malloc(sizeof(int) * (size_t)slots, "slots"), *fed = check_calloc(sizeof(int) * (size_t)slots, "slots");
+    for (int i = 0; i < slots; i++) job_of[i] = -1;
+    int next_job = 0, next_emit = 0, n_done = 0;
+    double t0 = now_sec();
+    while (n_done < n_jobs) {
+        for (int i = 0; i < slots && next_job < n_jobs; i++)
+            if (job_of[i] < 0) { job_of[i] = next_job++; fed[i] = 0; }
+        int n = 0;
+        bool prefill = false;
+        for (int i = 0; i < slots; i++) { /* decoding slots: one row each */
+            Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
+            if (!j || fed[i] < j->n_ids) continue;
+            tok[n] = j->out[j->n_out - 1]; slot[n] = i; pos[n] = j->n_ids + j->n_out - 1; need[n] = job_of[i];
+            n++;
+        }
+        for (int i = 0; i < slots && n < rows_max; i++) { /* prompt chunks fill the rest */
+            Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
+            if (!j || fed[i] >= j->n_ids) continue;
+            int k = j->n_ids - fed[i] < rows_max - n ? j->n_ids - fed[i] : rows_max - n;
+            for (int r = 0; r < k; r++, n++) {
+                int p = fed[i] + r;
+                tok[n] = j->ids[p]; slot[n] = i; pos[n] = p;
+                need[n] = e->score ? (p + 1 < j->n_ids ? job_of[i] : -1) : (p + 1 == j->n_ids ? job_of[i] : -1);
+            }
+            fed[i] += k;
+            e->n_prompt_tok += k;
+            prefill = true;
+        }
+        double ts = now_sec();
+        Step st = {n, tok, slot, pos};
+        model_forward(e->m, &kv, &st, &s);
+        for (int r0 = 0; r0 < n;) { /* logits for the rows that need them, in groups */
+            int idx[64], cnt = 0;
+            for (; r0 < n && cnt < lrows; r0++)
+                if (need[r0] >= 0) {
+                    memcpy(hid + (size_t)cnt * c->embed_dim, s.e + (size_t)r0 * c->embed_dim, sizeof(float) * c->embed_dim);
+                    idx[cnt++] = r0;
+                }
+            if (!cnt) continue;
+            model_logits(e->m, logits, hid, cnt);
+            for (int q = 0; q < cnt; q++) {
+                int r = idx[q];
+                Job *j = &jobs[need[r]];
+                const float *lg = logits + (size_t)q * c->vocab;
+                if (e->score) { j->lp[pos[r]] = logprob_at(lg, c->vocab, j->ids[pos[r] + 1]); continue; }
+                int t = sample(&e->sc, lg, c->vocab, j->rng, work);
+                j->out[j->n_out++] = t;
+                e->n_gen_tok++;
+                if (e->on_token) e->on_token(e->ctx, j, need[r]);
+            }
+        }
+        double dt = now_sec() - ts;
+        if (prefill) e->t_prefill += dt; else e->t_decode += dt;
+        for (int i = 0; i < slots; i++) { /* retire finished sequences */
+            Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
+            if (!j || fed[i] < j->n_ids) continue;
+            bool fin = e->score || j->n_out >= e->max_new || (!e->ignore_eos && j->n_out && j->out[j->n_out - 1] == c->eos);
+            if (fin) { j->done = true; job_of[i] = -1; n_done++; }
+        }
+        while (next_emit < n_jobs && jobs[next_emit].done) { e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
+        progress(e, n_done, n_jobs, t0);
+    }
+    kv_free(&kv);
+    scratch_free(&s);
+    free(logits); free(hid); free(work); free(tok); free(need); free(job_of); free(fed);
+}
+
+/* ----------------------------------------------------------------------------
+ * Command line. stdout carries data only; diagnostics and progress go to
+ * stderr, so `opt ... | next-program` always works. */
+
+typedef struct {
+    const char *cmd;       /* subcommand */
+    const char *model;     /* -m */
+    const char *file;      /* -f, NULL = stdin */
+    const char *out;       /* -o (synth) */
+    int batch;             /* -b */
+    int threads;           /* -t, 0 = all cores */
+    int max_new;           /* -n */
+    SamplerCfg sc;         /* --temperature --top-k --top-p */
+    uint64_t seed;         /* --seed */
+    int ignore_eos, jsonl, ids, stream, no_bos, decode, json; /* flags */
+    int prompt_len, gen_len; /* bench */
+    const char *shape;     /* synth --shape */
+    const char *format;    /* synth --format */
+    const char *dtype;     /* synth --dtype */
+    int shards;            /* synth --shards */
+    const char *prefix;    /* synth --prefix */
+    int tie;               /* synth: tie lm_head to the embedding */
+    int step_rows;         /* --step-rows */
+} Opts;
+
+static const char *help_text[][2] = {
+    {"generate",
+     "usage: opt generate -m DIR [-f FILE] [options]\n"
+     "  One prompt per input line (stdin without -f); escapes \\n \\t \\\\ are decoded.\n"
+     "  One completion per output line, in input order, escaped the same way.\n"
+     "  -m, --model DIR        Hugging Face OPT checkpoint directory\n"
+     "  -f, --file FILE        read prompts from FILE instead of stdin\n"
+     "  -n, --max-new-tokens N tokens to generate per prompt (default 32)\n"
+     "  -b, --batch-size N     sequences in flight (default 16)\n"
+     "  -t, --threads N        CPU threads (default: all cores)\n"
+     "      --temperature T    0 = greedy (default 0)\n"
+     "      --top-k K          sample among the K most likely tokens (0 = off)\n"
+     "      --top-p P          nucleus sampling mass (default 1 = off)\n"
+     "      --seed S           sampling seed (default 0); same seed, same output\n"
+     "      --ignore-eos       do not stop at </s> (otherwise </s> is printed and ends the line)\n"
+     "      --jsonl            JSON lines in ({\"prompt\": ...}) and out ({\"index\", \"prompt\", \"completion\", \"ids\"})\n"
+     "      --ids              input lines are token ids (no BOS added); output lines are the new ids\n"
+     "      --stream           print tokens as they come (a single prompt; raw text)\n"
+     "      --step-rows N      tokens per forward step (default 1024; bounds activation memory)\n"},
+    {"score",
+     "usage: opt score -m DIR [-f FILE] [options]\n"
+     "  For each input line, the natural-log probability of every token after the first\n"
+     "  (BOS for text) given the ones before it, space-separated, one line per input.\n"
+     "  -m, --model DIR   -f, --file FILE   -b, --batch-size N   -t, --threads N\n"
+     "      --ids              input lines are token ids, used as given\n"
+     "      --jsonl            JSON lines in ({\"prompt\": ...}) and out ({\"index\", \"tokens\", \"ids\", \"logprobs\", \"perplexity\"})\n"
+     "      --step-rows N      tokens per forward step (default 1024)\n"},
+    {"tokenize",
+     "usage: opt tokenize [-m DIR] [-f FILE] [--no-bos] [--decode]\n"
+     "  Text lines to token ids (BOS 2 first unless --no-bos); with --decode, id lines to text.\n"
+     "  Without -m the built-in OPT tokenizer is used (all OPT sizes share it).\n"},
+    {"synth",
+     "usage: opt synth --shape SHAPE -o DIR [--seed S] [--format safetensors|bin] [--dtype f16|f32|bf16]\n"
+     "                 [--shards N] [--prefix model.decoder.|decoder.] [--tie|--no-tie]\n"
+     "  Writes a random-weight OPT checkpoint in Hugging Face layout (config, tokenizer, weights).\n"
+     "  SHAPE: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b,\n"
+     "         or HIDDENxLAYERSxHEADSxFFN (e.g. 256x2x4x1024). Defaults: f16, safetensors, tied, seed 0.\n"},
+    {"info", "usage: opt info -m DIR\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
+    {"bench",
+     "usage: opt bench -m DIR [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json]\n"
+     "  Synthetic prompts of P tokens, G generated each, B at once. Prints prefill and decode\n"
+     "  latency and throughput, total throughput (FlexGen's definitions) and peak memory.\n"},
+    {"lp", "usage: opt lp FILE.mps\n  Solves a linear program (free MPS) with opt's own simplex solver.\n"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "opt: OPT language models from Hugging Face checkpoints, on one machine.\n\n"
+               "usage: opt [COMMAND] [options]      (COMMAND defaults to generate)\n\n"
+               "commands:\n"
+               "  generate   complete prompts, one per line (stdin -> stdout)\n"
+               "  score      log-probabilities of every token of each line\n"
+               "  tokenize   text to token ids, or back with --decode\n"
+               "  synth      write a random-weight checkpoint for tests and demos\n"
+               "  info       describe a checkpoint and this machine\n"
+               "  bench      measure prefill and decode throughput\n"
+               "  lp         solve a linear program (MPS) with the built-in simplex\n\n"
+               "`opt COMMAND --help` documents each command's options. OPT_SIMD=scalar|avx2|avx512\n"
+               "forces a SIMD level.\n");
+}
+
+static void cmd_help(const char *cmd) {
+    for (size_t i = 0; i < sizeof help_text / sizeof *help_text; i++)
+        if (!strcmp(cmd, help_text[i][0])) { fputs(help_text[i][1], stdout); exit(0); }
+    usage(stdout);
+    exit(0);
+}
+
+static long parse_int(const char *flag, const char *v, long lo, long hi) {
+    char *e;
+    errno = 0;
+    long x = strtol(v, &e, 10);
+    if (!*v || *e || errno || x < lo || x > hi) die("%s: expected an integer in [%ld, %ld], got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static double parse_num(const char *flag, const char *v, double lo, double hi) {
+    char *e;
+    double x = strtod(v, &e);
+    if (!*v || *e || !(x >= lo && x <= hi)) die("%s: expected a number in [%g, %g], got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static void opts_parse(Opts *o, int argc, char **argv) {
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) cmd_help(o->cmd);
+#define FLAG(s, l) (!strcmp(a, s) || !strcmp(a, l))
+#define VAL() (i + 1 < argc ? argv[++i] : (die("%s needs a value (see opt %s --help)", a, o->cmd), ""))
+        if (FLAG("-m", "--model")) o->model = VAL();
+        else if (FLAG("-f", "--file")) o->file = VAL();
+        else if (FLAG("-o", "--output")) o->out = VAL();
+        else if (FLAG("-b", "--batch-size")) o->batch = (int)parse_int(a, VAL(), 1, 1 << 20);
+        else if (FLAG("-t", "--threads")) o->threads = (int)parse_int(a, VAL(), 1, 4096);
+        else if (FLAG("-n", "--max-new-tokens")) o->max_new = (int)parse_int(a, VAL(), 0, 1 << 20);
+        else if (!strcmp(a, "--temperature")) o->sc.temperature = (float)parse_num(a, VAL(), 0, 1e6);
+        else if (!strcmp(a, "--top-k")) o->sc.top_k = (int)parse_int(a, VAL(), 0, 1 << 30);
+        else if (!strcmp(a, "--top-p")) o->sc.top_p = (float)parse_num(a, VAL(), 1e-9, 1);
+        else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_num(a, VAL(), 0, 1.8e19);
+        else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
+        else if (!strcmp(a, "--jsonl")) o->jsonl = 1;
+        else if (!strcmp(a, "--ids")) o->ids = 1;
+        else if (!strcmp(a, "--stream")) o->stream = 1;
+        else if (!strcmp(a, "--no-bos")) o->no_bos = 1;
+        else if (!strcmp(a, "--decode")) o->decode = 1;
+        else if (!strcmp(a, "--json")) o->json = 1;
+        else if (!strcmp(a, "--prompt-len")) o->prompt_len = (int)parse_int(a, VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--gen-len")) o->gen_len = (int)parse_int(a, VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--shape")) o->shape = VAL();
+        else if (!strcmp(a, "--format")) o->format = VAL();
+        else if (!strcmp(a, "--dtype")) o->dtype = VAL();
+        else if (!strcmp(a, "--shards")) o->shards = (int)parse_int(a, VAL(), 1, 100000);
+        else if (!strcmp(a, "--prefix")) o->prefix = VAL();
+        else if (!strcmp(a, "--tie")) o->tie = 1;
+        else if (!strcmp(a, "--no-tie")) o->tie = 0;
+        else if (!strcmp(a, "--step-rows")) o->step_rows = (int)parse_int(a, VAL(), 1, 1 << 20);
+        else die("unknown option '%s' for opt %s (see opt %s --help)", a, o->cmd, o->cmd);
+#undef FLAG
+#undef VAL
+    }
+}
+
+/* --- input: one item per line, escapes decoded, UTF-8 checked --- */
+
+typedef struct {
+    FILE *f;               /* the stream */
+    const char *name;      /* file name or "<stdin>", for messages */
+    int line;              /* current line number */
+    char *buf; size_t cap; /* getline buffer */
+} Input;
+
+static void input_open(Input *in, const char *file) {
+    memset(in, 0, sizeof *in);
+    in->name = file ? file : "<stdin>";
+    in->f = file ? fopen(file, "rb") : stdin;
+    if (!in->f) die("%s: %s", file, strerror(errno));
+}
+
+/* Next line without its newline, escapes decoded in place; false at EOF. */
+static bool input_line(Input *in, char **text, size_t *len, bool unescape) {
+    ssize_t n = getline(&in->buf, &in->cap, in->f);
+    if (n < 0) {
+        if (ferror(in->f)) die("%s: read error: %s", in->name, strerror(errno));
+        return false;
+    }
+    in->line++;
+    if (n && in->buf[n - 1] == '\n') n--;
+    size_t ok = utf8_valid_prefix(in->buf, (size_t)n);
+    if (ok < (size_t)n) die("%s:%d: invalid UTF-8 at byte %zu", in->name, in->line, ok + 1);
+    size_t w = 0;
+    for (ssize_t r = 0; r < n; r++) {
+        char c = in->buf[r];
+        if (unescape && c == '\\' && r + 1 < n && strchr("nt\\", in->buf[r + 1])) {
+            c = in->buf[++r];
+            c = c == 'n' ? '\n' : c == 't' ? '\t' : '\\';
+        }
+        in->buf[w++] = c;
+    }
+    in->buf[w] = 0;
+    *text = in->buf;
+    *len = w;
+    return true;
+}
+
+/* Writes text with newline, tab and backslash escaped; invalid UTF-8 (a
+ * generation cut inside a character) becomes U+FFFD as in HF's decode. */
+static void write_escaped(FILE *f, const char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        unsigned cp;
+        int k = utf8_len((const unsigned char *)s + i, n - i, &cp);
+        if (!k) { fputs("\xEF\xBF\xBD", f); i += (size_t)utf8_bad_len((const unsigned char *)s + i, n - i); continue; }
+        if (s[i] == '\\') fputs("\\\\", f);
+        else if (s[i] == '\n') fputs("\\n", f);
+        else if (s[i] == '\t') fputs("\\t", f);
+        else fwrite(s + i, 1, (size_t)k, f);
+        i += (size_t)k;
+    }
+}
+
+static void parse_ids(const char *s, const char *where, int line, int vocab, int **ids, int *n) {
+    int cap = 16;
+    *ids = check_malloc(sizeof(int) * (size_t)cap, "ids");
+    *n = 0;
+    for (const char *p = s;;) {
+        while (*p == ' ' || *p == '\t' || *p == ',') p++;
+        if (!*p) break;
+        char *e;
+        errno = 0;
+        long v = strtol(p, &e, 10);
+        if (e == p || errno || v < 0 || v >= vocab || (*e && *e != ' ' && *e != '\t' && *e != ','))
+            die("%s:%d: token ids must be integers in [0, %d)", where, line, vocab);
+        if (*n == cap) *ids = check_realloc(*ids, sizeof(int) * (size_t)(cap *= 2), "ids");
+        (*ids)[(*n)++] = (int)v;
+        p = e;
+    }
+}
+
+/* --- generate and score --- */
+
+typedef struct {
+    const Opts *o;         /* options */
+    const Tokenizer *tok;  /* for text in and out */
+    FILE *out;             /* stdout */
+    size_t streamed;       /* --stream: bytes of the completion already printed */
+} Printer;
+
+static void piece_append(const Tokenizer *tok, Buf *b, int id) {
+    size_t n;
+    const char *p = tok_piece(tok, id, &n);
+    if (p) buf_put(b, p, n);
+}
+
+static void print_ids(FILE *f, const int *ids, int n) {
+    for (int i = 0; i < n; i++) fprintf(f, i ? " %d" : "%d", ids[i]);
+}
+
+static void emit_generate(void *ctx, Job *j, int index) {
+    Printer *p = ctx;
+    Buf b = {0};
+    for (int i = 0; i < j->n_out; i++) piece_append(p->tok, &b, j->out[i]);
+    if (p->o->stream) { /* the rest of the completion, raw, then the end of the line */
+        if (b.n > p->streamed) fwrite(b.p + p->streamed, 1, b.n - p->streamed, p->out);
+        fputc('\n', p->out);
+    } else if (p->o->jsonl) {
+        fprintf(p->out, "{\"index\": %d, \"prompt\": ", index);
+        if (j->text) json_write_str(p->out, j->text, j->text_len);
+        else { fputc('[', p->out); print_ids(p->out, j->ids, j->n_ids); fputc(']', p->out); }
+        fputs(", \"completion\": ", p->out);
+        json_write_str(p->out, b.p ? b.p : "", b.n);
+        fputs(", \"ids\": [", p->out);
+        for (int i = 0; i < j->n_out; i++) fprintf(p->out, i ? ", %d" : "%d", j->out[i]);
+        fputs("]}\n", p->out);
+    } else if (p->o->ids) {
+        print_ids(p->out, j->out, j->n_out);
+        fputc('\n', p->out);
+    } else {
+        write_escaped(p->out, b.p ? b.p : "", b.n);
+        fputc('\n', p->out);
+    }
+    if (fflush(p->out) != 0 || ferror(p->out)) die("<stdout>: write failed: %s", strerror(errno));
+    free(b.p);
+    free(j->ids); free(j->out); free(j->text);
+    j->ids = j->out = NULL; j->text = NULL;
+}
+
+/* --stream: print what the new token completes (whole UTF-8 characters only). */
+static void stream_token(void *ctx, Job *j, int index) {
+    (void)index;
+    Printer *p = ctx;
+    Buf b = {0};
+    for (int i = 0; i < j->n_out; i++) piece_append(p->tok, &b, j->out[i]);
+    size_t end = b.n;
+    while (end > p->streamed && end > 0 && ((unsigned char)b.p[end - 1] & 0xC0) == 0x80) end--;
+    if (end > p->streamed && end > 0 && (unsigned char)b.p[end - 1] >= 0xC0) {
+        unsigned cp; /* a lead byte: keep it back until its character is complete */
+        if (!utf8_len((const unsigned char *)b.p + end - 1, b.n - end + 1, &cp)) end--; else end = b.n;
+    } else end = b.n;
+    if (end > p->streamed) {
+        fwrite(b.p + p->streamed, 1, end - p->streamed, p->out);
+        fflush(p->out);
+        p->streamed = end;
+    }
+    free(b.p);
+}
+
+static void emit_score(void *ctx, Job *j, int index) {
+    Printer *p = ctx;
+    int n = j->n_ids - 1;
+    if (p->o->jsonl) {
+        double sum = 0;
+        for (int i = 0; i < n; i++) sum += j->lp[i];
+        fprintf(p->out, "{\"index\": %d, \"tokens\": [", index);
+        for (int i = 0; i < j->n_ids; i++) {
+            size_t len;
+            const char *s = tok_piece(p->tok, j->ids[i], &len);
+            if (i) fputs(", ", p->out);
+            json_write_str(p->out, s ? s : "", s ? len : 0);
+        }
+        fputs("], \"ids\": [", p->out);
+        for (int i = 0; i < j->n_ids; i++) fprintf(p->out, i ? ", %d" : "%d", j->ids[i]);
+        fputs("], \"logprobs\": [", p->out);
+        for (int i = 0; i < n; i++) fprintf(p->out, i ? ", %.9g" : "%.9g", j->lp[i]);
+        fprintf(p->out, "], \"perplexity\": %.9g}\n", n ? exp(-sum / n) : 1.0);
+    } else {
+        for (int i = 0; i < n; i++) fprintf(p->out, i ? " %.9g" : "%.9g", j->lp[i]);
+        fputc('\n', p->out);
+    }
+    if (fflush(p->out) != 0 || ferror(p->out)) die("<stdout>: write failed: %s", strerror(errno));
+    free(j->ids); free(j->lp); free(j->text);
+    j->ids = NULL; j->lp = NULL; j->text = NULL;
+}
+
+static Tokenizer *tokenizer_for(const char *dir) {
+    if (dir) {
+        char *v = path_join(dir, "vocab.json"), *m = path_join(dir, "merges.txt");
+        bool have = file_exists(v) && file_exists(m);
+        free(v); free(m);
+        if (have) return tok_load(dir);
+    }
+    return tok_load_text(opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json), "built-in vocab.json", opt_merges_txt,
+                         (size_t)(opt_merges_txt_end - opt_merges_txt), "built-in merges.txt");
+}
+
+/* Reads every input line into jobs (validating all of it before any work). */
+static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int *n_jobs) {
+    Input in;
+    input_open(&in, o->file);
+    int cap = 64, n = 0;
+    Job *jobs = check_malloc(sizeof(Job) * (size_t)cap, "jobs");
+    char *text;
+    size_t len;
+    bool score = !strcmp(o->cmd, "score");
+    while (input_line(&in, &text, &len, !o->jsonl)) {
+        if (n == cap) jobs = check_realloc(jobs, sizeof(Job) * (size_t)(cap *= 2), "jobs");
+        Job *j = &jobs[n];
+        memset(j, 0, sizeof *j);
+        j->line = in.line;
+        const char *src = text;
+        size_t srclen = len;
+        Json *js = NULL;
+        if (o->jsonl) {
+            char err[128];
+            js = json_parse(text, len, err, sizeof err);
+            if (!js || js->type != J_OBJ) die("%s:%d: not a JSON object%s%s", in.name, in.line, js ? "" : ": ", js ? "" : err);
+            const Json *pr = json_get(js, "prompt"), *ids = json_get(js, "ids");
+            if (ids && ids->type == J_ARR) {
+                j->ids = check_malloc(sizeof(int) * (size_t)(ids->n + 1), "ids");
+                for (int i = 0; i < ids->n; i++) {
+                    const Json *v = &ids->kids[i];
+                    if (v->type != J_NUM || v->num < 0 || v->num >= c->vocab || v->num != floor(v->num))
+                        die("%s:%d: \"ids\" must hold integers in [0, %d)", in.name, in.line, c->vocab);
+                    j->ids[j->n_ids++] = (int)v->num;
+                }
+            } else if (pr && pr->type == J_STR) { src = pr->str; srclen = pr->len; }
+            else die("%s:%d: expected {\"prompt\": \"...\"} or {\"ids\": [...]}", in.name, in.line);
+        }
+        if (!j->ids) {
+            if (o->ids && !o->jsonl) parse_ids(src, in.name, in.line, c->vocab, &j->ids, &j->n_ids);
+            else {
+                int *tmp = NULL, tcap = 0, k = tok_encode(tok, src, srclen, &tmp, &tcap);
+                j->ids = check_malloc(sizeof(int) * (size_t)(k + 1), "ids");
+                j->ids[0] = c->bos; /* OPT's tokenizer prepends </s> */
+                memcpy(j->ids + 1, tmp, sizeof(int) * (size_t)k);
+                j->n_ids = k + 1;
+                free(tmp);
+            }
+            if (o->jsonl || !o->ids) { j->text = check_malloc(srclen + 1, "prompt"); memcpy(j->text, src, srclen); j->text_len = srclen; }
+        }
+        json_free(js);
+        if (j->n_ids == 0) die("%s:%d: no tokens", in.name, in.line);
+        int total = j->n_ids + (score ? 0 : o->max_new);
+        if (total > c->max_pos)
+            die("%s:%d: %d prompt tokens%s exceed the model's %d positions", in.name, in.line, j->n_ids,
+                score ? "" : (o->max_new ? " plus --max-new-tokens" : ""), c->max_pos);
+        if (score) j->lp = check_malloc(sizeof(float) * (size_t)(j->n_ids > 1 ? j->n_ids - 1 : 1), "log-probs");
+        else j->out = check_malloc(sizeof(int) * (size_t)(o->max_new + 1), "generated ids");
+        rng_seed(j->rng, o->seed, (uint64_t)n);
+        n++;
+    }
+    if (o->file) fclose(in.f);
+    free(in.buf);
+    *n_jobs = n;
+    return jobs;
+}
+
+static void cmd_run(const Opts *o) {
+    bool score = !strcmp(o->cmd, "score");
+    if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
+    Model m;
+    model_load(&m, o->model);
+    Tokenizer *tok = tokenizer_for(o->model);
+    int n_jobs;
+    Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
+    if (o->stream && (n_jobs != 1 || score)) die("--stream takes exactly one prompt with generate (got %d)", n_jobs);
+    Printer pr = {.o = o, .tok = tok, .out = stdout};
+    Engine e = {.m = &m, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
+                .step_rows = o->step_rows, .sc = o->sc, .emit = score ? emit_score : emit_generate,
+                .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
+    engine_run(&e, jobs, n_jobs);
+    free(jobs);
+    tok_free(tok);
+    model_free(&m);
+}
+
+static void cmd_tokenize(const Opts *o) {
+    Tokenizer *tok = tokenizer_for(o->model);
+    Input in;
+    input_open(&in, o->file);
+    char *text;
+    size_t len;
+    int *ids = NULL, cap = 0;
+    while (input_line(&in, &text, &len, !o->decode)) {
+        if (o->decode) {
+            int *v, n;
+            parse_ids(text, in.name, in.line, tok_count(tok), &v, &n);
+            Buf b = {0};
+            for (int i = 0; i < n; i++) piece_append(tok, &b, v[i]);
+            write_escaped(stdout, b.p ? b.p : "", b.n);
+            free(b.p);
+            free(v);
+        } else {
+            int n = tok_encode(tok, text, len, &ids, &cap);
+            if (!o->no_bos) fputs(n ? "2 " : "2", stdout);
+            print_ids(stdout, ids, n);
+        }
+        fputc('\n', stdout);
+    }
+    if (fflush(stdout) != 0) die("<stdout>: write failed: %s", strerror(errno));
+    free(ids);
+    free(in.buf);
+    tok_free(tok);
+}
+
+static void cmd_synth(const Opts *o) {
+    if (!o->shape || !o->out) die("opt synth: --shape and -o DIR are required (see opt synth --help)");
+    Config c;
+    shape_config(&c, o->shape);
+    SynthOpts so = {.out = o->out, .dtype = DT_F16, .shards = o->shards, .prefix = o->prefix ? o->prefix : "model.decoder.",
+                    .tie = o->tie, .seed = o->seed};
+    if (o->format && strcmp(o->format, "safetensors") && strcmp(o->format, "bin")) die("--format: expected safetensors or bin, got '%s'", o->format);
+    so.bin = o->format && !strcmp(o->format, "bin");
+    if (o->dtype && !strcmp(o->dtype, "f32")) so.dtype = DT_F32;
+    else if (o->dtype && !strcmp(o->dtype, "bf16")) so.dtype = DT_BF16;
+    else if (o->dtype && strcmp(o->dtype, "f16")) die("--dtype: expected f16, f32 or bf16, got '%s'", o->dtype);
+    if (strcmp(so.prefix, "model.decoder.") && strcmp(so.prefix, "decoder.")) die("--prefix: expected model.decoder. or decoder.");
+    synth_write(&c, &so);
+    fprintf(stderr, "opt: wrote %s (%s, %.1fM parameters, %s)\n", o->out, o->shape, (double)config_params(&c) / 1e6, dtype_names[so.dtype]);
+}
+
+static long mem_total_kb(const char *key) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    long v = -1;
+    size_t kl = strlen(key);
+    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, key, kl)) v = atol(line + kl);
+    if (f) fclose(f);
+    return v;
+}
+
+static long peak_rss_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, "VmHWM:", 6)) v = atol(line + 6);
+    if (f) fclose(f);
+    return v;
+}
+
+static void cmd_info(const Opts *o) {
+    if (!o->model) die("opt info: -m DIR is required");
+    Model m;
+    model_load(&m, o->model);
+    const Config *c = &m.cfg;
+    printf("model        %s\n", o->model);
+    printf("layers       %d\nhidden       %d\nffn          %d\nheads        %d (head_dim %d)\n", c->n_layer, c->hidden, c->ffn, c->n_head, c->head_dim);
+    printf("vocab        %d\npositions    %d\nembed_dim    %d%s\n", c->vocab, c->max_pos, c->embed_dim, c->embed_dim != c->hidden ? " (project_in/out)" : "");
+    printf("layer norm   %s%s%s\n", c->pre_ln ? "pre-LN" : "post-LN", c->final_ln ? ", final LayerNorm" : ", no final LayerNorm", c->ln_affine ? "" : ", not affine");
+    printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", m.lm_head.data == m.embed.data ? "tied to embed_tokens" : "separate");
+    printf("parameters   %lld (%.2fB)\n", (long long)config_params(c), (double)config_params(c) / 1e9);
+    size_t bytes[DT_COUNT] = {0}, params[DT_COUNT] = {0};
+    for (int i = 0; i < m.ck.n; i++) {
+        bytes[m.ck.t[i].dtype] += dtype_bytes(m.ck.t[i].dtype, ck_numel(&m.ck.t[i]));
+        params[m.ck.t[i].dtype] += (size_t)ck_numel(&m.ck.t[i]);
+    }
+    for (int d = 0; d < DT_COUNT; d++)
+        if (bytes[d]) printf("dtype %-6s %zu parameters, %.2f GiB\n", dtype_names[d], params[d], (double)bytes[d] / (1 << 30));
+    printf("files        %d\n", m.ck.n_files);
+    for (int i = 0; i < m.ck.n_files; i++) printf("  %s (%.2f GiB)\n", m.ck.files[i].path, (double)m.ck.files[i].size / (1 << 30));
+    printf("machine      %d threads, SIMD %s (best %s)%s, %.1f GiB RAM (%.1f GiB available)\n", omp_get_max_threads(), simd_names[g_simd],
+           simd_names[g_simd_max], g_vnni ? ", AVX-512 VNNI" : "", (double)mem_total_kb("MemTotal:") / (1 << 20), (double)mem_total_kb("MemAvailable:") / (1 << 20));
+    printf("gpu          %s\n", gpu_describe());
+    model_free(&m);
+}
+
+static void bench_emit(void *ctx, Job *j, int index) {
+    (void)ctx; (void)index;
+    free(j->ids); free(j->out);
+    j->ids = j->out = NULL;
+}
+
+static void cmd_bench(const Opts *o) {
+    if (!o->model) die("opt bench: -m DIR is required");
+    Model m;
+    model_load(&m, o->model);
+    int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32, B = o->batch;
+    if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
+    for (int pass = 0; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator */
+        int n = pass ? B : 1, p = pass ? P : 8, g = pass ? G : 2;
+        Job *jobs = check_calloc(sizeof(Job) * (size_t)n, "jobs");
+        uint64_t r = 42;
+        for (int i = 0; i < n; i++) {
+            jobs[i].ids = check_malloc(sizeof(int) * (size_t)p, "ids");
+            jobs[i].out = check_malloc(sizeof(int) * (size_t)g, "ids");
+            jobs[i].n_ids = p;
+            jobs[i].ids[0] = 2;
+            for (int t = 1; t < p; t++) jobs[i].ids[t] = 4 + (int)(splitmix64(&r) % 50000);
+        }
+        Engine e = {.m = &m, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
+                    .emit = bench_emit};
+        engine_run(&e, jobs, n);
+        free(jobs);
+        if (!pass) continue;
+        double pre = e.t_prefill, dec = e.t_decode;
+        double pre_tp = (double)B * P / pre, dec_tp = G > 1 ? (double)B * (G - 1) / dec : 0, tot = (double)B * G / (pre + dec);
+        double peak = (double)peak_rss_kb() / (1 << 20);
+        if (o->json)
+            printf("{\"model\": \"%s\", \"prompt_len\": %d, \"gen_len\": %d, \"batch\": %d, \"threads\": %d, \"simd\": \"%s\", "
+                   "\"prefill_latency_s\": %.6f, \"prefill_throughput\": %.3f, \"decode_latency_s\": %.6f, \"decode_throughput\": %.3f, "
+                   "\"total_throughput\": %.3f, \"peak_rss_gib\": %.3f}\n",
+                   o->model, P, G, B, omp_get_max_threads(), simd_names[g_simd], pre, pre_tp, dec, dec_tp, tot, peak);
+        else
+            printf("model %s: prompt %d, generate %d, batch %d, %d threads, %s\n"
+                   "prefill  latency %.3f s   throughput %.1f token/s\n"
+                   "decode   latency %.3f s   throughput %.2f token/s (%.1f ms/step)\n"
+                   "total    throughput %.2f token/s\n"
+                   "peak memory %.2f GiB (resident, mapped weights included)\n",
+                   o->model, P, G, B, omp_get_max_threads(), simd_names[g_simd], pre, pre_tp, dec, dec_tp,
+                   G > 1 ? 1000 * dec / (G - 1) : 0, tot, peak);
+    }
+    model_free(&m);
+}
+
+#ifndef OPT_CUDA
+int gpu_available(void) { return 0; }
+const char *gpu_describe(void) { return "none (this binary was built without CUDA)"; }
+#endif
+
+#ifndef OPT_NO_MAIN
+int main(int argc, char **argv) {
+    simd_init();
+    Opts o = {.cmd = "generate", .batch = 16, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
+    int first = 1;
+    if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
+    if (!strcmp(o.cmd, "help")) { if (argc > 2) cmd_help(argv[2]); usage(stdout); return 0; }
+    if (!strcmp(o.cmd, "lp")) return lp_main(argc - 1, argv + 1);
+    static const char *const cmds[] = {"generate", "score", "tokenize", "synth", "info", "bench"};
+    bool known = false;
+    for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) known |= !strcmp(o.cmd, cmds[i]);
+    if (!known) { fprintf(stderr, "opt: unknown command '%s'\n\n", o.cmd); usage(stderr); return 2; }
+    opts_parse(&o, argc - first, argv + first);
+    if (o.threads) omp_set_num_threads(o.threads);
+    if (!strcmp(o.cmd, "generate") || !strcmp(o.cmd, "score")) cmd_run(&o);
+    else if (!strcmp(o.cmd, "tokenize")) cmd_tokenize(&o);
+    else if (!strcmp(o.cmd, "synth")) cmd_synth(&o);
+    else if (!strcmp(o.cmd, "info")) cmd_info(&o);
+    else if (!strcmp(o.cmd, "bench")) cmd_bench(&o);
+    return 0;
+}
+#endif
