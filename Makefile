@@ -25,22 +25,33 @@ ifeq ($(CUDA),1)
   CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
                -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90 \
                -gencode arch=compute_90,code=compute_90
-  LDFLAGS_OPT = -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lpthread -lrt -lstdc++ -lm
-  EXTRA_OBJ   = build/kernels.o
+  # libgomp is linked statically here too, so opt's defaults reach it first
+  LDFLAGS_OPT = -L$(CUDA_HOME)/lib64 -lcudart_static -Wl,--push-state,-Bstatic -lgomp -Wl,--pop-state -ldl -lpthread -lrt -lstdc++ -lm
+  EXTRA_OBJ   = build/cuda/kernels.o
   CFLAGS     += -DOPT_CUDA
 else
-  LDFLAGS_OPT = -static -lm
+  LDFLAGS_OPT = -static -fopenmp -lm
   EXTRA_OBJ   =
 endif
 
 all: opt
 
-opt: $(SRC) $(HDR) $(EXTRA_OBJ) $(MI_OBJ) tokenizer/vocab.json tokenizer/merges.txt
-	$(CC) $(CFLAGS) -o $@ $(SRC) $(EXTRA_OBJ) $(MI_OBJ) $(LDFLAGS_OPT)
+# Objects per configuration; build/last-config changes when CUDA= does, so the
+# binary is relinked.
+BUILD = build/$(if $(filter 1,$(CUDA)),cuda,cpu)
+OBJ   = $(SRC:%.c=$(BUILD)/%.o)
+$(shell mkdir -p build; [ "$$(cat build/last-config 2>/dev/null)" = "$(CUDA)" ] || echo $(CUDA) > build/last-config)
+
+$(BUILD)/%.o: %.c $(HDR) tokenizer/vocab.json tokenizer/merges.txt
+	@mkdir -p $(BUILD)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+opt: $(OBJ) $(EXTRA_OBJ) $(MI_OBJ) build/last-config
+	$(CC) -o $@ $(OBJ) $(EXTRA_OBJ) $(MI_OBJ) $(LDFLAGS_OPT)
 	@echo "built ./opt: CUDA $(if $(filter 1,$(CUDA)),✓,✗)  mimalloc ✓  OpenMP ✓  $(if $(filter 1,$(CUDA)),dynamic glibc,static)"
 
-build/kernels.o: kernels.cu opt.h
-	@mkdir -p build
+build/cuda/kernels.o: kernels.cu opt.h
+	@mkdir -p build/cuda
 	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler "-Wall -Wextra" -c kernels.cu -o $@
 
 $(MI_OBJ):

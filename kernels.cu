@@ -28,7 +28,7 @@ static void gpu_probe(void) {
         g_gpu_state = 0;
         return;
     }
-    snprintf(g_gpu_desc, sizeof g_gpu_desc, "%s, compute %d.%d, %.1f GiB", p.name, p.major, p.minor, (double)p.totalGlobalMem / (1 << 30));
+    snprintf(g_gpu_desc, sizeof g_gpu_desc, "%.200s, compute %d.%d, %.1f GiB", p.name, p.major, p.minor, (double)p.totalGlobalMem / (1 << 30));
     g_gpu_state = 1;
 }
 

@@ -1195,11 +1195,10 @@ void model_free(Model *m) {
 #include <immintrin.h>
 #include <omp.h>
 
-enum { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
 static const char *const simd_names[] = {"scalar", "avx2", "avx512"};
-static int g_simd = SIMD_SCALAR;   /* level in use */
-static int g_simd_max = SIMD_SCALAR; /* best level this CPU and OS support */
-static int g_vnni = 0;             /* AVX-512 VNNI present (int8 dot products) */
+int g_simd = SIMD_SCALAR;          /* level in use */
+int g_simd_max = SIMD_SCALAR;      /* best level this CPU and OS support */
+int g_vnni = 0;                    /* AVX-512 VNNI present (int8 dot products) */
 
 static int simd_detect(void) {
     unsigned a, b, c, d, xlo, xhi;
@@ -1234,37 +1233,11 @@ void simd_init(void) {
     g_simd = want;
 }
 
-/* y[m, n] = x[m, :] . W[n, :] + bias[n], then optionally += y (residual) and ReLU. */
-typedef struct {
-    float *y;              /* (M, ldy) output */
-    const float *x;        /* (M, ldx) input rows */
-    const Tensor *w;       /* (N, K) weights, f32/f16/bf16 */
-    const float *bias;     /* (N) or NULL */
-    int64_t ldy, ldx;      /* row strides in floats */
-    int M, N, K;           /* sizes */
-    int acc;               /* add into y (residual connection) */
-    int relu;              /* ReLU after the bias */
-} Gemm;
-
-static inline void gemm_store(const Gemm *g, int m, int n, float dot) {
-    float v = g->bias ? dot + g->bias[n] : dot, *y = g->y + (int64_t)m * g->ldy + n;
-    if (g->acc) v = *y + v;
-    if (g->relu && v < 0) v = 0;
-    *y = v;
-}
-
 static inline const void *w_row(const Tensor *w, int64_t n) {
     return (const char *)w->data + dtype_bytes(w->dtype, n * w->cols);
 }
 
 /* --- scalar: the reference order, written out --- */
-
-static inline float lanes_sum16(const float l[16]) {
-    float s8[8], s4[4];
-    for (int i = 0; i < 8; i++) s8[i] = l[i] + l[i + 8];
-    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 
 static inline float w_at(const void *w, DType dt, int64_t k) {
     return dt == DT_F32 ? ((const float *)w)[k] : dt == DT_F16 ? f16_to_f32(((const uint16_t *)w)[k]) : bf16_to_f32(((const uint16_t *)w)[k]);
@@ -1282,14 +1255,14 @@ static float dot_scalar(const float *x, const void *w, DType dt, int K) {
 
 static void gemm_scalar(const Gemm *g, int n0, int n1) {
     for (int m = 0; m < g->M; m++)
-        for (int n = n0; n < n1; n++)
-            gemm_store(g, m, n, dot_scalar(g->x + (int64_t)m * g->ldx, w_row(g->w, n), g->w->dtype, g->K));
+        for (int n = n0; n < n1; n++) {
+            float d = dot_scalar(g->x + (int64_t)m * g->ldx, w_row(g->w, n), g->w->dtype, g->K);
+            gemm_store(g, m, n, &d, 1);
+        }
 }
 
 /* --- AVX2: 16 lanes as two 8-float halves --- */
 
-#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 T_AVX2 static inline __m256 ld8_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128(p)); }
 T_AVX2 static inline __m256 ld8_bf16(const void *p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p)), 16)); }
@@ -1387,6 +1360,19 @@ GEMM_TILES_AVX512(f32, 4, ld16_f32, ldm16_f32)
 GEMM_TILES_AVX512(f16, 2, ld16_f16, ldm16_f16)
 GEMM_TILES_AVX512(bf16, 2, ld16_bf16, ldm16_bf16)
 
+/* f16/bf16 -> f32 with the vector units (exact, as the scalar code). */
+T_AVX2 static void widen_avx2(float *out, const void *in, DType dt, int64_t n) {
+    const char *p = in;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, dt == DT_F16 ? ld8_f16(p + 2 * i) : ld8_bf16(p + 2 * i));
+    for (; i < n; i++) out[i] = dt == DT_F16 ? f16_to_f32(((const uint16_t *)in)[i]) : bf16_to_f32(((const uint16_t *)in)[i]);
+}
+
+static void widen(float *out, const void *in, DType dt, int64_t n) {
+    if (dt == DT_F32 || g_simd == SIMD_SCALAR) to_f32(out, in, dt, n);
+    else widen_avx2(out, in, dt, n);
+}
+
 typedef void (*TileFn)(const float *const *x, const char *const *w, int K, size_t pf, float *out);
 typedef struct { int mr, nr; TileFn fn[3]; } Tile; /* fn by dtype: f32, f16, bf16 */
 static const Tile tiles_avx2[] = {
@@ -1397,134 +1383,187 @@ static const Tile tiles_avx512[] = {
     {2, 8, {tile_avx512_f32_2, tile_avx512_f16_2, tile_avx512_bf16_2}},
     {1, 8, {tile_avx512_f32_1, tile_avx512_f16_1, tile_avx512_bf16_1}}, {0, 0, {0}}};
 
-/* Rows [0, M) x weights [n0, n1) with the largest tiles that fit the rows
- * left; a tile at the weight edge repeats the last row and drops the copy. */
-static void gemm_tiled(const Gemm *g, int n0, int n1, const Tile *tiles) {
-    size_t rb = dtype_bytes(g->w->dtype, g->K);
+/* Rows [0, M) x weight rows [n0, n1), found at w + (n - n0) * rb in format dt,
+ * with the largest tiles that fit the rows left; a tile at the weight edge
+ * repeats the last row and drops the copy. */
+static void gemm_tiled(const Gemm *g, int n0, int n1, const char *w, DType dt, size_t rb, const Tile *tiles) {
     for (int m0 = 0; m0 < g->M;) {
         const Tile *t = tiles;
         while (t->mr > g->M - m0) t++;
-        TileFn fn = t->fn[g->w->dtype];
         const float *x[4];
         for (int i = 0; i < t->mr; i++) x[i] = g->x + (int64_t)(m0 + i) * g->ldx;
         for (int nb = n0; nb < n1; nb += t->nr) {
-            const char *w[8];
+            const char *wr[8];
             float out[32];
-            for (int j = 0; j < t->nr; j++) w[j] = w_row(g->w, nb + j < n1 ? nb + j : n1 - 1);
-            fn(x, w, g->K, rb * (size_t)t->nr, out);
-            for (int i = 0; i < t->mr; i++)
-                for (int j = 0; j < t->nr && nb + j < n1; j++) gemm_store(g, m0 + i, nb + j, out[i * t->nr + j]);
+            int cnt = n1 - nb < t->nr ? n1 - nb : t->nr;
+            for (int j = 0; j < t->nr; j++) wr[j] = w + (size_t)(nb - n0 + (j < cnt ? j : cnt - 1)) * rb;
+            t->fn[dt](x, wr, g->K, rb * (size_t)t->nr, out);
+            for (int i = 0; i < t->mr; i++) gemm_store(g, m0 + i, nb, out + i * t->nr, cnt);
         }
         m0 += t->mr;
     }
 }
 
-/* Splits N into blocks small enough that a block of weights stays in L2 while
- * every row of x streams past it; threads take whole blocks. */
+/* Splits N into blocks that threads take whole. With many rows, a block of
+ * 16-bit weights is first widened to f32 in a per-thread panel (exactly, so
+ * results are unchanged): the conversions then happen once per block instead
+ * of once per row tile, where they compete with the FMAs for a port. */
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
-    check(g->w->dtype == DT_F32 || g->w->dtype == DT_F16 || g->w->dtype == DT_BF16, "gemm on %s", dtype_names[g->w->dtype]);
-    int nb = 48;
+    DType dt = g->w->dtype;
+    check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16, "gemm on %s", dtype_names[dt]);
+    const int nb = 48;
     int nblk = (g->N + nb - 1) / nb;
+    bool wide = dt != DT_F32 && g->M >= 8 && g->K <= 16384 && g_simd != SIMD_SCALAR;
+    const Tile *tiles = g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
+    size_t rb = dtype_bytes(dt, g->K);
     #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
     for (int b = 0; b < nblk; b++) {
         int n0 = b * nb, n1 = n0 + nb < g->N ? n0 + nb : g->N;
-        if (g_simd == SIMD_AVX512) gemm_tiled(g, n0, n1, tiles_avx512);
-        else if (g_simd == SIMD_AVX2) gemm_tiled(g, n0, n1, tiles_avx2);
-        else gemm_scalar(g, n0, n1);
+        const char *w = w_row(g->w, n0);
+        if (g_simd == SIMD_SCALAR) { gemm_scalar(g, n0, n1); continue; }
+        if (!wide) { gemm_tiled(g, n0, n1, w, dt, rb, tiles); continue; }
+        static _Thread_local float *panel;
+        static _Thread_local size_t panel_cap;
+        size_t need = (size_t)nb * g->K;
+        if (need > panel_cap) { free(panel); panel = check_malloc(need * sizeof(float), "a weight panel"); panel_cap = need; }
+        widen(panel, w, dt, (int64_t)(n1 - n0) * g->K);
+        gemm_tiled(g, n0, n1, (const char *)panel, DT_F32, (size_t)g->K * 4, tiles);
     }
 }
 
 /* --- attention: scores vectorize over positions (keys are stored transposed),
  * the weighted sum over head_dim; both accumulate in order with FMAs, so the
- * vector width does not change a bit of the result. --- */
+ * vector width does not change a bit of the result. Up to 4 query rows of one
+ * sequence and head go together so each key and value is loaded once for all. */
 
-static void attn_scores_scalar(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
-    for (int t = 0; t < T; t++) s[t] = 0;
-    for (int d = 0; d < hd; d++)
-        for (int t = 0; t < T; t++) s[t] = fmaf(q[d], kt[d * ld + t], s[t]);
+#define AQ 4 /* query rows per attention pass */
+
+/* s[i][t] = sum_d q[i][d] * kt[d][t] for t < T (T of the last, longest row). */
+static void attn_scores_scalar(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
+    for (int i = 0; i < n; i++) {
+        for (int t = 0; t < T; t++) s[i][t] = 0;
+        for (int d = 0; d < D; d++)
+            for (int t = 0; t < T; t++) s[i][t] = fmaf(q[i][d], kt[d * ld + t], s[i][t]);
+    }
 }
 
-static void attn_mix_scalar(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
-    for (int d = 0; d < hd; d++) out[d] = 0;
-    for (int t = 0; t < T; t++)
-        for (int d = 0; d < hd; d++) out[d] = fmaf(p[t], v[t * ld + d], out[d]);
+/* out[i][d] (+)= sum_{t0 <= t < t1} p[i][t] * v[t][d]; from zero when init. */
+static void attn_mix_scalar(float *const *out, const float *const *p, int n, const float *v, int64_t ld, int D, int t0, int t1, int init) {
+    for (int i = 0; i < n; i++) {
+        if (init) for (int d = 0; d < D; d++) out[i][d] = 0;
+        for (int t = t0; t < t1; t++)
+            for (int d = 0; d < D; d++) out[i][d] = fmaf(p[i][t], v[t * ld + d], out[i][d]);
+    }
 }
 
-T_AVX2 static void attn_scores_avx2(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
+T_AVX2 static void attn_scores_avx2(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
     int t = 0;
-    for (; t + 32 <= T; t += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int d = 0; d < hd; d++) {
-            __m256 qd = _mm256_set1_ps(q[d]);
-            const float *r = kt + d * ld + t;
-            a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r), a0);
-            a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r + 8), a1);
-            a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r + 16), a2);
-            a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(r + 24), a3);
+    for (; t + 16 <= T; t += 16) {
+        __m256 a[AQ][2];
+        for (int i = 0; i < AQ; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d++) {
+            __m256 k0 = _mm256_loadu_ps(kt + d * ld + t), k1 = _mm256_loadu_ps(kt + d * ld + t + 8);
+            for (int i = 0; i < AQ; i++) {
+                __m256 qd = _mm256_set1_ps(q[i < n ? i : n - 1][d]);
+                a[i][0] = _mm256_fmadd_ps(qd, k0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(qd, k1, a[i][1]);
+            }
         }
-        _mm256_storeu_ps(s + t, a0); _mm256_storeu_ps(s + t + 8, a1);
-        _mm256_storeu_ps(s + t + 16, a2); _mm256_storeu_ps(s + t + 24, a3);
+        for (int i = 0; i < n; i++) { _mm256_storeu_ps(s[i] + t, a[i][0]); _mm256_storeu_ps(s[i] + t + 8, a[i][1]); }
     }
-    if (t < T) attn_scores_scalar(s + t, q, kt + t, ld, hd, T - t);
+    if (t < T) {
+        float *st[AQ];
+        for (int i = 0; i < n; i++) st[i] = s[i] + t;
+        attn_scores_scalar(st, q, n, kt + t, ld, D, T - t);
+    }
 }
 
-T_AVX2 static void attn_mix_avx2(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
+T_AVX2 static void attn_mix_avx2(float *const *out, const float *const *p, int n, const float *v, int64_t ld, int D, int t0, int t1, int init) {
     int d = 0;
-    for (; d + 8 <= hd; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * ld + d), a);
-        _mm256_storeu_ps(out + d, a);
+    for (; d + 16 <= D; d += 16) {
+        __m256 a[AQ][2];
+        for (int i = 0; i < AQ; i++) {
+            int r = i < n ? i : n - 1;
+            a[i][0] = init ? _mm256_setzero_ps() : _mm256_loadu_ps(out[r] + d);
+            a[i][1] = init ? _mm256_setzero_ps() : _mm256_loadu_ps(out[r] + d + 8);
+        }
+        for (int t = t0; t < t1; t++) {
+            __m256 v0 = _mm256_loadu_ps(v + t * ld + d), v1 = _mm256_loadu_ps(v + t * ld + d + 8);
+            for (int i = 0; i < AQ; i++) {
+                __m256 pt = _mm256_set1_ps(p[i < n ? i : n - 1][t]);
+                a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(pt, v1, a[i][1]);
+            }
+        }
+        for (int i = 0; i < n; i++) { _mm256_storeu_ps(out[i] + d, a[i][0]); _mm256_storeu_ps(out[i] + d + 8, a[i][1]); }
     }
-    if (d < hd) attn_mix_scalar(out + d, p, v + d, ld, hd - d, T);
-}
-
-T_AVX512 static void attn_scores_avx512(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
-    for (int t = 0; t < T; t += 64) {
-        __m512 a[4];
-        __mmask16 mk[4];
-        for (int i = 0; i < 4; i++) {
-            int left = T - t - 16 * i;
-            mk[i] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            a[i] = _mm512_setzero_ps();
-        }
-        for (int d = 0; d < hd; d++) {
-            __m512 qd = _mm512_set1_ps(q[d]);
-            const float *r = kt + d * ld + t;
-            for (int i = 0; i < 4; i++) a[i] = _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(mk[i], r + 16 * i), a[i]);
-        }
-        for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(s + t + 16 * i, mk[i], a[i]);
+    if (d < D) {
+        float *ot[AQ];
+        for (int i = 0; i < n; i++) ot[i] = out[i] + d;
+        attn_mix_scalar(ot, p, n, v + d, ld, D - d, t0, t1, init);
     }
 }
 
-T_AVX512 static void attn_mix_avx512(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
-    for (int d = 0; d < hd; d += 64) {
-        __m512 a[4];
-        __mmask16 mk[4];
-        for (int i = 0; i < 4; i++) {
-            int left = hd - d - 16 * i;
-            mk[i] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            a[i] = _mm512_setzero_ps();
+T_AVX512 static void attn_scores_avx512(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
+    for (int t = 0; t < T; t += 32) {
+        __mmask16 mk[2];
+        for (int c = 0; c < 2; c++) {
+            int left = T - t - 16 * c;
+            mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
         }
-        for (int t = 0; t < T; t++) {
-            __m512 pt = _mm512_set1_ps(p[t]);
-            const float *r = v + t * ld + d;
-            for (int i = 0; i < 4; i++) a[i] = _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(mk[i], r + 16 * i), a[i]);
+        __m512 a[AQ][2];
+        for (int i = 0; i < AQ; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d++) {
+            __m512 k0 = _mm512_maskz_loadu_ps(mk[0], kt + d * ld + t), k1 = _mm512_maskz_loadu_ps(mk[1], kt + d * ld + t + 16);
+            for (int i = 0; i < AQ; i++) {
+                __m512 qd = _mm512_set1_ps(q[i < n ? i : n - 1][d]);
+                a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
+                a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
+            }
         }
-        for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(out + d + 16 * i, mk[i], a[i]);
+        for (int i = 0; i < n; i++) {
+            _mm512_mask_storeu_ps(s[i] + t, mk[0], a[i][0]);
+            _mm512_mask_storeu_ps(s[i] + t + 16, mk[1], a[i][1]);
+        }
     }
 }
 
-static void attn_scores(float *s, const float *q, const float *kt, int64_t ld, int hd, int T) {
-    if (g_simd == SIMD_AVX512) attn_scores_avx512(s, q, kt, ld, hd, T);
-    else if (g_simd == SIMD_AVX2) attn_scores_avx2(s, q, kt, ld, hd, T);
-    else attn_scores_scalar(s, q, kt, ld, hd, T);
+T_AVX512 static void attn_mix_avx512(float *const *out, const float *const *p, int n, const float *v, int64_t ld, int D, int t0, int t1, int init) {
+    for (int d = 0; d < D; d += 32) {
+        __mmask16 mk[2];
+        for (int c = 0; c < 2; c++) {
+            int left = D - d - 16 * c;
+            mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        }
+        __m512 a[AQ][2];
+        for (int i = 0; i < AQ; i++) {
+            int r = i < n ? i : n - 1;
+            for (int c = 0; c < 2; c++) a[i][c] = init ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[c], out[r] + d + 16 * c);
+        }
+        for (int t = t0; t < t1; t++) {
+            __m512 v0 = _mm512_maskz_loadu_ps(mk[0], v + t * ld + d), v1 = _mm512_maskz_loadu_ps(mk[1], v + t * ld + d + 16);
+            for (int i = 0; i < AQ; i++) {
+                __m512 pt = _mm512_set1_ps(p[i < n ? i : n - 1][t]);
+                a[i][0] = _mm512_fmadd_ps(pt, v0, a[i][0]);
+                a[i][1] = _mm512_fmadd_ps(pt, v1, a[i][1]);
+            }
+        }
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < 2; c++) _mm512_mask_storeu_ps(out[i] + d + 16 * c, mk[c], a[i][c]);
+    }
 }
 
-static void attn_mix(float *out, const float *p, const float *v, int64_t ld, int hd, int T) {
-    if (g_simd == SIMD_AVX512) attn_mix_avx512(out, p, v, ld, hd, T);
-    else if (g_simd == SIMD_AVX2) attn_mix_avx2(out, p, v, ld, hd, T);
-    else attn_mix_scalar(out, p, v, ld, hd, T);
+static void attn_scores(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
+    if (g_simd == SIMD_AVX512) attn_scores_avx512(s, q, n, kt, ld, D, T);
+    else if (g_simd == SIMD_AVX2) attn_scores_avx2(s, q, n, kt, ld, D, T);
+    else attn_scores_scalar(s, q, n, kt, ld, D, T);
+}
+
+static void attn_mix(float *const *out, const float *const *p, int n, const float *v, int64_t ld, int D, int t0, int t1, int init) {
+    if (g_simd == SIMD_AVX512) attn_mix_avx512(out, p, n, v, ld, D, t0, t1, init);
+    else if (g_simd == SIMD_AVX2) attn_mix_avx2(out, p, n, v, ld, D, t0, t1, init);
+    else attn_mix_scalar(out, p, n, v, ld, D, t0, t1, init);
 }
 
 /* In-place softmax of s[0..T). Plain C compiled once, so identical everywhere. */
@@ -1605,7 +1644,9 @@ typedef struct {
     float *att;            /* (rows, hidden) attention output before out_proj */
     float *f;              /* (rows, ffn) MLP hidden */
     float *e;              /* (rows, embed_dim) embeddings / final hidden */
-    float *scores;         /* (threads, cap) per-thread attention scores */
+    float *scores;         /* (threads, AQ, cap) per-thread attention scores */
+    float *qscaled;        /* (threads, AQ, 512) per-thread scaled queries */
+    int *grp;              /* (rows + 1) starts of the attention row groups */
     int score_cap;         /* cap the scores buffer was sized for */
 } Scratch;
 
@@ -1622,11 +1663,13 @@ void scratch_init(Scratch *s, const Config *c, int rows, int cap) {
     s->f = check_malloc(sizeof(float) * rows * c->ffn, "activations");
     s->e = check_malloc(sizeof(float) * rows * e, "activations");
     s->score_cap = cap;
-    s->scores = check_malloc(sizeof(float) * (size_t)omp_get_max_threads() * cap, "attention scores");
+    s->scores = check_malloc(sizeof(float) * (size_t)omp_get_max_threads() * AQ * cap, "attention scores");
+    s->qscaled = check_malloc(sizeof(float) * (size_t)omp_get_max_threads() * AQ * 512, "attention queries");
+    s->grp = check_malloc(sizeof(int) * (size_t)(rows + 1), "attention groups");
 }
 
 void scratch_free(Scratch *s) {
-    free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att); free(s->f); free(s->e); free(s->scores);
+    free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att); free(s->f); free(s->e); free(s->scores); free(s->qscaled); free(s->grp);
 }
 
 static void linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
@@ -1647,16 +1690,37 @@ static void attention(const Model *m, const KVCache *kv, int layer, const Step *
             for (int d = 0; d < D; d++) kt[(size_t)d * kv->cap + st->pos[r]] = kr[d];
             memcpy(vr, s->v + (size_t)r * c->hidden + hh * D, sizeof(float) * D);
         }
-    #pragma omp parallel for collapse(2) schedule(dynamic, 4)
-    for (int r = 0; r < st->n; r++)
+    /* groups of up to AQ consecutive rows of one sequence (positions ascend) */
+    int ng = 0;
+    for (int r = 0; r < st->n; ng++) {
+        s->grp[ng] = r;
+        int k = 1;
+        while (k < AQ && r + k < st->n && st->slot[r + k] == st->slot[r] && st->pos[r + k] == st->pos[r] + k) k++;
+        r += k;
+    }
+    s->grp[ng] = st->n;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 2)
+    for (int g = 0; g < ng; g++)
         for (int hh = 0; hh < H; hh++) {
-            float *sc = s->scores + (size_t)omp_get_thread_num() * s->score_cap, q[512];
-            const float *qr = s->q + (size_t)r * c->hidden + hh * D;
-            for (int d = 0; d < D; d++) q[d] = qr[d] * scale; /* HF scales q_proj's output */
-            int T = st->pos[r] + 1;
-            attn_scores(sc, q, kv_k(kv, layer, st->slot[r], hh), kv->cap, D, T);
-            softmax(sc, T);
-            attn_mix(s->att + (size_t)r * c->hidden + hh * D, sc, kv_v(kv, layer, st->slot[r], hh), D, D, T);
+            int r0 = s->grp[g], n = s->grp[g + 1] - r0, T[AQ];
+            float *sc[AQ], *out[AQ];
+            const float *q[AQ];
+            float *qs = s->qscaled + (size_t)omp_get_thread_num() * AQ * 512;
+            for (int i = 0; i < n; i++) {
+                const float *qr = s->q + (size_t)(r0 + i) * c->hidden + hh * D;
+                for (int d = 0; d < D; d++) qs[i * 512 + d] = qr[d] * scale; /* HF scales q_proj's output */
+                q[i] = qs + i * 512;
+                sc[i] = s->scores + ((size_t)omp_get_thread_num() * AQ + i) * s->score_cap;
+                out[i] = s->att + (size_t)(r0 + i) * c->hidden + hh * D;
+                T[i] = st->pos[r0 + i] + 1;
+            }
+            const float *kt = kv_k(kv, layer, st->slot[r0], hh), *v = kv_v(kv, layer, st->slot[r0], hh);
+            attn_scores(sc, q, n, kt, kv->cap, D, T[n - 1]);
+            for (int i = 0; i < n; i++) softmax(sc[i], T[i]);
+            /* all rows up to the first one's length, then each row's own tail,
+             * continuing the same accumulators: one chain of FMAs per output */
+            attn_mix(out, (const float *const *)sc, n, v, D, D, 0, T[0], 1);
+            for (int i = 1; i < n; i++) attn_mix(out + i, (const float *const *)sc + i, 1, v, D, D, T[0], T[i], 0);
         }
 }
 
@@ -2808,7 +2872,7 @@ typedef struct {
     int64_t n_prompt_tok, n_gen_tok; /* tokens processed */
 } Engine;
 
-static double now_sec(void) {
+double now_sec(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
@@ -3309,9 +3373,17 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
     return jobs;
 }
 
+/* A CUDA build on a machine without a usable GPU says why, once. */
+static void gpu_note(void) {
+#ifdef OPT_CUDA
+    if (!gpu_available()) fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe());
+#endif
+}
+
 static void cmd_run(const Opts *o) {
     bool score = !strcmp(o->cmd, "score");
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
+    gpu_note();
     Model m;
     model_load(&m, o->model);
     Tokenizer *tok = tokenizer_for(o->model);
@@ -3426,6 +3498,7 @@ static void bench_emit(void *ctx, Job *j, int index) {
 
 static void cmd_bench(const Opts *o) {
     if (!o->model) die("opt bench: -m DIR is required");
+    gpu_note();
     Model m;
     model_load(&m, o->model);
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32, B = o->batch;

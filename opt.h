@@ -86,6 +86,51 @@ size_t dtype_bytes(DType t, int64_t n); /* bytes for n elements (packed formats 
 size_t tensor_bytes(const Tensor *t);   /* data + scales */
 
 /* ----------------------------------------------------------------------------
+ * CPU kernels (opt.c, quant.c). Every dot product has one reduction order: 16
+ * lanes, lane l accumulating k = l, l+16, ... with fused multiply-adds, then
+ * the tree (l, l+8), (l, l+4), (l, l+2), (l, l+1); see opt.c's kernels. */
+
+enum { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
+extern int g_simd;        /* SIMD level in use (OPT_SIMD forces one) */
+extern int g_simd_max;    /* best level of this CPU */
+extern int g_vnni;        /* AVX-512 VNNI present */
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+/* y[m, n] = x[m, :] . W[n, :] + bias[n], then optionally += y (residual) and ReLU. */
+typedef struct {
+    float *y;              /* (M, ldy) output */
+    const float *x;        /* (M, ldx) input rows */
+    const Tensor *w;       /* (N, K) weights in any format */
+    const float *bias;     /* (N) or NULL */
+    int64_t ldy, ldx;      /* row strides in floats */
+    int M, N, K;           /* sizes */
+    int acc;               /* add into y (residual connection) */
+    int relu;              /* ReLU after the bias */
+} Gemm;
+void gemm(const Gemm *g);
+
+/* Writes dots (n) into row m at columns n0..: + bias, + y (residual), ReLU. */
+static inline void gemm_store(const Gemm *g, int m, int n0, const float *dot, int n) {
+    float *y = g->y + (int64_t)m * g->ldy + n0;
+    const float *b = g->bias ? g->bias + n0 : NULL;
+    for (int j = 0; j < n; j++) {
+        float v = b ? dot[j] + b[j] : dot[j];
+        if (g->acc) v = y[j] + v;
+        if (g->relu && v < 0) v = 0;
+        y[j] = v;
+    }
+}
+
+/* The tree every 16-lane reduction ends with. */
+static inline float lanes_sum16(const float l[16]) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = l[i] + l[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* ----------------------------------------------------------------------------
  * Tokenizer (opt.c): byte-level BPE exactly as Hugging Face's GPT2Tokenizer. */
 
 typedef struct Tokenizer Tokenizer;
@@ -141,6 +186,14 @@ LpStatus lp_solve(const Lp *lp, double *x, double *obj);
  * optimal, "objective Z" and one "name value" line per column. Malformed input dies naming the
  * file and line. Returns the exit status: 0 for optimal, infeasible and unbounded alike. */
 int lp_main(int argc, char **argv);
+
+/* ----------------------------------------------------------------------------
+ * opt.c services for the other files. */
+
+void config_load(Config *c, const char *dir);     /* config.json of a checkpoint directory; dies on error */
+void shape_config(Config *c, const char *shape);  /* "opt-1.3b" or HxLxAxF; dies on error */
+int64_t config_params(const Config *c);           /* parameter count */
+double now_sec(void);                             /* monotonic seconds */
 
 /* ----------------------------------------------------------------------------
  * kernels.cu (CUDA builds); opt.c has the stand-ins for CPU-only builds. */
