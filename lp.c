@@ -20,6 +20,14 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <omp.h>
+#include <signal.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
 #include "opt.h"
 
 const char *const lp_status_names[4] = {"optimal", "infeasible", "unbounded", "iterlimit"};
@@ -738,4 +746,1317 @@ int lp_main(int argc, char **argv) {
     free(A), free(b), free(sense), free(x), free(rlo), free(rhi), free(first), free(two);
     mps_free(&p);
     return st == LP_ITERLIMIT; /* infeasible and unbounded are answers, not failures */
+}
+
+/* ============================================================================
+ * The cost model: FlexGen's LP (flexgen.md section 4), corrected.
+ *
+ * One block = gpu_batch_size (g) x num_gpu_batches (k) = b sequences, each with a prompt of s
+ * tokens and n generated ones (the first by prefill, n - 1 by decode). The block schedule runs
+ * token -> layer -> GPU batch: a layer's weights are fetched once per token step and used by all
+ * k batches. For a fixed (g, k, cpu_attention) the model is linear in the placement fractions,
+ * so the best placement is an LP; the search enumerates (g, k, cpu_attention) around it.
+ *
+ * Variables. Fractions wg wc wn (weights), cg cc cn (KV cache), ag ac an (activations: the
+ * hidden state of the whole block between layers) on GPU, CPU and disk, each triple summing to
+ * 1; FlexGen forces activations onto one tier, we let them split. Times: Tp and Tg, seconds of
+ * one transformer layer's step in prefill and decode for the whole block; Ep and Eg, the same
+ * for the embedding "layer" (token + position tables, tied to the output head), which FlexGen's
+ * LP leaves out although for OPT-6.7B it is as big as a transformer layer.
+ * Objective: min  T = l Tp + Ep + (n - 1)(l Tg + Eg)   (b is fixed, so this is min T/b);
+ *   prefill throughput b s / (l Tp + Ep), decode b (n - 1) / ((n - 1)(l Tg + Eg)),
+ *   total b n / T (FlexGen's definitions).
+ *
+ * Sizes (bytes). h hidden, f ffn, l layers, nh heads, V vocab, e embed dim, G group size.
+ *   rw = (4 + 32/G)/16 with --compress-weight, else 1: 4-bit codes plus an f16 scale and an f16
+ *        minimum per group of G (4.5 bits at G = 64; FlexGen divides by 4, forgetting the scales);
+ *        rc likewise for --compress-cache. Biases and LayerNorms stay f16.
+ *   WL = 2 (4h^2 + 2hf) rw + 2 (9h + f)      one layer's weights (matrices, then 1-D tensors)
+ *   WE = 2 (V e + (max_pos + 2) h) rw + ...  the embedding tables (+ project_in/out, final LN)
+ *   W  = l WL + WE;   kv(t) = 4 h t rc       K and V of t positions, one sequence, one layer
+ *   C  = kv(s + n) b l                       the whole cache (room for every position)
+ *   x  = 2 bytes per activation value on a GPU (fp16), 4 on the CPU-only path (f32)
+ *   Ap = x s h b, Ag = x h b                 the block's hidden state in prefill, decode
+ *   Decode attends over s + n/2 positions on average (FlexGen's mean).
+ *
+ * Time of one step: every channel below is a pipeline stage that works on its own stream or
+ * thread, double-buffered, so a step takes as long as its slowest channel:
+ *   T >= h2d, T >= d2h, T >= disk, T >= compute          (one constraint each)
+ * FlexGen writes the prefill that way but, in decode, adds the CPU->GPU weight copy to every
+ * other term (Tgen >= ctog + X): weight loading never overlapped compute. We overlap it (fix 1).
+ * With --overlap 0 (eval only) the channels are summed instead. Disk reads and writes share one
+ * device, so they form one channel (FlexGen lets them run in parallel).
+ *   h2d   prefill: WL(wc+wn) + Ap(ac+an)                                   / h2d_bw
+ *         decode:  WL(wc+wn) + Ag(ac+an) + [cache to the GPU] kv(s+n/2) b (cc+cn)
+ *                  or, with cpu_attention, [attention output back] x h b (cc+cn)
+ *         embed:   WE(wc+wn)
+ *   d2h   prefill: Ap(ac+an) / d2h_bw + kv(s) b (cc+cn) / d2h_cache_bw    (the prompt's K, V)
+ *         decode:  Ag(ac+an) / d2h_bw + kv(1) b (cc+cn) / d2h_cache_bw    (the new K, V)
+ *                  + [cpu_attention: q to the CPU] x h b (cc+cn) / d2h_bw   (FlexGen: omitted)
+ *   disk  prefill: (WL wn + Ap an) / read + Ap an / write + kv(s) b cn / write_cache
+ *         decode:  (WL wn + Ag an + kv(s+n/2) b cn) / read + (Ag an + kv(1) b cn) / write
+ *         embed:   WE wn / read
+ *   compute, prefill: k [gemm(g s) + 4 g s^2 h / bmm_p + dq + o]
+ *         decode:  k [gemm(g) + dq + o] + 4 b (s+n/2) h (cg + (cc+cn if no cpu_attention))
+ *                  (/ bmm_g, + 2x its fp16 bytes / dequant_bw with a compressed cache)
+ *                  + [cpu_attention] 4 b (s+n/2) h (cc+cn) / cpu_attn   (cpu_attn_q4 with a
+ *                  compressed cache: a fused 4-bit kernel, or FlexGen's decompress + attend)
+ *         embed:   k [gemm over V x e at g rows + dq + o]  (only the last position's logits)
+ *     gemm(M) = max(2 M P / rate(M), bytes of the weights / gpu_mem_bw): a roofline, so that
+ *       small batches are bound by reading the weights from device memory, which FlexGen's
+ *       single fitted decode rate cannot express. rate(M) interpolates geometrically between
+ *       the M = 64 and M >= 512 rates (decode and prefill GEMMs).
+ *     dq = 2P / gpu_dequant_bw with --compress-weight: weights cross PCIe in 4 bits and are
+ *       dequantized on the GPU per GPU batch, as FlexGen does (fix 3; its LP had no such term).
+ *     o = layer_overhead, per layer and GPU batch.
+ *   CPU attention delegation (fix 2): with cpu_attention the heads whose cache lives on the CPU
+ *   or disk are attended on the CPU at the CPU's rate; only q goes down and the attention
+ *   output comes back, the cache never crosses PCIe. The CPU's work is added to the GPU's
+ *   (the decode step waits for it), as in FlexGen's implementation. cpu_attn is FlexGen's
+ *   cpu_flops x max(0.1, 1 + c1 a b - c2 a - c3 b) on the T4 profile (a = log2(64/g)+,
+ *   b = log2(4096/h)+), the CPU's f16 (4-bit) GEMV rate elsewhere (decode attention is a GEMV
+ *   per head over the cache).
+ *   Without it, the off-GPU cache is copied to the GPU each step (FlexGen's LP did not model
+ *   this case at all: it always assumed CPU attention).
+ *   CPU-only mode (no GPU): no GPU tier (wg = cg = ag = 0), no PCIe, compute on the CPU with
+ *   the CPU's rates (gemm roofline against cpu_gemv_bw, or cpu_gemv_q4_bw for the fused 4-bit
+ *   kernel), attention always on the CPU; weights, cache and activations on disk are read into
+ *   RAM through the disk channel.
+ *
+ * Peak memory (fix 5: FlexGen's LP counts one weight buffer and approximates the rest by
+ * multiplying capacities by 0.8; we count our own buffers and keep a stated headroom, usable[]):
+ *   GPU, both phases: W wg + C cg                          the resident shares
+ *         + 2 WL (wc+wn) + WE (wc+wn)      streamed weights: this layer's and the next's buffer
+ *         + 2 max(h f, V e) with --compress-weight (the fp16 dequantization workspace)
+ *     prefill: + Ap ag + 2 kv(s) g (cc+cn) + 2 x s h g (ac+an) + work(prefill)
+ *     decode:  + Ag ag + 2 kv(s+n) g (cc+cn) (only without cpu_attention: the cache buffers of
+ *              this batch and the next) + 2 x h g (ac+an) + work(decode)
+ *              + 4 h (s+n) g with --compress-cache (one batch-layer dequantized)
+ *     work = x g (6 s h + max(nh s^2, s f)) + 4 g V (prefill), x g (6h + max(nh (s+n), f))
+ *     + 4 g V (decode): one GPU batch's intermediates (residual, LayerNorm out, q, k, v,
+ *     attention out; the scores during attention or the FFN's hidden layer in the MLP; f32
+ *     logits). FlexGen sums all of them.
+ *   CPU: W wc + C cc + 2 WL wn + WE wn (pinned staging of disk weights, double-buffered)
+ *         + 2 WL wc if CPU weights are not pinned (their staging buffers; pinned by default)
+ *     prefill: + Ap ac + 2 kv(s) g cn + 2 x s h g an      (staging of disk cache, activations)
+ *     decode:  + Ag ac + 2 kv(s+n) g cn + 2 x h g an + 4 g (nh (s+n) + 3h) with cpu attention
+ *     CPU-only mode adds the GPU's work terms and dequantization workspace here.
+ *   Disk: W wn + C cn + Ap an.
+ * Each tier's peak must stay under usable x budget; the LP keeps a further 1e-4 of each row's
+ * largest term in reserve so that rounding the fractions to 0.01% cannot break a budget.
+ *
+ * Units (fix 4): the LP works in fractions; plan_search converts them to the percents that
+ * Policy and --percent take (FlexGen's search returned fractions where percents were expected),
+ * and plan_eval converts back. Every reported number comes from evaluating the rounded policy.
+ *
+ * Left out, stated: quantizing the new cache entries (small against attention), the logits'
+ * copy (greedy sampling stays on the GPU), CPU memory bandwidth taken by staging copies, the
+ * CPU attention overlapping the next batch's GPU work (the engine may do better than this). */
+
+/* ---- hardware profiles ---- */
+
+#define GiB 1073741824.0
+#define TiB (1024 * GiB)
+
+/* FlexGen's T4 (GCP: 16 GB T4, Xeon @ 2.00 GHz, 208 GB DRAM, 1.5 TB NVMe). The constants of
+ * experimental/cost_model.py, exactly (GB = 2^30, T = 1e12), mapped onto our channels:
+ * ctog_bdw -> h2d, gtoc_bdw_hidden -> d2h, gtoc_bdw_cache -> d2h_cache, dtoc_bdw -> disk read,
+ * ctod_bdw_hidden_p (= ctod_bdw_g) -> disk write, ctod_bdw_cache_p -> disk write of prefill's
+ * cache, mm_flops_g/p -> GEMM at M = 64 / M >= 512, bmm_flops_p/g, cpu_flops and c1..c3.
+ * FlexGen has no number for the rest; ours: device memory 250 GB/s (the T4's 320 GB/s spec at a
+ * copy kernel's ~80%); GPU dequantization 25 GB/s of fp16 out (FlexGen's decompress is a chain
+ * of PyTorch element-wise ops: two nibble shifts, a cat, a cast, a scale, a shift and a copy,
+ * ~20 bytes of memory traffic per fp16 value, i.e. 1/10 of 250 GB/s); CPU attention over a
+ * 4-bit cache at 1 / (1/cpu_flops + 1/(2 x 20e9)): FlexGen decompresses into its fp32 workspace
+ * (20 G values/s, 2 FLOPs a value) where it would otherwise copy, a copy that the fitted
+ * cpu_flops already includes; no per-layer overhead (the fitted rates absorb it); and for the
+ * CPU-only path, rates typical of a 16-core 2.0 GHz Skylake with 6 DDR4 channels. */
+static const Hardware hw_t4 = {
+    .name = "t4", .has_gpu = 1,
+    .gpu_mem = 16 * GiB, .cpu_mem = 208 * GiB, .disk_mem = 1.5 * TiB,
+    .h2d_bw = 12.89 * GiB, .d2h_bw = 4.82 * GiB, .d2h_cache_bw = 0.97 * GiB,
+    .disk_read_bw = 0.473 * GiB, .disk_write_bw = 2.015 * GiB, .disk_write_cache_bw = 0.746 * GiB,
+    .gpu_mem_bw = 250e9, .gpu_gemm_flops_g = 4.3e12, .gpu_gemm_flops_p = 21.24e12,
+    .gpu_bmm_flops_p = 9.97e12, .gpu_bmm_flops_g = 0.079e12, .gpu_dequant_bw = 25e9,
+    .cpu_gemv_bw = 20e9, .cpu_gemv_q4_bw = 8e9, .cpu_gemm_flops_g = 0.3e12, .cpu_gemm_flops_p = 0.6e12,
+    .cpu_attn_flops = 0.0123e12, .cpu_attn_q4_flops = 1 / (1 / 0.0123e12 + 1 / 40e9),
+    .cpu_attn_c = {0.0168, 0.0328, 0.0621}, .cpu_mem_bw = 40e9, .layer_overhead = 0,
+};
+
+/* An H100 PCIe host, from published specifications at realistic efficiencies (assumptions, to
+ * be replaced by `opt probe` on the machine): PCIe Gen5 x16 is 64 GB/s per direction, pinned
+ * copies reach ~50-55 GB/s (52 / 50 here); HBM2e 2.0 TB/s, ~1.6 TB/s achieved; fp16 dense tensor
+ * 756 TFLOPS peak at 350 W, large cuBLAS GEMMs ~60% (450 T), M = 64 GEMMs 250 T (the roofline
+ * term binds there anyway), prefill attention GEMMs 250 T, decode attention at ~70% of HBM
+ * (1 FLOP per cache byte: 1.1e12), a fused 4-bit dequantization 1.2 TB/s of fp16 out. Host: 32
+ * cores with AVX-512 and 8 DDR5 channels (~200 GB/s streaming; f16 GEMV 100 GB/s, 4-bit GEMV 40
+ * GB/s of 4-bit bytes, fp32 GEMM 0.6 / 1.2 TFLOPS at M = 64 / 512), 256 GiB RAM; one PCIe Gen4
+ * datacenter NVMe (6.5-7 GB/s read, 3.5-5 GB/s write spec: 6 / 3.5 GB/s with O_DIRECT), 3.5 TiB;
+ * 20 us per layer and GPU batch for ~10 kernel launches and a sync. */
+static const Hardware hw_h100 = {
+    .name = "h100", .has_gpu = 1,
+    .gpu_mem = 80 * GiB, .cpu_mem = 256 * GiB, .disk_mem = 3.5 * TiB,
+    .h2d_bw = 52e9, .d2h_bw = 50e9, .d2h_cache_bw = 50e9,
+    .disk_read_bw = 6e9, .disk_write_bw = 3.5e9, .disk_write_cache_bw = 3.5e9,
+    .gpu_mem_bw = 1.6e12, .gpu_gemm_flops_g = 250e12, .gpu_gemm_flops_p = 450e12,
+    .gpu_bmm_flops_p = 250e12, .gpu_bmm_flops_g = 1.1e12, .gpu_dequant_bw = 1.2e12,
+    .cpu_gemv_bw = 100e9, .cpu_gemv_q4_bw = 40e9, .cpu_gemm_flops_g = 0.6e12, .cpu_gemm_flops_p = 1.2e12,
+    .cpu_attn_flops = 100e9, .cpu_attn_q4_flops = 40e9 * 16 / 4.5, .cpu_mem_bw = 200e9, .layer_overhead = 20e-6,
+};
+
+/* The probe file: one JSON object, "format": "opt-probe-1", numbers in bytes, bytes/s and
+ * FLOP/s. Keys marked 1 are required; GPU keys only when "gpu" is true. */
+typedef struct { const char *key; size_t off; int gpu; } ProbeKey;
+#define PK(k, g) {#k, offsetof(Hardware, k), g}
+static const ProbeKey probe_keys[] = {
+    PK(cpu_mem, 0), PK(disk_mem, 0), PK(disk_read_bw, 0), PK(disk_write_bw, 0),
+    PK(cpu_gemv_bw, 0), PK(cpu_gemv_q4_bw, 0), PK(cpu_gemm_flops_g, 0), PK(cpu_gemm_flops_p, 0),
+    PK(cpu_mem_bw, 0),
+    PK(gpu_mem, 1), PK(h2d_bw, 1), PK(d2h_bw, 1), PK(gpu_mem_bw, 1), PK(gpu_gemm_flops_g, 1),
+    PK(gpu_gemm_flops_p, 1), PK(gpu_bmm_flops_p, 1), PK(gpu_bmm_flops_g, 1), PK(gpu_dequant_bw, 1),
+};
+#define PROBE_FORMAT "opt-probe-1"
+
+void hw_load(Hardware *hw, const char *spec) {
+    if (!strcmp(spec, "t4")) { *hw = hw_t4; return; }
+    if (!strcmp(spec, "h100")) { *hw = hw_h100; return; }
+    FILE *f = fopen(spec, "rb");
+    if (!f) {
+        if (errno == ENOENT && !strchr(spec, '/') && !strchr(spec, '.'))
+            die("unknown --hw '%s': use t4, h100 or a probe file written by `opt probe -o FILE`", spec);
+        die("%s: %s (--hw wants t4, h100 or a probe file written by `opt probe -o FILE`)", spec, strerror(errno));
+    }
+    char *text = NULL;
+    size_t len = 0, cap = 0, got;
+    do {
+        if (len + 4096 > cap) text = check_realloc(text, cap = 2 * cap + 4096, "probe file");
+        got = fread(text + len, 1, cap - len, f);
+        len += got;
+    } while (got > 0 && len < (1 << 20));
+    int bad = ferror(f) ? errno : 0;
+    fclose(f);
+    if (bad) die("%s: %s (--hw wants t4, h100 or a probe file)", spec, strerror(bad));
+    if (len >= (1 << 20)) die("%s: not a probe file (over 1 MiB)", spec);
+    char err[128];
+    Json *j = json_parse(text, len, err, sizeof err);
+    free(text);
+    if (!j) die("%s: corrupt probe file: %s", spec, err);
+    const Json *fmt = json_get(j, "format");
+    if (j->type != J_OBJ || !fmt || fmt->type != J_STR || strcmp(fmt->str, PROBE_FORMAT))
+        die("%s: not a probe file (no \"format\": \"" PROBE_FORMAT "\"; write one with `opt probe -o FILE`)", spec);
+    const Json *g = json_get(j, "gpu");
+    if (!g || g->type != J_BOOL) die("%s: probe file: \"gpu\" must be true or false", spec);
+    memset(hw, 0, sizeof *hw);
+    snprintf(hw->name, sizeof hw->name, "%s", spec);
+    hw->has_gpu = (int)g->num;
+    for (size_t i = 0; i < sizeof probe_keys / sizeof *probe_keys; i++) {
+        const ProbeKey *k = &probe_keys[i];
+        if (k->gpu && !hw->has_gpu) continue;
+        const Json *v = json_get(j, k->key);
+        if (!v || v->type != J_NUM || !(v->num > 0) || !isfinite(v->num))
+            die("%s: probe file: \"%s\" is missing or not a positive number", spec, k->key);
+        *(double *)((char *)hw + k->off) = v->num;
+    }
+    const Json *o = json_get(j, "layer_overhead");
+    if (o && (o->type != J_NUM || !(o->num >= 0) || o->num > 1)) die("%s: probe file: \"layer_overhead\" must be seconds in [0, 1]", spec);
+    hw->layer_overhead = o ? o->num : hw->has_gpu ? 20e-6 : 0;
+    /* What the probe does not measure separately: cache stores as fast as other copies, and
+     * decode attention on the CPU at the GEMV rates, since it is a GEMV per head over the
+     * cache: 1 FLOP per fp16 byte, 16/4.5 FLOPs per byte of a 4-bit cache (group 64). */
+    hw->d2h_cache_bw = hw->d2h_bw;
+    hw->disk_write_cache_bw = hw->disk_write_bw;
+    hw->cpu_attn_flops = hw->cpu_gemv_bw;
+    hw->cpu_attn_q4_flops = hw->cpu_gemv_q4_bw * 16 / 4.5;
+    json_free(j);
+}
+
+void plan_req_default(PlanReq *r, const Hardware *hw) {
+    *r = (PlanReq){.prompt_len = 512, .gen_len = 32, .group_size = 64, .cpu_attention = -1,
+                   .max_gpu_batch = 512, .max_block = 4096,
+                   .budget = {hw->has_gpu ? hw->gpu_mem : 0, hw->cpu_mem, hw->disk_mem},
+                   .usable = {0.9, 0.9, 0.95}};
+}
+
+/* ---- the model as linear rows ---- */
+
+enum { X_WG, X_WC, X_WN, X_CG, X_CC, X_CN, X_AG, X_AC, X_AN, NF }; /* placement fractions */
+enum { T_P, T_G, T_EP, T_EG, NT };                                /* time variables, after them */
+enum { CH_H2D, CH_D2H, CH_DISK, CH_COMP, NCH };                   /* channels of a step */
+enum { MV_H2D, MV_D2H, MV_READ, MV_WRITE, NMV };                  /* traffic tallies */
+enum { PH_PRE, PH_DEC };                                          /* memory peaks */
+static const char *const ch_names[NCH] = {"pcie h2d", "pcie d2h", "disk", "compute"};
+
+typedef struct { double c0, a[NF]; } Lin; /* c0 + sum_j a[j] x[j] */
+
+typedef struct {
+    Lin time[NT][NCH];     /* seconds of one step of each time variable, per channel */
+    Lin cpu_attn[NT];      /* the CPU-attention part of time[][CH_COMP], for reports */
+    Lin moved[NT][NMV];    /* bytes of one step over h2d, d2h, disk read, disk write */
+    Lin mem[TIER_COUNT][2];/* bytes per tier at the prefill and decode peaks */
+    double mult[NT];       /* steps per block of each time variable: l, l(n-1), 1, n-1 */
+    int gpu;               /* a GPU computes (else the CPU-only path) */
+    int overlap;           /* channels overlap (else a step is their sum) */
+} Model;
+
+static Lin lin_c(double c) { Lin l = {.c0 = c}; return l; }
+/* v (x_i + x_j); j < 0 for one variable. */
+static Lin lin_x(double v, int i, int j) {
+    Lin l = {0};
+    l.a[i] += v;
+    if (j >= 0) l.a[j] += v;
+    return l;
+}
+static void lin_add(Lin *d, double k, Lin s) {
+    d->c0 += k * s.c0;
+    for (int j = 0; j < NF; j++) d->a[j] += k * s.a[j];
+}
+static double lin_at(const Lin *l, const double *x) {
+    double v = l->c0;
+    for (int j = 0; j < NF; j++) v += l->a[j] * x[j];
+    return v;
+}
+
+/* bytes over channel ch at bandwidth bw, tallied as traffic mv. */
+static void model_move(Model *M, int t, int ch, int mv, double bw, Lin bytes) {
+    lin_add(&M->time[t][ch], 1 / bw, bytes);
+    lin_add(&M->moved[t][mv], 1, bytes);
+}
+
+/* Geometric interpolation between the M = 64 and M = 512 GEMM rates. */
+static double gemm_rate(double M, double r64, double r512) {
+    if (M <= 64) return r64;
+    if (M >= 512) return r512;
+    return r64 * pow(r512 / r64, log2(M / 64) / 3);
+}
+
+/* Seconds of one GEMM of M rows against P weights stored in `bytes` (the roofline). */
+static double gemm_time(const Hardware *hw, int gpu, int q4, double M, double P, double bytes) {
+    if (gpu) return fmax(2 * M * P / gemm_rate(M, hw->gpu_gemm_flops_g, hw->gpu_gemm_flops_p), bytes / hw->gpu_mem_bw);
+    return fmax(2 * M * P / gemm_rate(M, hw->cpu_gemm_flops_g, hw->cpu_gemm_flops_p), bytes / (q4 ? hw->cpu_gemv_q4_bw : hw->cpu_gemv_bw));
+}
+
+typedef struct {
+    int gbs, ngb;          /* GPU batch size and number of GPU batches */
+    int cpu_attention;     /* attend off-GPU cache on the CPU */
+    int pin;               /* CPU-resident weights pinned (no staging buffers) */
+    int overlap;           /* channels overlap */
+} Shape;
+
+static void model_build(Model *M, const Config *c, const Hardware *hw, const PlanReq *rq, const Shape *sh) {
+    memset(M, 0, sizeof *M);
+    int gpu = M->gpu = hw->has_gpu;
+    M->overlap = sh->overlap;
+    double h = c->hidden, f = c->ffn, l = c->n_layer, nh = c->n_head, V = c->vocab, e = c->embed_dim;
+    double s = rq->prompt_len, n = rq->gen_len, g = sh->gbs, k = sh->ngb, b = g * k, G = rq->group_size;
+    int cw = rq->compress_weight, cc = rq->compress_cache, ca = gpu && sh->cpu_attention;
+    double rw = cw ? (4 + 32 / G) / 16 : 1, rc = cc ? (4 + 32 / G) / 16 : 1;
+    double PL = 4 * h * h + 2 * h * f;                                   /* matrix weights of a layer */
+    double WL = 2 * PL * rw + 2 * ((c->bias ? 5 * h + f : 0) + (c->ln_affine ? 4 * h : 0));
+    double PE = V * e + (c->max_pos + 2.0) * h + (e != h ? 2 * e * h : 0);
+    double WE = 2 * PE * rw + (c->final_ln && c->ln_affine ? 4 * h : 0);
+    double W = l * WL + WE;
+    double kv1 = 4 * h * rc, ctx = s + n / 2, ctxm = s + n;            /* kv bytes per position */
+    double C = kv1 * ctxm * b * l;
+    double x = gpu ? 2 : 4;                                              /* bytes per activation */
+    double Ap = x * s * h * b, Ag = x * h * b;
+    M->mult[T_P] = l, M->mult[T_G] = l * (n - 1), M->mult[T_EP] = 1, M->mult[T_EG] = n - 1;
+
+    /* transfers */
+    for (int t = 0; t < NT; t++) {
+        int emb = t == T_EP || t == T_EG, pre = t == T_P;
+        double A = pre ? Ap : Ag;
+        if (emb) {
+            if (gpu) model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WE, X_WC, X_WN));
+            model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WE, X_WN, -1));
+            continue;
+        }
+        if (gpu) {
+            model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WL, X_WC, X_WN));
+            model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(A, X_AC, X_AN));
+            model_move(M, t, CH_D2H, MV_D2H, hw->d2h_bw, lin_x(A, X_AC, X_AN));
+            if (pre) {
+                model_move(M, t, CH_D2H, MV_D2H, hw->d2h_cache_bw, lin_x(kv1 * s * b, X_CC, X_CN));
+            } else {
+                model_move(M, t, CH_D2H, MV_D2H, hw->d2h_cache_bw, lin_x(kv1 * b, X_CC, X_CN));
+                if (ca) {
+                    model_move(M, t, CH_D2H, MV_D2H, hw->d2h_bw, lin_x(x * h * b, X_CC, X_CN));
+                    model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(x * h * b, X_CC, X_CN));
+                } else {
+                    model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(kv1 * ctx * b, X_CC, X_CN));
+                }
+            }
+        }
+        model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WL, X_WN, -1));
+        model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(A, X_AN, -1));
+        model_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_bw, lin_x(A, X_AN, -1));
+        if (pre) {
+            model_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_cache_bw, lin_x(kv1 * s * b, X_CN, -1));
+        } else {
+            model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(kv1 * ctx * b, X_CN, -1));
+            model_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_bw, lin_x(kv1 * b, X_CN, -1));
+        }
+    }
+
+    /* compute: GEMMs, dequantization and overhead per GPU batch, then attention */
+    double o = hw->layer_overhead;
+    double dq = gpu && cw ? 2 * PL / hw->gpu_dequant_bw : 0, dqe = gpu && cw ? 2 * V * e / hw->gpu_dequant_bw : 0;
+    double wbytes = gpu || !cw ? 2 * PL : 2 * PL * rw, ebytes = gpu || !cw ? 2 * V * e : 2 * V * e * rw;
+    double mm_p = gemm_time(hw, gpu, cw, g * s, PL, wbytes), mm_g = gemm_time(hw, gpu, cw, g, PL, wbytes);
+    double mm_e = gemm_time(hw, gpu, cw, g, V * e, ebytes);
+    double bmm_p = gpu ? hw->gpu_bmm_flops_p : hw->cpu_gemm_flops_g;     /* small per-head GEMMs */
+    lin_add(&M->time[T_P][CH_COMP], k, lin_c(mm_p + 4 * g * s * s * h / bmm_p + dq + o));
+    lin_add(&M->time[T_G][CH_COMP], k, lin_c(mm_g + dq + o));
+    lin_add(&M->time[T_EP][CH_COMP], k, lin_c(mm_e + dqe + o));
+    lin_add(&M->time[T_EG][CH_COMP], k, lin_c(mm_e + dqe + o));
+    double aw = 4 * b * ctx * h;                                         /* decode attention FLOPs */
+    double cpu_attn = cc ? hw->cpu_attn_q4_flops : hw->cpu_attn_flops;
+    if (hw->cpu_attn_c[0] || hw->cpu_attn_c[1] || hw->cpu_attn_c[2]) {  /* FlexGen's T4 fit */
+        double a = fmax(0, log2(64 / g)), bb = fmax(0, log2(4096 / h));
+        cpu_attn *= fmax(0.1, 1 + hw->cpu_attn_c[0] * a * bb - hw->cpu_attn_c[1] * a - hw->cpu_attn_c[2] * bb);
+    }
+    double t_cpu = aw / cpu_attn;
+    if (gpu) {
+        double t_gpu = aw / hw->gpu_bmm_flops_g + (cc ? aw / hw->gpu_dequant_bw : 0);
+        lin_add(&M->time[T_G][CH_COMP], 1, ca ? lin_x(t_gpu, X_CG, -1) : lin_c(t_gpu));
+        if (ca) {
+            lin_add(&M->time[T_G][CH_COMP], 1, lin_x(t_cpu, X_CC, X_CN));
+            lin_add(&M->cpu_attn[T_G], 1, lin_x(t_cpu, X_CC, X_CN));
+        }
+    } else {
+        lin_add(&M->time[T_G][CH_COMP], 1, lin_c(t_cpu));
+        lin_add(&M->cpu_attn[T_G], 1, lin_c(t_cpu));
+    }
+
+    /* memory peaks */
+    /* one GPU batch's intermediates: the residual stream, LayerNorm output, q, k, v and the
+     * attention output live through attention, the scores (nh s^2, not a fused kernel's tiles)
+     * only within it and the FFN's hidden layer only within the MLP; f32 logits at the end */
+    double ws_p = x * g * (6 * s * h + fmax(nh * s * s, s * f)) + 4 * g * V;
+    double ws_g = x * g * (6 * h + fmax(nh * ctxm, f)) + 4 * g * V;
+    double dq_ws = cw ? 2 * fmax(h * f, V * e) : 0;
+    for (int ph = 0; ph < 2; ph++) {
+        int pre = ph == PH_PRE;
+        double A = pre ? Ap : Ag, sp = pre ? s : 1;                    /* positions per batch step */
+        Lin *m = M->mem[TIER_GPU];
+        if (gpu) {
+            lin_add(&m[ph], 1, lin_x(W, X_WG, -1));
+            lin_add(&m[ph], 1, lin_x(C, X_CG, -1));
+            lin_add(&m[ph], 1, lin_x(2 * WL + WE, X_WC, X_WN));
+            lin_add(&m[ph], 1, lin_x(A, X_AG, -1));
+            lin_add(&m[ph], 1, lin_x(2 * x * sp * h * g, X_AC, X_AN));
+            lin_add(&m[ph], 1, lin_c(dq_ws + (pre ? ws_p : ws_g)));
+            if (pre) lin_add(&m[ph], 1, lin_x(2 * kv1 * s * g, X_CC, X_CN));
+            else if (!ca) lin_add(&m[ph], 1, lin_x(2 * kv1 * ctxm * g, X_CC, X_CN));
+            if (!pre && cc) lin_add(&m[ph], 1, lin_c(4 * h * ctxm * g));
+        }
+        m = M->mem[TIER_CPU];
+        lin_add(&m[ph], 1, lin_x(W, X_WC, -1));
+        lin_add(&m[ph], 1, lin_x(C, X_CC, -1));
+        lin_add(&m[ph], 1, lin_x(2 * WL + WE, X_WN, -1));
+        if (!sh->pin && gpu) lin_add(&m[ph], 1, lin_x(2 * WL, X_WC, -1));
+        lin_add(&m[ph], 1, lin_x(A, X_AC, -1));
+        lin_add(&m[ph], 1, lin_x(2 * kv1 * (pre ? s : ctxm) * g, X_CN, -1));
+        lin_add(&m[ph], 1, lin_x(2 * x * sp * h * g, X_AN, -1));
+        if (!pre && (ca || !gpu)) lin_add(&m[ph], 1, lin_c(4 * g * (nh * ctxm + 3 * h)));
+        if (!gpu) lin_add(&m[ph], 1, lin_c(pre ? ws_p : ws_g));
+        m = M->mem[TIER_DISK];
+        lin_add(&m[ph], 1, lin_x(W, X_WN, -1));
+        lin_add(&m[ph], 1, lin_x(C, X_CN, -1));
+        lin_add(&m[ph], 1, lin_x(Ap, X_AN, -1));
+    }
+}
+
+/* The time of one step of variable t at placement x: the slowest channel, or their sum. */
+static double model_step(const Model *M, int t, const double *x, int *bound) {
+    double v = 0, best = -1;
+    for (int ch = 0; ch < NCH; ch++) {
+        double u = lin_at(&M->time[t][ch], x);
+        if (u > best) best = u, *bound = ch;
+        v = M->overlap ? fmax(v, u) : v + u;
+    }
+    return v;
+}
+
+/* Percents (the CLI's unit) to the model's fractions; the disk gets what is left. */
+static void policy_fractions(const Policy *p, double *x) {
+    x[X_WG] = p->w_gpu / 100, x[X_WC] = p->w_cpu / 100, x[X_WN] = fmax(0, 100 - p->w_gpu - p->w_cpu) / 100;
+    x[X_CG] = p->c_gpu / 100, x[X_CC] = p->c_cpu / 100, x[X_CN] = fmax(0, 100 - p->c_gpu - p->c_cpu) / 100;
+    x[X_AG] = p->a_gpu / 100, x[X_AC] = p->a_cpu / 100, x[X_AN] = fmax(0, 100 - p->a_gpu - p->a_cpu) / 100;
+}
+
+/* Bottleneck description, e.g. "compute (cpu attention 81%)". */
+static void bound_name(char *out, size_t cap, const Model *M, int t, int ch, const double *x) {
+    if (ch != CH_COMP) { snprintf(out, cap, "%s", ch_names[ch]); return; }
+    double all = lin_at(&M->time[t][CH_COMP], x), cpu = lin_at(&M->cpu_attn[t], x);
+    if (!M->gpu) snprintf(out, cap, "cpu compute");
+    else if (cpu > 0.005 * all) snprintf(out, cap, "compute (cpu attention %.0f%%)", 100 * cpu / all);
+    else snprintf(out, cap, "gpu compute");
+}
+
+static void model_eval(const Model *M, const PlanReq *rq, int block, const double *x, PlanResult *r) {
+    double T[NT];
+    int bound[NT];
+    for (int t = 0; t < NT; t++) T[t] = model_step(M, t, x, &bound[t]);
+    r->t_prefill = M->mult[T_P] * T[T_P] + M->mult[T_EP] * T[T_EP];
+    r->t_decode = M->mult[T_G] * T[T_G] + M->mult[T_EG] * T[T_EG];
+    r->tput_prefill = block * (double)rq->prompt_len / r->t_prefill;
+    r->tput_decode = rq->gen_len > 1 ? block * (rq->gen_len - 1.0) / r->t_decode : 0;
+    r->tput_total = block * (double)rq->gen_len / (r->t_prefill + r->t_decode);
+    r->feasible = 1;
+    for (int tier = 0; tier < TIER_COUNT; tier++) {
+        r->peak[tier] = fmax(lin_at(&M->mem[tier][0], x), lin_at(&M->mem[tier][1], x));
+        if (r->peak[tier] > rq->usable[tier] * rq->budget[tier] * (1 + 1e-12)) r->feasible = 0;
+    }
+    for (int v = 0; v < NMV; v++) {
+        r->moved[v] = 0;
+        for (int t = 0; t < NT; t++) r->moved[v] += M->mult[t] * lin_at(&M->moved[t][v], x);
+    }
+    bound_name(r->bound_prefill, sizeof r->bound_prefill, M, T_P, bound[T_P], x);
+    bound_name(r->bound_decode, sizeof r->bound_decode, M, T_G, bound[T_G], x);
+    for (int tier = 0; tier < TIER_COUNT; tier++) r->need[tier] = NAN;
+}
+
+/* Validates percents (as the runtime will) and dies naming the offending field. */
+static void policy_check(const Policy *p, int has_gpu) {
+    const double v[6] = {p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu};
+    static const char *const what[3] = {"weights", "cache", "activations"};
+    for (int i = 0; i < 6; i++)
+        if (!(v[i] >= 0 && v[i] <= 100)) die("--percent: %g is not a percentage in [0, 100]", v[i]);
+    for (int i = 0; i < 3; i++) {
+        if (v[2 * i] + v[2 * i + 1] > 100 + 1e-9) die("--percent: the GPU and CPU shares of the %s add up to %g%% (> 100)", what[i], v[2 * i] + v[2 * i + 1]);
+        if (!has_gpu && v[2 * i] > 0) die("--percent: %g%% of the %s on a GPU, but the hardware has none", v[2 * i], what[i]);
+    }
+    if (p->gpu_batch_size < 1 || p->num_gpu_batches < 1) die("policy: --gpu-batch-size and --num-gpu-batches must be at least 1");
+}
+
+void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Policy *p, PlanResult *res) {
+    policy_check(p, hw->has_gpu);
+    PlanReq rq = *req;
+    rq.compress_weight = p->compress_weight, rq.compress_cache = p->compress_cache;
+    if (p->group_size > 0) rq.group_size = p->group_size;
+    Shape sh = {p->gpu_batch_size, p->num_gpu_batches, p->cpu_attention, p->pin_weights, p->overlap};
+    Model M;
+    model_build(&M, c, hw, &rq, &sh);
+    double x[NF];
+    policy_fractions(p, x);
+    memset(res, 0, sizeof *res);
+    model_eval(&M, &rq, sh.gbs * sh.ngb, x, res);
+}
+
+/* ---- the LP for one shape ---- */
+
+#define NV (NF + NT)        /* LP columns: fractions, then the time variables */
+#define NROW (NT * NCH + 2 * TIER_COUNT + 3 + 1)
+
+typedef struct {
+    double A[NROW * (NV + 1)];   /* (m, NV + 1) rows; the extra column is the min-budget slack */
+    double b[NROW];              /* right-hand sides */
+    char sense[NROW];            /* '<' or '=' */
+    int m;                       /* rows used */
+} LpRows;
+
+static void rows_add(LpRows *L, const double *a, int na, char sense, double rhs) {
+    double *row = L->A + (size_t)L->m * (NV + 1);
+    memset(row, 0, (NV + 1) * sizeof(double));
+    memcpy(row, a, na * sizeof(double));
+    L->sense[L->m] = sense, L->b[L->m++] = rhs;
+}
+
+/* Weight of the tie-breaking load term against the objective: it can cost at most ~4e-4 of the
+ * predicted time (four channels), which the evaluation of the chosen policy then reports. */
+#define LP_TIE 1e-4
+
+/* Byte rows go to the LP in GiB so that every row is O(1) before the solver's own scaling. */
+#define LP_BYTES GiB
+
+/* Memory rows of M against the usable budgets; slack_tier >= 0 adds the column NV (an extra
+ * budget for that tier, in GiB). Returns 0 when a row cannot hold even with every fraction at
+ * 0 and no slack (a shortcut the LP would also find). */
+static int rows_mem(LpRows *L, const Model *M, const PlanReq *rq, int slack_tier) {
+    for (int tier = 0; tier < TIER_COUNT; tier++) {
+        if (tier == TIER_GPU && !M->gpu) continue;
+        for (int ph = 0; ph < 2; ph++) {
+            const Lin *r = &M->mem[tier][ph];
+            double a[NV + 1] = {0}, big = fabs(r->c0);
+            for (int j = 0; j < NF; j++) a[j] = r->a[j] / LP_BYTES, big = fmax(big, fabs(r->a[j]));
+            if (tier == slack_tier) a[NV] = -1;
+            /* reserve: rounding fractions to 0.01% moves each term by <= 1e-4 of its size */
+            double rhs = (rq->usable[tier] * rq->budget[tier] - r->c0 - 1e-4 * big) / LP_BYTES;
+            int any = 0;
+            for (int j = 0; j <= NV; j++) any |= a[j] != 0;
+            if (!any) {
+                if (rhs < 0) return 0;
+                continue;
+            }
+            rows_add(L, a, NV + 1, '<', rhs);
+        }
+    }
+    return 1;
+}
+
+static void rows_sums(LpRows *L) {
+    for (int i = 0; i < 3; i++) {
+        double a[NV] = {0};
+        a[3 * i] = a[3 * i + 1] = a[3 * i + 2] = 1;
+        rows_add(L, a, NV, '=', 1);
+    }
+}
+
+static void lp_bounds(const Model *M, double *lo, double *hi, int ncol) {
+    for (int j = 0; j < ncol; j++) lo[j] = 0, hi[j] = j < NF ? 1 : INFINITY;
+    if (!M->gpu) hi[X_WG] = hi[X_CG] = hi[X_AG] = 0;
+}
+
+/* Solves the placement LP of one shape; fills x (NF fractions) and returns the LP status. */
+static LpStatus model_solve(const Model *M, const PlanReq *rq, double *x) {
+    LpRows L;
+    L.m = 0;
+    if (!rows_mem(&L, M, rq, -1)) return LP_INFEASIBLE;
+    rows_sums(&L);
+    for (int t = 0; t < NT; t++) {
+        if (M->overlap) {
+            for (int ch = 0; ch < NCH; ch++) { /* c0 + a.x <= T_t */
+                const Lin *r = &M->time[t][ch];
+                double a[NV] = {0};
+                int any = r->c0 != 0;
+                for (int j = 0; j < NF; j++) a[j] = r->a[j], any |= r->a[j] != 0;
+                if (!any) continue;
+                a[NF + t] = -1;
+                rows_add(&L, a, NV, '<', -r->c0);
+            }
+        } else {
+            Lin sum = {0};
+            for (int ch = 0; ch < NCH; ch++) lin_add(&sum, 1, M->time[t][ch]);
+            double a[NV] = {0};
+            for (int j = 0; j < NF; j++) a[j] = sum.a[j];
+            a[NF + t] = -1;
+            rows_add(&L, a, NV, '<', -sum.c0);
+        }
+    }
+    /* rows_add wrote NV + 1 wide rows; compact to NV columns for the solver */
+    double A[NROW * NV], c[NV] = {0}, lo[NV], hi[NV], sol[NV];
+    for (int i = 0; i < L.m; i++) memcpy(A + i * NV, L.A + (size_t)i * (NV + 1), NV * sizeof(double));
+    for (int t = 0; t < NT; t++) c[NF + t] = M->mult[t];
+    /* Ties: the objective only sees each step's slowest channel, so placements that load the
+     * others more (weights on disk while the GPU computes) would tie. A small cost on every
+     * channel's total load picks, among (near-)optimal placements, the one that moves least. */
+    for (int t = 0; t < NT; t++)
+        for (int ch = 0; ch < NCH; ch++)
+            for (int j = 0; j < NF; j++) c[j] += LP_TIE * M->mult[t] * M->time[t][ch].a[j];
+    lp_bounds(M, lo, hi, NV);
+    Lp lp = {.m = L.m, .n = NV, .A = A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
+    LpStatus st = lp_solve(&lp, sol, NULL);
+    if (st == LP_OPTIMAL) memcpy(x, sol, NF * sizeof(double));
+    return st;
+}
+
+/* The smallest extra budget of `tier` (bytes) that makes M's memory rows feasible; INFINITY
+ * when no amount on that tier alone does. */
+static double model_min_extra(const Model *M, const PlanReq *rq, int tier) {
+    LpRows L;
+    L.m = 0;
+    /* with a slack column every row of `tier` is kept; a constant row of another tier over its
+     * budget makes rows_mem fail, and then nothing on this tier helps */
+    if (!rows_mem(&L, M, rq, tier)) return INFINITY;
+    rows_sums(&L);
+    double c[NV + 1] = {0}, lo[NV + 1], hi[NV + 1], sol[NV + 1];
+    c[NV] = 1;
+    lp_bounds(M, lo, hi, NV + 1);
+    for (int t = 0; t < NT; t++) hi[NF + t] = 0; /* times play no part */
+    lo[NV] = -INFINITY;                          /* a budget may also be larger than needed */
+    Lp lp = {.m = L.m, .n = NV + 1, .A = L.A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
+    if (lp_solve(&lp, sol, NULL) != LP_OPTIMAL) return INFINITY;
+    return fmax(0, sol[NV]) * LP_BYTES;
+}
+
+/* ---- the search ---- */
+
+/* Fractions to the percents the CLI takes, to 0.01%; the disk share is what is left. */
+static void fractions_policy(const double *x, Policy *p) {
+    double v[6] = {x[X_WG], x[X_WC], x[X_CG], x[X_CC], x[X_AG], x[X_AC]};
+    for (int i = 0; i < 6; i++) v[i] = round(fmin(fmax(v[i], 0), 1) * 1e4) / 100;
+    for (int i = 0; i < 3; i++) {
+        if (v[2 * i] + v[2 * i + 1] > 100) v[2 * i + 1] = 100 - v[2 * i];
+        /* a disk share under 0.01% is rounding noise: give it to the larger tier */
+        double rest = 100 - v[2 * i] - v[2 * i + 1];
+        if (rest > 0 && rest < 0.015) v[2 * i + (v[2 * i + 1] >= v[2 * i])] += rest;
+    }
+    p->w_gpu = v[0], p->w_cpu = v[1], p->c_gpu = v[2], p->c_cpu = v[3], p->a_gpu = v[4], p->a_cpu = v[5];
+}
+
+/* GPU batch sizes tried: powers of two and 1.5x them (1 2 3 4 6 8 12 16 24 32 48 ...), a finer
+ * grid than FlexGen's doublings, so that e.g. its 48 and 72-like batches are reachable. */
+static int gbs_next(int g) { return g < 2 ? g + 1 : (g & (g - 1)) ? g / 3 * 4 : g / 2 * 3; }
+
+static void need_budgets(const Config *c, const Hardware *hw, const PlanReq *rq, PlanResult *res) {
+    for (int tier = 0; tier < TIER_COUNT; tier++) {
+        res->need[tier] = INFINITY;
+        if (tier == TIER_GPU && !hw->has_gpu) continue;
+        for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
+            if (rq->cpu_attention >= 0 && ca != rq->cpu_attention) continue;
+            Shape sh = {1, 1, ca, 1, 1};
+            Model M;
+            model_build(&M, c, hw, rq, &sh);
+            double extra = model_min_extra(&M, rq, tier);
+            if (!isfinite(extra)) continue;
+            /* the budget at which usable * budget covers the old usable part plus the extra,
+             * rounded up to 0.1 GiB */
+            double b = rq->budget[tier] + (extra + 1e-3 * GiB) / rq->usable[tier];
+            b = ceil(b / (0.1 * GiB)) * 0.1 * GiB;
+            res->need[tier] = fmin(res->need[tier], b);
+        }
+    }
+}
+
+int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *out, PlanResult *res) {
+    memset(res, 0, sizeof *res);
+    Policy best = {0};
+    PlanResult br = {0};
+    int found = 0, n_lp = 0, n_ok = 0;
+    for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
+        if (rq->cpu_attention >= 0 && ca != rq->cpu_attention && hw->has_gpu) continue;
+        for (int g = 1; g <= rq->max_gpu_batch && g <= rq->max_block; g = gbs_next(g)) {
+            int fit_one = 0;
+            for (int k = 1; (long)g * k <= rq->max_block; k++) {
+                Shape sh = {g, k, ca, 1, 1};
+                Model M;
+                model_build(&M, c, hw, rq, &sh);
+                double x[NF];
+                n_lp++;
+                LpStatus st = model_solve(&M, rq, x);
+                /* Memory grows with k (and g) term by term, so once a shape is infeasible every
+                 * larger one is: the only early stop, and a safe one. Throughput is not
+                 * monotone in k, so there is no stop at its first drop (FlexGen's). */
+                if (st == LP_INFEASIBLE) break;
+                if (st != LP_OPTIMAL) continue;
+                fit_one = 1;
+                Policy p = {.gpu_batch_size = g, .num_gpu_batches = k, .cpu_attention = ca, .pin_weights = 1,
+                            .overlap = 1, .compress_weight = rq->compress_weight, .compress_cache = rq->compress_cache,
+                            .group_size = rq->group_size};
+                fractions_policy(x, &p);
+                if (p.c_gpu >= 100) p.cpu_attention = 0; /* nothing to delegate */
+                PlanResult r;
+                plan_eval(c, hw, rq, &p, &r);
+                if (!r.feasible) continue;
+                n_ok++;
+                if (!found || r.tput_total > br.tput_total * (1 + 1e-9)) best = p, br = r, found = 1;
+            }
+            if (!fit_one) break; /* the smallest block of this g did not fit: no larger g will */
+        }
+    }
+    if (found) {
+        *out = best;
+        *res = br;
+    } else {
+        need_budgets(c, hw, rq, res);
+    }
+    res->n_lp = n_lp, res->n_feasible = n_ok;
+    return found ? 0 : -1;
+}
+
+/* ---- opt plan ---- */
+
+static const char plan_usage[] =
+    "usage: opt plan -m DIR|SHAPE [options]\n"
+    "  Chooses an offloading policy: solves the cost model's LP for every GPU batch size and\n"
+    "  number of GPU batches and prints the best policy as the flags generate/bench take, its\n"
+    "  predicted throughput (prefill, decode, total = block * gen-len / time) and peak memory.\n"
+    "  -m DIR|SHAPE        a checkpoint directory (config.json), opt-125m ... opt-175b, or HxLxAxF\n"
+    "  --prompt-len N      prompt tokens per sequence (512)\n"
+    "  --gen-len N         generated tokens per sequence (32)\n"
+    "  --gpu-mem SIZE      budgets; SIZE in binary units: 512M, 16G, 1.5T, 200GiB (G = GB = GiB =\n"
+    "  --cpu-mem SIZE        2^30 bytes). Defaults come from the hardware profile. The plan fills\n"
+    "  --disk-mem SIZE       90%, 90% and 95% of them (headroom for the CUDA context and the OS)\n"
+    "  --hw t4|h100|FILE   hardware: FlexGen's fitted T4, an H100 PCIe host, or a file written by\n"
+    "                      `opt probe -o FILE` (default t4)\n"
+    "  --compress-weight   4-bit group-wise weights\n"
+    "  --compress-cache    4-bit group-wise KV cache\n"
+    "  --no-cpu-attention  never attend on the CPU (default: the search tries both)\n"
+    "  --max-gpu-batch N   largest GPU batch tried (512); --max-block N: largest block (4096)\n"
+    "  --eval \"POLICY\"     predict a given policy instead of searching, e.g. --eval \"--percent\n"
+    "                      20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu-attention\"\n"
+    "                      (also --compress-weight, --compress-cache, --pin-weight 0|1, --overlap 0|1)\n"
+    "  --json              one JSON object on stdout\n"
+    "  Exit status 1 when nothing fits; the message names the smallest budgets that would.\n";
+
+/* "16G", "1.5T", "512M", "200GiB", "4096" (bytes) -> bytes; dies with one line otherwise. */
+static double parse_size(const char *flag, const char *v) {
+    char *e;
+    errno = 0;
+    double x = strtod(v, &e);
+    if (e == v || errno || !isfinite(x) || !(isdigit((unsigned char)v[0]) || v[0] == '.' || v[0] == '-' || v[0] == '+'))
+        die("%s '%s': not a size (use e.g. 512M, 16G, 1.5T: binary units, 1G = 2^30 bytes)", flag, v);
+    if (x < 0) die("%s '%s': a size cannot be negative", flag, v);
+    double unit = 1;
+    const char *u = e;
+    static const char units[] = "KMGTP";
+    const char *at = *u ? strchr(units, toupper((unsigned char)*u)) : NULL;
+    if (at) {
+        unit = ldexp(1, 10 * (int)(at - units + 1));
+        u++;
+        if (*u == 'i') u++;
+        if (*u == 'B' || *u == 'b') u++;
+    } else if (*u == 'B' || *u == 'b') {
+        u++;
+    }
+    if (*u) die("%s '%s': unknown unit '%s' (use K, M, G, T: binary units, 1G = 2^30 bytes)", flag, v, e);
+    if (u == e && x > 0 && x < 1048576)
+        die("%s '%s': no unit; did you mean %sG? (sizes without a unit are bytes)", flag, v, v);
+    return x * unit;
+}
+
+static long parse_long(const char *flag, const char *v, long lo, long hi) {
+    char *e;
+    errno = 0;
+    long x = strtol(v, &e, 10);
+    if (!*v || *e || errno || x < lo || x > hi) die("%s: expected an integer in [%ld, %ld], got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static void fmt_size(char *out, size_t cap, double b) {
+    if (!isfinite(b)) snprintf(out, cap, "-");
+    else if (b >= TiB) snprintf(out, cap, "%.2f TiB", b / TiB);
+    else if (b >= GiB) snprintf(out, cap, "%.1f GiB", b / GiB);
+    else if (b >= 1048576) snprintf(out, cap, "%.0f MiB", b / 1048576);
+    else if (b < 0.5) snprintf(out, cap, "0 B"); /* also -1e-9 from rounding */
+    else snprintf(out, cap, "%.0f B", b);
+}
+
+/* A percent as the CLI reads it: up to two decimals, no trailing zeros. */
+static void fmt_pct(char *out, size_t cap, double v) {
+    snprintf(out, cap, "%.2f", v);
+    char *d = strchr(out, '.');
+    if (!d) return;
+    char *z = out + strlen(out) - 1;
+    while (z > d && *z == '0') *z-- = 0;
+    if (z == d) *z = 0;
+}
+
+/* The policy as the flags generate/bench take. */
+static void policy_flags(char *out, size_t cap, const Policy *p) {
+    double v[6] = {p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu};
+    char num[6][16];
+    for (int i = 0; i < 6; i++) fmt_pct(num[i], sizeof num[i], v[i]);
+    snprintf(out, cap, "--percent %s %s %s %s %s %s --gpu-batch-size %d --num-gpu-batches %d%s%s%s%s",
+             num[0], num[1], num[2], num[3], num[4], num[5], p->gpu_batch_size, p->num_gpu_batches,
+             p->cpu_attention && p->c_gpu < 100 ? " --cpu-attention" : "", p->compress_weight ? " --compress-weight" : "",
+             p->compress_cache ? " --compress-cache" : "", p->pin_weights ? "" : " --pin-weight 0");
+}
+
+/* Parses the policy flags of --eval (FlexGen's spellings accepted: --cpu, --cpu-cache-compute,
+ * --pin-weight, --overlap True/False). */
+static void policy_parse(Policy *p, const char *text, int has_gpu) {
+    char *buf = check_strdup(text), *tok[64];
+    int nt = 0;
+    for (char *q = strtok(buf, " \t\n"); q; q = strtok(NULL, " \t\n")) {
+        if (nt == 64) die("--eval: too many words");
+        tok[nt++] = q;
+    }
+    *p = (Policy){.gpu_batch_size = 4, .num_gpu_batches = 1, .pin_weights = 1, .overlap = 1, .group_size = 64,
+                  .w_gpu = has_gpu ? 100 : 0, .w_cpu = has_gpu ? 0 : 100, .c_gpu = has_gpu ? 100 : 0,
+                  .c_cpu = has_gpu ? 0 : 100, .a_gpu = has_gpu ? 100 : 0, .a_cpu = has_gpu ? 0 : 100};
+    for (int i = 0; i < nt; i++) {
+        const char *a = tok[i];
+#define EVAL_VAL() (i + 1 < nt ? tok[++i] : (die("--eval: %s needs a value", a), ""))
+        if (!strcmp(a, "--percent")) {
+            double v[6];
+            for (int k = 0; k < 6; k++) {
+                const char *w = EVAL_VAL();
+                char *e;
+                v[k] = strtod(w, &e);
+                if (!*w || *e) die("--eval: --percent wants 6 numbers (w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu), got '%s'", w);
+            }
+            p->w_gpu = v[0], p->w_cpu = v[1], p->c_gpu = v[2], p->c_cpu = v[3], p->a_gpu = v[4], p->a_cpu = v[5];
+        } else if (!strcmp(a, "--gpu-batch-size")) {
+            p->gpu_batch_size = (int)parse_long(a, EVAL_VAL(), 1, 1 << 20);
+        } else if (!strcmp(a, "--num-gpu-batches")) {
+            p->num_gpu_batches = (int)parse_long(a, EVAL_VAL(), 1, 1 << 20);
+        } else if (!strcmp(a, "--cpu-attention") || !strcmp(a, "--cpu") || !strcmp(a, "--cpu-cache-compute")) {
+            p->cpu_attention = 1;
+        } else if (!strcmp(a, "--compress-weight")) {
+            p->compress_weight = 1;
+        } else if (!strcmp(a, "--compress-cache")) {
+            p->compress_cache = 1;
+        } else if (!strcmp(a, "--pin-weight") || !strcmp(a, "--overlap")) {
+            const char *w = EVAL_VAL();
+            int on = !strcmp(w, "1") || !strcasecmp(w, "true");
+            if (!on && strcmp(w, "0") && strcasecmp(w, "false")) die("--eval: %s wants 0 or 1, got '%s'", a, w);
+            if (!strcmp(a, "--pin-weight")) p->pin_weights = on;
+            else p->overlap = on;
+        } else {
+            die("--eval: unknown policy flag '%s' (want --percent, --gpu-batch-size, --num-gpu-batches, --cpu-attention, --compress-weight, --compress-cache, --pin-weight, --overlap)", a);
+        }
+#undef EVAL_VAL
+    }
+    free(buf);
+}
+
+static void json_kv_num(FILE *f, const char *k, double v, int comma) {
+    fprintf(f, "\"%s\": ", k);
+    if (isfinite(v)) fprintf(f, "%.6g", v);
+    else fprintf(f, "null");
+    if (comma) fprintf(f, ", ");
+}
+
+static void json_tiers(FILE *f, const char *key, const double *v) {
+    fprintf(f, "\"%s\": {", key);
+    for (int t = 0; t < TIER_COUNT; t++) json_kv_num(f, tier_names[t], v[t], t + 1 < TIER_COUNT);
+    fprintf(f, "}");
+}
+
+static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, const Policy *p, const PlanResult *r,
+                       int json, int eval, double secs) {
+    char flags[256], sz[3][32], bud[3][32];
+    policy_flags(flags, sizeof flags, p);
+    double usable[TIER_COUNT];
+    for (int t = 0; t < TIER_COUNT; t++) {
+        usable[t] = rq->usable[t] * rq->budget[t];
+        fmt_size(sz[t], sizeof sz[t], r->peak[t]);
+        fmt_size(bud[t], sizeof bud[t], rq->budget[t]);
+    }
+    int block = p->gpu_batch_size * p->num_gpu_batches;
+    if (json) {
+        FILE *f = stdout;
+        fprintf(f, "{\"model\": ");
+        json_write_str(f, c->name, strlen(c->name));
+        fprintf(f, ", \"hardware\": ");
+        json_write_str(f, hw->name, strlen(hw->name));
+        fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"%s\", \"feasible\": %s,\n",
+                hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, eval ? "eval" : "search", r->feasible ? "true" : "false");
+        fprintf(f, " \"flags\": ");
+        json_write_str(f, flags, strlen(flags));
+        fprintf(f, ",\n \"policy\": {\"gpu_batch_size\": %d, \"num_gpu_batches\": %d, \"block\": %d, \"percent\": [%.4g, %.4g, %.4g, %.4g, %.4g, %.4g], "
+                   "\"cpu_attention\": %s, \"compress_weight\": %s, \"compress_cache\": %s, \"pin_weights\": %s, \"overlap\": %s},\n",
+                p->gpu_batch_size, p->num_gpu_batches, block, p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu,
+                p->cpu_attention && p->c_gpu < 100 ? "true" : "false", p->compress_weight ? "true" : "false",
+                p->compress_cache ? "true" : "false", p->pin_weights ? "true" : "false", p->overlap ? "true" : "false");
+        fprintf(f, " \"throughput\": {");
+        json_kv_num(f, "prefill", r->tput_prefill, 1);
+        json_kv_num(f, "decode", r->tput_decode, 1);
+        json_kv_num(f, "total", r->tput_total, 0);
+        fprintf(f, "},\n \"time\": {");
+        json_kv_num(f, "prefill", r->t_prefill, 1);
+        json_kv_num(f, "decode", r->t_decode, 1);
+        json_kv_num(f, "total", r->t_prefill + r->t_decode, 0);
+        fprintf(f, "},\n \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"},\n ", r->bound_prefill, r->bound_decode);
+        json_tiers(f, "peak_bytes", r->peak);
+        fprintf(f, ",\n ");
+        json_tiers(f, "budget_bytes", rq->budget);
+        fprintf(f, ",\n ");
+        json_tiers(f, "usable_bytes", usable);
+        fprintf(f, ",\n \"moved_bytes\": {");
+        json_kv_num(f, "h2d", r->moved[MV_H2D], 1);
+        json_kv_num(f, "d2h", r->moved[MV_D2H], 1);
+        json_kv_num(f, "disk_read", r->moved[MV_READ], 1);
+        json_kv_num(f, "disk_write", r->moved[MV_WRITE], 0);
+        fprintf(f, "},\n \"search\": {\"lps\": %d, \"feasible_lps\": %d, \"seconds\": %.3f}}\n", r->n_lp, r->n_feasible, secs);
+        return;
+    }
+    printf("%s\n", flags);
+    printf("model       %s: %d layers, hidden %d, %d heads, ffn %d, %.2fB parameters\n", c->name, c->n_layer, c->hidden,
+           c->n_head, c->ffn, (double)config_params(c) / 1e9);
+    printf("hardware    %s%s; budgets gpu %s, cpu %s, disk %s (%.0f%%, %.0f%%, %.0f%% usable)\n", hw->name,
+           hw->has_gpu ? "" : " (no GPU: the CPU computes)", bud[0], bud[1], bud[2], 100 * rq->usable[0], 100 * rq->usable[1], 100 * rq->usable[2]);
+    printf("workload    prompt %d, generate %d, block %d = %d x %d sequences\n", rq->prompt_len, rq->gen_len, block,
+           p->gpu_batch_size, p->num_gpu_batches);
+    printf("throughput  prefill %.4g token/s   decode %.4g token/s   total %.4g token/s\n", r->tput_prefill, r->tput_decode, r->tput_total);
+    printf("time        prefill %.4g s   decode %.4g s (%.4g s/token)   block %.4g s\n", r->t_prefill, r->t_decode,
+           rq->gen_len > 1 ? r->t_decode / (rq->gen_len - 1) : 0.0, r->t_prefill + r->t_decode);
+    printf("bottleneck  prefill: %s   decode: %s\n", r->bound_prefill, r->bound_decode);
+    printf("peak memory gpu %s   cpu %s   disk %s\n", sz[0], sz[1], sz[2]);
+    char mv[4][32];
+    for (int v = 0; v < NMV; v++) fmt_size(mv[v], sizeof mv[v], r->moved[v]);
+    printf("moved       pcie h2d %s   d2h %s   disk read %s   write %s (per block)\n", mv[0], mv[1], mv[2], mv[3]);
+    if (!r->feasible)
+        for (int t = 0; t < TIER_COUNT; t++)
+            if (r->peak[t] > usable[t]) {
+                char u[32];
+                fmt_size(u, sizeof u, usable[t]);
+                printf("over budget %s: peak %s > usable %s\n", tier_names[t], sz[t], u);
+            }
+    if (!eval) printf("search      %d LPs (%d feasible) in %.2f s\n", r->n_lp, r->n_feasible, secs);
+}
+
+int plan_main(int argc, char **argv) {
+    const char *model = NULL, *hwspec = NULL, *eval = NULL;
+    int json = 0, cw = 0, cc = 0, no_ca = 0;
+    long s = 512, n = 32, max_g = -1, max_b = -1;
+    double bud[TIER_COUNT];
+    int have_bud[TIER_COUNT] = {0};
+    static const char *const mem_flags[TIER_COUNT] = {"--gpu-mem", "--cpu-mem", "--disk-mem"};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+#define PLAN_VAL() (i + 1 < argc ? argv[++i] : (die("%s needs a value (see opt plan --help)", a), ""))
+        int tier = -1;
+        for (int t = 0; t < TIER_COUNT; t++)
+            if (!strcmp(a, mem_flags[t])) tier = t;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(plan_usage, stdout); return 0; }
+        else if (tier >= 0) bud[tier] = parse_size(a, PLAN_VAL()), have_bud[tier] = 1;
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) model = PLAN_VAL();
+        else if (!strcmp(a, "--hw")) hwspec = PLAN_VAL();
+        else if (!strcmp(a, "--prompt-len")) s = parse_long(a, PLAN_VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--gen-len")) n = parse_long(a, PLAN_VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--max-gpu-batch")) max_g = parse_long(a, PLAN_VAL(), 1, 1 << 16);
+        else if (!strcmp(a, "--max-block")) max_b = parse_long(a, PLAN_VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--compress-weight")) cw = 1;
+        else if (!strcmp(a, "--compress-cache")) cc = 1;
+        else if (!strcmp(a, "--no-cpu-attention")) no_ca = 1;
+        else if (!strcmp(a, "--eval")) eval = PLAN_VAL();
+        else if (!strcmp(a, "--json")) json = 1;
+        else die("plan: unknown option '%s' (see opt plan --help)", a);
+#undef PLAN_VAL
+    }
+    if (!model) die("plan: -m DIR|SHAPE is required (e.g. -m opt-30b; see opt plan --help)");
+    Config c;
+    struct stat st;
+    if (strchr(model, '/') || stat(model, &st) == 0) config_load(&c, model);
+    else shape_config(&c, model);
+    if (s + n > c.max_pos)
+        die("plan: --prompt-len %ld + --gen-len %ld exceeds %s's %d positions", s, n, c.name, c.max_pos);
+    Hardware hw;
+    hw_load(&hw, hwspec ? hwspec : "t4");
+    PlanReq rq;
+    plan_req_default(&rq, &hw);
+    rq.prompt_len = (int)s, rq.gen_len = (int)n, rq.compress_weight = cw, rq.compress_cache = cc;
+    if (no_ca) rq.cpu_attention = 0;
+    if (max_g > 0) rq.max_gpu_batch = (int)max_g;
+    if (max_b > 0) rq.max_block = (int)max_b;
+    for (int t = 0; t < TIER_COUNT; t++)
+        if (have_bud[t]) rq.budget[t] = bud[t];
+    if (!hw.has_gpu) {
+        if (have_bud[TIER_GPU] && bud[TIER_GPU] > 0)
+            fprintf(stderr, "opt plan: --gpu-mem ignored: %s has no GPU (the CPU computes)\n", hw.name);
+        rq.budget[TIER_GPU] = 0;
+    }
+
+    Policy p;
+    PlanResult r;
+    double t0 = now_sec();
+    if (eval) {
+        char *full = check_malloc(strlen(eval) + 40, "eval policy");
+        sprintf(full, "%s%s%s", eval, cw ? " --compress-weight" : "", cc ? " --compress-cache" : "");
+        policy_parse(&p, full, hw.has_gpu);
+        free(full);
+        plan_eval(&c, &hw, &rq, &p, &r);
+        plan_print(&c, &hw, &rq, &p, &r, json, 1, now_sec() - t0);
+        return 0;
+    }
+    if (plan_search(&c, &hw, &rq, &p, &r) == 0) {
+        plan_print(&c, &hw, &rq, &p, &r, json, 0, now_sec() - t0);
+        return 0;
+    }
+    /* nothing fits: one line naming the smallest budgets that would */
+    char msg[512], b[3][32], alt[256] = "";
+    for (int t = 0; t < TIER_COUNT; t++) fmt_size(b[t], sizeof b[t], rq.budget[t]);
+    int na = 0;
+    for (int t = 0; t < TIER_COUNT; t++) {
+        if (!isfinite(r.need[t])) continue;
+        size_t len = strlen(alt);
+        snprintf(alt + len, sizeof alt - len, "%s%s %.1fG", na++ ? ", or " : "", mem_flags[t], r.need[t] / GiB);
+    }
+    snprintf(msg, sizeof msg, "no policy fits %s (prompt %ld, generate %ld%s%s) in gpu %s, cpu %s, disk %s (%.0f%%/%.0f%%/%.0f%% usable): %s%s",
+             c.name, s, n, cw ? ", 4-bit weights" : "", cc ? ", 4-bit cache" : "", b[0], b[1], b[2], 100 * rq.usable[0],
+             100 * rq.usable[1], 100 * rq.usable[2], na ? "the smallest block needs " : "no single larger budget suffices; raise several",
+             na ? (na > 1 ? alt : alt) : "");
+    if (na > 1) {
+        size_t len = strlen(msg);
+        snprintf(msg + len, sizeof msg - len, " (each with the other budgets as given)");
+    }
+    if (json) {
+        printf("{\"model\": ");
+        json_write_str(stdout, c.name, strlen(c.name));
+        printf(", \"hardware\": ");
+        json_write_str(stdout, hw.name, strlen(hw.name));
+        printf(", \"feasible\": false, ");
+        json_tiers(stdout, "need_bytes", r.need);
+        printf(", ");
+        json_tiers(stdout, "budget_bytes", rq.budget);
+        printf(", \"error\": ");
+        json_write_str(stdout, msg, strlen(msg));
+        printf("}\n");
+    }
+    fprintf(stderr, "opt plan: %s\n", msg);
+    return 1;
+}
+
+/* ---- opt probe ---- */
+
+/* The GPU half of the probe lives in kernels.cu; these weak stand-ins answer "no GPU" in
+ * CPU-only builds, and kernels.cu's strong definitions replace them at link time. */
+__attribute__((weak)) int gpu_probe_bandwidth(GpuProbe *p) { (void)p; return -1; }
+__attribute__((weak)) int gpu_probe_compute(GpuProbe *p) { (void)p; return -1; }
+
+static int dcmp(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median of the times of at least 3 runs of fn (and up to ~0.5 s of them), after one warm-up. */
+static double probe_time(void (*fn)(void *), void *ctx) {
+    double t[32];
+    int r = 0;
+    fn(ctx);
+    double start = now_sec();
+    while (r < 32 && (r < 3 || now_sec() - start < 0.5)) {
+        double t0 = now_sec();
+        fn(ctx);
+        t[r++] = now_sec() - t0;
+    }
+    qsort(t, r, sizeof *t, dcmp);
+    return t[r / 2];
+}
+
+typedef struct {
+    const uint64_t *buf;   /* streamed memory */
+    size_t n;              /* its 64-bit words */
+    volatile uint64_t sink;/* keeps the sum alive */
+} StreamCtx;
+
+static void probe_stream(void *p) {
+    StreamCtx *s = p;
+    uint64_t sum = 0;
+    #pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (size_t i = 0; i < s->n; i++) sum += s->buf[i];
+    s->sink = sum;
+}
+
+typedef struct {
+    Gemm g;                /* the GEMM timed */
+} GemmCtx;
+
+static void probe_gemm_run(void *p) { gemm(&((GemmCtx *)p)->g); }
+
+static void probe_omp_empty(void *p) {
+    (void)p;
+    #pragma omp parallel
+    { __asm__ volatile("" ::: "memory"); }
+}
+
+/* f16 weights in [-1, 1] from a fixed seed. */
+static void fill_f16(uint16_t *w, size_t n) {
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        w[i] = (uint16_t)(0x3800 | (x & 0x3FF) | (x >> 20 & 1) << 15); /* +-[0.5, 1) */
+    }
+}
+
+/* CPU rates with opt's own gemm(): bytes/s at M = 1 (f16 and 4-bit), FLOP/s at M = 64 and 512. */
+static void probe_cpu(Hardware *hw) {
+    const int K = 4096, N1 = 16384, N = 4096;
+    size_t nw = (size_t)N1 * K;
+    uint16_t *w = check_malloc(nw * 2, "probe weights");
+    fill_f16(w, nw);
+    float *x = check_calloc((size_t)512 * K * sizeof(float), "probe inputs");
+    float *y = check_calloc((size_t)512 * N1 * sizeof(float), "probe outputs");
+    for (size_t i = 0; i < (size_t)512 * K; i++) x[i] = (float)((i * 2654435761u) % 1000) / 1000 - 0.5f;
+    Tensor t = {.dtype = DT_F16, .rows = N1, .cols = K, .data = w, .tier = TIER_CPU, .name = "probe"};
+    GemmCtx gc = {.g = {.y = y, .x = x, .w = &t, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K}};
+    hw->cpu_gemv_bw = 2.0 * nw / probe_time(probe_gemm_run, &gc);
+    fprintf(stderr, "probe: cpu gemv f16 (1 x %d x %d)   %.1f GB/s of weights\n", N1, K, hw->cpu_gemv_bw / 1e9);
+    t.rows = N, gc.g.N = N, gc.g.ldy = N;
+    gc.g.M = 64;
+    hw->cpu_gemm_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
+    fprintf(stderr, "probe: cpu gemm f16 (64 x %d x %d)  %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_g / 1e9);
+    gc.g.M = 512;
+    hw->cpu_gemm_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
+    fprintf(stderr, "probe: cpu gemm f16 (512 x %d x %d) %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_p / 1e9);
+
+    /* 4-bit: one quantized row copied to every row (the rate does not depend on the values) */
+    const int G = 64;
+    size_t rb = q4_row_bytes(K, G);
+    uint8_t *q = check_malloc(rb * N1, "probe 4-bit weights");
+    float *row = check_malloc(sizeof(float) * K, "probe row");
+    for (int i = 0; i < K; i++) row[i] = (float)((i * 7919) % 255) / 127.0f - 1;
+    q4_quantize_row(q, row, K, G, "probe");
+    for (int r = 1; r < N1; r++) memcpy(q + rb * r, q, rb);
+    Tensor tq = {.dtype = DT_Q4, .rows = N1, .cols = K, .data = q, .group = G, .tier = TIER_CPU, .name = "probe"};
+    gc.g = (Gemm){.y = y, .x = x, .w = &tq, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K};
+    hw->cpu_gemv_q4_bw = (double)rb * N1 / probe_time(probe_gemm_run, &gc);
+    fprintf(stderr, "probe: cpu gemv 4-bit (1 x %d x %d) %.1f GB/s of 4-bit weights\n", N1, K, hw->cpu_gemv_q4_bw / 1e9);
+    /* per-layer overhead of the CPU path: ~16 parallel regions a layer (a guess at the engine) */
+    hw->layer_overhead = 16 * probe_time(probe_omp_empty, NULL);
+    free(row), free(q), free(w), free(x), free(y);
+}
+
+static void probe_memory(Hardware *hw) {
+    double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    hw->cpu_mem = phys;
+    size_t bytes = (size_t)fmin(GiB, fmax(64.0 * 1048576, phys / 16));
+    StreamCtx s = {.n = bytes / 8};
+    uint64_t *buf = check_malloc(bytes, "probe memory buffer");
+    for (size_t i = 0; i < s.n; i++) buf[i] = i; /* touches every page */
+    s.buf = buf;
+    hw->cpu_mem_bw = (double)bytes / probe_time(probe_stream, &s);
+    fprintf(stderr, "probe: cpu memory read (%.0f MiB)    %.1f GB/s\n", bytes / 1048576.0, hw->cpu_mem_bw / 1e9);
+    free(buf);
+}
+
+static char g_probe_path[4096]; /* the disk probe's file, removed on SIGINT/SIGTERM */
+
+static void probe_on_signal(int sig) {
+    if (g_probe_path[0]) unlink(g_probe_path);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+/* Writes then reads `bytes` in 4 MiB requests from 4 threads (the queue depth of the engine's
+ * I/O threads): O_DIRECT where the filesystem allows, else buffered I/O with fdatasync and
+ * POSIX_FADV_DONTNEED so that the read comes from the device, not the page cache. */
+static int probe_disk_try(const char *dir, double bytes, int direct, double *wr, double *rd) {
+    const size_t chunk = 4 << 20;
+    const int nthr = 4;
+    size_t nchunk = (size_t)fmax(1, bytes / chunk);
+    snprintf(g_probe_path, sizeof g_probe_path, "%s/opt-probe-%ld.tmp", dir, (long)getpid());
+    int fd = open(g_probe_path, O_RDWR | O_CREAT | O_EXCL | (direct ? O_DIRECT : 0), 0600);
+    if (fd < 0 && direct && errno == EINVAL) return -1; /* no O_DIRECT here */
+    if (fd < 0) die("%s: cannot create the disk probe's file there: %s", dir, strerror(errno));
+    char *buf;
+    if (posix_memalign((void **)&buf, 4096, chunk * nthr)) die("out of memory for the disk probe's buffers");
+    uint64_t xs = 88172645463325252ull;
+    for (size_t i = 0; i < chunk * nthr / 8; i++) { /* incompressible */
+        xs ^= xs << 13, xs ^= xs >> 7, xs ^= xs << 17;
+        ((uint64_t *)buf)[i] = xs;
+    }
+    int err = 0;
+    double t0 = now_sec();
+    #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
+    for (size_t c = 0; c < nchunk; c++) {
+        const char *b = buf + (size_t)omp_get_thread_num() * chunk;
+        for (size_t done = 0; done < chunk && !err;) {
+            ssize_t w = pwrite(fd, b + done, chunk - done, (off_t)(c * chunk + done));
+            if (w <= 0) { err = w < 0 ? errno : ENOSPC; break; }
+            done += (size_t)w;
+        }
+    }
+    if (!err && fdatasync(fd)) err = errno;
+    *wr = (double)nchunk * chunk / (now_sec() - t0);
+    if (err == EINVAL && direct) { /* O_DIRECT accepted at open, refused at write */
+        close(fd), unlink(g_probe_path), free(buf);
+        return -1;
+    }
+    if (err) {
+        close(fd), unlink(g_probe_path);
+        if (err == ENOSPC) die("%s: no space left for the disk probe's %.0f MiB file (use --disk-bytes or another --offload-dir)", dir, nchunk * 4.0);
+        die("%s: writing the disk probe's file failed: %s", dir, strerror(err));
+    }
+    if (!direct) posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED); /* clean pages: dropped */
+    t0 = now_sec();
+    #pragma omp parallel for num_threads(nthr) schedule(dynamic, 1)
+    for (size_t c = 0; c < nchunk; c++) {
+        char *b = buf + (size_t)omp_get_thread_num() * chunk;
+        for (size_t done = 0; done < chunk && !err;) {
+            ssize_t r = pread(fd, b + done, chunk - done, (off_t)(c * chunk + done));
+            if (r <= 0) { err = r < 0 ? errno : EIO; break; }
+            done += (size_t)r;
+        }
+    }
+    *rd = (double)nchunk * chunk / (now_sec() - t0);
+    close(fd);
+    unlink(g_probe_path);
+    g_probe_path[0] = 0;
+    free(buf);
+    if (err) die("%s: reading the disk probe's file back failed: %s", dir, strerror(err));
+    return 0;
+}
+
+/* Checks DIR before anything is measured, so that a bad one costs one line and no time; the
+ * free space becomes the disk budget. */
+static void probe_disk_check(Hardware *hw, const char *dir, double bytes) {
+    struct stat st;
+    if (stat(dir, &st)) die("%s: %s (--offload-dir)", dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode)) die("%s: not a directory (--offload-dir)", dir);
+    if (access(dir, W_OK)) die("%s: not writable: %s (--offload-dir)", dir, strerror(errno));
+    struct statvfs vfs;
+    if (statvfs(dir, &vfs)) die("%s: %s", dir, strerror(errno));
+    hw->disk_mem = (double)vfs.f_bavail * (double)vfs.f_frsize;
+    if (hw->disk_mem < bytes + 64.0 * 1048576)
+        die("%s: %.0f MiB free, the disk probe needs %.0f MiB (use --disk-bytes or another --offload-dir)", dir,
+            hw->disk_mem / 1048576, bytes / 1048576 + 64);
+}
+
+static void probe_disk(Hardware *hw, const char *dir, double bytes, int *direct) {
+    signal(SIGINT, probe_on_signal), signal(SIGTERM, probe_on_signal);
+    if (!*direct || probe_disk_try(dir, bytes, 1, &hw->disk_write_bw, &hw->disk_read_bw)) {
+        *direct = 0;
+        probe_disk_try(dir, bytes, 0, &hw->disk_write_bw, &hw->disk_read_bw);
+    }
+    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
+    fprintf(stderr, "probe: disk write (%s, %.0f MiB, %s) %.2f GB/s\n", dir, bytes / 1048576, *direct ? "O_DIRECT" : "buffered + fadvise",
+            hw->disk_write_bw / 1e9);
+    fprintf(stderr, "probe: disk read                      %.2f GB/s\n", hw->disk_read_bw / 1e9);
+}
+
+static const char probe_usage[] =
+    "usage: opt probe [--offload-dir DIR] [--disk-bytes SIZE] [--buffered] [-o FILE]\n"
+    "  Measures this machine for `opt plan --hw FILE`:\n"
+    "  - GPU (CUDA builds with a device): pinned host<->device bandwidth, GEMM and attention rates\n"
+    "  - disk: write then read a temporary file of SIZE (default 1G) in DIR (default .), removed\n"
+    "    afterwards; O_DIRECT where the filesystem allows it, else (or with --buffered) page-cache\n"
+    "    I/O with the file's pages dropped (fdatasync + POSIX_FADV_DONTNEED) before the read\n"
+    "  - CPU: opt's own GEMM at M = 1 (f16 and 4-bit weights, bytes/s), M = 64 and 512 (FLOP/s),\n"
+    "    RAM streaming bandwidth, memory size\n"
+    "  Writes one JSON object (\"format\": \"" PROBE_FORMAT "\"; bytes, bytes/s, FLOP/s) to FILE\n"
+    "  or stdout; progress goes to stderr. Takes ~10 s.\n";
+
+int probe_main(int argc, char **argv) {
+    const char *dir = ".", *out = NULL;
+    double disk_bytes = GiB;
+    int direct = 1; /* try O_DIRECT first */
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+#define PROBE_VAL() (i + 1 < argc ? argv[++i] : (die("%s needs a value (see opt probe --help)", a), ""))
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(probe_usage, stdout); return 0; }
+        else if (!strcmp(a, "--offload-dir")) dir = PROBE_VAL();
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out = PROBE_VAL();
+        else if (!strcmp(a, "--disk-bytes")) disk_bytes = parse_size(a, PROBE_VAL());
+        else if (!strcmp(a, "--buffered")) direct = 0;
+        else die("probe: unknown option '%s' (see opt probe --help)", a);
+#undef PROBE_VAL
+    }
+    if (disk_bytes < 4 << 20) die("--disk-bytes: at least 4M");
+    Hardware hw = {0};
+    probe_disk_check(&hw, dir, disk_bytes);
+    GpuProbe gp = {0};
+    hw.has_gpu = gpu_probe_bandwidth(&gp) == 0 && gpu_probe_compute(&gp) == 0;
+    if (hw.has_gpu) {
+        hw.gpu_mem = gp.mem_bytes, hw.h2d_bw = gp.h2d_bw, hw.d2h_bw = gp.d2h_bw, hw.gpu_mem_bw = gp.mem_bw;
+        hw.gpu_gemm_flops_g = gp.gemm_flops_g, hw.gpu_gemm_flops_p = gp.gemm_flops_p;
+        hw.gpu_bmm_flops_p = gp.bmm_flops_p, hw.gpu_bmm_flops_g = gp.bmm_flops_g, hw.gpu_dequant_bw = gp.dequant_bw;
+        fprintf(stderr, "probe: gpu %s: h2d %.1f GB/s, d2h %.1f GB/s, gemm %.0f / %.0f TFLOP/s\n", gp.name, gp.h2d_bw / 1e9,
+                gp.d2h_bw / 1e9, gp.gemm_flops_g / 1e12, gp.gemm_flops_p / 1e12);
+    } else {
+        fprintf(stderr, "probe: no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
+    }
+    probe_disk(&hw, dir, disk_bytes, &direct);
+    probe_memory(&hw);
+    probe_cpu(&hw);
+    if (hw.has_gpu) hw.layer_overhead = 20e-6; /* launches and a sync; kernels.cu may measure it */
+
+    char host[256] = "unknown";
+    gethostname(host, sizeof host - 1);
+    time_t now = time(NULL);
+    char date[32];
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    static const char *const simd[] = {"scalar", "avx2", "avx512"};
+    FILE *f = stdout; /* opened only now: a failed probe leaves no empty file behind */
+    if (out && !(f = fopen(out, "w"))) die("%s: %s", out, strerror(errno));
+    fprintf(f, "{\"format\": \"" PROBE_FORMAT "\", \"host\": ");
+    json_write_str(f, host, strlen(host));
+    fprintf(f, ", \"date\": \"%s\", \"threads\": %d, \"simd\": \"%s\",\n \"gpu\": %s, \"gpu_name\": ", date, omp_get_max_threads(),
+            simd[g_simd], hw.has_gpu ? "true" : "false");
+    const char *gname = hw.has_gpu ? gp.name : gpu_describe();
+    json_write_str(f, gname, strlen(gname));
+    fprintf(f, ",\n \"offload_dir\": ");
+    json_write_str(f, dir, strlen(dir));
+    fprintf(f, ", \"disk_direct_io\": %s, \"disk_probe_bytes\": %.0f,\n", direct ? "true" : "false", disk_bytes);
+    for (size_t i = 0; i < sizeof probe_keys / sizeof *probe_keys; i++) {
+        const ProbeKey *k = &probe_keys[i];
+        if (k->gpu && !hw.has_gpu) continue;
+        fprintf(f, " \"%s\": %.6g,\n", k->key, *(const double *)((const char *)&hw + k->off));
+    }
+    fprintf(f, " \"layer_overhead\": %.3g}\n", hw.layer_overhead);
+    if (ferror(f) || (f != stdout && fclose(f))) die("%s: write error", out ? out : "stdout");
+    if (out) fprintf(stderr, "probe: wrote %s\n", out);
+    return 0;
 }

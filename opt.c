@@ -23,8 +23,10 @@
  * Utilities */
 
 static const char *g_prog = "opt";
+static char g_partial[4096]; /* a file being written; removed if we die, so no partial output survives */
 
 void die(const char *fmt, ...) {
+    if (g_partial[0]) unlink(g_partial);
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: ", g_prog);
@@ -35,6 +37,7 @@ void die(const char *fmt, ...) {
 }
 
 void die_at(const char *file, int line, const char *fmt, ...) {
+    if (g_partial[0]) unlink(g_partial);
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: %s:%d: ", g_prog, file, line);
@@ -396,10 +399,8 @@ static void config_check(const Config *c, const char *path) {
         die("%s: sizes are implausibly large", path);
 }
 
-void config_load(Config *c, const char *dir) {
-    char *path = path_join(dir, "config.json");
-    if (!file_exists(path)) die("%s: missing (is %s an OPT checkpoint directory?)", path, dir);
-    Json *j = json_load(path);
+/* The fields of a parsed config.json; `what` names it in errors. */
+static void config_from_json(Config *c, const Json *j, const char *path) {
     if (j->type != J_OBJ) die("%s: not a JSON object", path);
     const Json *mt = json_get(j, "model_type");
     if (mt && mt->type == J_STR && strcmp(mt->str, "opt")) die("%s: model_type is \"%s\", not \"opt\"", path, mt->str);
@@ -423,9 +424,20 @@ void config_load(Config *c, const char *dir) {
     c->pad = cfg_int(j, "pad_token_id", 1, path);
     config_check(c, path);
     c->head_dim = c->hidden / c->n_head;
-    const char *base = strrchr(dir, '/');
-    base = base && base[1] ? base + 1 : dir;
+}
+
+static void config_name(Config *c, const char *path) {
+    const char *base = strrchr(path, '/');
+    base = base && base[1] ? base + 1 : path;
     snprintf(c->name, sizeof c->name, "%s", base);
+}
+
+void config_load(Config *c, const char *dir) {
+    char *path = path_join(dir, "config.json");
+    if (!file_exists(path)) die("%s: missing (is %s an OPT checkpoint directory?)", path, dir);
+    Json *j = json_load(path);
+    config_from_json(c, j, path);
+    config_name(c, dir);
     json_free(j);
     free(path);
 }
@@ -477,7 +489,8 @@ typedef struct {
 } CkTensor;
 
 typedef struct {
-    char *dir;             /* the checkpoint directory */
+    char *dir;             /* the checkpoint directory (or native file) */
+    Json *meta;            /* a native file's __metadata__ header (config, formats), else NULL */
     MapFile *files;        /* (n_files) mapped weight files */
     int n_files;
     CkTensor *t;           /* (n) tensors, sorted by key after loading */
@@ -547,6 +560,8 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
     if (h->type != J_OBJ) die("%s: corrupt safetensors header: not an object", path);
     const uint8_t *data = m->base + 8 + hlen;
     size_t dlen = m->size - 8 - hlen;
+    const Json *md = json_get(h, "__metadata__"), *fmt = json_get(md, "format");
+    bool native = fmt && fmt->type == J_STR && !strcmp(fmt->str, "opt");
     for (int i = 0; i < h->n; i++) {
         const char *name = h->keys[i];
         if (!strcmp(name, "__metadata__")) continue;
@@ -554,7 +569,8 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
         if (!dt || dt->type != J_STR || !sh || sh->type != J_ARR || !off || off->type != J_ARR || off->n != 2)
             die("%s: tensor %s: header entry needs dtype, shape and data_offsets", path, name);
         CkTensor *t = ck_add(ck, name, strlen(name));
-        if (!dtype_parse(dt->str, &t->dtype)) die("%s: tensor %s: unsupported dtype %s (F32, F16 and BF16 are)", path, name, dt->str);
+        if (!dtype_parse(dt->str, &t->dtype) || (!native && t->dtype > DT_BF16))
+            die("%s: tensor %s: unsupported dtype %s (F32, F16 and BF16 are)", path, name, dt->str);
         if (sh->n > 4) die("%s: tensor %s: %d dimensions", path, name, sh->n);
         t->ndim = sh->n;
         for (int d = 0; d < sh->n; d++) {
@@ -570,7 +586,8 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
         if ((size_t)(e2 - b) != want) die("%s: tensor %s: %.0f data bytes for shape and dtype needing %zu", path, name, e2 - b, want);
         t->data = data + (size_t)b;
     }
-    json_free(h);
+    if (native && !ck->meta) ck->meta = h; /* kept: the config and tensor formats */
+    else json_free(h);
 }
 
 /* --- PyTorch: a zip archive (stored, not deflated) holding data.pkl and one
@@ -956,6 +973,12 @@ static void ck_read_file(Checkpoint *ck, const char *path) {
 
 static int ck_cmp(const void *a, const void *b) { return strcmp(((const CkTensor *)a)->key, ((const CkTensor *)b)->key); }
 
+static void ck_sort(Checkpoint *ck) {
+    qsort(ck->t, (size_t)ck->n, sizeof *ck->t, ck_cmp);
+    for (int k = 1; k < ck->n; k++)
+        if (!strcmp(ck->t[k].key, ck->t[k - 1].key)) die("%s: tensor %s appears twice (as %s and %s)", ck->dir, ck->t[k].key, ck->t[k - 1].name, ck->t[k].name);
+}
+
 static void ck_read_index(Checkpoint *ck, const char *index) {
     Json *j = json_load(index);
     const Json *wm = json_get(j, "weight_map");
@@ -981,6 +1004,12 @@ static void ck_read_index(Checkpoint *ck, const char *index) {
 void ck_open(Checkpoint *ck, const char *dir) {
     memset(ck, 0, sizeof *ck);
     ck->dir = check_strdup(dir);
+    if (file_exists(dir)) { /* a native packed file (opt convert) */
+        ck_read_safetensors(ck, dir);
+        if (!ck->meta) die("%s: not a native opt file (write one with opt convert, or give a checkpoint directory)", dir);
+        ck_sort(ck);
+        return;
+    }
     static const char *const names[] = {"model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"};
     int i;
     char *p = NULL;
@@ -993,9 +1022,7 @@ void ck_open(Checkpoint *ck, const char *dir) {
     if (strstr(names[i], "index.json")) ck_read_index(ck, p);
     else ck_read_file(ck, p);
     free(p);
-    qsort(ck->t, (size_t)ck->n, sizeof *ck->t, ck_cmp);
-    for (int k = 1; k < ck->n; k++)
-        if (!strcmp(ck->t[k].key, ck->t[k - 1].key)) die("%s: tensor %s appears twice (as %s and %s)", dir, ck->t[k].key, ck->t[k - 1].name, ck->t[k].name);
+    ck_sort(ck);
 }
 
 static CkTensor *ck_find(Checkpoint *ck, const char *key) {
@@ -1009,52 +1036,13 @@ void ck_close(Checkpoint *ck) {
     free(ck->files);
     free(ck->t);
     free(ck->dir);
+    json_free(ck->meta);
     memset(ck, 0, sizeof *ck);
 }
 
 /* ----------------------------------------------------------------------------
  * Numbers: exact half/bfloat16 conversions (the SIMD kernels use F16C or
  * AVX-512 for the same results). */
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0x1F) bits = sign | 0x7F800000 | man << 13;          /* inf, nan */
-    else if (exp) bits = sign | (exp + 112) << 23 | man << 13;       /* normal */
-    else if (man) {                                                   /* subnormal: normalize */
-        int e = -1;
-        do { e++; man <<= 1; } while (!(man & 0x400));
-        bits = sign | (uint32_t)(112 - e) << 23 | (man & 0x3FF) << 13;
-    } else bits = sign;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_f16(float f) { /* round to nearest even */
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7FFFFFFF;
-    if (ax > 0x7F800000) return (uint16_t)(sign | 0x7E00);           /* nan */
-    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00);          /* overflow to inf */
-    if (ax < 0x38800000) {                                            /* subnormal or zero */
-        if (ax < 0x33000000) return (uint16_t)sign;
-        uint32_t e = ax >> 23, m = (ax & 0x7FFFFF) | 0x800000, shift = 126 - e;
-        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (r & 1))) r++;
-        return (uint16_t)(sign | r);
-    }
-    uint32_t r = ax - 0x38000000 + 0xFFF + (ax >> 13 & 1);             /* rebias, round */
-    return (uint16_t)(sign | r >> 13);
-}
-
-static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    if ((x & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(x >> 16 | 0x40);
-    return (uint16_t)((x + 0x7FFF + (x >> 16 & 1)) >> 16);
-}
 
 /* Converts n elements of any float format to f32. */
 static void to_f32(float *out, const void *in, DType dt, int64_t n) {
@@ -1093,7 +1081,46 @@ typedef struct {
     Checkpoint ck;         /* the mapped files the tensors point into */
     float *owned;          /* one allocation holding every f32 1-D tensor */
     size_t owned_n, owned_used; /* its size and fill, in floats */
+    Json *formats;         /* a native file's tensor formats, else NULL */
+    void **q4;             /* (n_q4) memory of weights quantized at load time */
+    int n_q4;
 } Model;
+
+static inline size_t row_bytes(const Tensor *w) {
+    return w->dtype == DT_Q4 ? q4_row_bytes(w->cols, w->group) : dtype_bytes(w->dtype, w->cols);
+}
+
+static inline const void *w_row(const Tensor *w, int64_t n) {
+    return (const char *)w->data + (size_t)n * row_bytes(w);
+}
+
+/* One row of a matrix in any format, as f32 (embedding lookups). */
+static void tensor_row_f32(const Tensor *w, int64_t n, float *out) {
+    if (w->dtype == DT_Q4) q4_dequantize_row(out, w_row(w, n), w->cols, w->group);
+    else to_f32(out, w_row(w, n), w->dtype, w->cols);
+}
+
+/* Quantizes a matrix to 4 bits into new memory (the source mapping stays
+ * untouched); rows in parallel, each independent. */
+static Tensor tensor_to_q4(const Tensor *w, int group) {
+    size_t rb = q4_row_bytes(w->cols, group);
+    uint8_t *q = check_malloc(rb * (size_t)w->rows, "4-bit weights");
+    #pragma omp parallel
+    {
+        float *row = check_malloc(sizeof(float) * (size_t)w->cols, "a row");
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < w->rows; r++) {
+            tensor_row_f32(w, r, row);
+            q4_quantize_row(q + rb * (size_t)r, row, w->cols, group, w->name);
+        }
+        free(row);
+    }
+    Tensor t = *w;
+    t.dtype = DT_Q4;
+    t.data = q;
+    t.group = group;
+    return t;
+}
 
 static CkTensor *model_need(Model *m, const char *key, int64_t rows, int64_t cols) {
     CkTensor *t = ck_find(&m->ck, key);
@@ -1111,8 +1138,25 @@ static CkTensor *model_need(Model *m, const char *key, int64_t rows, int64_t col
     return t;
 }
 
+/* A native file's format entry for a tensor: {"format": "q4", "group": G, "cols": K}. */
+static const Json *model_format(const Model *m, const char *key) {
+    return json_get(m->formats, key);
+}
+
 static Tensor model_matrix(Model *m, const char *key, int64_t rows, int64_t cols) {
-    CkTensor *c = model_need(m, key, rows, cols);
+    CkTensor *c = ck_find(&m->ck, key);
+    const Json *f = c && c->dtype == DT_Q4 ? model_format(m, key) : NULL;
+    if (f) { /* 4-bit rows stored as bytes */
+        const Json *fg = json_get(f, "group"), *fc = json_get(f, "cols");
+        int g = fg && fg->type == J_NUM ? (int)fg->num : 0;
+        if ((g != 32 && g != 64 && g != 128) || !fc || fc->type != J_NUM || fc->num != (double)cols)
+            die("%s: tensor %s: bad 4-bit format entry (group %d)", m->ck.dir, key, g);
+        if (c->ndim != 2 || c->shape[0] != rows || (size_t)c->shape[1] != q4_row_bytes(cols, g))
+            die("%s: tensor %s: 4-bit data of the wrong shape for [%lld, %lld]", m->ck.dir, key, (long long)rows, (long long)cols);
+        c->used = true;
+        return (Tensor){.dtype = DT_Q4, .rows = rows, .cols = cols, .data = c->data, .group = g, .tier = TIER_CPU, .name = c->name};
+    }
+    c = model_need(m, key, rows, cols);
     return (Tensor){.dtype = c->dtype, .rows = rows, .cols = cols, .data = c->data, .tier = TIER_CPU, .name = c->name};
 }
 
@@ -1125,10 +1169,23 @@ static float *model_vector(Model *m, const char *key, int64_t n) {
     return v;
 }
 
+/* A checkpoint directory, or a native file written by opt convert. */
 void model_load(Model *m, const char *dir) {
     memset(m, 0, sizeof *m);
-    config_load(&m->cfg, dir);
-    ck_open(&m->ck, dir);
+    if (file_exists(dir)) {
+        ck_open(&m->ck, dir);
+        const Json *md = json_get(m->ck.meta, "__metadata__"), *cj = json_get(md, "opt.config"), *fj = json_get(md, "opt.formats");
+        char err[128];
+        Json *cfg = cj && cj->type == J_STR ? json_parse(cj->str, cj->len, err, sizeof err) : NULL;
+        if (!cfg) die("%s: no valid opt.config in the header", dir);
+        config_from_json(&m->cfg, cfg, dir);
+        config_name(&m->cfg, dir);
+        json_free(cfg);
+        if (fj && fj->type == J_STR && !(m->formats = json_parse(fj->str, fj->len, err, sizeof err))) die("%s: bad opt.formats: %s", dir, err);
+    } else {
+        config_load(&m->cfg, dir);
+        ck_open(&m->ck, dir);
+    }
     const Config *c = &m->cfg;
     int64_t h = c->hidden, f = c->ffn, e = c->embed_dim;
     m->owned_n = (size_t)c->n_layer * (size_t)(9 * h + f) + 2 * (size_t)h;
@@ -1175,7 +1232,32 @@ void model_load(Model *m, const char *dir) {
     }
 }
 
+/* --compress-weight: every matrix but the position table to 4 bits. */
+void model_compress(Model *m, int group) {
+    Tensor *mats[8 + 6 * 1024];
+    int n = 0;
+    bool tied = m->lm_head.data == m->embed.data;
+    mats[n++] = &m->embed;
+    if (!tied) mats[n++] = &m->lm_head;
+    if (m->proj_in.data) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        Layer *L = &m->layers[l];
+        Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (int i = 0; i < 6; i++) mats[n++] = lm[i];
+    }
+    m->q4 = check_calloc(sizeof(void *) * (size_t)n, "4-bit weights");
+    for (int i = 0; i < n; i++) {
+        if (mats[i]->dtype == DT_Q4) continue;
+        *mats[i] = tensor_to_q4(mats[i], group);
+        m->q4[m->n_q4++] = (void *)mats[i]->data;
+    }
+    if (tied) m->lm_head = m->embed;
+}
+
 void model_free(Model *m) {
+    json_free(m->formats);
+    for (int i = 0; i < m->n_q4; i++) free(m->q4[i]);
+    free(m->q4);
     ck_close(&m->ck);
     free(m->layers);
     free(m->owned);
@@ -1222,7 +1304,10 @@ static int simd_detect(void) {
  * static link, and libgomp is linked statically in every build). */
 __attribute__((constructor(101))) static void omp_env_default(void) { setenv("OMP_WAIT_POLICY", "passive", 0); }
 
+static void tiles_init(void);
+
 void simd_init(void) {
+    tiles_init();
     g_simd = g_simd_max = simd_detect();
     const char *e = getenv("OPT_SIMD");
     if (!e || !*e) return;
@@ -1231,10 +1316,6 @@ void simd_init(void) {
     if (want < 0) die("OPT_SIMD=%s: expected scalar, avx2 or avx512", e);
     if (want > g_simd_max) die("OPT_SIMD=%s: this CPU supports only %s", e, simd_names[g_simd_max]);
     g_simd = want;
-}
-
-static inline const void *w_row(const Tensor *w, int64_t n) {
-    return (const char *)w->data + dtype_bytes(w->dtype, n * w->cols);
 }
 
 /* --- scalar: the reference order, written out --- */
@@ -1256,7 +1337,8 @@ static float dot_scalar(const float *x, const void *w, DType dt, int K) {
 static void gemm_scalar(const Gemm *g, int n0, int n1) {
     for (int m = 0; m < g->M; m++)
         for (int n = n0; n < n1; n++) {
-            float d = dot_scalar(g->x + (int64_t)m * g->ldx, w_row(g->w, n), g->w->dtype, g->K);
+            const float *x = g->x + (int64_t)m * g->ldx;
+            float d = g->w->dtype == DT_Q4 ? q4_dot_scalar(x, w_row(g->w, n), g->K, g->w->group) : dot_scalar(x, w_row(g->w, n), g->w->dtype, g->K);
             gemm_store(g, m, n, &d, 1);
         }
 }
@@ -1281,7 +1363,8 @@ T_AVX2 static inline float hsum16_avx2(__m256 lo, __m256 hi) {
  * prefetched as we go: interleaved row streams alone reach only ~60% of the
  * memory bandwidth. */
 #define GEMM_TILE_AVX2(SUF, ESZ, LD, MR, NR)                                                              \
-T_AVX2 static void tile_avx2_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, float *out) { \
+T_AVX2 static void tile_avx2_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, int G, float *out) { \
+    (void)G;                                                                                           \
     __m256 a[MR][NR][2];                                                                               \
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j][0] = a[i][j][1] = _mm256_setzero_ps(); \
     int k = 0;                                                                                         \
@@ -1330,7 +1413,8 @@ T_AVX512 static inline float hsum16_avx512(__m512 v) {
 }
 
 #define GEMM_TILE_AVX512(SUF, ESZ, LD, LDM, MR, NR)                                                       \
-T_AVX512 static void tile_avx512_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, float *out) { \
+T_AVX512 static void tile_avx512_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, int G, float *out) { \
+    (void)G;                                                                                           \
     __m512 a[MR][NR];                                                                                  \
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm512_setzero_ps();           \
     int k = 0;                                                                                         \
@@ -1368,20 +1452,27 @@ T_AVX2 static void widen_avx2(float *out, const void *in, DType dt, int64_t n) {
     for (; i < n; i++) out[i] = dt == DT_F16 ? f16_to_f32(((const uint16_t *)in)[i]) : bf16_to_f32(((const uint16_t *)in)[i]);
 }
 
-static void widen(float *out, const void *in, DType dt, int64_t n) {
-    if (dt == DT_F32 || g_simd == SIMD_SCALAR) to_f32(out, in, dt, n);
-    else widen_avx2(out, in, dt, n);
+/* rows x cols of weights (row stride rb bytes) into f32 rows of cols */
+static void widen(float *out, const char *in, const Tensor *w, int64_t rows, size_t rb) {
+    for (int64_t r = 0; r < rows; r++, in += rb, out += w->cols)
+        if (w->dtype == DT_Q4) q4_dequantize_row(out, (const uint8_t *)in, w->cols, w->group);
+        else if (w->dtype == DT_F32 || g_simd == SIMD_SCALAR) to_f32(out, in, w->dtype, w->cols);
+        else widen_avx2(out, in, w->dtype, w->cols);
 }
 
-typedef void (*TileFn)(const float *const *x, const char *const *w, int K, size_t pf, float *out);
-typedef struct { int mr, nr; TileFn fn[3]; } Tile; /* fn by dtype: f32, f16, bf16 */
-static const Tile tiles_avx2[] = {
-    {2, 3, {tile_avx2_f32_2, tile_avx2_f16_2, tile_avx2_bf16_2}},
-    {1, 4, {tile_avx2_f32_1, tile_avx2_f16_1, tile_avx2_bf16_1}}, {0, 0, {0}}};
-static const Tile tiles_avx512[] = {
-    {4, 6, {tile_avx512_f32_4, tile_avx512_f16_4, tile_avx512_bf16_4}},
-    {2, 8, {tile_avx512_f32_2, tile_avx512_f16_2, tile_avx512_bf16_2}},
-    {1, 8, {tile_avx512_f32_1, tile_avx512_f16_1, tile_avx512_bf16_1}}, {0, 0, {0}}};
+typedef struct { int mr, nr; TileFn fn[4]; } Tile; /* fn by dtype: f32, f16, bf16, q4 */
+static Tile tiles_avx2[] = {
+    {2, 3, {tile_avx2_f32_2, tile_avx2_f16_2, tile_avx2_bf16_2, NULL}},
+    {1, 4, {tile_avx2_f32_1, tile_avx2_f16_1, tile_avx2_bf16_1, NULL}}, {0, 0, {0}}};
+static Tile tiles_avx512[] = {
+    {4, 6, {tile_avx512_f32_4, tile_avx512_f16_4, tile_avx512_bf16_4, NULL}},
+    {2, 8, {tile_avx512_f32_2, tile_avx512_f16_2, tile_avx512_bf16_2, NULL}},
+    {1, 8, {tile_avx512_f32_1, tile_avx512_f16_1, tile_avx512_bf16_1, NULL}}, {0, 0, {0}}};
+
+static void tiles_init(void) { /* quant.c's 4-bit tiles, same shapes */
+    for (int i = 0; i < 2; i++) tiles_avx2[i].fn[DT_Q4] = q4_tiles_avx2[i];
+    for (int i = 0; i < 3; i++) tiles_avx512[i].fn[DT_Q4] = q4_tiles_avx512[i];
+}
 
 /* Rows [0, M) x weight rows [n0, n1), found at w + (n - n0) * rb in format dt,
  * with the largest tiles that fit the rows left; a tile at the weight edge
@@ -1397,7 +1488,7 @@ static void gemm_tiled(const Gemm *g, int n0, int n1, const char *w, DType dt, s
             float out[32];
             int cnt = n1 - nb < t->nr ? n1 - nb : t->nr;
             for (int j = 0; j < t->nr; j++) wr[j] = w + (size_t)(nb - n0 + (j < cnt ? j : cnt - 1)) * rb;
-            t->fn[dt](x, wr, g->K, rb * (size_t)t->nr, out);
+            t->fn[dt](x, wr, g->K, rb * (size_t)t->nr, g->w->group, out);
             for (int i = 0; i < t->mr; i++) gemm_store(g, m0 + i, nb, out + i * t->nr, cnt);
         }
         m0 += t->mr;
@@ -1411,12 +1502,12 @@ static void gemm_tiled(const Gemm *g, int n0, int n1, const char *w, DType dt, s
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
-    check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16, "gemm on %s", dtype_names[dt]);
+    check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on %s", dtype_names[dt]);
     const int nb = 48;
     int nblk = (g->N + nb - 1) / nb;
     bool wide = dt != DT_F32 && g->M >= 8 && g->K <= 16384 && g_simd != SIMD_SCALAR;
     const Tile *tiles = g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
-    size_t rb = dtype_bytes(dt, g->K);
+    size_t rb = row_bytes(g->w);
     #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
     for (int b = 0; b < nblk; b++) {
         int n0 = b * nb, n1 = n0 + nb < g->N ? n0 + nb : g->N;
@@ -1427,7 +1518,7 @@ void gemm(const Gemm *g) {
         static _Thread_local size_t panel_cap;
         size_t need = (size_t)nb * g->K;
         if (need > panel_cap) { free(panel); panel = check_malloc(need * sizeof(float), "a weight panel"); panel_cap = need; }
-        widen(panel, w, dt, (int64_t)(n1 - n0) * g->K);
+        widen(panel, w, g->w, n1 - n0, rb);
         gemm_tiled(g, n0, n1, (const char *)panel, DT_F32, (size_t)g->K * 4, tiles);
     }
 }
@@ -1601,32 +1692,67 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
  * padding computed); decode is a step with one row per live sequence. A
  * sequence's rows never see another's, so batch-mates cannot change a result. */
 
+/* One layer's cache for a range of sequences. f32: keys transposed per head
+ * (head_dim, cap) so scores vectorize over positions, values (cap, head_dim).
+ * q4 (--compress-cache): keys and values as 4-bit rows (cap, row bytes),
+ * grouped along head_dim like FlexGen's. */
 typedef struct {
-    int n_slot;            /* sequences the cache holds */
+    DType dtype;           /* DT_F32 or DT_Q4 */
+    int n_slot;            /* sequences */
+    int n_head, head_dim;  /* from the config */
     int cap;               /* positions per sequence */
-    int n_layer, n_head, head_dim; /* copied from the config */
-    float *k;              /* (n_layer, n_slot, n_head, head_dim, cap) keys, transposed */
-    float *v;              /* (n_layer, n_slot, n_head, cap, head_dim) values */
+    int group;             /* q4 group along head_dim */
+    size_t head_bytes;     /* bytes of one (sequence, head) key or value area */
+    char *k, *v;           /* (n_slot, n_head) areas each */
+} KVLayer;
+
+typedef struct {
+    int n_layer;           /* layers */
+    KVLayer *layer;        /* (n_layer) views into mem */
+    char *mem;             /* one allocation for all of them */
 } KVCache;
 
-void kv_init(KVCache *kv, const Config *c, int n_slot, int cap) {
-    kv->n_slot = n_slot;
-    kv->cap = cap;
+/* Bytes of one (sequence, head) area of keys (or values). */
+static size_t kv_head_bytes(DType dt, int head_dim, int cap, int group) {
+    return dt == DT_Q4 ? q4_row_bytes(head_dim, group) * (size_t)cap : sizeof(float) * (size_t)head_dim * cap;
+}
+
+/* The 4-bit cache's group: the chosen size, or head_dim rounded up to the
+ * kernels' step of 16 when that is smaller. */
+static int kv_group(int head_dim, int group) {
+    int hd16 = (head_dim + 15) / 16 * 16;
+    return group < hd16 ? group : hd16;
+}
+
+void kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group) {
+    int g = kv_group(c->head_dim, group);
+    size_t hb = kv_head_bytes(dt, c->head_dim, cap, g), per = hb * (size_t)n_slot * c->n_head;
     kv->n_layer = c->n_layer;
-    kv->n_head = c->n_head;
-    kv->head_dim = c->head_dim;
-    size_t n = (size_t)c->n_layer * n_slot * c->hidden * cap;
-    kv->k = check_malloc(n * sizeof(float), "the KV cache (keys)");
-    kv->v = check_malloc(n * sizeof(float), "the KV cache (values)");
+    kv->layer = check_calloc(sizeof(KVLayer) * (size_t)c->n_layer, "the KV cache");
+    kv->mem = malloc(2 * per * (size_t)c->n_layer);
+    if (!kv->mem) die("out of memory for the KV cache: %.2f GiB for %d sequences of %d positions (lower -b or use --compress-cache)",
+                      2.0 * (double)per * c->n_layer / (1 << 30), n_slot, cap);
+    for (int l = 0; l < c->n_layer; l++)
+        kv->layer[l] = (KVLayer){dt, n_slot, c->n_head, c->head_dim, cap, g, hb, kv->mem + 2 * per * (size_t)l, kv->mem + 2 * per * (size_t)l + per};
 }
 
-void kv_free(KVCache *kv) { free(kv->k); free(kv->v); }
+void kv_free(KVCache *kv) { free(kv->mem); free(kv->layer); }
 
-static float *kv_k(const KVCache *kv, int layer, int slot, int head) {
-    return kv->k + (((size_t)layer * kv->n_slot + slot) * kv->n_head + head) * (size_t)kv->head_dim * kv->cap;
-}
-static float *kv_v(const KVCache *kv, int layer, int slot, int head) {
-    return kv->v + (((size_t)layer * kv->n_slot + slot) * kv->n_head + head) * (size_t)kv->head_dim * kv->cap;
+static char *kv_k(const KVLayer *kv, int slot, int head) { return kv->k + ((size_t)slot * kv->n_head + head) * kv->head_bytes; }
+static char *kv_v(const KVLayer *kv, int slot, int head) { return kv->v + ((size_t)slot * kv->n_head + head) * kv->head_bytes; }
+
+/* Stores one position's key and value rows (head_dim each) of one head. */
+static void kv_store(const KVLayer *kv, int slot, int head, int pos, const float *k, const float *v) {
+    int D = kv->head_dim;
+    if (kv->dtype == DT_Q4) {
+        size_t rb = q4_row_bytes(D, kv->group);
+        q4_quantize_row((uint8_t *)kv_k(kv, slot, head) + rb * (size_t)pos, k, D, kv->group, "the key cache");
+        q4_quantize_row((uint8_t *)kv_v(kv, slot, head) + rb * (size_t)pos, v, D, kv->group, "the value cache");
+        return;
+    }
+    float *kt = (float *)kv_k(kv, slot, head);
+    for (int d = 0; d < D; d++) kt[(size_t)d * kv->cap + pos] = k[d];
+    memcpy((float *)kv_v(kv, slot, head) + (size_t)pos * D, v, sizeof(float) * D);
 }
 
 typedef struct {
@@ -1679,17 +1805,14 @@ static void linear(float *y, const float *x, const Tensor *w, const float *b, in
 
 /* Writes the step's keys and values into the cache, then attends: row r sees
  * positions 0..pos[r] of its own slot. */
-static void attention(const Model *m, const KVCache *kv, int layer, const Step *st, Scratch *s) {
+static void attention(const Model *m, const KVLayer *kv, const Step *st, Scratch *s) {
     const Config *c = &m->cfg;
     int H = c->n_head, D = c->head_dim;
     float scale = 1.0f / sqrtf((float)D);
+    #pragma omp parallel for collapse(2) if (kv->dtype == DT_Q4 && st->n * H > 64)
     for (int r = 0; r < st->n; r++)
-        for (int hh = 0; hh < H; hh++) {
-            float *kt = kv_k(kv, layer, st->slot[r], hh), *vr = kv_v(kv, layer, st->slot[r], hh) + (size_t)st->pos[r] * D;
-            const float *kr = s->k + (size_t)r * c->hidden + hh * D;
-            for (int d = 0; d < D; d++) kt[(size_t)d * kv->cap + st->pos[r]] = kr[d];
-            memcpy(vr, s->v + (size_t)r * c->hidden + hh * D, sizeof(float) * D);
-        }
+        for (int hh = 0; hh < H; hh++)
+            kv_store(kv, st->slot[r], hh, st->pos[r], s->k + (size_t)r * c->hidden + hh * D, s->v + (size_t)r * c->hidden + hh * D);
     /* groups of up to AQ consecutive rows of one sequence (positions ascend) */
     int ng = 0;
     for (int r = 0; r < st->n; ng++) {
@@ -1714,13 +1837,17 @@ static void attention(const Model *m, const KVCache *kv, int layer, const Step *
                 out[i] = s->att + (size_t)(r0 + i) * c->hidden + hh * D;
                 T[i] = st->pos[r0 + i] + 1;
             }
-            const float *kt = kv_k(kv, layer, st->slot[r0], hh), *v = kv_v(kv, layer, st->slot[r0], hh);
-            attn_scores(sc, q, n, kt, kv->cap, D, T[n - 1]);
+            const char *kt = kv_k(kv, st->slot[r0], hh), *v = kv_v(kv, st->slot[r0], hh);
+            if (kv->dtype == DT_Q4) q4_attn_scores(sc, q, n, (const uint8_t *)kt, D, kv->group, T[n - 1]);
+            else attn_scores(sc, q, n, (const float *)kt, kv->cap, D, T[n - 1]);
             for (int i = 0; i < n; i++) softmax(sc[i], T[i]);
             /* all rows up to the first one's length, then each row's own tail,
              * continuing the same accumulators: one chain of FMAs per output */
-            attn_mix(out, (const float *const *)sc, n, v, D, D, 0, T[0], 1);
-            for (int i = 1; i < n; i++) attn_mix(out + i, (const float *const *)sc + i, 1, v, D, D, T[0], T[i], 0);
+            for (int i = 0; i < n; i++) {
+                int t0 = i ? T[0] : 0, rows = i ? 1 : n;
+                if (kv->dtype == DT_Q4) q4_attn_mix(out + i, (const float *const *)sc + i, rows, (const uint8_t *)v, D, kv->group, t0, T[i], !i);
+                else attn_mix(out + i, (const float *const *)sc + i, rows, (const float *)v, D, D, t0, T[i], !i);
+            }
         }
 }
 
@@ -1731,14 +1858,14 @@ void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s
     int n = st->n, h = c->hidden, e = c->embed_dim;
     check(n <= s->rows, "step of %d rows exceeds scratch of %d", n, s->rows);
     for (int r = 0; r < n; r++) {
-        check(st->pos[r] < kv->cap && st->pos[r] < c->max_pos, "position %d out of range", st->pos[r]);
-        to_f32(s->e + (size_t)r * e, w_row(&m->embed, st->tok[r]), m->embed.dtype, e);
+        check(st->pos[r] < kv->layer[0].cap && st->pos[r] < c->max_pos, "position %d out of range", st->pos[r]);
+        tensor_row_f32(&m->embed, st->tok[r], s->e + (size_t)r * e);
     }
     if (e != h) linear(s->x, s->e, &m->proj_in, NULL, n, 0, 0);
     else memcpy(s->x, s->e, sizeof(float) * n * h);
     for (int r = 0; r < n; r++) { /* OPT's learned positions are offset by 2 */
         float *xr = s->x + (size_t)r * h, *p = s->h;
-        to_f32(p, w_row(&m->pos, st->pos[r] + 2), m->pos.dtype, h);
+        tensor_row_f32(&m->pos, st->pos[r] + 2, p);
         for (int i = 0; i < h; i++) xr[i] += p[i];
     }
     for (int l = 0; l < c->n_layer; l++) {
@@ -1748,7 +1875,7 @@ void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s
         linear(s->q, in, &L->q, L->qb, n, 0, 0);
         linear(s->k, in, &L->k, L->kb, n, 0, 0);
         linear(s->v, in, &L->v, L->vb, n, 0, 0);
-        attention(m, kv, l, st, s);
+        attention(m, &kv->layer[l], st, s);
         linear(s->x, s->att, &L->o, L->ob, n, 1, 0);
         if (!c->pre_ln) layernorm(s->x, s->x, L->ln1w, L->ln1b, n, h);
         in = s->x;
@@ -1891,6 +2018,22 @@ static void write_all(FILE *f, const void *p, size_t n, const char *path) {
     if (n && fwrite(p, 1, n, f) != n) die("%s: write failed: %s", path, strerror(errno));
 }
 
+/* Output files are written as PATH.partial and renamed when complete; die()
+ * removes the partial one, so an interrupted write leaves nothing that looks
+ * finished. One at a time. */
+static FILE *file_create(const char *path) {
+    snprintf(g_partial, sizeof g_partial, "%s.partial", path);
+    FILE *f = fopen(g_partial, "wb");
+    if (!f) { g_partial[0] = 0; die("%s: %s", path, strerror(errno)); }
+    return f;
+}
+
+static void file_commit(FILE *f, const char *path) {
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+    if (rename(g_partial, path) != 0) die("%s: %s", path, strerror(errno));
+    g_partial[0] = 0;
+}
+
 /* Streams tensor idx's bytes to f in chunks generated in parallel. */
 static uint32_t crc32_update(uint32_t crc, const void *p, size_t n);
 static void synth_write_tensor(FILE *f, const WSpec *w, DType dt, uint64_t seed, int idx, const char *path, uint32_t *crc) {
@@ -1925,13 +2068,12 @@ static void synth_safetensors(const char *path, const WSpec *w, int n, DType dt,
     }
     len += (size_t)snprintf(hdr + len, cap - len, "}");
     while (len % 8) hdr[len++] = ' '; /* the data starts 8-aligned, as the reference writer does */
-    FILE *f = fopen(path, "wb");
-    if (!f) die("%s: %s", path, strerror(errno));
+    FILE *f = file_create(path);
     uint64_t hl = len;
     write_all(f, &hl, 8, path);
     write_all(f, hdr, len, path);
     for (int i = 0; i < n; i++) synth_write_tensor(f, &w[i], dt, seed, first + i, path, NULL);
-    if (fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+    file_commit(f, path);
     free(hdr);
 }
 
@@ -2041,8 +2183,7 @@ static void zip_finish(FILE *f, const ZipOut *e, int n, const char *path) {
 }
 
 static void synth_bin(const char *path, const WSpec *w, int n, DType dt, uint64_t seed, int first) {
-    FILE *f = fopen(path, "wb");
-    if (!f) die("%s: %s", path, strerror(errno));
+    FILE *f = file_create(path);
     const char *stype = dt == DT_F32 ? "FloatStorage" : dt == DT_F16 ? "HalfStorage" : "BFloat16Storage";
     Buf pk = {0};
     buf_u8(&pk, 0x80); buf_u8(&pk, 2);
@@ -2087,31 +2228,39 @@ static void synth_bin(const char *path, const WSpec *w, int n, DType dt, uint64_
     snprintf(e[ne].name, sizeof e[ne].name, "archive/version");
     zip_entry(f, &e[ne++], "3\n", 2, path);
     zip_finish(f, e, ne, path);
-    if (fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+    file_commit(f, path);
     free(e);
     free(pk.p);
 }
 
 static void write_text(const char *path, const char *text, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) die("%s: %s", path, strerror(errno));
+    FILE *f = file_create(path);
     write_all(f, text, n, path);
-    if (fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
+    file_commit(f, path);
 }
 
 /* config.json as Hugging Face writes it for OPT (sorted keys, indent 2). */
-static void config_write(const Config *c, const char *path, DType dt) {
-    char buf[2048];
-    int n = snprintf(buf, sizeof buf,
-        "{\n  \"_name_or_path\": \"%s\",\n  \"_remove_final_layer_norm\": false,\n  \"activation_dropout\": 0.0,\n"
+static int config_json(const Config *c, DType dt, char *buf, size_t cap) {
+    char name[64];
+    size_t k = 0;
+    for (const char *p = c->name; *p && k + 1 < sizeof name; p++) if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20) name[k++] = *p;
+    name[k] = 0;
+    return snprintf(buf, cap,
+        "{\n  \"_name_or_path\": \"%s\",\n  \"_remove_final_layer_norm\": %s,\n  \"activation_dropout\": 0.0,\n"
         "  \"activation_function\": \"relu\",\n  \"architectures\": [\n    \"OPTForCausalLM\"\n  ],\n  \"attention_dropout\": 0.0,\n"
-        "  \"bos_token_id\": 2,\n  \"do_layer_norm_before\": %s,\n  \"dropout\": 0.1,\n  \"enable_bias\": %s,\n  \"eos_token_id\": 2,\n"
+        "  \"bos_token_id\": 2,\n  \"do_layer_norm_before\": %s,\n  \"dropout\": 0.1,\n  \"enable_bias\": %s,\n  \"eos_token_id\": %d,\n"
         "  \"ffn_dim\": %d,\n  \"hidden_size\": %d,\n  \"init_std\": 0.02,\n  \"layer_norm_elementwise_affine\": %s,\n  \"layerdrop\": 0.0,\n"
         "  \"max_position_embeddings\": %d,\n  \"model_type\": \"opt\",\n  \"num_attention_heads\": %d,\n  \"num_hidden_layers\": %d,\n"
-        "  \"pad_token_id\": 1,\n  \"prefix\": \"</s>\",\n  \"torch_dtype\": \"%s\",\n  \"transformers_version\": \"4.36.2\",\n  \"use_cache\": true,\n"
+        "  \"pad_token_id\": %d,\n  \"prefix\": \"</s>\",\n  \"torch_dtype\": \"%s\",\n  \"transformers_version\": \"4.36.2\",\n  \"use_cache\": true,\n"
         "  \"vocab_size\": %d,\n  \"word_embed_proj_dim\": %d\n}\n",
-        c->name, c->pre_ln ? "true" : "false", c->bias ? "true" : "false", c->ffn, c->hidden, c->ln_affine ? "true" : "false",
-        c->max_pos, c->n_head, c->n_layer, dt == DT_F32 ? "float32" : dt == DT_F16 ? "float16" : "bfloat16", c->vocab, c->embed_dim);
+        name, c->pre_ln && !c->final_ln ? "true" : "false", c->pre_ln ? "true" : "false", c->bias ? "true" : "false", c->eos, c->ffn, c->hidden,
+        c->ln_affine ? "true" : "false", c->max_pos, c->n_head, c->n_layer, c->pad, dt == DT_F32 ? "float32" : dt == DT_BF16 ? "bfloat16" : "float16",
+        c->vocab, c->embed_dim);
+}
+
+static void config_write(const Config *c, const char *path, DType dt) {
+    char buf[2048];
+    int n = config_json(c, dt, buf, sizeof buf);
     write_text(path, buf, (size_t)n);
 }
 
@@ -2173,16 +2322,146 @@ void synth_write(const Config *c, const SynthOpts *o) {
     }
     if (shards > 1) {
         p = path_join(o->out, o->bin ? "pytorch_model.bin.index.json" : "model.safetensors.index.json");
-        FILE *f = fopen(p, "wb");
-        if (!f) die("%s: %s", p, strerror(errno));
+        FILE *f = file_create(p);
         fprintf(f, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
         write_all(f, idx.p, idx.n, p);
         fprintf(f, "\n  }\n}\n");
-        if (fclose(f) != 0) die("%s: write failed: %s", p, strerror(errno));
+        file_commit(f, p);
         free(p);
     }
     free(idx.p);
     free(w);
+}
+
+/* ----------------------------------------------------------------------------
+ * Native files (`opt convert`): one safetensors container holding our tensor
+ * names ("layers.3.fc1.weight"), the config in the header's metadata
+ * ("opt.config"), and each compressed tensor's format ("opt.formats"). -m
+ * takes the file, and the disk tier maps it like any checkpoint. */
+
+static void buf_str(Buf *b, const char *s) { buf_put(b, s, strlen(s)); }
+
+static void buf_json_str(Buf *b, const char *s, size_t n) { /* a JSON string literal */
+    buf_put(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        char e[8];
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') { e[0] = '\\'; e[1] = (char)c; buf_put(b, e, 2); }
+        else if (c < 0x20) { snprintf(e, sizeof e, "\\u%04x", c); buf_put(b, e, 6); }
+        else buf_put(b, s + i, 1);
+    }
+    buf_put(b, "\"", 1);
+}
+
+typedef struct {
+    char name[96];         /* our tensor name */
+    const Tensor *mat;     /* a matrix, or NULL */
+    const float *vec;      /* a 1-D f32 tensor, or NULL */
+    int64_t n;             /* vec length */
+    int q4;                /* write mat as 4 bits with this group (0: as stored) */
+} NativeT;
+
+static size_t native_bytes(const NativeT *t, const char **dtype, int64_t shape[2]) {
+    if (t->vec) { *dtype = "F32"; shape[0] = t->n; shape[1] = 0; return sizeof(float) * (size_t)t->n; }
+    int g = t->q4 ? t->q4 : t->mat->dtype == DT_Q4 ? t->mat->group : 0;
+    shape[0] = t->mat->rows;
+    if (g) { *dtype = "U8"; shape[1] = (int64_t)q4_row_bytes(t->mat->cols, g); return (size_t)shape[0] * (size_t)shape[1]; }
+    *dtype = dtype_st_name(t->mat->dtype);
+    shape[1] = t->mat->cols;
+    return dtype_bytes(t->mat->dtype, shape[0] * shape[1]);
+}
+
+/* Writes the model's tensors; matrices to 4 bits when group > 0. */
+void native_write(const Model *m, const char *path, int group) {
+    const Config *c = &m->cfg;
+    NativeT *t = check_calloc(sizeof(NativeT) * (size_t)(16 + 16 * c->n_layer), "tensor list");
+    int n = 0;
+#define MATT(tensor, ...) (snprintf(t[n].name, sizeof t[n].name, __VA_ARGS__), t[n].mat = (tensor), t[n].q4 = group, n++)
+#define VECT(v, len, ...) ((v) ? (snprintf(t[n].name, sizeof t[n].name, __VA_ARGS__), t[n].vec = (v), t[n].n = (len), n++) : 0)
+    MATT(&m->embed, "embed_tokens.weight");
+    t[n].mat = &m->pos; snprintf(t[n++].name, 96, "embed_positions.weight"); /* kept as stored */
+    if (m->proj_in.data) { MATT(&m->proj_in, "project_in.weight"); MATT(&m->proj_out, "project_out.weight"); }
+    VECT(m->lnfw, c->hidden, "final_layer_norm.weight");
+    VECT(m->lnfb, c->hidden, "final_layer_norm.bias");
+    if (m->lm_head.data != m->embed.data) MATT(&m->lm_head, "lm_head.weight");
+    static const char *const names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"};
+    for (int l = 0; l < c->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        const Tensor *mats[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        const float *bias[] = {L->qb, L->kb, L->vb, L->ob, L->fc1b, L->fc2b};
+        for (int i = 0; i < 6; i++) {
+            MATT(mats[i], "layers.%d.%s.weight", l, names[i]);
+            VECT(bias[i], i == 4 ? c->ffn : c->hidden, "layers.%d.%s.bias", l, names[i]);
+        }
+        VECT(L->ln1w, c->hidden, "layers.%d.self_attn_layer_norm.weight", l);
+        VECT(L->ln1b, c->hidden, "layers.%d.self_attn_layer_norm.bias", l);
+        VECT(L->ln2w, c->hidden, "layers.%d.final_layer_norm.weight", l);
+        VECT(L->ln2b, c->hidden, "layers.%d.final_layer_norm.bias", l);
+    }
+#undef MATT
+#undef VECT
+    Buf fm = {0}, h = {0};
+    buf_str(&fm, "{");
+    for (int i = 0; i < n; i++) {
+        int g = t[i].mat ? (t[i].q4 ? t[i].q4 : t[i].mat->dtype == DT_Q4 ? t[i].mat->group : 0) : 0;
+        if (!g) continue;
+        char e[160];
+        snprintf(e, sizeof e, "%s\"%s\": {\"format\": \"q4\", \"group\": %d, \"cols\": %lld}", fm.n > 1 ? ", " : "", t[i].name, g, (long long)t[i].mat->cols);
+        buf_str(&fm, e);
+    }
+    buf_str(&fm, "}");
+    char cfg[2048];
+    int cl = config_json(c, m->embed.dtype == DT_Q4 ? DT_F16 : m->embed.dtype, cfg, sizeof cfg);
+    buf_str(&h, "{\"__metadata__\": {\"format\": \"opt\", \"opt.version\": \"1\", \"opt.config\": ");
+    buf_json_str(&h, cfg, (size_t)cl);
+    buf_str(&h, ", \"opt.formats\": ");
+    buf_json_str(&h, fm.p, fm.n);
+    buf_str(&h, "}");
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        const char *dt;
+        int64_t sh[2];
+        size_t bytes = native_bytes(&t[i], &dt, sh);
+        char e[256];
+        if (t[i].vec) snprintf(e, sizeof e, ", \"%s\": {\"dtype\": \"%s\", \"shape\": [%lld], \"data_offsets\": [%zu, %zu]}", t[i].name, dt, (long long)sh[0], off, off + bytes);
+        else snprintf(e, sizeof e, ", \"%s\": {\"dtype\": \"%s\", \"shape\": [%lld, %lld], \"data_offsets\": [%zu, %zu]}", t[i].name, dt, (long long)sh[0], (long long)sh[1], off, off + bytes);
+        buf_str(&h, e);
+        off += bytes;
+    }
+    buf_str(&h, "}");
+    while (h.n % 8) buf_put(&h, " ", 1);
+    FILE *f = file_create(path);
+    uint64_t hl = h.n;
+    write_all(f, &hl, 8, path);
+    write_all(f, h.p, h.n, path);
+    for (int i = 0; i < n; i++) {
+        const char *dt;
+        int64_t sh[2];
+        size_t bytes = native_bytes(&t[i], &dt, sh);
+        if (t[i].vec) { write_all(f, t[i].vec, bytes, path); continue; }
+        const Tensor *w = t[i].mat;
+        if (!t[i].q4 || w->dtype == DT_Q4) { write_all(f, w->data, bytes, path); continue; }
+        size_t rb = (size_t)sh[1];
+        int64_t chunk = 256;
+        uint8_t *q = check_malloc(rb * (size_t)chunk, "4-bit rows");
+        for (int64_t r0 = 0; r0 < w->rows; r0 += chunk) {
+            int64_t r1 = r0 + chunk < w->rows ? r0 + chunk : w->rows;
+            #pragma omp parallel
+            {
+                float *row = check_malloc(sizeof(float) * (size_t)w->cols, "a row");
+                #pragma omp for
+                for (int64_t r = r0; r < r1; r++) {
+                    tensor_row_f32(w, r, row);
+                    q4_quantize_row(q + rb * (size_t)(r - r0), row, w->cols, t[i].q4, w->name);
+                }
+                free(row);
+            }
+            write_all(f, q, rb * (size_t)(r1 - r0), path);
+        }
+        free(q);
+    }
+    file_commit(f, path);
+    free(t); free(fm.p); free(h.p);
 }
 
 /* ----------------------------------------------------------------------------
@@ -2865,6 +3144,8 @@ typedef struct {
     int ignore_eos;        /* keep generating past </s> */
     int step_rows;         /* rows per step: bounds activation memory */
     SamplerCfg sc;         /* sampling */
+    int compress_cache;    /* 4-bit KV cache */
+    int group;             /* its group size */
     void (*emit)(void *ctx, Job *j, int index); /* prints a finished job */
     void (*on_token)(void *ctx, Job *j, int index); /* after each sampled token (--stream) */
     void *ctx;             /* for emit/on_token */
@@ -2908,7 +3189,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     if (slots < 1) return;
     int rows_max = e->step_rows > slots ? e->step_rows : slots;
     KVCache kv;
-    kv_init(&kv, c, slots, cap);
+    kv_init(&kv, c, slots, cap, e->compress_cache ? DT_Q4 : DT_F32, e->group);
     Scratch s;
     scratch_init(&s, c, rows_max, cap);
     int lrows = 64; /* logits are computed 64 rows at a time */
@@ -3007,6 +3288,10 @@ typedef struct {
     const char *prefix;    /* synth --prefix */
     int tie;               /* synth: tie lm_head to the embedding */
     int step_rows;         /* --step-rows */
+    int compress_weight;   /* --compress-weight: 4-bit weights at load time */
+    int compress_cache;    /* --compress-cache: 4-bit KV cache */
+    int group;             /* --group-size for 4-bit formats */
+    int int4;              /* convert --int4-weights */
 } Opts;
 
 static const char *help_text[][2] = {
@@ -3052,6 +3337,12 @@ static const char *help_text[][2] = {
      "  Synthetic prompts of P tokens, G generated each, B at once. Prints prefill and decode\n"
      "  latency and throughput, total throughput (FlexGen's definitions) and peak memory.\n"},
     {"lp", "usage: opt lp FILE.mps\n  Solves a linear program (free MPS) with opt's own simplex solver.\n"},
+    {"convert",
+     "usage: opt convert -m DIR -o FILE [--int4-weights] [--group-size 32|64|128]\n"
+     "  Writes the native packed file (a safetensors container with opt's tensor names, the\n"
+     "  config and each tensor's format in its metadata) that -m accepts and the disk tier maps.\n"
+     "      --int4-weights     4-bit group-wise weights (asymmetric, f16 scale and minimum per group)\n"
+     "      --group-size N     values per group along each row (default 64)\n"},
 };
 
 static void usage(FILE *f) {
@@ -3064,6 +3355,7 @@ static void usage(FILE *f) {
                "  synth      write a random-weight checkpoint for tests and demos\n"
                "  info       describe a checkpoint and this machine\n"
                "  bench      measure prefill and decode throughput\n"
+               "  convert    write the native packed file (4-bit weights)\n"
                "  lp         solve a linear program (MPS) with the built-in simplex\n\n"
                "`opt COMMAND --help` documents each command's options. OPT_SIMD=scalar|avx2|avx512\n"
                "forces a SIMD level.\n");
@@ -3124,6 +3416,13 @@ static void opts_parse(Opts *o, int argc, char **argv) {
         else if (!strcmp(a, "--tie")) o->tie = 1;
         else if (!strcmp(a, "--no-tie")) o->tie = 0;
         else if (!strcmp(a, "--step-rows")) o->step_rows = (int)parse_int(a, VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--compress-weight")) o->compress_weight = 1;
+        else if (!strcmp(a, "--compress-cache")) o->compress_cache = 1;
+        else if (!strcmp(a, "--int4-weights")) o->int4 = 1;
+        else if (!strcmp(a, "--group-size")) {
+            o->group = (int)parse_int(a, VAL(), 32, 128);
+            if (o->group != 32 && o->group != 64 && o->group != 128) die("--group-size: expected 32, 64 or 128");
+        }
         else die("unknown option '%s' for opt %s (see opt %s --help)", a, o->cmd, o->cmd);
 #undef FLAG
 #undef VAL
@@ -3386,6 +3685,7 @@ static void cmd_run(const Opts *o) {
     gpu_note();
     Model m;
     model_load(&m, o->model);
+    if (o->compress_weight) model_compress(&m, o->group);
     Tokenizer *tok = tokenizer_for(o->model);
     int n_jobs;
     Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
@@ -3393,6 +3693,7 @@ static void cmd_run(const Opts *o) {
     Printer pr = {.o = o, .tok = tok, .out = stdout};
     Engine e = {.m = &m, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
                 .step_rows = o->step_rows, .sc = o->sc, .emit = score ? emit_score : emit_generate,
+                .compress_cache = o->compress_cache, .group = o->group,
                 .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
     engine_run(&e, jobs, n_jobs);
     free(jobs);
@@ -3443,6 +3744,17 @@ static void cmd_synth(const Opts *o) {
     if (strcmp(so.prefix, "model.decoder.") && strcmp(so.prefix, "decoder.")) die("--prefix: expected model.decoder. or decoder.");
     synth_write(&c, &so);
     fprintf(stderr, "opt: wrote %s (%s, %.1fM parameters, %s)\n", o->out, o->shape, (double)config_params(&c) / 1e6, dtype_names[so.dtype]);
+}
+
+static void cmd_convert(const Opts *o) {
+    if (!o->model || !o->out) die("opt convert: -m DIR and -o FILE are required (see opt convert --help)");
+    Model m;
+    model_load(&m, o->model);
+    native_write(&m, o->out, o->int4 ? o->group : 0);
+    struct stat st;
+    stat(o->out, &st);
+    fprintf(stderr, "opt: wrote %s (%.2f GiB%s)\n", o->out, (double)st.st_size / (1 << 30), o->int4 ? ", 4-bit weights" : "");
+    model_free(&m);
 }
 
 static long mem_total_kb(const char *key) {
@@ -3501,6 +3813,7 @@ static void cmd_bench(const Opts *o) {
     gpu_note();
     Model m;
     model_load(&m, o->model);
+    if (o->compress_weight) model_compress(&m, o->group);
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32, B = o->batch;
     if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
     for (int pass = 0; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator */
@@ -3515,7 +3828,7 @@ static void cmd_bench(const Opts *o) {
             for (int t = 1; t < p; t++) jobs[i].ids[t] = 4 + (int)(splitmix64(&r) % 50000);
         }
         Engine e = {.m = &m, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
-                    .emit = bench_emit};
+                    .emit = bench_emit, .compress_cache = o->compress_cache, .group = o->group};
         engine_run(&e, jobs, n);
         free(jobs);
         if (!pass) continue;
@@ -3547,12 +3860,14 @@ const char *gpu_describe(void) { return "none (this binary was built without CUD
 #ifndef OPT_NO_MAIN
 int main(int argc, char **argv) {
     simd_init();
-    Opts o = {.cmd = "generate", .batch = 16, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
+    Opts o = {.cmd = "generate", .batch = 16, .group = 64, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
     int first = 1;
     if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
     if (!strcmp(o.cmd, "help")) { if (argc > 2) cmd_help(argv[2]); usage(stdout); return 0; }
     if (!strcmp(o.cmd, "lp")) return lp_main(argc - 1, argv + 1);
-    static const char *const cmds[] = {"generate", "score", "tokenize", "synth", "info", "bench"};
+    if (!strcmp(o.cmd, "plan")) return plan_main(argc - 1, argv + 1);
+    if (!strcmp(o.cmd, "probe")) return probe_main(argc - 1, argv + 1);
+    static const char *const cmds[] = {"generate", "score", "tokenize", "synth", "info", "bench", "convert"};
     bool known = false;
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) known |= !strcmp(o.cmd, cmds[i]);
     if (!known) { fprintf(stderr, "opt: unknown command '%s'\n\n", o.cmd); usage(stderr); return 2; }
@@ -3563,6 +3878,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(o.cmd, "synth")) cmd_synth(&o);
     else if (!strcmp(o.cmd, "info")) cmd_info(&o);
     else if (!strcmp(o.cmd, "bench")) cmd_bench(&o);
+    else if (!strcmp(o.cmd, "convert")) cmd_convert(&o);
     return 0;
 }
 #endif

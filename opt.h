@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 /* ----------------------------------------------------------------------------
  * Errors. User-facing failures name the file, tensor or input line; internal
@@ -82,6 +83,48 @@ typedef struct {
     const char *name;     /* checkpoint name, for error messages */
 } Tensor;
 
+/* Exact half/bfloat16 conversions (round to nearest even into 16 bits); the
+ * SIMD kernels use F16C or AVX-512 for the same results. */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000 | man << 13;          /* inf, nan */
+    else if (exp) bits = sign | (exp + 112) << 23 | man << 13;       /* normal */
+    else if (man) {                                                   /* subnormal: normalize */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        bits = sign | (uint32_t)(112 - e) << 23 | (man & 0x3FF) << 13;
+    } else bits = sign;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) { /* round to nearest even */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = x >> 16 & 0x8000, ax = x & 0x7FFFFFFF;
+    if (ax > 0x7F800000) return (uint16_t)(sign | 0x7E00);           /* nan */
+    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00);          /* overflow to inf */
+    if (ax < 0x38800000) {                                            /* subnormal or zero */
+        if (ax < 0x33000000) return (uint16_t)sign;
+        uint32_t e = ax >> 23, m = (ax & 0x7FFFFF) | 0x800000, shift = 126 - e;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ax - 0x38000000 + 0xFFF + (ax >> 13 & 1);             /* rebias, round */
+    return (uint16_t)(sign | r >> 13);
+}
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(x >> 16 | 0x40);
+    return (uint16_t)((x + 0x7FFF + (x >> 16 & 1)) >> 16);
+}
+
 size_t dtype_bytes(DType t, int64_t n); /* bytes for n elements (packed formats rounded up) */
 size_t tensor_bytes(const Tensor *t);   /* data + scales */
 
@@ -110,6 +153,11 @@ typedef struct {
 } Gemm;
 void gemm(const Gemm *g);
 
+/* A GEMM tile: MR rows of x against NR weight rows (pointers w[j]) over K,
+ * dots into out[i * NR + j]; pf is the byte distance to the next tile's
+ * weights (prefetched), G the 4-bit group size. */
+typedef void (*TileFn)(const float *const *x, const char *const *w, int K, size_t pf, int G, float *out);
+
 /* Writes dots (n) into row m at columns n0..: + bias, + y (residual), ReLU. */
 static inline void gemm_store(const Gemm *g, int m, int n0, const float *dot, int n) {
     float *y = g->y + (int64_t)m * g->ldy + n0;
@@ -129,6 +177,18 @@ static inline float lanes_sum16(const float l[16]) {
     for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
+
+/* ----------------------------------------------------------------------------
+ * quant.c: 4-bit group-wise format (see there) and its kernels. */
+
+size_t q4_row_bytes(int64_t cols, int group);  /* bytes of one quantized row */
+void q4_quantize_row(uint8_t *out, const float *in, int64_t cols, int group, const char *what); /* dies on NaN/Inf naming `what` */
+void q4_dequantize_row(float *out, const uint8_t *in, int64_t cols, int group);
+float q4_dot_scalar(const float *x, const uint8_t *w, int K, int group);
+extern const TileFn q4_tiles_avx2[2];    /* tiles 2x3 and 1x4, as opt.c's AVX2 tiles */
+extern const TileFn q4_tiles_avx512[3];  /* tiles 4x6, 2x8 and 1x8 */
+void q4_attn_scores(float *const *s, const float *const *q, int n, const uint8_t *k, int D, int G, int T);
+void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1, int init);
 
 /* ----------------------------------------------------------------------------
  * Tokenizer (opt.c): byte-level BPE exactly as Hugging Face's GPT2Tokenizer. */
@@ -186,6 +246,94 @@ LpStatus lp_solve(const Lp *lp, double *x, double *obj);
  * optimal, "objective Z" and one "name value" line per column. Malformed input dies naming the
  * file and line. Returns the exit status: 0 for optimal, infeasible and unbounded alike. */
 int lp_main(int argc, char **argv);
+
+/* The cost model and the policy search (FlexGen's LP with its omissions fixed; the terms are
+ * documented at the top of lp.c's cost-model section). All sizes are bytes, bandwidths bytes/s,
+ * rates FLOP/s, times seconds. */
+typedef struct {
+    char name[160];            /* "t4", "h100", or the probe file it came from */
+    int has_gpu;               /* 0: the CPU computes and there is no GPU tier and no PCIe */
+    double gpu_mem, cpu_mem, disk_mem; /* default budgets when plan is given none */
+    double h2d_bw;             /* host-to-device copies from pinned memory */
+    double d2h_bw;             /* device-to-host copies into pinned memory (activations, q) */
+    double d2h_cache_bw;       /* device-to-host KV-cache stores (strided; FlexGen fits it apart) */
+    double disk_read_bw;       /* reads from the offload directory */
+    double disk_write_bw;      /* writes of activations and of decode's one-position cache stores */
+    double disk_write_cache_bw;/* writes of prefill's whole-prompt cache stores */
+    double gpu_mem_bw;         /* device memory: the roofline of small-batch GEMMs */
+    double gpu_gemm_flops_g;   /* fp16 GEMM at M = 64 rows (decode-sized) */
+    double gpu_gemm_flops_p;   /* fp16 GEMM at M >= 512 rows (prefill-sized) */
+    double gpu_bmm_flops_p;    /* prefill attention (batched GEMMs, s x s per head) */
+    double gpu_bmm_flops_g;    /* decode attention over the cache (memory-bound) */
+    double gpu_dequant_bw;     /* 4-bit -> fp16 dequantization, fp16 bytes written per second */
+    double cpu_gemv_bw;        /* CPU GEMM at M = 1 with f16 weights: weight bytes per second */
+    double cpu_gemv_q4_bw;     /* the same with 4-bit weights (fused kernel): 4-bit bytes per second */
+    double cpu_gemm_flops_g;   /* CPU GEMM at M = 64, f16 weights */
+    double cpu_gemm_flops_p;   /* CPU GEMM at M = 512, f16 weights */
+    double cpu_attn_flops;     /* decode attention over a CPU-resident fp16 cache */
+    double cpu_attn_q4_flops;  /* the same over a 4-bit cache (FLOPs counted as for fp16) */
+    double cpu_attn_c[3];      /* FlexGen's T4 correction of both (c1, c2, c3); 0 = none */
+    double cpu_mem_bw;         /* streaming read bandwidth of RAM */
+    double layer_overhead;     /* fixed seconds per layer and GPU batch (launches, syncs) */
+} Hardware;
+
+/* kernels.cu answers these on CUDA builds; lp.c's weak stand-ins return -1 ("no GPU"). */
+typedef struct {
+    char name[128];            /* device name */
+    double mem_bytes;          /* device memory */
+    double h2d_bw, d2h_bw;     /* pinned copies of >= 256 MiB, bytes/s */
+    double mem_bw;             /* device memory streaming (read + write bytes per second) */
+    double gemm_flops_g;       /* fp16 GEMM, M = 64, N = K = 8192: FLOP/s */
+    double gemm_flops_p;       /* fp16 GEMM, M = 4096, N = K = 8192: FLOP/s */
+    double bmm_flops_p;        /* prefill attention GEMMs (s = 512, head_dim 128): FLOP/s */
+    double bmm_flops_g;        /* decode attention (1 query over 512+ keys, head_dim 128): FLOP/s */
+    double dequant_bw;         /* 4-bit -> fp16 dequantization: fp16 bytes written per second */
+} GpuProbe;
+int gpu_probe_bandwidth(GpuProbe *p); /* fills name, mem_bytes, h2d_bw, d2h_bw; -1: no GPU */
+int gpu_probe_compute(GpuProbe *p);   /* fills the rest; -1: no GPU */
+
+/* Resolves "t4", "h100" or a probe JSON file written by `opt probe`; dies with one line naming
+ * the file (missing, corrupt, wrong format, a missing or non-positive number) or the name. */
+void hw_load(Hardware *hw, const char *spec);
+
+typedef struct {
+    int prompt_len, gen_len;   /* s and n: FlexGen's workload (512, 32) */
+    double budget[TIER_COUNT]; /* bytes the plan may use per tier (GPU, CPU, disk) */
+    double usable[TIER_COUNT]; /* fraction of each budget the plan fills (headroom for the CUDA
+                                * context, allocator slack, the OS): 0.9, 0.9, 0.95 */
+    int compress_weight;       /* 4-bit group-wise weights */
+    int compress_cache;        /* 4-bit group-wise KV cache */
+    int group_size;            /* 4-bit group size (64) */
+    int cpu_attention;         /* -1: search both, 0: never, 1: always (when the cache is off-GPU) */
+    int max_gpu_batch;         /* largest gpu_batch_size tried */
+    int max_block;             /* largest gpu_batch_size * num_gpu_batches tried */
+} PlanReq;
+void plan_req_default(PlanReq *r, const Hardware *hw); /* FlexGen's workload, hw's budgets */
+
+typedef struct {
+    int feasible;              /* the policy fits the usable budgets */
+    double t_prefill, t_decode;/* seconds per block: prefill (1 token out), decode (n - 1 tokens) */
+    double tput_prefill;       /* block * s / t_prefill, token/s */
+    double tput_decode;        /* block * (n - 1) / t_decode */
+    double tput_total;         /* block * n / (t_prefill + t_decode): FlexGen's headline */
+    double peak[TIER_COUNT];   /* predicted peak bytes per tier (max of prefill and decode) */
+    double moved[4];           /* bytes per block over h2d, d2h, disk read, disk write */
+    char bound_prefill[48];    /* bottleneck of a prefill layer step, e.g. "gpu compute" */
+    char bound_decode[48];     /* bottleneck of a decode layer step, e.g. "disk" */
+    double need[TIER_COUNT];   /* search failed: the smallest budget of each tier, others as
+                                * given, that fits the smallest block (INFINITY: none does) */
+    int n_lp, n_feasible;      /* LPs solved by the search, and how many were feasible */
+} PlanResult;
+/* Predicts throughput, peak memory and traffic of a given policy (percent units, as the CLI);
+ * res->feasible says whether it fits. Dies on a policy that is not one (bad percents). */
+void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Policy *p, PlanResult *res);
+/* Solves the LP for every gpu_batch_size x num_gpu_batches (x cpu_attention) and returns the
+ * policy of highest predicted total throughput in *out: 0 on success, -1 when nothing fits
+ * (res->need then holds the smallest budgets that would). */
+int plan_search(const Config *c, const Hardware *hw, const PlanReq *req, Policy *out, PlanResult *res);
+/* `opt plan ...` and `opt probe ...` (argv[0] is the command name); return the exit status. */
+int plan_main(int argc, char **argv);
+int probe_main(int argc, char **argv);
 
 /* ----------------------------------------------------------------------------
  * opt.c services for the other files. */

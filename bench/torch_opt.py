@@ -44,6 +44,10 @@ THREADS = ARGS.threads or os.cpu_count()
 # OpenBLAS (Debian's torch calls it for fp32 GEMMs) keeps its own thread pool, sized before import.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# Sleeping, not spinning, OpenMP workers, as `opt` sets for itself: torch's spinning OpenMP pool
+# and OpenBLAS's threads fight over two hyperthreads otherwise (prefill 4x and decode 1.3x
+# slower on the 2-vCPU machine of bench/RESULTS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -80,17 +84,15 @@ def st_read(path, out):
                 count *= s
             dt = t["dtype"]
             f.seek(base + a)
-            if dt == "F32":
-                arr = np.fromfile(f, dtype="<f4", count=count)
-            elif dt == "F16":
-                arr = np.fromfile(f, dtype="<f2", count=count).astype(np.float32)
-            elif dt == "BF16":
-                arr = (np.fromfile(f, dtype="<u2", count=count).astype(np.uint32) << 16).view(np.float32)
-            else:
+            if dt not in ("F32", "F16", "BF16"):
                 sys.exit(f"torch_opt.py: {path}: tensor {name} has dtype {dt}, expected F32, F16 or BF16")
-            if arr.size != count or b - a != count * (4 if dt == "F32" else 2):
+            arr = np.fromfile(f, dtype={"F32": "<f4", "F16": "<f2", "BF16": "<i2"}[dt], count=count)
+            if arr.size != count or b - a != count * arr.itemsize:
                 sys.exit(f"torch_opt.py: {path}: tensor {name} is truncated")
-            out[name] = torch.from_numpy(arr).reshape(t["shape"])
+            x = torch.from_numpy(arr)
+            if dt == "BF16":
+                x = x.view(torch.bfloat16)
+            out[name] = x.float().reshape(t["shape"])  # torch converts far faster than numpy's astype
 
 
 def load(d):
@@ -110,6 +112,14 @@ def load(d):
 
 
 # ---------------------------------------------------------------------------- model
+
+def linear(x, w, b=None):
+    """F.linear, except that a single row goes to BLAS gemv (torch.mv/addmv): OpenBLAS's sgemm
+    with M = 1 packs the whole weight and streams it at a third of gemv's speed."""
+    if x.shape[0] == 1:
+        return (torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])).unsqueeze(0)
+    return F.linear(x, w, b)
+
 
 class OPT:
     def __init__(self, cfg, w):
@@ -166,7 +176,7 @@ class OPT:
             mask = torch.full((S, T), float("-inf")).triu_(start + 1)
         for i, Lw in enumerate(self.layers):
             h = self.ln(x, Lw["ln1"]) if self.pre_ln else x
-            qkv = F.linear(h, Lw["qkv_w"], Lw["qkv_b"]).view(B, S, 3, nh, hd)
+            qkv = linear(h, Lw["qkv_w"], Lw["qkv_b"]).view(B, S, 3, nh, hd)
             q = qkv[:, :, 0].transpose(1, 2)                      # (B, nh, S, hd)
             kc[i, :, :, start:T] = qkv[:, :, 1].transpose(1, 2)
             vc[i, :, :, start:T] = qkv[:, :, 2].transpose(1, 2)
@@ -176,19 +186,19 @@ class OPT:
                 s += mask
             a = torch.matmul(torch.softmax(s, dim=-1), v)         # (B, nh, S, hd)
             a = a.transpose(1, 2).reshape(B * S, H)
-            x = x + F.linear(a, Lw["o_w"], Lw["o_b"])
+            x = x + linear(a, Lw["o_w"], Lw["o_b"])
             if not self.pre_ln:
                 x = self.ln(x, Lw["ln1"])
             h = self.ln(x, Lw["ln2"]) if self.pre_ln else x
-            f = torch.relu_(F.linear(h, Lw["fc1_w"], Lw["fc1_b"]))
-            x = x + F.linear(f, Lw["fc2_w"], Lw["fc2_b"])
+            f = torch.relu_(linear(h, Lw["fc1_w"], Lw["fc1_b"]))
+            x = x + linear(f, Lw["fc2_w"], Lw["fc2_b"])
             if not self.pre_ln:
                 x = self.ln(x, Lw["ln2"])
         x = x.view(B, S, H)[:, -1]
         if self.lnf is not None:
             x = F.layer_norm(x, (H,), self.lnf[0], self.lnf[1], 1e-5)
         if self.proj_out is not None:
-            x = F.linear(x, self.proj_out)
+            x = linear(x, self.proj_out)
         return x
 
     def generate(self, ids, G):
@@ -198,11 +208,11 @@ class OPT:
         out = torch.empty(B, G, dtype=torch.long)
         t0 = time.perf_counter()
         hid = self.forward(ids, 0, kc, vc)
-        out[:, 0] = F.linear(hid, self.lm_head).argmax(-1)
+        out[:, 0] = linear(hid, self.lm_head).argmax(-1)
         t1 = time.perf_counter()
         for g in range(1, G):
             hid = self.forward(out[:, g - 1:g], P + g - 1, kc, vc)
-            out[:, g] = F.linear(hid, self.lm_head).argmax(-1)
+            out[:, g] = linear(hid, self.lm_head).argmax(-1)
         t2 = time.perf_counter()
         return out, t1 - t0, t2 - t1
 

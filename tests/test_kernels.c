@@ -206,13 +206,12 @@ static void run_gemm(const GemmCase *c, float *y, int m0, int M, bool bias, bool
 
 static const char *dt_name(DType d) { return d == DT_F32 ? "f32" : d == DT_F16 ? "f16" : "bf16"; }
 
-/* Accuracy of gemm against a double reference; returns the worst error as a
- * fraction of its tolerance. The tolerance is the rounding bound of a float
- * dot product in 16 lanes plus a 4-level tree: (K/16 + 8) float epsilons of
- * sum|x*w| (+ |bias| + |y0| for the final additions). A wrong element, a
- * skipped K tail or a stale output is off by far more than that. */
-static double check_gemm_accuracy(const GemmCase *c, const float *y, bool bias, bool acc, bool relu, double *max_abs) {
-    double worst = 0;
+/* The double-precision reference of a case (weights converted exactly) and
+ * each element's tolerance: the rounding bound of a float dot product in 16
+ * lanes plus a 4-level tree, (K/16 + 8) float epsilons of sum|x*w| (+ |bias|
+ * + |y0| for the final additions). A wrong element, a skipped K tail or a
+ * stale output is off by far more than that. */
+static void gemm_reference(const GemmCase *c, bool bias, bool acc, bool relu, double *ref, double *tol) {
     for (int m = 0; m < c->M; m++)
         for (int n = 0; n < c->N; n++) {
             double dot = 0, mag = 0;
@@ -221,19 +220,28 @@ static double check_gemm_accuracy(const GemmCase *c, const float *y, bool bias, 
                 dot += p;
                 mag += fabs(p);
             }
-            double ref = dot;
-            if (bias) { ref += c->bias[n]; mag += fabs(c->bias[n]); }
-            if (acc) { ref += c->y0[m * c->ldy + n]; mag += fabs(c->y0[m * c->ldy + n]); }
-            if (relu && ref < 0) ref = 0;
-            double tol = (c->K / 16 + 8) * (double)FLT_EPSILON * mag + 1e-30;
+            if (bias) { dot += c->bias[n]; mag += fabs(c->bias[n]); }
+            if (acc) { dot += c->y0[m * c->ldy + n]; mag += fabs(c->y0[m * c->ldy + n]); }
+            if (relu && dot < 0) dot = 0;
+            ref[m * c->N + n] = dot;
+            tol[m * c->N + n] = (c->K / 16 + 8) * (double)FLT_EPSILON * mag + 1e-30;
+        }
+}
+
+/* y against the reference; returns the worst error as a fraction of its tolerance. */
+static double check_gemm_accuracy(const GemmCase *c, const float *y, const double *ref, const double *tol, bool bias, bool acc,
+                                  bool relu, double *max_abs) {
+    double worst = 0;
+    for (int m = 0; m < c->M; m++)
+        for (int n = 0; n < c->N; n++) {
             float got = y[m * c->ldy + n];
-            double err = fabs((double)got - ref);
-            if (!(err <= tol)) /* NaN fails too */
+            double want = ref[m * c->N + n], t = tol[m * c->N + n], err = fabs((double)got - want);
+            if (!(err <= t)) /* NaN fails too */
                 fail("gemm %s M=%d N=%d K=%d bias=%d acc=%d relu=%d simd=%s: y[%d][%d] = %.9g, reference %.9g (tolerance %.3g)",
-                     dt_name(c->dt), c->M, c->N, c->K, bias, acc, relu, simd_names[g_simd], m, n, got, ref, tol);
+                     dt_name(c->dt), c->M, c->N, c->K, bias, acc, relu, simd_names[g_simd], m, n, got, want, t);
             if (relu && got < 0) fail("gemm relu: y[%d][%d] = %g < 0", m, n, got);
             g_group_checks++;
-            if (err / tol > worst) worst = err / tol;
+            if (err / t > worst) worst = err / t;
             if (err > *max_abs) *max_abs = err;
         }
     /* the gaps between rows (ldy > N) are never written */
@@ -261,6 +269,7 @@ static void test_gemm(void) {
                     gemm_case_init(&c, M, N, K, dts[di]);
                     size_t ny = (size_t)(M * c.ldy);
                     float *y = malloc(sizeof(float) * ny), *y_lvl = malloc(sizeof(float) * ny), *y_row = malloc(sizeof(float) * ny);
+                    double *ref = malloc(sizeof(double) * (size_t)(M * N)), *tol = malloc(sizeof(double) * (size_t)(M * N));
                     /* The five variants take turns over the sizes (each size x dtype gets
                      * one, each variant sees every dtype and a spread of sizes); plain
                      * and bias+acc+relu run everywhere at the small sizes. */
@@ -272,12 +281,15 @@ static void test_gemm(void) {
                         bool bias = V[vs[vi]][0], acc = V[vs[vi]][1], relu = V[vs[vi]][2];
                         /* accuracy at the best level, and bitwise equality of every level with it */
                         g_simd = g_simd_max;
+                        gemm_reference(&c, bias, acc, relu, ref, tol);
                         run_gemm(&c, y, 0, M, bias, acc, relu);
-                        double f = check_gemm_accuracy(&c, y, bias, acc, relu, &worst_abs[di]);
+                        double f = check_gemm_accuracy(&c, y, ref, tol, bias, acc, relu, &worst_abs[di]);
                         if (f > worst_frac[di]) worst_frac[di] = f;
                         for (int lvl = 0; lvl < g_simd_max; lvl++) {
                             g_simd = lvl;
                             run_gemm(&c, y_lvl, 0, M, bias, acc, relu);
+                            f = check_gemm_accuracy(&c, y_lvl, ref, tol, bias, acc, relu, &worst_abs[di]);
+                            if (f > worst_frac[di]) worst_frac[di] = f;
                             simd_checks++;
                             if (memcmp(y, y_lvl, sizeof(float) * ny)) {
                                 simd_fail++;
@@ -319,7 +331,7 @@ static void test_gemm(void) {
                             }
                         }
                     }
-                    free(y); free(y_lvl); free(y_row);
+                    free(y); free(y_lvl); free(y_row); free(ref); free(tol);
                     gemm_case_free(&c);
                 }
     long acc_fail = g_group_fail - simd_fail - m_fail - t_fail;

@@ -1,0 +1,17 @@
+#!/bin/sh
+# test_plan.sh [OPT]: checks `OPT plan` (the cost model and policy search) and `OPT probe`.
+#
+# tests/plan_check.py runs the command-line checks: plans parse and fit their budgets, and their
+# flags evaluate back to the same prediction (--eval); budgets too small are refused naming the
+# smallest budget that works, and that budget does work while 0.2 GiB less does not; predicted
+# throughput never falls when a budget grows; compression never adds traffic; FlexGen's T4
+# scenarios give plausible policies and our model of FlexGen's own policies lands near its
+# published throughputs; bad input gives one line on stderr and a non-zero exit; `opt probe`
+# writes a probe file that `plan --hw` reads (O_DIRECT and buffered), and cleans up after itself.
+# Needs /usr/bin/python3 (standard library only). Takes ~20 s on 2 cores.
+set -eu
+OPT=${1:-./opt}
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-/usr/bin/python3}
+[ -x "$OPT" ] || { echo "test_plan: $OPT is not an executable (usage: tests/test_plan.sh [OPT])"; exit 1; }
+exec "$PY" "$HERE/plan_check.py" "$OPT"
