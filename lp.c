@@ -1,6 +1,10 @@
-/* lp.c: a small dense simplex solver and a free-format MPS reader (`opt lp FILE.mps`).
+/* lp.c: the offloading planner. Sections, in order: a small dense simplex solver (lp_solve);
+ * a free-format MPS reader (`opt lp FILE.mps`); the cost model, FlexGen's LP corrected (its
+ * terms are documented in the comment that opens that section); the hardware profiles (t4,
+ * h100) and the probe-file reader; the policy search (plan_eval, plan_search); `opt plan`;
+ * `opt probe`, which measures this machine.
  *
- * The offloading cost model is a linear program of ~30 variables, so everything here is dense:
+ * The offloading cost model is a linear program of ~13 variables, so everything here is dense:
  * a bounded-variable primal simplex with an explicit basis inverse, two phases (artificial
  * variables only on the rows whose slack cannot absorb the starting residual), Dantzig pricing
  * with Bland's rule as the fallback while pivots stall, and a Harris ratio test. The inverse is
@@ -763,32 +767,36 @@ int lp_main(int argc, char **argv) {
  * one transformer layer's step in prefill and decode for the whole block; Ep and Eg, the same
  * for the embedding "layer" (token + position tables, tied to the output head), which FlexGen's
  * LP leaves out although for OPT-6.7B it is as big as a transformer layer.
- * Objective: min  T = l Tp + Ep + (n - 1)(l Tg + Eg)   (b is fixed, so this is min T/b);
- *   prefill throughput b s / (l Tp + Ep), decode b (n - 1) / ((n - 1)(l Tg + Eg)),
- *   total b n / T (FlexGen's definitions).
+ * Objective: min  T = l Tp + Ep + (n - 1)(l Tg + Eg)   (b is fixed, so this is min T/b),
+ *   plus 1e-4 x every channel's total load (LP_TIE), which breaks ties between placements
+ *   that only differ in the load of channels that are not the bottleneck.
+ *   Throughput (FlexGen's definitions): prefill b s / (l Tp + Ep), decode b (n - 1) /
+ *   ((n - 1)(l Tg + Eg)), total b n / T.
  *
- * Sizes (bytes). h hidden, f ffn, l layers, nh heads, V vocab, e embed dim, G group size.
+ * Sizes (bytes). h hidden, f ffn, l layers, nh heads, V vocab, e embed dim, G group size (64).
  *   rw = (4 + 32/G)/16 with --compress-weight, else 1: 4-bit codes plus an f16 scale and an f16
- *        minimum per group of G (4.5 bits at G = 64; FlexGen divides by 4, forgetting the scales);
- *        rc likewise for --compress-cache. Biases and LayerNorms stay f16.
+ *        minimum per group of G (4.5 bits at G = 64; FlexGen's LP divides by 4, forgetting the
+ *        scales). Biases and LayerNorms stay f16.
+ *   cb = bytes per cached value: (4 + 32/G)/8 with --compress-cache, else 2 on a GPU (fp16)
+ *        and 4 on the CPU-only path (the engine's CPU cache is f32)
+ *   x  = bytes per activation value: 2 on a GPU (fp16), 4 on the CPU-only path (f32)
  *   WL = 2 (4h^2 + 2hf) rw + 2 (9h + f)      one layer's weights (matrices, then 1-D tensors)
  *   WE = 2 (V e + (max_pos + 2) h) rw + ...  the embedding tables (+ project_in/out, final LN)
- *   W  = l WL + WE;   kv(t) = 4 h t rc       K and V of t positions, one sequence, one layer
+ *   W  = l WL + WE;   kv(t) = 2 h cb t       K and V of t positions, one sequence, one layer
  *   C  = kv(s + n) b l                       the whole cache (room for every position)
- *   x  = 2 bytes per activation value on a GPU (fp16), 4 on the CPU-only path (f32)
  *   Ap = x s h b, Ag = x h b                 the block's hidden state in prefill, decode
  *   Decode attends over s + n/2 positions on average (FlexGen's mean).
  *
- * Time of one step: every channel below is a pipeline stage that works on its own stream or
+ * Time of one step: every channel below is a pipeline stage working on its own stream or
  * thread, double-buffered, so a step takes as long as its slowest channel:
  *   T >= h2d, T >= d2h, T >= disk, T >= compute          (one constraint each)
  * FlexGen writes the prefill that way but, in decode, adds the CPU->GPU weight copy to every
  * other term (Tgen >= ctog + X): weight loading never overlapped compute. We overlap it (fix 1).
  * With --overlap 0 (eval only) the channels are summed instead. Disk reads and writes share one
- * device, so they form one channel (FlexGen lets them run in parallel).
- *   h2d   prefill: WL(wc+wn) + Ap(ac+an)                                   / h2d_bw
- *         decode:  WL(wc+wn) + Ag(ac+an) + [cache to the GPU] kv(s+n/2) b (cc+cn)
- *                  or, with cpu_attention, [attention output back] x h b (cc+cn)
+ * device, so they form one channel (FlexGen's LP lets them run in parallel).
+ *   h2d   prefill: WL(wc+wn) + Ap(ac+an)                                     / h2d_bw
+ *         decode:  WL(wc+wn) + Ag(ac+an) + [no cpu_attention: the off-GPU cache to the GPU]
+ *                  kv(s+n/2) b (cc+cn)  or  [cpu_attention: attention output] x h b (cc+cn)
  *         embed:   WE(wc+wn)
  *   d2h   prefill: Ap(ac+an) / d2h_bw + kv(s) b (cc+cn) / d2h_cache_bw    (the prompt's K, V)
  *         decode:  Ag(ac+an) / d2h_bw + kv(1) b (cc+cn) / d2h_cache_bw    (the new K, V)
@@ -797,31 +805,31 @@ int lp_main(int argc, char **argv) {
  *         decode:  (WL wn + Ag an + kv(s+n/2) b cn) / read + (Ag an + kv(1) b cn) / write
  *         embed:   WE wn / read
  *   compute, prefill: k [gemm(g s) + 4 g s^2 h / bmm_p + dq + o]
- *         decode:  k [gemm(g) + dq + o] + 4 b (s+n/2) h (cg + (cc+cn if no cpu_attention))
- *                  (/ bmm_g, + 2x its fp16 bytes / dequant_bw with a compressed cache)
- *                  + [cpu_attention] 4 b (s+n/2) h (cc+cn) / cpu_attn   (cpu_attn_q4 with a
- *                  compressed cache: a fused 4-bit kernel, or FlexGen's decompress + attend)
+ *         decode:  k [gemm(g) + dq + o]
+ *                  + A (cg + (cc+cn) without cpu_attention) (1/bmm_g + [--compress-cache]
+ *                    1/gpu_dequant_bw), A = 4 b (s+n/2) h: GPU attention FLOPs = fp16 bytes
+ *                  + [cpu_attention] kv(s+n/2) b (cc+cn) / cpu_attn_bw (cpu_attn_q4_bw for a
+ *                    4-bit cache: a fused kernel, or FlexGen's decompress-then-attend)
  *         embed:   k [gemm over V x e at g rows + dq + o]  (only the last position's logits)
  *     gemm(M) = max(2 M P / rate(M), bytes of the weights / gpu_mem_bw): a roofline, so that
  *       small batches are bound by reading the weights from device memory, which FlexGen's
  *       single fitted decode rate cannot express. rate(M) interpolates geometrically between
- *       the M = 64 and M >= 512 rates (decode and prefill GEMMs).
+ *       the M = 64 and M >= 512 rates (decode- and prefill-sized GEMMs).
  *     dq = 2P / gpu_dequant_bw with --compress-weight: weights cross PCIe in 4 bits and are
  *       dequantized on the GPU per GPU batch, as FlexGen does (fix 3; its LP had no such term).
  *     o = layer_overhead, per layer and GPU batch.
  *   CPU attention delegation (fix 2): with cpu_attention the heads whose cache lives on the CPU
- *   or disk are attended on the CPU at the CPU's rate; only q goes down and the attention
- *   output comes back, the cache never crosses PCIe. The CPU's work is added to the GPU's
- *   (the decode step waits for it), as in FlexGen's implementation. cpu_attn is FlexGen's
- *   cpu_flops x max(0.1, 1 + c1 a b - c2 a - c3 b) on the T4 profile (a = log2(64/g)+,
- *   b = log2(4096/h)+), the CPU's f16 (4-bit) GEMV rate elsewhere (decode attention is a GEMV
- *   per head over the cache).
- *   Without it, the off-GPU cache is copied to the GPU each step (FlexGen's LP did not model
- *   this case at all: it always assumed CPU attention).
+ *   or disk are attended on the CPU; only q goes down and the attention output comes back, the
+ *   cache never crosses PCIe. The CPU's work is added to the GPU's (the decode step waits for
+ *   it), as in FlexGen's implementation. On the T4 profile the CPU rate is FlexGen's cpu_flops
+ *   (1 FLOP per fp16 cache byte) x max(0.1, 1 + c1 a b - c2 a - c3 b), a = log2(64/g)+,
+ *   b = log2(4096/h)+; elsewhere the CPU's GEMV rate (decode attention is a GEMV per head over
+ *   the cache's rows). Without cpu_attention the off-GPU cache is copied to the GPU every step,
+ *   a case FlexGen's LP cannot express: it always assumed CPU attention.
  *   CPU-only mode (no GPU): no GPU tier (wg = cg = ag = 0), no PCIe, compute on the CPU with
- *   the CPU's rates (gemm roofline against cpu_gemv_bw, or cpu_gemv_q4_bw for the fused 4-bit
- *   kernel), attention always on the CPU; weights, cache and activations on disk are read into
- *   RAM through the disk channel.
+ *   its rates (gemm roofline against cpu_gemv_bw, or cpu_gemv_q4_bw and 4-bit bytes for the
+ *   fused 4-bit kernel; no dequantization term), attention always on the CPU; weights, cache
+ *   and activations on disk are read into RAM through the disk channel.
  *
  * Peak memory (fix 5: FlexGen's LP counts one weight buffer and approximates the rest by
  * multiplying capacities by 0.8; we count our own buffers and keep a stated headroom, usable[]):
@@ -839,8 +847,9 @@ int lp_main(int argc, char **argv) {
  *   CPU: W wc + C cc + 2 WL wn + WE wn (pinned staging of disk weights, double-buffered)
  *         + 2 WL wc if CPU weights are not pinned (their staging buffers; pinned by default)
  *     prefill: + Ap ac + 2 kv(s) g cn + 2 x s h g an      (staging of disk cache, activations)
- *     decode:  + Ag ac + 2 kv(s+n) g cn + 2 x h g an + 4 g (nh (s+n) + 3h) with cpu attention
- *     CPU-only mode adds the GPU's work terms and dequantization workspace here.
+ *     decode:  + Ag ac + 2 kv(s+n) g cn + 2 x h g an
+ *              + 4 g (nh (s+n) + 3h) with cpu attention (f32 scores, q, output)
+ *     CPU-only mode adds work(prefill) / work(decode) here.
  *   Disk: W wn + C cn + Ap an.
  * Each tier's peak must stay under usable x budget; the LP keeps a further 1e-4 of each row's
  * largest term in reserve so that rounding the fractions to 0.01% cannot break a budget.
@@ -848,6 +857,15 @@ int lp_main(int argc, char **argv) {
  * Units (fix 4): the LP works in fractions; plan_search converts them to the percents that
  * Policy and --percent take (FlexGen's search returned fractions where percents were expected),
  * and plan_eval converts back. Every reported number comes from evaluating the rounded policy.
+ *
+ * The search: g over 1 2 3 4 6 8 12 16 24 ... (powers of two and 1.5x them) up to
+ * --max-gpu-batch, k over every integer while g k <= --max-block, cpu_attention both ways. Two
+ * exact cuts: memory grows with g and k term by term, so the first infeasible k ends that g
+ * (and an infeasible k = 1 every larger g); and compute's constant part is k C(g), so no block
+ * of g beats g n / C(g): g's are visited best bound first, skipped when the bound cannot beat
+ * the best found, and k stops once the bound is met. FlexGen's stop at the first throughput
+ * drop in k, which can miss the optimum, is gone. Nothing fits: for the smallest block (1 x 1),
+ * an LP per tier finds the least extra budget of that tier alone that makes it fit.
  *
  * Left out, stated: quantizing the new cache entries (small against attention), the logits'
  * copy (greedy sampling stays on the GPU), CPU memory bandwidth taken by staging copies, the
@@ -879,7 +897,7 @@ static const Hardware hw_t4 = {
     .gpu_mem_bw = 250e9, .gpu_gemm_flops_g = 4.3e12, .gpu_gemm_flops_p = 21.24e12,
     .gpu_bmm_flops_p = 9.97e12, .gpu_bmm_flops_g = 0.079e12, .gpu_dequant_bw = 25e9,
     .cpu_gemv_bw = 20e9, .cpu_gemv_q4_bw = 8e9, .cpu_gemm_flops_g = 0.3e12, .cpu_gemm_flops_p = 0.6e12,
-    .cpu_attn_flops = 0.0123e12, .cpu_attn_q4_flops = 1 / (1 / 0.0123e12 + 1 / 40e9),
+    .cpu_attn_bw = 0.0123e12, .cpu_attn_q4_bw = 4.5 / 16 / (1 / 0.0123e12 + 1 / 40e9),
     .cpu_attn_c = {0.0168, 0.0328, 0.0621}, .cpu_mem_bw = 40e9, .layer_overhead = 0,
 };
 
@@ -901,7 +919,7 @@ static const Hardware hw_h100 = {
     .gpu_mem_bw = 1.6e12, .gpu_gemm_flops_g = 250e12, .gpu_gemm_flops_p = 450e12,
     .gpu_bmm_flops_p = 250e12, .gpu_bmm_flops_g = 1.1e12, .gpu_dequant_bw = 1.2e12,
     .cpu_gemv_bw = 100e9, .cpu_gemv_q4_bw = 40e9, .cpu_gemm_flops_g = 0.6e12, .cpu_gemm_flops_p = 1.2e12,
-    .cpu_attn_flops = 100e9, .cpu_attn_q4_flops = 40e9 * 16 / 4.5, .cpu_mem_bw = 200e9, .layer_overhead = 20e-6,
+    .cpu_attn_bw = 100e9, .cpu_attn_q4_bw = 40e9, .cpu_mem_bw = 200e9, .layer_overhead = 20e-6,
 };
 
 /* The probe file: one JSON object, "format": "opt-probe-1", numbers in bytes, bytes/s and
@@ -961,12 +979,12 @@ void hw_load(Hardware *hw, const char *spec) {
     if (o && (o->type != J_NUM || !(o->num >= 0) || o->num > 1)) die("%s: probe file: \"layer_overhead\" must be seconds in [0, 1]", spec);
     hw->layer_overhead = o ? o->num : hw->has_gpu ? 20e-6 : 0;
     /* What the probe does not measure separately: cache stores as fast as other copies, and
-     * decode attention on the CPU at the GEMV rates, since it is a GEMV per head over the
-     * cache: 1 FLOP per fp16 byte, 16/4.5 FLOPs per byte of a 4-bit cache (group 64). */
+     * decode attention on the CPU at the GEMV rates (bytes/s), since it is a GEMV per head over
+     * the cache's rows, like the probe's GEMV over weight rows. */
     hw->d2h_cache_bw = hw->d2h_bw;
     hw->disk_write_cache_bw = hw->disk_write_bw;
-    hw->cpu_attn_flops = hw->cpu_gemv_bw;
-    hw->cpu_attn_q4_flops = hw->cpu_gemv_q4_bw * 16 / 4.5;
+    hw->cpu_attn_bw = hw->cpu_gemv_bw;
+    hw->cpu_attn_q4_bw = hw->cpu_gemv_q4_bw;
     json_free(j);
 }
 
@@ -986,53 +1004,53 @@ enum { MV_H2D, MV_D2H, MV_READ, MV_WRITE, NMV };                  /* traffic tal
 enum { PH_PRE, PH_DEC };                                          /* memory peaks */
 static const char *const ch_names[NCH] = {"pcie h2d", "pcie d2h", "disk", "compute"};
 
-typedef struct { double c0, a[NF]; } Lin; /* c0 + sum_j a[j] x[j] */
+typedef struct { double c0, a[NF]; } CostLin; /* c0 + sum_j a[j] x[j] */
 
 typedef struct {
-    Lin time[NT][NCH];     /* seconds of one step of each time variable, per channel */
-    Lin cpu_attn[NT];      /* the CPU-attention part of time[][CH_COMP], for reports */
-    Lin moved[NT][NMV];    /* bytes of one step over h2d, d2h, disk read, disk write */
-    Lin mem[TIER_COUNT][2];/* bytes per tier at the prefill and decode peaks */
+    CostLin time[NT][NCH];     /* seconds of one step of each time variable, per channel */
+    CostLin cpu_attn[NT];      /* the CPU-attention part of time[][CH_COMP], for reports */
+    CostLin moved[NT][NMV];    /* bytes of one step over h2d, d2h, disk read, disk write */
+    CostLin mem[TIER_COUNT][2];/* bytes per tier at the prefill and decode peaks */
     double mult[NT];       /* steps per block of each time variable: l, l(n-1), 1, n-1 */
     int gpu;               /* a GPU computes (else the CPU-only path) */
     int overlap;           /* channels overlap (else a step is their sum) */
-} Model;
+} CostModel;
 
-static Lin lin_c(double c) { Lin l = {.c0 = c}; return l; }
+static CostLin lin_c(double c) { CostLin l = {.c0 = c}; return l; }
 /* v (x_i + x_j); j < 0 for one variable. */
-static Lin lin_x(double v, int i, int j) {
-    Lin l = {0};
+static CostLin lin_x(double v, int i, int j) {
+    CostLin l = {0};
     l.a[i] += v;
     if (j >= 0) l.a[j] += v;
     return l;
 }
-static void lin_add(Lin *d, double k, Lin s) {
+static void lin_add(CostLin *d, double k, CostLin s) {
     d->c0 += k * s.c0;
     for (int j = 0; j < NF; j++) d->a[j] += k * s.a[j];
 }
-static double lin_at(const Lin *l, const double *x) {
+static double lin_at(const CostLin *l, const double *x) {
     double v = l->c0;
     for (int j = 0; j < NF; j++) v += l->a[j] * x[j];
     return v;
 }
 
 /* bytes over channel ch at bandwidth bw, tallied as traffic mv. */
-static void model_move(Model *M, int t, int ch, int mv, double bw, Lin bytes) {
+static void cost_move(CostModel *M, int t, int ch, int mv, double bw, CostLin bytes) {
     lin_add(&M->time[t][ch], 1 / bw, bytes);
     lin_add(&M->moved[t][mv], 1, bytes);
 }
 
 /* Geometric interpolation between the M = 64 and M = 512 GEMM rates. */
-static double gemm_rate(double M, double r64, double r512) {
+static double cost_gemm_rate(double M, double r64, double r512) {
     if (M <= 64) return r64;
     if (M >= 512) return r512;
     return r64 * pow(r512 / r64, log2(M / 64) / 3);
 }
 
 /* Seconds of one GEMM of M rows against P weights stored in `bytes` (the roofline). */
-static double gemm_time(const Hardware *hw, int gpu, int q4, double M, double P, double bytes) {
-    if (gpu) return fmax(2 * M * P / gemm_rate(M, hw->gpu_gemm_flops_g, hw->gpu_gemm_flops_p), bytes / hw->gpu_mem_bw);
-    return fmax(2 * M * P / gemm_rate(M, hw->cpu_gemm_flops_g, hw->cpu_gemm_flops_p), bytes / (q4 ? hw->cpu_gemv_q4_bw : hw->cpu_gemv_bw));
+static double cost_gemm_time(const Hardware *hw, int gpu, int q4, double M, double P, double bytes) {
+    if (gpu) return fmax(2 * M * P / cost_gemm_rate(M, hw->gpu_gemm_flops_g, hw->gpu_gemm_flops_p), bytes / hw->gpu_mem_bw);
+    return fmax(2 * M * P / cost_gemm_rate(M, hw->cpu_gemm_flops_g, hw->cpu_gemm_flops_p), bytes / (q4 ? hw->cpu_gemv_q4_bw : hw->cpu_gemv_bw));
 }
 
 typedef struct {
@@ -1040,22 +1058,23 @@ typedef struct {
     int cpu_attention;     /* attend off-GPU cache on the CPU */
     int pin;               /* CPU-resident weights pinned (no staging buffers) */
     int overlap;           /* channels overlap */
-} Shape;
+} PlanShape;
 
-static void model_build(Model *M, const Config *c, const Hardware *hw, const PlanReq *rq, const Shape *sh) {
+static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const PlanReq *rq, const PlanShape *sh) {
     memset(M, 0, sizeof *M);
     int gpu = M->gpu = hw->has_gpu;
     M->overlap = sh->overlap;
     double h = c->hidden, f = c->ffn, l = c->n_layer, nh = c->n_head, V = c->vocab, e = c->embed_dim;
     double s = rq->prompt_len, n = rq->gen_len, g = sh->gbs, k = sh->ngb, b = g * k, G = rq->group_size;
     int cw = rq->compress_weight, cc = rq->compress_cache, ca = gpu && sh->cpu_attention;
-    double rw = cw ? (4 + 32 / G) / 16 : 1, rc = cc ? (4 + 32 / G) / 16 : 1;
+    double rw = cw ? (4 + 32 / G) / 16 : 1;                              /* of fp16 weight bytes */
+    double cb = cc ? (4 + 32 / G) / 8 : gpu ? 2 : 4;                     /* bytes per cached value */
     double PL = 4 * h * h + 2 * h * f;                                   /* matrix weights of a layer */
     double WL = 2 * PL * rw + 2 * ((c->bias ? 5 * h + f : 0) + (c->ln_affine ? 4 * h : 0));
     double PE = V * e + (c->max_pos + 2.0) * h + (e != h ? 2 * e * h : 0);
     double WE = 2 * PE * rw + (c->final_ln && c->ln_affine ? 4 * h : 0);
     double W = l * WL + WE;
-    double kv1 = 4 * h * rc, ctx = s + n / 2, ctxm = s + n;            /* kv bytes per position */
+    double kv1 = 2 * h * cb, ctx = s + n / 2, ctxm = s + n;            /* kv bytes per position */
     double C = kv1 * ctxm * b * l;
     double x = gpu ? 2 : 4;                                              /* bytes per activation */
     double Ap = x * s * h * b, Ag = x * h * b;
@@ -1066,34 +1085,34 @@ static void model_build(Model *M, const Config *c, const Hardware *hw, const Pla
         int emb = t == T_EP || t == T_EG, pre = t == T_P;
         double A = pre ? Ap : Ag;
         if (emb) {
-            if (gpu) model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WE, X_WC, X_WN));
-            model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WE, X_WN, -1));
+            if (gpu) cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WE, X_WC, X_WN));
+            cost_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WE, X_WN, -1));
             continue;
         }
         if (gpu) {
-            model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WL, X_WC, X_WN));
-            model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(A, X_AC, X_AN));
-            model_move(M, t, CH_D2H, MV_D2H, hw->d2h_bw, lin_x(A, X_AC, X_AN));
+            cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WL, X_WC, X_WN));
+            cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(A, X_AC, X_AN));
+            cost_move(M, t, CH_D2H, MV_D2H, hw->d2h_bw, lin_x(A, X_AC, X_AN));
             if (pre) {
-                model_move(M, t, CH_D2H, MV_D2H, hw->d2h_cache_bw, lin_x(kv1 * s * b, X_CC, X_CN));
+                cost_move(M, t, CH_D2H, MV_D2H, hw->d2h_cache_bw, lin_x(kv1 * s * b, X_CC, X_CN));
             } else {
-                model_move(M, t, CH_D2H, MV_D2H, hw->d2h_cache_bw, lin_x(kv1 * b, X_CC, X_CN));
+                cost_move(M, t, CH_D2H, MV_D2H, hw->d2h_cache_bw, lin_x(kv1 * b, X_CC, X_CN));
                 if (ca) {
-                    model_move(M, t, CH_D2H, MV_D2H, hw->d2h_bw, lin_x(x * h * b, X_CC, X_CN));
-                    model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(x * h * b, X_CC, X_CN));
+                    cost_move(M, t, CH_D2H, MV_D2H, hw->d2h_bw, lin_x(x * h * b, X_CC, X_CN));
+                    cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(x * h * b, X_CC, X_CN));
                 } else {
-                    model_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(kv1 * ctx * b, X_CC, X_CN));
+                    cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(kv1 * ctx * b, X_CC, X_CN));
                 }
             }
         }
-        model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WL, X_WN, -1));
-        model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(A, X_AN, -1));
-        model_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_bw, lin_x(A, X_AN, -1));
+        cost_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WL, X_WN, -1));
+        cost_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(A, X_AN, -1));
+        cost_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_bw, lin_x(A, X_AN, -1));
         if (pre) {
-            model_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_cache_bw, lin_x(kv1 * s * b, X_CN, -1));
+            cost_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_cache_bw, lin_x(kv1 * s * b, X_CN, -1));
         } else {
-            model_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(kv1 * ctx * b, X_CN, -1));
-            model_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_bw, lin_x(kv1 * b, X_CN, -1));
+            cost_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(kv1 * ctx * b, X_CN, -1));
+            cost_move(M, t, CH_DISK, MV_WRITE, hw->disk_write_bw, lin_x(kv1 * b, X_CN, -1));
         }
     }
 
@@ -1101,20 +1120,20 @@ static void model_build(Model *M, const Config *c, const Hardware *hw, const Pla
     double o = hw->layer_overhead;
     double dq = gpu && cw ? 2 * PL / hw->gpu_dequant_bw : 0, dqe = gpu && cw ? 2 * V * e / hw->gpu_dequant_bw : 0;
     double wbytes = gpu || !cw ? 2 * PL : 2 * PL * rw, ebytes = gpu || !cw ? 2 * V * e : 2 * V * e * rw;
-    double mm_p = gemm_time(hw, gpu, cw, g * s, PL, wbytes), mm_g = gemm_time(hw, gpu, cw, g, PL, wbytes);
-    double mm_e = gemm_time(hw, gpu, cw, g, V * e, ebytes);
+    double mm_p = cost_gemm_time(hw, gpu, cw, g * s, PL, wbytes), mm_g = cost_gemm_time(hw, gpu, cw, g, PL, wbytes);
+    double mm_e = cost_gemm_time(hw, gpu, cw, g, V * e, ebytes);
     double bmm_p = gpu ? hw->gpu_bmm_flops_p : hw->cpu_gemm_flops_g;     /* small per-head GEMMs */
     lin_add(&M->time[T_P][CH_COMP], k, lin_c(mm_p + 4 * g * s * s * h / bmm_p + dq + o));
     lin_add(&M->time[T_G][CH_COMP], k, lin_c(mm_g + dq + o));
     lin_add(&M->time[T_EP][CH_COMP], k, lin_c(mm_e + dqe + o));
     lin_add(&M->time[T_EG][CH_COMP], k, lin_c(mm_e + dqe + o));
     double aw = 4 * b * ctx * h;                                         /* decode attention FLOPs */
-    double cpu_attn = cc ? hw->cpu_attn_q4_flops : hw->cpu_attn_flops;
+    double cpu_attn = cc ? hw->cpu_attn_q4_bw : hw->cpu_attn_bw;
     if (hw->cpu_attn_c[0] || hw->cpu_attn_c[1] || hw->cpu_attn_c[2]) {  /* FlexGen's T4 fit */
         double a = fmax(0, log2(64 / g)), bb = fmax(0, log2(4096 / h));
         cpu_attn *= fmax(0.1, 1 + hw->cpu_attn_c[0] * a * bb - hw->cpu_attn_c[1] * a - hw->cpu_attn_c[2] * bb);
     }
-    double t_cpu = aw / cpu_attn;
+    double t_cpu = kv1 * ctx * b / cpu_attn;                           /* reads K and V once */
     if (gpu) {
         double t_gpu = aw / hw->gpu_bmm_flops_g + (cc ? aw / hw->gpu_dequant_bw : 0);
         lin_add(&M->time[T_G][CH_COMP], 1, ca ? lin_x(t_gpu, X_CG, -1) : lin_c(t_gpu));
@@ -1137,7 +1156,7 @@ static void model_build(Model *M, const Config *c, const Hardware *hw, const Pla
     for (int ph = 0; ph < 2; ph++) {
         int pre = ph == PH_PRE;
         double A = pre ? Ap : Ag, sp = pre ? s : 1;                    /* positions per batch step */
-        Lin *m = M->mem[TIER_GPU];
+        CostLin *m = M->mem[TIER_GPU];
         if (gpu) {
             lin_add(&m[ph], 1, lin_x(W, X_WG, -1));
             lin_add(&m[ph], 1, lin_x(C, X_CG, -1));
@@ -1167,7 +1186,7 @@ static void model_build(Model *M, const Config *c, const Hardware *hw, const Pla
 }
 
 /* The time of one step of variable t at placement x: the slowest channel, or their sum. */
-static double model_step(const Model *M, int t, const double *x, int *bound) {
+static double cost_step(const CostModel *M, int t, const double *x, int *bound) {
     double v = 0, best = -1;
     for (int ch = 0; ch < NCH; ch++) {
         double u = lin_at(&M->time[t][ch], x);
@@ -1178,14 +1197,14 @@ static double model_step(const Model *M, int t, const double *x, int *bound) {
 }
 
 /* Percents (the CLI's unit) to the model's fractions; the disk gets what is left. */
-static void policy_fractions(const Policy *p, double *x) {
+static void plan_fractions(const Policy *p, double *x) {
     x[X_WG] = p->w_gpu / 100, x[X_WC] = p->w_cpu / 100, x[X_WN] = fmax(0, 100 - p->w_gpu - p->w_cpu) / 100;
     x[X_CG] = p->c_gpu / 100, x[X_CC] = p->c_cpu / 100, x[X_CN] = fmax(0, 100 - p->c_gpu - p->c_cpu) / 100;
     x[X_AG] = p->a_gpu / 100, x[X_AC] = p->a_cpu / 100, x[X_AN] = fmax(0, 100 - p->a_gpu - p->a_cpu) / 100;
 }
 
 /* Bottleneck description, e.g. "compute (cpu attention 81%)". */
-static void bound_name(char *out, size_t cap, const Model *M, int t, int ch, const double *x) {
+static void cost_bound_name(char *out, size_t cap, const CostModel *M, int t, int ch, const double *x) {
     if (ch != CH_COMP) { snprintf(out, cap, "%s", ch_names[ch]); return; }
     double all = lin_at(&M->time[t][CH_COMP], x), cpu = lin_at(&M->cpu_attn[t], x);
     if (!M->gpu) snprintf(out, cap, "cpu compute");
@@ -1193,10 +1212,10 @@ static void bound_name(char *out, size_t cap, const Model *M, int t, int ch, con
     else snprintf(out, cap, "gpu compute");
 }
 
-static void model_eval(const Model *M, const PlanReq *rq, int block, const double *x, PlanResult *r) {
+static void cost_eval(const CostModel *M, const PlanReq *rq, int block, const double *x, PlanResult *r) {
     double T[NT];
     int bound[NT];
-    for (int t = 0; t < NT; t++) T[t] = model_step(M, t, x, &bound[t]);
+    for (int t = 0; t < NT; t++) T[t] = cost_step(M, t, x, &bound[t]);
     r->t_prefill = M->mult[T_P] * T[T_P] + M->mult[T_EP] * T[T_EP];
     r->t_decode = M->mult[T_G] * T[T_G] + M->mult[T_EG] * T[T_EG];
     r->tput_prefill = block * (double)rq->prompt_len / r->t_prefill;
@@ -1211,13 +1230,13 @@ static void model_eval(const Model *M, const PlanReq *rq, int block, const doubl
         r->moved[v] = 0;
         for (int t = 0; t < NT; t++) r->moved[v] += M->mult[t] * lin_at(&M->moved[t][v], x);
     }
-    bound_name(r->bound_prefill, sizeof r->bound_prefill, M, T_P, bound[T_P], x);
-    bound_name(r->bound_decode, sizeof r->bound_decode, M, T_G, bound[T_G], x);
+    cost_bound_name(r->bound_prefill, sizeof r->bound_prefill, M, T_P, bound[T_P], x);
+    cost_bound_name(r->bound_decode, sizeof r->bound_decode, M, T_G, bound[T_G], x);
     for (int tier = 0; tier < TIER_COUNT; tier++) r->need[tier] = NAN;
 }
 
 /* Validates percents (as the runtime will) and dies naming the offending field. */
-static void policy_check(const Policy *p, int has_gpu) {
+static void plan_policy_check(const Policy *p, int has_gpu) {
     const double v[6] = {p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu};
     static const char *const what[3] = {"weights", "cache", "activations"};
     for (int i = 0; i < 6; i++)
@@ -1230,17 +1249,17 @@ static void policy_check(const Policy *p, int has_gpu) {
 }
 
 void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Policy *p, PlanResult *res) {
-    policy_check(p, hw->has_gpu);
+    plan_policy_check(p, hw->has_gpu);
     PlanReq rq = *req;
     rq.compress_weight = p->compress_weight, rq.compress_cache = p->compress_cache;
     if (p->group_size > 0) rq.group_size = p->group_size;
-    Shape sh = {p->gpu_batch_size, p->num_gpu_batches, p->cpu_attention, p->pin_weights, p->overlap};
-    Model M;
-    model_build(&M, c, hw, &rq, &sh);
+    PlanShape sh = {p->gpu_batch_size, p->num_gpu_batches, p->cpu_attention, p->pin_weights, p->overlap};
+    CostModel M;
+    cost_build(&M, c, hw, &rq, &sh);
     double x[NF];
-    policy_fractions(p, x);
+    plan_fractions(p, x);
     memset(res, 0, sizeof *res);
-    model_eval(&M, &rq, sh.gbs * sh.ngb, x, res);
+    cost_eval(&M, &rq, sh.gbs * sh.ngb, x, res);
 }
 
 /* ---- the LP for one shape ---- */
@@ -1255,7 +1274,7 @@ typedef struct {
     int m;                       /* rows used */
 } LpRows;
 
-static void rows_add(LpRows *L, const double *a, int na, char sense, double rhs) {
+static void lprows_add(LpRows *L, const double *a, int na, char sense, double rhs) {
     double *row = L->A + (size_t)L->m * (NV + 1);
     memset(row, 0, (NV + 1) * sizeof(double));
     memcpy(row, a, na * sizeof(double));
@@ -1272,11 +1291,11 @@ static void rows_add(LpRows *L, const double *a, int na, char sense, double rhs)
 /* Memory rows of M against the usable budgets; slack_tier >= 0 adds the column NV (an extra
  * budget for that tier, in GiB). Returns 0 when a row cannot hold even with every fraction at
  * 0 and no slack (a shortcut the LP would also find). */
-static int rows_mem(LpRows *L, const Model *M, const PlanReq *rq, int slack_tier) {
+static int lprows_mem(LpRows *L, const CostModel *M, const PlanReq *rq, int slack_tier) {
     for (int tier = 0; tier < TIER_COUNT; tier++) {
         if (tier == TIER_GPU && !M->gpu) continue;
         for (int ph = 0; ph < 2; ph++) {
-            const Lin *r = &M->mem[tier][ph];
+            const CostLin *r = &M->mem[tier][ph];
             double a[NV + 1] = {0}, big = fabs(r->c0);
             for (int j = 0; j < NF; j++) a[j] = r->a[j] / LP_BYTES, big = fmax(big, fabs(r->a[j]));
             if (tier == slack_tier) a[NV] = -1;
@@ -1288,52 +1307,52 @@ static int rows_mem(LpRows *L, const Model *M, const PlanReq *rq, int slack_tier
                 if (rhs < 0) return 0;
                 continue;
             }
-            rows_add(L, a, NV + 1, '<', rhs);
+            lprows_add(L, a, NV + 1, '<', rhs);
         }
     }
     return 1;
 }
 
-static void rows_sums(LpRows *L) {
+static void lprows_sums(LpRows *L) {
     for (int i = 0; i < 3; i++) {
         double a[NV] = {0};
         a[3 * i] = a[3 * i + 1] = a[3 * i + 2] = 1;
-        rows_add(L, a, NV, '=', 1);
+        lprows_add(L, a, NV, '=', 1);
     }
 }
 
-static void lp_bounds(const Model *M, double *lo, double *hi, int ncol) {
+static void cost_bounds(const CostModel *M, double *lo, double *hi, int ncol) {
     for (int j = 0; j < ncol; j++) lo[j] = 0, hi[j] = j < NF ? 1 : INFINITY;
     if (!M->gpu) hi[X_WG] = hi[X_CG] = hi[X_AG] = 0;
 }
 
 /* Solves the placement LP of one shape; fills x (NF fractions) and returns the LP status. */
-static LpStatus model_solve(const Model *M, const PlanReq *rq, double *x) {
+static LpStatus cost_solve(const CostModel *M, const PlanReq *rq, double *x) {
     LpRows L;
     L.m = 0;
-    if (!rows_mem(&L, M, rq, -1)) return LP_INFEASIBLE;
-    rows_sums(&L);
+    if (!lprows_mem(&L, M, rq, -1)) return LP_INFEASIBLE;
+    lprows_sums(&L);
     for (int t = 0; t < NT; t++) {
         if (M->overlap) {
             for (int ch = 0; ch < NCH; ch++) { /* c0 + a.x <= T_t */
-                const Lin *r = &M->time[t][ch];
+                const CostLin *r = &M->time[t][ch];
                 double a[NV] = {0};
                 int any = r->c0 != 0;
                 for (int j = 0; j < NF; j++) a[j] = r->a[j], any |= r->a[j] != 0;
                 if (!any) continue;
                 a[NF + t] = -1;
-                rows_add(&L, a, NV, '<', -r->c0);
+                lprows_add(&L, a, NV, '<', -r->c0);
             }
         } else {
-            Lin sum = {0};
+            CostLin sum = {0};
             for (int ch = 0; ch < NCH; ch++) lin_add(&sum, 1, M->time[t][ch]);
             double a[NV] = {0};
             for (int j = 0; j < NF; j++) a[j] = sum.a[j];
             a[NF + t] = -1;
-            rows_add(&L, a, NV, '<', -sum.c0);
+            lprows_add(&L, a, NV, '<', -sum.c0);
         }
     }
-    /* rows_add wrote NV + 1 wide rows; compact to NV columns for the solver */
+    /* lprows_add wrote NV + 1 wide rows; compact to NV columns for the solver */
     double A[NROW * NV], c[NV] = {0}, lo[NV], hi[NV], sol[NV];
     for (int i = 0; i < L.m; i++) memcpy(A + i * NV, L.A + (size_t)i * (NV + 1), NV * sizeof(double));
     for (int t = 0; t < NT; t++) c[NF + t] = M->mult[t];
@@ -1343,7 +1362,7 @@ static LpStatus model_solve(const Model *M, const PlanReq *rq, double *x) {
     for (int t = 0; t < NT; t++)
         for (int ch = 0; ch < NCH; ch++)
             for (int j = 0; j < NF; j++) c[j] += LP_TIE * M->mult[t] * M->time[t][ch].a[j];
-    lp_bounds(M, lo, hi, NV);
+    cost_bounds(M, lo, hi, NV);
     Lp lp = {.m = L.m, .n = NV, .A = A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
     LpStatus st = lp_solve(&lp, sol, NULL);
     if (st == LP_OPTIMAL) memcpy(x, sol, NF * sizeof(double));
@@ -1352,16 +1371,16 @@ static LpStatus model_solve(const Model *M, const PlanReq *rq, double *x) {
 
 /* The smallest extra budget of `tier` (bytes) that makes M's memory rows feasible; INFINITY
  * when no amount on that tier alone does. */
-static double model_min_extra(const Model *M, const PlanReq *rq, int tier) {
+static double cost_min_extra(const CostModel *M, const PlanReq *rq, int tier) {
     LpRows L;
     L.m = 0;
     /* with a slack column every row of `tier` is kept; a constant row of another tier over its
-     * budget makes rows_mem fail, and then nothing on this tier helps */
-    if (!rows_mem(&L, M, rq, tier)) return INFINITY;
-    rows_sums(&L);
+     * budget makes lprows_mem fail, and then nothing on this tier helps */
+    if (!lprows_mem(&L, M, rq, tier)) return INFINITY;
+    lprows_sums(&L);
     double c[NV + 1] = {0}, lo[NV + 1], hi[NV + 1], sol[NV + 1];
     c[NV] = 1;
-    lp_bounds(M, lo, hi, NV + 1);
+    cost_bounds(M, lo, hi, NV + 1);
     for (int t = 0; t < NT; t++) hi[NF + t] = 0; /* times play no part */
     lo[NV] = -INFINITY;                          /* a budget may also be larger than needed */
     Lp lp = {.m = L.m, .n = NV + 1, .A = L.A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
@@ -1372,7 +1391,7 @@ static double model_min_extra(const Model *M, const PlanReq *rq, int tier) {
 /* ---- the search ---- */
 
 /* Fractions to the percents the CLI takes, to 0.01%; the disk share is what is left. */
-static void fractions_policy(const double *x, Policy *p) {
+static void plan_percents(const double *x, Policy *p) {
     double v[6] = {x[X_WG], x[X_WC], x[X_CG], x[X_CC], x[X_AG], x[X_AC]};
     for (int i = 0; i < 6; i++) v[i] = round(fmin(fmax(v[i], 0), 1) * 1e4) / 100;
     for (int i = 0; i < 3; i++) {
@@ -1386,18 +1405,18 @@ static void fractions_policy(const double *x, Policy *p) {
 
 /* GPU batch sizes tried: powers of two and 1.5x them (1 2 3 4 6 8 12 16 24 32 48 ...), a finer
  * grid than FlexGen's doublings, so that e.g. its 48 and 72-like batches are reachable. */
-static int gbs_next(int g) { return g < 2 ? g + 1 : (g & (g - 1)) ? g / 3 * 4 : g / 2 * 3; }
+static int plan_gbs_next(int g) { return g < 2 ? g + 1 : (g & (g - 1)) ? g / 3 * 4 : g / 2 * 3; }
 
-static void need_budgets(const Config *c, const Hardware *hw, const PlanReq *rq, PlanResult *res) {
+static void plan_need(const Config *c, const Hardware *hw, const PlanReq *rq, PlanResult *res) {
     for (int tier = 0; tier < TIER_COUNT; tier++) {
         res->need[tier] = INFINITY;
         if (tier == TIER_GPU && !hw->has_gpu) continue;
         for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
             if (rq->cpu_attention >= 0 && ca != rq->cpu_attention) continue;
-            Shape sh = {1, 1, ca, 1, 1};
-            Model M;
-            model_build(&M, c, hw, rq, &sh);
-            double extra = model_min_extra(&M, rq, tier);
+            PlanShape sh = {1, 1, ca, 1, 1};
+            CostModel M;
+            cost_build(&M, c, hw, rq, &sh);
+            double extra = cost_min_extra(&M, rq, tier);
             if (!isfinite(extra)) continue;
             /* the budget at which usable * budget covers the old usable part plus the extra,
              * rounded up to 0.1 GiB */
@@ -1408,47 +1427,92 @@ static void need_budgets(const Config *c, const Hardware *hw, const PlanReq *rq,
     }
 }
 
+/* A candidate (g, cpu_attention) of the search and the most any block of it can achieve. */
+typedef struct {
+    int g, ca;             /* GPU batch size, CPU attention */
+    double ub;             /* upper bound on total throughput over every k and placement */
+} PlanCand;
+
+static int plan_cand_cmp(const void *a, const void *b) {
+    const PlanCand *x = a, *y = b;
+    if (x->ub != y->ub) return x->ub < y->ub ? 1 : -1;
+    return x->ca != y->ca ? x->ca - y->ca : x->g - y->g;
+}
+
+/* Better policy: higher throughput; within 1e-9 (a tie), no CPU attention, then the smaller
+ * block, then the smaller GPU batch -- so the answer does not depend on the search order. */
+static int plan_better(const PlanResult *r, const Policy *p, const PlanResult *br, const Policy *bp) {
+    double tol = 1e-9 * br->tput_total;
+    if (r->tput_total > br->tput_total + tol) return 1;
+    if (r->tput_total < br->tput_total - tol) return 0;
+    int blk = p->gpu_batch_size * p->num_gpu_batches, bblk = bp->gpu_batch_size * bp->num_gpu_batches;
+    if (p->cpu_attention != bp->cpu_attention) return p->cpu_attention < bp->cpu_attention;
+    if (blk != bblk) return blk < bblk;
+    return p->gpu_batch_size < bp->gpu_batch_size;
+}
+
 int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *out, PlanResult *res) {
     memset(res, 0, sizeof *res);
+    /* Every term of a step's compute channel is >= 0 and its constant part grows linearly
+     * with k, so a block of any k and placement takes at least k C(g) seconds (C from k = 1)
+     * and yields at most g n / C(g) token/s. Candidates are visited best bound first; one whose
+     * bound cannot beat the best found is skipped, and k stops growing once the bound is
+     * reached. Both cuts are exact: they never skip a better policy. */
+    PlanCand cand[2 * 64];
+    int nc = 0;
+    for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
+        if (rq->cpu_attention >= 0 && ca != rq->cpu_attention && hw->has_gpu) continue;
+        for (int g = 1; g <= rq->max_gpu_batch && g <= rq->max_block && nc < 2 * 64; g = plan_gbs_next(g)) {
+            PlanShape sh = {g, 1, ca, 1, 1};
+            CostModel M;
+            cost_build(&M, c, hw, rq, &sh);
+            double C = 0;
+            for (int t = 0; t < NT; t++) C += M.mult[t] * M.time[t][CH_COMP].c0;
+            cand[nc++] = (PlanCand){g, ca, C > 0 ? g * (double)rq->gen_len / C : INFINITY};
+        }
+    }
+    qsort(cand, nc, sizeof *cand, plan_cand_cmp);
+    int g_unfit[2] = {INT32_MAX, INT32_MAX}; /* smallest g whose single batch did not fit */
     Policy best = {0};
     PlanResult br = {0};
     int found = 0, n_lp = 0, n_ok = 0;
-    for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
-        if (rq->cpu_attention >= 0 && ca != rq->cpu_attention && hw->has_gpu) continue;
-        for (int g = 1; g <= rq->max_gpu_batch && g <= rq->max_block; g = gbs_next(g)) {
-            int fit_one = 0;
-            for (int k = 1; (long)g * k <= rq->max_block; k++) {
-                Shape sh = {g, k, ca, 1, 1};
-                Model M;
-                model_build(&M, c, hw, rq, &sh);
-                double x[NF];
-                n_lp++;
-                LpStatus st = model_solve(&M, rq, x);
-                /* Memory grows with k (and g) term by term, so once a shape is infeasible every
-                 * larger one is: the only early stop, and a safe one. Throughput is not
-                 * monotone in k, so there is no stop at its first drop (FlexGen's). */
-                if (st == LP_INFEASIBLE) break;
-                if (st != LP_OPTIMAL) continue;
-                fit_one = 1;
-                Policy p = {.gpu_batch_size = g, .num_gpu_batches = k, .cpu_attention = ca, .pin_weights = 1,
-                            .overlap = 1, .compress_weight = rq->compress_weight, .compress_cache = rq->compress_cache,
-                            .group_size = rq->group_size};
-                fractions_policy(x, &p);
-                if (p.c_gpu >= 100) p.cpu_attention = 0; /* nothing to delegate */
-                PlanResult r;
-                plan_eval(c, hw, rq, &p, &r);
-                if (!r.feasible) continue;
-                n_ok++;
-                if (!found || r.tput_total > br.tput_total * (1 + 1e-9)) best = p, br = r, found = 1;
+    for (int i = 0; i < nc; i++) {
+        int g = cand[i].g, ca = cand[i].ca;
+        if (found && cand[i].ub < br.tput_total * (1 - 1e-9)) break; /* sorted: none left can win */
+        if (g >= g_unfit[ca]) continue; /* memory grows with g too */
+        for (int k = 1; (long)g * k <= rq->max_block; k++) {
+            PlanShape sh = {g, k, ca, 1, 1};
+            CostModel M;
+            cost_build(&M, c, hw, rq, &sh);
+            double x[NF];
+            n_lp++;
+            LpStatus st = cost_solve(&M, rq, x);
+            /* Memory grows with k term by term, so once a shape is infeasible every larger one
+             * is. Throughput is not monotone in k, so there is no stop at its first drop (as in
+             * FlexGen's search): only the exact bound below ends k early. */
+            if (st == LP_INFEASIBLE) {
+                if (k == 1) g_unfit[ca] = g;
+                break;
             }
-            if (!fit_one) break; /* the smallest block of this g did not fit: no larger g will */
+            if (st != LP_OPTIMAL) continue;
+            Policy p = {.gpu_batch_size = g, .num_gpu_batches = k, .cpu_attention = ca, .pin_weights = 1,
+                        .overlap = 1, .compress_weight = rq->compress_weight, .compress_cache = rq->compress_cache,
+                        .group_size = rq->group_size};
+            plan_percents(x, &p);
+            if (p.c_gpu >= 100) p.cpu_attention = 0; /* nothing to delegate */
+            PlanResult r;
+            plan_eval(c, hw, rq, &p, &r);
+            if (!r.feasible) continue;
+            n_ok++;
+            if (!found || plan_better(&r, &p, &br, &best)) best = p, br = r, found = 1;
+            if (r.tput_total >= cand[i].ub * (1 - 1e-9)) break; /* this g can do no better */
         }
     }
     if (found) {
         *out = best;
         *res = br;
     } else {
-        need_budgets(c, hw, rq, res);
+        plan_need(c, hw, rq, res);
     }
     res->n_lp = n_lp, res->n_feasible = n_ok;
     return found ? 0 : -1;
@@ -1480,7 +1544,7 @@ static const char plan_usage[] =
     "  Exit status 1 when nothing fits; the message names the smallest budgets that would.\n";
 
 /* "16G", "1.5T", "512M", "200GiB", "4096" (bytes) -> bytes; dies with one line otherwise. */
-static double parse_size(const char *flag, const char *v) {
+static double size_parse(const char *flag, const char *v) {
     char *e;
     errno = 0;
     double x = strtod(v, &e);
@@ -1505,7 +1569,7 @@ static double parse_size(const char *flag, const char *v) {
     return x * unit;
 }
 
-static long parse_long(const char *flag, const char *v, long lo, long hi) {
+static long count_parse(const char *flag, const char *v, long lo, long hi) {
     char *e;
     errno = 0;
     long x = strtol(v, &e, 10);
@@ -1513,7 +1577,7 @@ static long parse_long(const char *flag, const char *v, long lo, long hi) {
     return x;
 }
 
-static void fmt_size(char *out, size_t cap, double b) {
+static void size_format(char *out, size_t cap, double b) {
     if (!isfinite(b)) snprintf(out, cap, "-");
     else if (b >= TiB) snprintf(out, cap, "%.2f TiB", b / TiB);
     else if (b >= GiB) snprintf(out, cap, "%.1f GiB", b / GiB);
@@ -1523,7 +1587,7 @@ static void fmt_size(char *out, size_t cap, double b) {
 }
 
 /* A percent as the CLI reads it: up to two decimals, no trailing zeros. */
-static void fmt_pct(char *out, size_t cap, double v) {
+static void percent_format(char *out, size_t cap, double v) {
     snprintf(out, cap, "%.2f", v);
     char *d = strchr(out, '.');
     if (!d) return;
@@ -1533,10 +1597,10 @@ static void fmt_pct(char *out, size_t cap, double v) {
 }
 
 /* The policy as the flags generate/bench take. */
-static void policy_flags(char *out, size_t cap, const Policy *p) {
+static void plan_policy_flags(char *out, size_t cap, const Policy *p) {
     double v[6] = {p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu};
     char num[6][16];
-    for (int i = 0; i < 6; i++) fmt_pct(num[i], sizeof num[i], v[i]);
+    for (int i = 0; i < 6; i++) percent_format(num[i], sizeof num[i], v[i]);
     snprintf(out, cap, "--percent %s %s %s %s %s %s --gpu-batch-size %d --num-gpu-batches %d%s%s%s%s",
              num[0], num[1], num[2], num[3], num[4], num[5], p->gpu_batch_size, p->num_gpu_batches,
              p->cpu_attention && p->c_gpu < 100 ? " --cpu-attention" : "", p->compress_weight ? " --compress-weight" : "",
@@ -1545,7 +1609,7 @@ static void policy_flags(char *out, size_t cap, const Policy *p) {
 
 /* Parses the policy flags of --eval (FlexGen's spellings accepted: --cpu, --cpu-cache-compute,
  * --pin-weight, --overlap True/False). */
-static void policy_parse(Policy *p, const char *text, int has_gpu) {
+static void plan_policy_parse(Policy *p, const char *text, int has_gpu) {
     char *buf = check_strdup(text), *tok[64];
     int nt = 0;
     for (char *q = strtok(buf, " \t\n"); q; q = strtok(NULL, " \t\n")) {
@@ -1568,9 +1632,9 @@ static void policy_parse(Policy *p, const char *text, int has_gpu) {
             }
             p->w_gpu = v[0], p->w_cpu = v[1], p->c_gpu = v[2], p->c_cpu = v[3], p->a_gpu = v[4], p->a_cpu = v[5];
         } else if (!strcmp(a, "--gpu-batch-size")) {
-            p->gpu_batch_size = (int)parse_long(a, EVAL_VAL(), 1, 1 << 20);
+            p->gpu_batch_size = (int)count_parse(a, EVAL_VAL(), 1, 1 << 20);
         } else if (!strcmp(a, "--num-gpu-batches")) {
-            p->num_gpu_batches = (int)parse_long(a, EVAL_VAL(), 1, 1 << 20);
+            p->num_gpu_batches = (int)count_parse(a, EVAL_VAL(), 1, 1 << 20);
         } else if (!strcmp(a, "--cpu-attention") || !strcmp(a, "--cpu") || !strcmp(a, "--cpu-cache-compute")) {
             p->cpu_attention = 1;
         } else if (!strcmp(a, "--compress-weight")) {
@@ -1591,28 +1655,28 @@ static void policy_parse(Policy *p, const char *text, int has_gpu) {
     free(buf);
 }
 
-static void json_kv_num(FILE *f, const char *k, double v, int comma) {
+static void plan_json_num(FILE *f, const char *k, double v, int comma) {
     fprintf(f, "\"%s\": ", k);
     if (isfinite(v)) fprintf(f, "%.6g", v);
     else fprintf(f, "null");
     if (comma) fprintf(f, ", ");
 }
 
-static void json_tiers(FILE *f, const char *key, const double *v) {
+static void plan_json_tiers(FILE *f, const char *key, const double *v) {
     fprintf(f, "\"%s\": {", key);
-    for (int t = 0; t < TIER_COUNT; t++) json_kv_num(f, tier_names[t], v[t], t + 1 < TIER_COUNT);
+    for (int t = 0; t < TIER_COUNT; t++) plan_json_num(f, tier_names[t], v[t], t + 1 < TIER_COUNT);
     fprintf(f, "}");
 }
 
 static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, const Policy *p, const PlanResult *r,
                        int json, int eval, double secs) {
     char flags[256], sz[3][32], bud[3][32];
-    policy_flags(flags, sizeof flags, p);
+    plan_policy_flags(flags, sizeof flags, p);
     double usable[TIER_COUNT];
     for (int t = 0; t < TIER_COUNT; t++) {
         usable[t] = rq->usable[t] * rq->budget[t];
-        fmt_size(sz[t], sizeof sz[t], r->peak[t]);
-        fmt_size(bud[t], sizeof bud[t], rq->budget[t]);
+        size_format(sz[t], sizeof sz[t], r->peak[t]);
+        size_format(bud[t], sizeof bud[t], rq->budget[t]);
     }
     int block = p->gpu_batch_size * p->num_gpu_batches;
     if (json) {
@@ -1631,24 +1695,24 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
                 p->cpu_attention && p->c_gpu < 100 ? "true" : "false", p->compress_weight ? "true" : "false",
                 p->compress_cache ? "true" : "false", p->pin_weights ? "true" : "false", p->overlap ? "true" : "false");
         fprintf(f, " \"throughput\": {");
-        json_kv_num(f, "prefill", r->tput_prefill, 1);
-        json_kv_num(f, "decode", r->tput_decode, 1);
-        json_kv_num(f, "total", r->tput_total, 0);
+        plan_json_num(f, "prefill", r->tput_prefill, 1);
+        plan_json_num(f, "decode", r->tput_decode, 1);
+        plan_json_num(f, "total", r->tput_total, 0);
         fprintf(f, "},\n \"time\": {");
-        json_kv_num(f, "prefill", r->t_prefill, 1);
-        json_kv_num(f, "decode", r->t_decode, 1);
-        json_kv_num(f, "total", r->t_prefill + r->t_decode, 0);
+        plan_json_num(f, "prefill", r->t_prefill, 1);
+        plan_json_num(f, "decode", r->t_decode, 1);
+        plan_json_num(f, "total", r->t_prefill + r->t_decode, 0);
         fprintf(f, "},\n \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"},\n ", r->bound_prefill, r->bound_decode);
-        json_tiers(f, "peak_bytes", r->peak);
+        plan_json_tiers(f, "peak_bytes", r->peak);
         fprintf(f, ",\n ");
-        json_tiers(f, "budget_bytes", rq->budget);
+        plan_json_tiers(f, "budget_bytes", rq->budget);
         fprintf(f, ",\n ");
-        json_tiers(f, "usable_bytes", usable);
+        plan_json_tiers(f, "usable_bytes", usable);
         fprintf(f, ",\n \"moved_bytes\": {");
-        json_kv_num(f, "h2d", r->moved[MV_H2D], 1);
-        json_kv_num(f, "d2h", r->moved[MV_D2H], 1);
-        json_kv_num(f, "disk_read", r->moved[MV_READ], 1);
-        json_kv_num(f, "disk_write", r->moved[MV_WRITE], 0);
+        plan_json_num(f, "h2d", r->moved[MV_H2D], 1);
+        plan_json_num(f, "d2h", r->moved[MV_D2H], 1);
+        plan_json_num(f, "disk_read", r->moved[MV_READ], 1);
+        plan_json_num(f, "disk_write", r->moved[MV_WRITE], 0);
         fprintf(f, "},\n \"search\": {\"lps\": %d, \"feasible_lps\": %d, \"seconds\": %.3f}}\n", r->n_lp, r->n_feasible, secs);
         return;
     }
@@ -1665,13 +1729,13 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
     printf("bottleneck  prefill: %s   decode: %s\n", r->bound_prefill, r->bound_decode);
     printf("peak memory gpu %s   cpu %s   disk %s\n", sz[0], sz[1], sz[2]);
     char mv[4][32];
-    for (int v = 0; v < NMV; v++) fmt_size(mv[v], sizeof mv[v], r->moved[v]);
+    for (int v = 0; v < NMV; v++) size_format(mv[v], sizeof mv[v], r->moved[v]);
     printf("moved       pcie h2d %s   d2h %s   disk read %s   write %s (per block)\n", mv[0], mv[1], mv[2], mv[3]);
     if (!r->feasible)
         for (int t = 0; t < TIER_COUNT; t++)
             if (r->peak[t] > usable[t]) {
                 char u[32];
-                fmt_size(u, sizeof u, usable[t]);
+                size_format(u, sizeof u, usable[t]);
                 printf("over budget %s: peak %s > usable %s\n", tier_names[t], sz[t], u);
             }
     if (!eval) printf("search      %d LPs (%d feasible) in %.2f s\n", r->n_lp, r->n_feasible, secs);
@@ -1691,13 +1755,13 @@ int plan_main(int argc, char **argv) {
         for (int t = 0; t < TIER_COUNT; t++)
             if (!strcmp(a, mem_flags[t])) tier = t;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(plan_usage, stdout); return 0; }
-        else if (tier >= 0) bud[tier] = parse_size(a, PLAN_VAL()), have_bud[tier] = 1;
+        else if (tier >= 0) bud[tier] = size_parse(a, PLAN_VAL()), have_bud[tier] = 1;
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) model = PLAN_VAL();
         else if (!strcmp(a, "--hw")) hwspec = PLAN_VAL();
-        else if (!strcmp(a, "--prompt-len")) s = parse_long(a, PLAN_VAL(), 1, 1 << 20);
-        else if (!strcmp(a, "--gen-len")) n = parse_long(a, PLAN_VAL(), 1, 1 << 20);
-        else if (!strcmp(a, "--max-gpu-batch")) max_g = parse_long(a, PLAN_VAL(), 1, 1 << 16);
-        else if (!strcmp(a, "--max-block")) max_b = parse_long(a, PLAN_VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--prompt-len")) s = count_parse(a, PLAN_VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--gen-len")) n = count_parse(a, PLAN_VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--max-gpu-batch")) max_g = count_parse(a, PLAN_VAL(), 1, 1 << 16);
+        else if (!strcmp(a, "--max-block")) max_b = count_parse(a, PLAN_VAL(), 1, 1 << 20);
         else if (!strcmp(a, "--compress-weight")) cw = 1;
         else if (!strcmp(a, "--compress-cache")) cc = 1;
         else if (!strcmp(a, "--no-cpu-attention")) no_ca = 1;
@@ -1735,7 +1799,7 @@ int plan_main(int argc, char **argv) {
     if (eval) {
         char *full = check_malloc(strlen(eval) + 40, "eval policy");
         sprintf(full, "%s%s%s", eval, cw ? " --compress-weight" : "", cc ? " --compress-cache" : "");
-        policy_parse(&p, full, hw.has_gpu);
+        plan_policy_parse(&p, full, hw.has_gpu);
         free(full);
         plan_eval(&c, &hw, &rq, &p, &r);
         plan_print(&c, &hw, &rq, &p, &r, json, 1, now_sec() - t0);
@@ -1746,8 +1810,8 @@ int plan_main(int argc, char **argv) {
         return 0;
     }
     /* nothing fits: one line naming the smallest budgets that would */
-    char msg[512], b[3][32], alt[256] = "";
-    for (int t = 0; t < TIER_COUNT; t++) fmt_size(b[t], sizeof b[t], rq.budget[t]);
+    char msg[2048], b[3][32], alt[256] = "";
+    for (int t = 0; t < TIER_COUNT; t++) size_format(b[t], sizeof b[t], rq.budget[t]);
     int na = 0;
     for (int t = 0; t < TIER_COUNT; t++) {
         if (!isfinite(r.need[t])) continue;
@@ -1768,9 +1832,9 @@ int plan_main(int argc, char **argv) {
         printf(", \"hardware\": ");
         json_write_str(stdout, hw.name, strlen(hw.name));
         printf(", \"feasible\": false, ");
-        json_tiers(stdout, "need_bytes", r.need);
+        plan_json_tiers(stdout, "need_bytes", r.need);
         printf(", ");
-        json_tiers(stdout, "budget_bytes", rq.budget);
+        plan_json_tiers(stdout, "budget_bytes", rq.budget);
         printf(", \"error\": ");
         json_write_str(stdout, msg, strlen(msg));
         printf("}\n");
@@ -1786,7 +1850,7 @@ int plan_main(int argc, char **argv) {
 __attribute__((weak)) int gpu_probe_bandwidth(GpuProbe *p) { (void)p; return -1; }
 __attribute__((weak)) int gpu_probe_compute(GpuProbe *p) { (void)p; return -1; }
 
-static int dcmp(const void *a, const void *b) {
+static int double_cmp(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
@@ -1802,7 +1866,7 @@ static double probe_time(void (*fn)(void *), void *ctx) {
         fn(ctx);
         t[r++] = now_sec() - t0;
     }
-    qsort(t, r, sizeof *t, dcmp);
+    qsort(t, r, sizeof *t, double_cmp);
     return t[r / 2];
 }
 
@@ -1833,7 +1897,7 @@ static void probe_omp_empty(void *p) {
 }
 
 /* f16 weights in [-1, 1] from a fixed seed. */
-static void fill_f16(uint16_t *w, size_t n) {
+static void probe_fill_f16(uint16_t *w, size_t n) {
     uint64_t x = 0x9E3779B97F4A7C15ull;
     for (size_t i = 0; i < n; i++) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
@@ -1846,7 +1910,7 @@ static void probe_cpu(Hardware *hw) {
     const int K = 4096, N1 = 16384, N = 4096;
     size_t nw = (size_t)N1 * K;
     uint16_t *w = check_malloc(nw * 2, "probe weights");
-    fill_f16(w, nw);
+    probe_fill_f16(w, nw);
     float *x = check_calloc((size_t)512 * K * sizeof(float), "probe inputs");
     float *y = check_calloc((size_t)512 * N1 * sizeof(float), "probe outputs");
     for (size_t i = 0; i < (size_t)512 * K; i++) x[i] = (float)((i * 2654435761u) % 1000) / 1000 - 0.5f;
@@ -2009,7 +2073,7 @@ int probe_main(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(probe_usage, stdout); return 0; }
         else if (!strcmp(a, "--offload-dir")) dir = PROBE_VAL();
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out = PROBE_VAL();
-        else if (!strcmp(a, "--disk-bytes")) disk_bytes = parse_size(a, PROBE_VAL());
+        else if (!strcmp(a, "--disk-bytes")) disk_bytes = size_parse(a, PROBE_VAL());
         else if (!strcmp(a, "--buffered")) direct = 0;
         else die("probe: unknown option '%s' (see opt probe --help)", a);
 #undef PROBE_VAL

@@ -471,31 +471,8 @@ size_t dtype_bytes(DType t, int64_t n) {
     }
 }
 
-typedef struct {
-    char *path;            /* file path, for messages */
-    const uint8_t *base;   /* (size) mmap'd bytes */
-    size_t size;           /* file size */
-} MapFile;
 
-typedef struct {
-    char *name;            /* name as stored, e.g. "model.decoder.layers.0.fc1.weight" */
-    const char *key;       /* name without "model."/"decoder." prefixes, e.g. "layers.0.fc1.weight" */
-    DType dtype;           /* stored format */
-    int ndim;              /* 0..4 */
-    int64_t shape[4];      /* (ndim) sizes */
-    const void *data;      /* into files[file].base */
-    int file;              /* index into Checkpoint.files */
-    bool used;             /* claimed by the model (to report leftovers) */
-} CkTensor;
 
-typedef struct {
-    char *dir;             /* the checkpoint directory (or native file) */
-    Json *meta;            /* a native file's __metadata__ header (config, formats), else NULL */
-    MapFile *files;        /* (n_files) mapped weight files */
-    int n_files;
-    CkTensor *t;           /* (n) tensors, sorted by key after loading */
-    int n, cap;
-} Checkpoint;
 
 static void map_file(MapFile *m, const char *path) {
     int fd = open(path, O_RDONLY);
@@ -1058,33 +1035,7 @@ static void to_f32(float *out, const void *in, DType dt, int64_t n) {
  * their stored dtype and point into the mapping; the small 1-D tensors (biases,
  * LayerNorm) are converted to f32 once, since every kernel reads them whole. */
 
-typedef struct {
-    Tensor q, k, v, o;     /* (hidden, hidden) attention projections, nn.Linear (out, in) layout */
-    Tensor fc1;            /* (ffn, hidden) */
-    Tensor fc2;            /* (hidden, ffn) */
-    float *qb, *kb, *vb, *ob; /* (hidden) biases, NULL without enable_bias */
-    float *fc1b;           /* (ffn) */
-    float *fc2b;           /* (hidden) */
-    float *ln1w, *ln1b;    /* (hidden) self_attn_layer_norm, NULL when not affine */
-    float *ln2w, *ln2b;    /* (hidden) final_layer_norm of the layer */
-} Layer;
 
-typedef struct {
-    Config cfg;            /* hyperparameters */
-    Tensor embed;          /* (vocab, embed_dim) token embedding */
-    Tensor pos;            /* (max_pos + 2, hidden) learned positions, offset 2 */
-    Tensor proj_in;        /* (hidden, embed_dim), data NULL unless embed_dim != hidden */
-    Tensor proj_out;       /* (embed_dim, hidden), likewise */
-    float *lnfw, *lnfb;    /* (hidden) decoder.final_layer_norm, NULL when absent */
-    Tensor lm_head;        /* (vocab, embed_dim), the embedding when tied */
-    Layer *layers;         /* (n_layer) */
-    Checkpoint ck;         /* the mapped files the tensors point into */
-    float *owned;          /* one allocation holding every f32 1-D tensor */
-    size_t owned_n, owned_used; /* its size and fill, in floats */
-    Json *formats;         /* a native file's tensor formats, else NULL */
-    void **q4;             /* (n_q4) memory of weights quantized at load time */
-    int n_q4;
-} Model;
 
 static inline size_t row_bytes(const Tensor *w) {
     return w->dtype == DT_Q4 ? q4_row_bytes(w->cols, w->group) : dtype_bytes(w->dtype, w->cols);
@@ -1145,7 +1096,18 @@ static const Json *model_format(const Model *m, const char *key) {
 
 static Tensor model_matrix(Model *m, const char *key, int64_t rows, int64_t cols) {
     CkTensor *c = ck_find(&m->ck, key);
-    const Json *f = c && c->dtype == DT_Q4 ? model_format(m, key) : NULL;
+    const Json *f = c && (c->dtype == DT_Q4 || c->dtype == DT_I8) ? model_format(m, key) : NULL;
+    if (f && c->dtype == DT_I8) { /* int8 rows with per-row scales in "<key>.scale" */
+        char sk[128];
+        snprintf(sk, sizeof sk, "%s.scale", key);
+        CkTensor *sc = ck_find(&m->ck, sk);
+        const Json *as = json_get(f, "act_scale");
+        if (c->ndim != 2 || c->shape[0] != rows || c->shape[1] != cols) die("%s: tensor %s: int8 data of the wrong shape", m->ck.dir, key);
+        if (!sc || sc->dtype != DT_F32 || sc->ndim != 1 || sc->shape[0] != rows) die("%s: tensor %s: missing or bad %s", m->ck.dir, key, sk);
+        c->used = sc->used = true;
+        return (Tensor){.dtype = DT_I8, .rows = rows, .cols = cols, .data = c->data, .scale = sc->data,
+                        .act_scale = as && as->type == J_NUM ? (float)as->num : 0, .tier = TIER_CPU, .name = c->name};
+    }
     if (f) { /* 4-bit rows stored as bytes */
         const Json *fg = json_get(f, "group"), *fc = json_get(f, "cols");
         int g = fg && fg->type == J_NUM ? (int)fg->num : 0;
@@ -1232,6 +1194,11 @@ void model_load(Model *m, const char *dir) {
     }
 }
 
+void *model_own(Model *m, size_t bytes, const char *what) {
+    if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
+    return m->q4[m->n_q4++] = check_malloc(bytes, what);
+}
+
 /* --compress-weight: every matrix but the position table to 4 bits. */
 void model_compress(Model *m, int group) {
     Tensor *mats[8 + 6 * 1024];
@@ -1245,10 +1212,10 @@ void model_compress(Model *m, int group) {
         Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
         for (int i = 0; i < 6; i++) mats[n++] = lm[i];
     }
-    m->q4 = check_calloc(sizeof(void *) * (size_t)n, "4-bit weights");
     for (int i = 0; i < n; i++) {
-        if (mats[i]->dtype == DT_Q4) continue;
+        if (mats[i]->dtype == DT_Q4 || mats[i]->dtype == DT_I8) continue;
         *mats[i] = tensor_to_q4(mats[i], group);
+        if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
         m->q4[m->n_q4++] = (void *)mats[i]->data;
     }
     if (tied) m->lm_head = m->embed;
@@ -1256,6 +1223,8 @@ void model_compress(Model *m, int group) {
 
 void model_free(Model *m) {
     json_free(m->formats);
+    for (int i = 0; i < m->n_extra; i++) free(m->extra[i].data);
+    free(m->extra);
     for (int i = 0; i < m->n_q4; i++) free(m->q4[i]);
     free(m->q4);
     ck_close(&m->ck);
@@ -1502,7 +1471,8 @@ static void gemm_tiled(const Gemm *g, int n0, int n1, const char *w, DType dt, s
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
-    check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on %s", dtype_names[dt]);
+    if (dt == DT_I8) { gemm_i8(g); return; }
+    check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on dtype %d", (int)dt);
     const int nb = 48;
     int nblk = (g->N + nb - 1) / nb;
     bool wide = dt != DT_F32 && g->M >= 8 && g->K <= 16384 && g_simd != SIMD_SCALAR;
@@ -1692,25 +1662,7 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
  * padding computed); decode is a step with one row per live sequence. A
  * sequence's rows never see another's, so batch-mates cannot change a result. */
 
-/* One layer's cache for a range of sequences. f32: keys transposed per head
- * (head_dim, cap) so scores vectorize over positions, values (cap, head_dim).
- * q4 (--compress-cache): keys and values as 4-bit rows (cap, row bytes),
- * grouped along head_dim like FlexGen's. */
-typedef struct {
-    DType dtype;           /* DT_F32 or DT_Q4 */
-    int n_slot;            /* sequences */
-    int n_head, head_dim;  /* from the config */
-    int cap;               /* positions per sequence */
-    int group;             /* q4 group along head_dim */
-    size_t head_bytes;     /* bytes of one (sequence, head) key or value area */
-    char *k, *v;           /* (n_slot, n_head) areas each */
-} KVLayer;
 
-typedef struct {
-    int n_layer;           /* layers */
-    KVLayer *layer;        /* (n_layer) views into mem */
-    char *mem;             /* one allocation for all of them */
-} KVCache;
 
 /* Bytes of one (sequence, head) area of keys (or values). */
 static size_t kv_head_bytes(DType dt, int head_dim, int cap, int group) {
@@ -1755,26 +1707,7 @@ static void kv_store(const KVLayer *kv, int slot, int head, int pos, const float
     memcpy((float *)kv_v(kv, slot, head) + (size_t)pos * D, v, sizeof(float) * D);
 }
 
-typedef struct {
-    int n;                 /* rows in the step */
-    const int *tok;        /* (n) token ids */
-    const int *slot;       /* (n) cache slot of each row */
-    const int *pos;        /* (n) position of each row in its sequence, from 0 */
-} Step;
 
-typedef struct {
-    int rows;              /* capacity in rows */
-    float *x;              /* (rows, hidden) residual stream */
-    float *h;              /* (rows, max(hidden, embed_dim)) normalized input of a sublayer */
-    float *q, *k, *v;      /* (rows, hidden) projections */
-    float *att;            /* (rows, hidden) attention output before out_proj */
-    float *f;              /* (rows, ffn) MLP hidden */
-    float *e;              /* (rows, embed_dim) embeddings / final hidden */
-    float *scores;         /* (threads, AQ, cap) per-thread attention scores */
-    float *qscaled;        /* (threads, AQ, 512) per-thread scaled queries */
-    int *grp;              /* (rows + 1) starts of the attention row groups */
-    int score_cap;         /* cap the scores buffer was sized for */
-} Scratch;
 
 void scratch_init(Scratch *s, const Config *c, int rows, int cap) {
     memset(s, 0, sizeof *s);
@@ -1872,15 +1805,19 @@ void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s
         const Layer *L = &m->layers[l];
         const float *in = s->x;
         if (c->pre_ln) { layernorm(s->h, s->x, L->ln1w, L->ln1b, n, h); in = s->h; }
+        if (s->observe) s->observe(s->observe_ctx, l, OBS_QKV, in, n, h);
         linear(s->q, in, &L->q, L->qb, n, 0, 0);
         linear(s->k, in, &L->k, L->kb, n, 0, 0);
         linear(s->v, in, &L->v, L->vb, n, 0, 0);
         attention(m, &kv->layer[l], st, s);
+        if (s->observe) s->observe(s->observe_ctx, l, OBS_O, s->att, n, h);
         linear(s->x, s->att, &L->o, L->ob, n, 1, 0);
         if (!c->pre_ln) layernorm(s->x, s->x, L->ln1w, L->ln1b, n, h);
         in = s->x;
         if (c->pre_ln) { layernorm(s->h, s->x, L->ln2w, L->ln2b, n, h); in = s->h; }
+        if (s->observe) s->observe(s->observe_ctx, l, OBS_FC1, in, n, h);
         linear(s->f, in, &L->fc1, L->fc1b, n, 0, 1);
+        if (s->observe) s->observe(s->observe_ctx, l, OBS_FC2, s->f, n, c->ffn);
         linear(s->x, s->f, &L->fc2, L->fc2b, n, 1, 0);
         if (!c->pre_ln) layernorm(s->x, s->x, L->ln2w, L->ln2b, n, h);
     }
@@ -1948,7 +1885,21 @@ typedef struct {
     char name[96];         /* Hugging Face name, prefix included */
     int64_t rows, cols;    /* rows = 0 for 1-D tensors */
     int kind;              /* W_* distribution */
+    int ln_feed;           /* W_LNW: a LayerNorm feeding q/k/v or fc1; W_LINEAR: one of those linears */
 } WSpec;
+
+typedef struct {
+    const char *out;       /* output directory */
+    DType dtype;           /* weight dtype */
+    int bin;               /* torch.save format instead of safetensors */
+    int shards;            /* number of weight files (1 = unsharded) */
+    const char *prefix;    /* "model.decoder." or "decoder." */
+    int tie;               /* omit lm_head.weight (tied to the embedding) */
+    uint64_t seed;         /* weight seed */
+    int n_out;             /* --outliers: channels whose LayerNorm outputs are 50-100x the rest */
+    int out_ch[8];         /* (n_out) those channels */
+    float out_f[8];        /* (n_out) their factors */
+} SynthOpts;
 
 /* Every tensor an OPTForCausalLM checkpoint holds, in HF's order. */
 static int wspec_list(const Config *c, const char *prefix, bool tie, WSpec **out) {
@@ -1964,15 +1915,19 @@ static int wspec_list(const Config *c, const char *prefix, bool tie, WSpec **out
     for (int l = 0; l < c->n_layer; l++) {
         for (int i = 0; i < 4; i++) {
             ADD(h, h, W_LINEAR, "%slayers.%d.self_attn.%s.weight", prefix, l, attn[i]);
+            w[n - 1].ln_feed = attn[i][0] != 'o' && c->pre_ln;
             if (c->bias) ADD(0, h, W_BIAS, "%slayers.%d.self_attn.%s.bias", prefix, l, attn[i]);
         }
         ADD(0, h, W_LNW, "%slayers.%d.self_attn_layer_norm.weight", prefix, l);
+        w[n - 1].ln_feed = c->pre_ln;
         ADD(0, h, W_BIAS, "%slayers.%d.self_attn_layer_norm.bias", prefix, l);
         ADD(c->ffn, h, W_LINEAR, "%slayers.%d.fc1.weight", prefix, l);
+        w[n - 1].ln_feed = c->pre_ln;
         if (c->bias) ADD(0, c->ffn, W_BIAS, "%slayers.%d.fc1.bias", prefix, l);
         ADD(h, c->ffn, W_LINEAR, "%slayers.%d.fc2.weight", prefix, l);
         if (c->bias) ADD(0, h, W_BIAS, "%slayers.%d.fc2.bias", prefix, l);
         ADD(0, h, W_LNW, "%slayers.%d.final_layer_norm.weight", prefix, l);
+        w[n - 1].ln_feed = c->pre_ln;
         ADD(0, h, W_BIAS, "%slayers.%d.final_layer_norm.bias", prefix, l);
     }
     if (!tie) ADD(c->vocab, e, W_EMBED, "lm_head.weight");
@@ -1995,8 +1950,13 @@ static inline float gauss16(uint64_t r) {
     return (s / 65536.0f - 2.0f) * 1.7320508f;
 }
 
-/* Fills n values of tensor `idx`'s elements [start, start+n) into out (as dt). */
-static void synth_fill(void *out, DType dt, const WSpec *w, uint64_t seed, int idx, int64_t start, int64_t n) {
+/* Fills n values of tensor `idx`'s elements [start, start+n) into out (as dt).
+ * With outliers, a few channels of every LayerNorm that feeds q/k/v or fc1
+ * are scaled up 50-100x and the matching input columns of those linears
+ * scaled down as much: the same function in exact arithmetic, but with the
+ * activation outliers real OPT models above 6.7B have. */
+static void synth_fill(void *out, DType dt, const WSpec *w, const SynthOpts *o, int idx, int64_t start, int64_t n) {
+    uint64_t seed = o->seed;
     float sd = 0, mean = 0;
     switch (w->kind) {
     case W_LINEAR: sd = 1.0f / sqrtf((float)w->cols); break;
@@ -2009,6 +1969,11 @@ static void synth_fill(void *out, DType dt, const WSpec *w, uint64_t seed, int i
     for (int64_t i = 0; i < n; i++) {
         uint64_t s = base + (uint64_t)(start + i) * 0xD1B54A32D192ED03ull;
         float v = mean + sd * gauss16(splitmix64(&s));
+        if (w->ln_feed && o->n_out) {
+            int64_t ch = (start + i) % w->cols;
+            for (int k = 0; k < o->n_out; k++)
+                if (ch == o->out_ch[k]) v = w->kind == W_LNW ? v * o->out_f[k] : v / o->out_f[k];
+        }
         if (dt == DT_F32) ((float *)out)[i] = v;
         else ((uint16_t *)out)[i] = dt == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v);
     }
@@ -2036,7 +2001,7 @@ static void file_commit(FILE *f, const char *path) {
 
 /* Streams tensor idx's bytes to f in chunks generated in parallel. */
 static uint32_t crc32_update(uint32_t crc, const void *p, size_t n);
-static void synth_write_tensor(FILE *f, const WSpec *w, DType dt, uint64_t seed, int idx, const char *path, uint32_t *crc) {
+static void synth_write_tensor(FILE *f, const WSpec *w, DType dt, const SynthOpts *o, int idx, const char *path, uint32_t *crc) {
     int64_t numel = (w->rows ? w->rows : 1) * w->cols, chunk = 1 << 20;
     int nt = omp_get_max_threads();
     size_t esz = dtype_bytes(dt, 1);
@@ -2045,7 +2010,7 @@ static void synth_write_tensor(FILE *f, const WSpec *w, DType dt, uint64_t seed,
         #pragma omp parallel for
         for (int t = 0; t < nt; t++) {
             int64_t a = s0 + (int64_t)t * chunk, b = a + chunk < numel ? a + chunk : numel;
-            if (a < b) synth_fill(buf + (size_t)t * chunk * esz, dt, w, seed, idx, a, b - a);
+            if (a < b) synth_fill(buf + (size_t)t * chunk * esz, dt, w, o, idx, a, b - a);
         }
         size_t bytes = (size_t)((s0 + chunk * nt < numel ? chunk * nt : numel - s0)) * esz;
         if (crc) *crc = crc32_update(*crc, buf, bytes);
@@ -2056,7 +2021,7 @@ static void synth_write_tensor(FILE *f, const WSpec *w, DType dt, uint64_t seed,
 
 static const char *dtype_st_name(DType dt) { return dt == DT_F32 ? "F32" : dt == DT_F16 ? "F16" : dt == DT_BF16 ? "BF16" : dt == DT_Q4 ? "U8" : "I8"; }
 
-static void synth_safetensors(const char *path, const WSpec *w, int n, DType dt, uint64_t seed, int first) {
+static void synth_safetensors(const char *path, const WSpec *w, int n, DType dt, const SynthOpts *o, int first) {
     size_t cap = 256 + (size_t)n * 160, len = 0, off = 0;
     char *hdr = check_malloc(cap, "safetensors header");
     len += (size_t)snprintf(hdr + len, cap - len, "{\"__metadata__\":{\"format\":\"pt\"}");
@@ -2072,7 +2037,7 @@ static void synth_safetensors(const char *path, const WSpec *w, int n, DType dt,
     uint64_t hl = len;
     write_all(f, &hl, 8, path);
     write_all(f, hdr, len, path);
-    for (int i = 0; i < n; i++) synth_write_tensor(f, &w[i], dt, seed, first + i, path, NULL);
+    for (int i = 0; i < n; i++) synth_write_tensor(f, &w[i], dt, o, first + i, path, NULL);
     file_commit(f, path);
     free(hdr);
 }
@@ -2182,7 +2147,7 @@ static void zip_finish(FILE *f, const ZipOut *e, int n, const char *path) {
     free(b.p);
 }
 
-static void synth_bin(const char *path, const WSpec *w, int n, DType dt, uint64_t seed, int first) {
+static void synth_bin(const char *path, const WSpec *w, int n, DType dt, const SynthOpts *o, int first) {
     FILE *f = file_create(path);
     const char *stype = dt == DT_F32 ? "FloatStorage" : dt == DT_F16 ? "HalfStorage" : "BFloat16Storage";
     Buf pk = {0};
@@ -2222,7 +2187,7 @@ static void synth_bin(const char *path, const WSpec *w, int n, DType dt, uint64_
         snprintf(e[ne].name, sizeof e[ne].name, "archive/data/%d", i);
         e[ne].size = dtype_bytes(dt, (w[i].rows ? w[i].rows : 1) * w[i].cols);
         zip_begin_entry(f, &e[ne], path);
-        synth_write_tensor(f, &w[i], dt, seed, first + i, path, &e[ne].crc);
+        synth_write_tensor(f, &w[i], dt, o, first + i, path, &e[ne].crc);
         zip_end_entry(f, &e[ne], path);
     }
     snprintf(e[ne].name, sizeof e[ne].name, "archive/version");
@@ -2264,15 +2229,6 @@ static void config_write(const Config *c, const char *path, DType dt) {
     write_text(path, buf, (size_t)n);
 }
 
-typedef struct {
-    const char *out;       /* output directory */
-    DType dtype;           /* weight dtype */
-    int bin;               /* torch.save format instead of safetensors */
-    int shards;            /* number of weight files (1 = unsharded) */
-    const char *prefix;    /* "model.decoder." or "decoder." */
-    int tie;               /* omit lm_head.weight (tied to the embedding) */
-    uint64_t seed;         /* weight seed */
-} SynthOpts;
 
 void synth_write(const Config *c, const SynthOpts *o) {
     if (mkdir(o->out, 0777) != 0 && errno != EEXIST) die("%s: %s", o->out, strerror(errno));
@@ -2311,8 +2267,8 @@ void synth_write(const Config *c, const SynthOpts *o) {
         if (shards == 1) snprintf(name, sizeof name, o->bin ? "pytorch_model.bin" : "model.safetensors");
         else snprintf(name, sizeof name, o->bin ? "pytorch_model-%05d-of-%05d.bin" : "model-%05d-of-%05d.safetensors", s + 1, shards);
         p = path_join(o->out, name);
-        if (o->bin) synth_bin(p, w + first, last - first, o->dtype, o->seed, first);
-        else synth_safetensors(p, w + first, last - first, o->dtype, o->seed, first);
+        if (o->bin) synth_bin(p, w + first, last - first, o->dtype, o, first);
+        else synth_safetensors(p, w + first, last - first, o->dtype, o, first);
         free(p);
         for (int i = first; i < last; i++) {
             int l = snprintf(line, sizeof line, "%s    \"%s\": \"%s\"", idx.n ? ",\n" : "", w[i].name, name);
@@ -2354,7 +2310,7 @@ static void buf_json_str(Buf *b, const char *s, size_t n) { /* a JSON string lit
 }
 
 typedef struct {
-    char name[96];         /* our tensor name */
+    char name[128];        /* our tensor name */
     const Tensor *mat;     /* a matrix, or NULL */
     const float *vec;      /* a 1-D f32 tensor, or NULL */
     int64_t n;             /* vec length */
@@ -2371,41 +2327,67 @@ static size_t native_bytes(const NativeT *t, const char **dtype, int64_t shape[2
     return dtype_bytes(t->mat->dtype, shape[0] * shape[1]);
 }
 
+static void nt_vec(NativeT *t, int *n, const float *v, int64_t len, const char *name) {
+    if (!v) return;
+    snprintf(t[*n].name, sizeof t[*n].name, "%s", name);
+    t[*n].vec = v;
+    t[(*n)++].n = len;
+}
+
+/* A matrix (4-bit when group > 0 unless already compressed); int8 ones bring their scales. */
+static void nt_mat(NativeT *t, int *n, const Tensor *w, int group, const char *name) {
+    snprintf(t[*n].name, sizeof t[*n].name, "%s", name);
+    t[*n].mat = w;
+    t[(*n)++].q4 = w->dtype == DT_I8 || w->dtype == DT_Q4 ? 0 : group;
+    if (w->dtype == DT_I8) {
+        char sn[112];
+        snprintf(sn, sizeof sn, "%s.scale", name);
+        nt_vec(t, n, w->scale, w->rows, sn);
+    }
+}
+
 /* Writes the model's tensors; matrices to 4 bits when group > 0. */
 void native_write(const Model *m, const char *path, int group) {
     const Config *c = &m->cfg;
-    NativeT *t = check_calloc(sizeof(NativeT) * (size_t)(16 + 16 * c->n_layer), "tensor list");
+    NativeT *t = check_calloc(sizeof(NativeT) * (size_t)(16 + 24 * c->n_layer + m->n_extra), "tensor list");
     int n = 0;
-#define MATT(tensor, ...) (snprintf(t[n].name, sizeof t[n].name, __VA_ARGS__), t[n].mat = (tensor), t[n].q4 = group, n++)
-#define VECT(v, len, ...) ((v) ? (snprintf(t[n].name, sizeof t[n].name, __VA_ARGS__), t[n].vec = (v), t[n].n = (len), n++) : 0)
-    MATT(&m->embed, "embed_tokens.weight");
-    t[n].mat = &m->pos; snprintf(t[n++].name, 96, "embed_positions.weight"); /* kept as stored */
-    if (m->proj_in.data) { MATT(&m->proj_in, "project_in.weight"); MATT(&m->proj_out, "project_out.weight"); }
-    VECT(m->lnfw, c->hidden, "final_layer_norm.weight");
-    VECT(m->lnfb, c->hidden, "final_layer_norm.bias");
-    if (m->lm_head.data != m->embed.data) MATT(&m->lm_head, "lm_head.weight");
+    char nm[96];
+    nt_mat(t, &n, &m->embed, group, "embed_tokens.weight");
+    nt_mat(t, &n, &m->pos, 0, "embed_positions.weight"); /* kept as stored */
+    if (m->proj_in.data) { nt_mat(t, &n, &m->proj_in, group, "project_in.weight"); nt_mat(t, &n, &m->proj_out, group, "project_out.weight"); }
+    nt_vec(t, &n, m->lnfw, c->hidden, "final_layer_norm.weight");
+    nt_vec(t, &n, m->lnfb, c->hidden, "final_layer_norm.bias");
+    if (m->lm_head.data != m->embed.data) nt_mat(t, &n, &m->lm_head, group, "lm_head.weight");
     static const char *const names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"};
     for (int l = 0; l < c->n_layer; l++) {
         const Layer *L = &m->layers[l];
         const Tensor *mats[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
         const float *bias[] = {L->qb, L->kb, L->vb, L->ob, L->fc1b, L->fc2b};
         for (int i = 0; i < 6; i++) {
-            MATT(mats[i], "layers.%d.%s.weight", l, names[i]);
-            VECT(bias[i], i == 4 ? c->ffn : c->hidden, "layers.%d.%s.bias", l, names[i]);
+            snprintf(nm, sizeof nm, "layers.%d.%s.weight", l, names[i]);
+            nt_mat(t, &n, mats[i], group, nm);
+            snprintf(nm, sizeof nm, "layers.%d.%s.bias", l, names[i]);
+            nt_vec(t, &n, bias[i], i == 4 ? c->ffn : c->hidden, nm);
         }
-        VECT(L->ln1w, c->hidden, "layers.%d.self_attn_layer_norm.weight", l);
-        VECT(L->ln1b, c->hidden, "layers.%d.self_attn_layer_norm.bias", l);
-        VECT(L->ln2w, c->hidden, "layers.%d.final_layer_norm.weight", l);
-        VECT(L->ln2b, c->hidden, "layers.%d.final_layer_norm.bias", l);
+        const float *ln[] = {L->ln1w, L->ln1b, L->ln2w, L->ln2b};
+        static const char *const lnn[] = {"self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "final_layer_norm.weight", "final_layer_norm.bias"};
+        for (int i = 0; i < 4; i++) {
+            snprintf(nm, sizeof nm, "layers.%d.%s", l, lnn[i]);
+            nt_vec(t, &n, ln[i], c->hidden, nm);
+        }
     }
-#undef MATT
-#undef VECT
+    for (int i = 0; i < m->n_extra; i++) nt_vec(t, &n, m->extra[i].data, m->extra[i].n, m->extra[i].name);
     Buf fm = {0}, h = {0};
     buf_str(&fm, "{");
     for (int i = 0; i < n; i++) {
+        char e[200];
+        if (t[i].mat && t[i].mat->dtype == DT_I8) {
+            snprintf(e, sizeof e, "%s\"%s\": {\"format\": \"i8\", \"act_scale\": %.9g}", fm.n > 1 ? ", " : "", t[i].name, t[i].mat->act_scale);
+            buf_str(&fm, e);
+            continue;
+        }
         int g = t[i].mat ? (t[i].q4 ? t[i].q4 : t[i].mat->dtype == DT_Q4 ? t[i].mat->group : 0) : 0;
         if (!g) continue;
-        char e[160];
         snprintf(e, sizeof e, "%s\"%s\": {\"format\": \"q4\", \"group\": %d, \"cols\": %lld}", fm.n > 1 ? ", " : "", t[i].name, g, (long long)t[i].mat->cols);
         buf_str(&fm, e);
     }
@@ -3292,6 +3274,7 @@ typedef struct {
     int compress_cache;    /* --compress-cache: 4-bit KV cache */
     int group;             /* --group-size for 4-bit formats */
     int int4;              /* convert --int4-weights */
+    int outliers;          /* synth --outliers */
 } Opts;
 
 static const char *help_text[][2] = {
@@ -3327,10 +3310,12 @@ static const char *help_text[][2] = {
      "  Without -m the built-in OPT tokenizer is used (all OPT sizes share it).\n"},
     {"synth",
      "usage: opt synth --shape SHAPE -o DIR [--seed S] [--format safetensors|bin] [--dtype f16|f32|bf16]\n"
-     "                 [--shards N] [--prefix model.decoder.|decoder.] [--tie|--no-tie]\n"
+     "                 [--shards N] [--prefix model.decoder.|decoder.] [--tie|--no-tie] [--outliers]\n"
      "  Writes a random-weight OPT checkpoint in Hugging Face layout (config, tokenizer, weights).\n"
      "  SHAPE: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b,\n"
-     "         or HIDDENxLAYERSxHEADSxFFN (e.g. 256x2x4x1024). Defaults: f16, safetensors, tied, seed 0.\n"},
+     "         or HIDDENxLAYERSxHEADSxFFN (e.g. 256x2x4x1024). Defaults: f16, safetensors, tied, seed 0.\n"
+     "  --outliers: 4 fixed channels of the LayerNorms feeding q/k/v and fc1 are 50-100x the rest\n"
+     "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"},
     {"info", "usage: opt info -m DIR\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
     {"bench",
      "usage: opt bench -m DIR [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json]\n"
@@ -3419,6 +3404,7 @@ static void opts_parse(Opts *o, int argc, char **argv) {
         else if (!strcmp(a, "--compress-weight")) o->compress_weight = 1;
         else if (!strcmp(a, "--compress-cache")) o->compress_cache = 1;
         else if (!strcmp(a, "--int4-weights")) o->int4 = 1;
+        else if (!strcmp(a, "--outliers")) o->outliers = 1;
         else if (!strcmp(a, "--group-size")) {
             o->group = (int)parse_int(a, VAL(), 32, 128);
             if (o->group != 32 && o->group != 64 && o->group != 128) die("--group-size: expected 32, 64 or 128");
@@ -3742,6 +3728,22 @@ static void cmd_synth(const Opts *o) {
     else if (o->dtype && !strcmp(o->dtype, "bf16")) so.dtype = DT_BF16;
     else if (o->dtype && strcmp(o->dtype, "f16")) die("--dtype: expected f16, f32 or bf16, got '%s'", o->dtype);
     if (strcmp(so.prefix, "model.decoder.") && strcmp(so.prefix, "decoder.")) die("--prefix: expected model.decoder. or decoder.");
+    if (o->outliers) { /* 4 fixed channels, 50-100x, chosen by the seed */
+        if (!c.pre_ln) die("--outliers needs a pre-LayerNorm shape (every OPT size but 350m)");
+        uint64_t r = o->seed ^ 0x5EEDull;
+        so.n_out = c.hidden >= 64 ? 4 : 1;
+        for (int k = 0; k < so.n_out; k++) {
+            int ch;
+            bool dup;
+            do {
+                ch = (int)(splitmix64(&r) % (uint64_t)c.hidden);
+                dup = false;
+                for (int q = 0; q < k; q++) dup |= so.out_ch[q] == ch;
+            } while (dup);
+            so.out_ch[k] = ch;
+            so.out_f[k] = 50.0f + 50.0f * (float)(splitmix64(&r) >> 11) * 0x1.0p-53f;
+        }
+    }
     synth_write(&c, &so);
     fprintf(stderr, "opt: wrote %s (%s, %.1fM parameters, %s)\n", o->out, o->shape, (double)config_params(&c) / 1e6, dtype_names[so.dtype]);
 }

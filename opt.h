@@ -7,6 +7,7 @@
 #ifndef OPT_H
 #define OPT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -76,8 +77,8 @@ typedef struct {
     DType dtype;          /* element format of data */
     int64_t rows, cols;   /* logical shape; a 1-D tensor has rows = 1 */
     const void *data;     /* (rows, cols) row-major; into an mmap or owned memory; NULL = absent */
-    const void *scale;    /* DT_Q4: (rows, cols/group) f16 scales; DT_I8: (rows) f32 scales */
-    const void *zero;     /* DT_Q4: (rows, cols/group) f16 minimums */
+    const float *scale;   /* DT_I8: (rows) per-output-channel weight scales */
+    float act_scale;      /* DT_I8: static per-tensor activation scale (SmoothQuant O3); 0 = per-token dynamic */
     int group;            /* DT_Q4 group size along cols (32, 64, 128) */
     Tier tier;            /* where data lives */
     const char *name;     /* checkpoint name, for error messages */
@@ -187,6 +188,9 @@ void q4_dequantize_row(float *out, const uint8_t *in, int64_t cols, int group);
 float q4_dot_scalar(const float *x, const uint8_t *w, int K, int group);
 extern const TileFn q4_tiles_avx2[2];    /* tiles 2x3 and 1x4, as opt.c's AVX2 tiles */
 extern const TileFn q4_tiles_avx512[3];  /* tiles 4x6, 2x8 and 1x8 */
+/* int8 (SmoothQuant W8A8), quant.c: y = (x quantized per token, or with the
+ * static act_scale) . W_int8 * scale[n] + bias; exact int32 accumulation. */
+void gemm_i8(const Gemm *g);
 void q4_attn_scores(float *const *s, const float *const *q, int n, const uint8_t *k, int D, int G, int T);
 void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1, int init);
 
@@ -270,8 +274,8 @@ typedef struct {
     double cpu_gemv_q4_bw;     /* the same with 4-bit weights (fused kernel): 4-bit bytes per second */
     double cpu_gemm_flops_g;   /* CPU GEMM at M = 64, f16 weights */
     double cpu_gemm_flops_p;   /* CPU GEMM at M = 512, f16 weights */
-    double cpu_attn_flops;     /* decode attention over a CPU-resident fp16 cache */
-    double cpu_attn_q4_flops;  /* the same over a 4-bit cache (FLOPs counted as for fp16) */
+    double cpu_attn_bw;        /* decode attention on the CPU: bytes of fp16/f32 cache read per s */
+    double cpu_attn_q4_bw;     /* the same over a 4-bit cache: 4-bit bytes per second */
     double cpu_attn_c[3];      /* FlexGen's T4 correction of both (c1, c2, c3); 0 = none */
     double cpu_mem_bw;         /* streaming read bandwidth of RAM */
     double layer_overhead;     /* fixed seconds per layer and GPU batch (launches, syncs) */
@@ -334,6 +338,132 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *req, Policy 
 /* `opt plan ...` and `opt probe ...` (argv[0] is the command name); return the exit status. */
 int plan_main(int argc, char **argv);
 int probe_main(int argc, char **argv);
+
+/* ----------------------------------------------------------------------------
+ * Checkpoints and the model (opt.c). */
+
+typedef struct {
+    char *path;            /* file path, for messages */
+    const uint8_t *base;   /* (size) mmap'd bytes */
+    size_t size;           /* file size */
+} MapFile;
+
+typedef struct {
+    char *name;            /* name as stored, e.g. "model.decoder.layers.0.fc1.weight" */
+    const char *key;       /* name without "model."/"decoder." prefixes, e.g. "layers.0.fc1.weight" */
+    DType dtype;           /* stored format */
+    int ndim;              /* 0..4 */
+    int64_t shape[4];      /* (ndim) sizes */
+    const void *data;      /* into files[file].base */
+    int file;              /* index into Checkpoint.files */
+    bool used;             /* claimed by the model (to report leftovers) */
+} CkTensor;
+
+typedef struct {
+    char *dir;             /* the checkpoint directory (or native file) */
+    Json *meta;            /* a native file's __metadata__ header (config, formats), else NULL */
+    MapFile *files;        /* (n_files) mapped weight files */
+    int n_files;
+    CkTensor *t;           /* (n) tensors, sorted by key after loading */
+    int n, cap;
+} Checkpoint;
+
+/* An f32 tensor carried into native files besides the model's own. */
+typedef struct {
+    char name[96];         /* e.g. "layers.3.self_attn.q_proj.act_max" */
+    float *data;           /* (n) owned by the model */
+    int64_t n;
+} NativeExtra;
+
+/* A linear layer's input, seen by an observer (SmoothQuant calibration). */
+enum { OBS_QKV, OBS_O, OBS_FC1, OBS_FC2 };
+typedef void (*Observer)(void *ctx, int layer, int which, const float *x, int rows, int cols);
+
+typedef struct {
+    Tensor q, k, v, o;     /* (hidden, hidden) attention projections, nn.Linear (out, in) layout */
+    Tensor fc1;            /* (ffn, hidden) */
+    Tensor fc2;            /* (hidden, ffn) */
+    float *qb, *kb, *vb, *ob; /* (hidden) biases, NULL without enable_bias */
+    float *fc1b;           /* (ffn) */
+    float *fc2b;           /* (hidden) */
+    float *ln1w, *ln1b;    /* (hidden) self_attn_layer_norm, NULL when not affine */
+    float *ln2w, *ln2b;    /* (hidden) final_layer_norm of the layer */
+} Layer;
+
+typedef struct {
+    Config cfg;            /* hyperparameters */
+    Tensor embed;          /* (vocab, embed_dim) token embedding */
+    Tensor pos;            /* (max_pos + 2, hidden) learned positions, offset 2 */
+    Tensor proj_in;        /* (hidden, embed_dim), data NULL unless embed_dim != hidden */
+    Tensor proj_out;       /* (embed_dim, hidden), likewise */
+    float *lnfw, *lnfb;    /* (hidden) decoder.final_layer_norm, NULL when absent */
+    Tensor lm_head;        /* (vocab, embed_dim), the embedding when tied */
+    Layer *layers;         /* (n_layer) */
+    Checkpoint ck;         /* the mapped files the tensors point into */
+    float *owned;          /* one allocation holding every f32 1-D tensor */
+    size_t owned_n, owned_used; /* its size and fill, in floats */
+    Json *formats;         /* a native file's tensor formats, else NULL */
+    void **q4;             /* (n_q4) memory the model owns: quantized weights, scales */
+    int n_q4, cap_q4;
+    NativeExtra *extra;    /* (n_extra) more f32 tensors for native files (e.g. SmoothQuant act scales) */
+    int n_extra;
+} Model;
+
+void model_load(Model *m, const char *path);      /* a checkpoint directory or a native file */
+void model_compress(Model *m, int group);         /* every matrix to 4 bits */
+void model_free(Model *m);
+void *model_own(Model *m, size_t bytes, const char *what); /* memory freed with the model */
+void native_write(const Model *m, const char *path, int group); /* opt convert's output; group > 0: 4-bit matrices */
+
+/* One layer's cache for a range of sequences. f32: keys transposed per head
+ * (head_dim, cap) so scores vectorize over positions, values (cap, head_dim).
+ * q4 (--compress-cache): keys and values as 4-bit rows (cap, row bytes),
+ * grouped along head_dim like FlexGen's. */
+typedef struct {
+    DType dtype;           /* DT_F32 or DT_Q4 */
+    int n_slot;            /* sequences */
+    int n_head, head_dim;  /* from the config */
+    int cap;               /* positions per sequence */
+    int group;             /* q4 group along head_dim */
+    size_t head_bytes;     /* bytes of one (sequence, head) key or value area */
+    char *k, *v;           /* (n_slot, n_head) areas each */
+} KVLayer;
+
+typedef struct {
+    int n_layer;           /* layers */
+    KVLayer *layer;        /* (n_layer) views into mem */
+    char *mem;             /* one allocation for all of them */
+} KVCache;
+
+typedef struct {
+    int n;                 /* rows in the step */
+    const int *tok;        /* (n) token ids */
+    const int *slot;       /* (n) cache slot of each row */
+    const int *pos;        /* (n) position of each row in its sequence, from 0 */
+} Step;
+
+typedef struct {
+    int rows;              /* capacity in rows */
+    float *x;              /* (rows, hidden) residual stream */
+    float *h;              /* (rows, max(hidden, embed_dim)) normalized input of a sublayer */
+    float *q, *k, *v;      /* (rows, hidden) projections */
+    float *att;            /* (rows, hidden) attention output before out_proj */
+    float *f;              /* (rows, ffn) MLP hidden */
+    float *e;              /* (rows, embed_dim) embeddings / final hidden */
+    float *scores;         /* (threads, AQ, cap) per-thread attention scores */
+    float *qscaled;        /* (threads, AQ, 512) per-thread scaled queries */
+    int *grp;              /* (rows + 1) starts of the attention row groups */
+    Observer observe;      /* called with every linear layer's input, or NULL */
+    void *observe_ctx;     /* its context */
+    int score_cap;         /* cap the scores buffer was sized for */
+} Scratch;
+
+void kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group);
+void kv_free(KVCache *kv);
+void scratch_init(Scratch *s, const Config *c, int rows, int cap);
+void scratch_free(Scratch *s);
+void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s);
+void model_logits(const Model *m, float *logits, const float *hid, int rows);
 
 /* ----------------------------------------------------------------------------
  * opt.c services for the other files. */

@@ -237,3 +237,10 @@ void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t 
         }
     }
 }
+
+/* ----------------------------------------------------------------------------
+ * int8 (SmoothQuant W8A8). */
+
+void gemm_i8(const Gemm *g) {
+    die("%s: int8 weights are not supported by this build yet", g->w->name ? g->w->name : "a tensor");
+}
