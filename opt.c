@@ -3275,6 +3275,8 @@ typedef struct {
     int group;             /* --group-size for 4-bit formats */
     int int4;              /* convert --int4-weights */
     int outliers;          /* synth --outliers */
+    int w8a8;              /* convert --w8a8 */
+    SqOpts sq;             /* its calibration */
 } Opts;
 
 static const char *help_text[][2] = {
@@ -3323,11 +3325,17 @@ static const char *help_text[][2] = {
      "  latency and throughput, total throughput (FlexGen's definitions) and peak memory.\n"},
     {"lp", "usage: opt lp FILE.mps\n  Solves a linear program (free MPS) with opt's own simplex solver.\n"},
     {"convert",
-     "usage: opt convert -m DIR -o FILE [--int4-weights] [--group-size 32|64|128]\n"
+     "usage: opt convert -m DIR -o FILE [--int4-weights [--group-size N] | --w8a8 --calib FILE [...]]\n"
      "  Writes the native packed file (a safetensors container with opt's tensor names, the\n"
      "  config and each tensor's format in its metadata) that -m accepts and the disk tier maps.\n"
      "      --int4-weights     4-bit group-wise weights (asymmetric, f16 scale and minimum per group)\n"
-     "      --group-size N     values per group along each row (default 64)\n"},
+     "      --group-size N     values per group along each row: 32, 64 (default) or 128\n"
+     "      --w8a8             SmoothQuant: int8 weights (per output channel) and int8 activations\n"
+     "                         (per token, dynamic); outliers migrated into the weights first\n"
+     "      --w8a8-static      the same with static per-tensor activation scales (the paper's O3)\n"
+     "      --calib FILE       calibration text: one sample per line, or plain text cut into samples\n"
+     "      --alpha A          migration strength in [0, 1] (default 0.5)\n"
+     "      --calib-samples N  samples (default 512)    --calib-len N  tokens per sample (default 512)\n"},
 };
 
 static void usage(FILE *f) {
@@ -3405,6 +3413,12 @@ static void opts_parse(Opts *o, int argc, char **argv) {
         else if (!strcmp(a, "--compress-cache")) o->compress_cache = 1;
         else if (!strcmp(a, "--int4-weights")) o->int4 = 1;
         else if (!strcmp(a, "--outliers")) o->outliers = 1;
+        else if (!strcmp(a, "--w8a8")) o->w8a8 = 1;
+        else if (!strcmp(a, "--w8a8-static")) o->w8a8 = o->sq.static_act = 1;
+        else if (!strcmp(a, "--calib")) o->sq.calib = VAL();
+        else if (!strcmp(a, "--alpha")) o->sq.alpha = (float)parse_num(a, VAL(), 0, 1);
+        else if (!strcmp(a, "--calib-samples")) o->sq.samples = (int)parse_int(a, VAL(), 1, 1 << 20);
+        else if (!strcmp(a, "--calib-len")) o->sq.len = (int)parse_int(a, VAL(), 2, 1 << 20);
         else if (!strcmp(a, "--group-size")) {
             o->group = (int)parse_int(a, VAL(), 32, 128);
             if (o->group != 32 && o->group != 64 && o->group != 128) die("--group-size: expected 32, 64 or 128");
@@ -3750,12 +3764,20 @@ static void cmd_synth(const Opts *o) {
 
 static void cmd_convert(const Opts *o) {
     if (!o->model || !o->out) die("opt convert: -m DIR and -o FILE are required (see opt convert --help)");
+    if (o->w8a8 && o->int4) die("opt convert: --w8a8 and --int4-weights are alternatives");
+    if (o->w8a8 && !o->sq.calib) die("opt convert: --w8a8 needs --calib FILE (calibration text)");
     Model m;
     model_load(&m, o->model);
+    if (o->w8a8) {
+        Tokenizer *tok = tokenizer_for(o->model);
+        sq_convert(&m, tok, &o->sq);
+        tok_free(tok);
+    }
     native_write(&m, o->out, o->int4 ? o->group : 0);
     struct stat st;
     stat(o->out, &st);
-    fprintf(stderr, "opt: wrote %s (%.2f GiB%s)\n", o->out, (double)st.st_size / (1 << 30), o->int4 ? ", 4-bit weights" : "");
+    fprintf(stderr, "opt: wrote %s (%.2f GiB%s)\n", o->out, (double)st.st_size / (1 << 30),
+            o->int4 ? ", 4-bit weights" : o->w8a8 ? (o->sq.static_act ? ", W8A8 static" : ", W8A8") : "");
     model_free(&m);
 }
 
@@ -3862,7 +3884,7 @@ const char *gpu_describe(void) { return "none (this binary was built without CUD
 #ifndef OPT_NO_MAIN
 int main(int argc, char **argv) {
     simd_init();
-    Opts o = {.cmd = "generate", .batch = 16, .group = 64, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
+    Opts o = {.cmd = "generate", .batch = 16, .group = 64, .sq = {.alpha = 0.5f, .samples = 512, .len = 512}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
     int first = 1;
     if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
     if (!strcmp(o.cmd, "help")) { if (argc > 2) cmd_help(argv[2]); usage(stdout); return 0; }

@@ -191,6 +191,7 @@ extern const TileFn q4_tiles_avx512[3];  /* tiles 4x6, 2x8 and 1x8 */
 /* int8 (SmoothQuant W8A8), quant.c: y = (x quantized per token, or with the
  * static act_scale) . W_int8 * scale[n] + bias; exact int32 accumulation. */
 void gemm_i8(const Gemm *g);
+
 void q4_attn_scores(float *const *s, const float *const *q, int n, const uint8_t *k, int D, int G, int T);
 void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1, int init);
 
@@ -464,6 +465,21 @@ void scratch_init(Scratch *s, const Config *c, int rows, int cap);
 void scratch_free(Scratch *s);
 void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s);
 void model_logits(const Model *m, float *logits, const float *hid, int rows);
+
+/* ----------------------------------------------------------------------------
+ * quant.c: SmoothQuant conversion. */
+
+typedef struct {
+    const char *calib;     /* calibration text: one sample per line, or plain text cut into samples */
+    float alpha;           /* migration strength in [0, 1] (0.5) */
+    int samples;           /* calibration samples (512) */
+    int len;               /* tokens per sample (512) */
+    int static_act;        /* O3: static per-tensor activation scales instead of per-token dynamic */
+} SqOpts;
+/* Calibrates on o->calib, folds the smoothing into the LayerNorms and the
+ * linear weights (pre-LN models; post-LN ones get plain W8A8, with a note),
+ * and turns every linear layer's weights into DT_I8. */
+void sq_convert(Model *m, const Tokenizer *tok, const SqOpts *o);
 
 /* ----------------------------------------------------------------------------
  * opt.c services for the other files. */

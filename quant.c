@@ -244,3 +244,8 @@ void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t 
 void gemm_i8(const Gemm *g) {
     die("%s: int8 weights are not supported by this build yet", g->w->name ? g->w->name : "a tensor");
 }
+
+void sq_convert(Model *m, const Tokenizer *tok, const SqOpts *o) {
+    (void)m; (void)tok;
+    die("%s: SmoothQuant conversion is not supported by this build yet", o->calib);
+}
