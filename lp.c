@@ -851,8 +851,9 @@ int lp_main(int argc, char **argv) {
  *              + 4 g (nh (s+n) + 3h) with cpu attention (f32 scores, q, output)
  *     CPU-only mode adds work(prefill) / work(decode) here.
  *   Disk: W wn + C cn + Ap an.
- * Each tier's peak must stay under usable x budget; the LP keeps a further 1e-4 of each row's
- * largest term in reserve so that rounding the fractions to 0.01% cannot break a budget.
+ * Each tier's peak must stay under usable x budget; the LP keeps a further 2e-4 of the sum of
+ * each row's coefficients in reserve, so that rounding the fractions to 0.01% (and folding a
+ * disk share under 0.015% into the larger tier) cannot break a budget.
  *
  * Units (fix 4): the LP works in fractions; plan_search converts them to the percents that
  * Policy and --percent take (FlexGen's search returned fractions where percents were expected),
@@ -1296,11 +1297,12 @@ static int lprows_mem(LpRows *L, const CostModel *M, const PlanReq *rq, int slac
         if (tier == TIER_GPU && !M->gpu) continue;
         for (int ph = 0; ph < 2; ph++) {
             const CostLin *r = &M->mem[tier][ph];
-            double a[NV + 1] = {0}, big = fabs(r->c0);
-            for (int j = 0; j < NF; j++) a[j] = r->a[j] / LP_BYTES, big = fmax(big, fabs(r->a[j]));
+            double a[NV + 1] = {0}, sum = 0;
+            for (int j = 0; j < NF; j++) a[j] = r->a[j] / LP_BYTES, sum += fabs(r->a[j]);
             if (tier == slack_tier) a[NV] = -1;
-            /* reserve: rounding fractions to 0.01% moves each term by <= 1e-4 of its size */
-            double rhs = (rq->usable[tier] * rq->budget[tier] - r->c0 - 1e-4 * big) / LP_BYTES;
+            /* reserve: rounding to 0.01% (5e-5) and folding a disk share under 0.015% into
+             * another tier move each fraction by < 2e-4 */
+            double rhs = (rq->usable[tier] * rq->budget[tier] - r->c0 - 2e-4 * sum) / LP_BYTES;
             int any = 0;
             for (int j = 0; j <= NV; j++) any |= a[j] != 0;
             if (!any) {

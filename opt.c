@@ -1042,6 +1042,7 @@ static inline size_t row_bytes(const Tensor *w) {
 }
 
 static inline const void *w_row(const Tensor *w, int64_t n) {
+    if (w->data2 && n >= w->split) return (const char *)w->data2 + (size_t)(n - w->split) * row_bytes(w);
     return (const char *)w->data + (size_t)n * row_bytes(w);
 }
 
@@ -1474,13 +1475,15 @@ void gemm(const Gemm *g) {
     if (dt == DT_I8) { gemm_i8(g); return; }
     check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on dtype %d", (int)dt);
     const int nb = 48;
-    int nblk = (g->N + nb - 1) / nb;
+    /* blocks never straddle the split of a tensor whose rows live in two places */
+    int split = g->w->data2 && g->w->split > 0 && g->w->split < g->N ? (int)g->w->split : g->N;
+    int nblk0 = (split + nb - 1) / nb, nblk = nblk0 + (g->N - split + nb - 1) / nb;
     bool wide = dt != DT_F32 && g->M >= 8 && g->K <= 16384 && g_simd != SIMD_SCALAR;
     const Tile *tiles = g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
     size_t rb = row_bytes(g->w);
     #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
     for (int b = 0; b < nblk; b++) {
-        int n0 = b * nb, n1 = n0 + nb < g->N ? n0 + nb : g->N;
+        int n0 = b < nblk0 ? b * nb : split + (b - nblk0) * nb, end = b < nblk0 ? split : g->N, n1 = n0 + nb < end ? n0 + nb : end;
         const char *w = w_row(g->w, n0);
         if (g_simd == SIMD_SCALAR) { gemm_scalar(g, n0, n1); continue; }
         if (!wide) { gemm_tiled(g, n0, n1, w, dt, rb, tiles); continue; }
@@ -1500,13 +1503,20 @@ void gemm(const Gemm *g) {
 
 #define AQ 4 /* query rows per attention pass */
 
-/* s[i][t] = sum_d q[i][d] * kt[d][t] for t < T (T of the last, longest row). */
-static void attn_scores_scalar(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
-    for (int i = 0; i < n; i++) {
-        for (int t = 0; t < T; t++) s[i][t] = 0;
-        for (int d = 0; d < D; d++)
-            for (int t = 0; t < T; t++) s[i][t] = fmaf(q[i][d], kt[d * ld + t], s[i][t]);
-    }
+/* Keys are stored in blocks of 16 positions, transposed within a block:
+ * k[(t / 16) * D * 16 + d * 16 + t % 16], so scores vectorize over positions
+ * and a new position touches one contiguous block. */
+#define KB 16
+
+/* s[i][t] = sum_d q[i][d] * key[t][d] for t < T (T of the last, longest row). */
+static void attn_scores_scalar(float *const *s, const float *const *q, int n, const float *k, int D, int T) {
+    for (int i = 0; i < n; i++)
+        for (int t = 0; t < T; t++) {
+            const float *kb = k + (size_t)(t / KB) * D * KB + t % KB;
+            float acc = 0;
+            for (int d = 0; d < D; d++) acc = fmaf(q[i][d], kb[d * KB], acc);
+            s[i][t] = acc;
+        }
 }
 
 /* out[i][d] (+)= sum_{t0 <= t < t1} p[i][t] * v[t][d]; from zero when init. */
@@ -1518,25 +1528,26 @@ static void attn_mix_scalar(float *const *out, const float *const *p, int n, con
     }
 }
 
-T_AVX2 static void attn_scores_avx2(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
-    int t = 0;
-    for (; t + 16 <= T; t += 16) {
+T_AVX2 static void attn_scores_avx2(float *const *s, const float *const *q, int n, const float *k, int D, int T) {
+    for (int t = 0; t < T; t += KB) {
+        const float *kb = k + (size_t)(t / KB) * D * KB;
         __m256 a[AQ][2];
         for (int i = 0; i < AQ; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
         for (int d = 0; d < D; d++) {
-            __m256 k0 = _mm256_loadu_ps(kt + d * ld + t), k1 = _mm256_loadu_ps(kt + d * ld + t + 8);
+            __m256 k0 = _mm256_loadu_ps(kb + d * KB), k1 = _mm256_loadu_ps(kb + d * KB + 8);
             for (int i = 0; i < AQ; i++) {
                 __m256 qd = _mm256_set1_ps(q[i < n ? i : n - 1][d]);
                 a[i][0] = _mm256_fmadd_ps(qd, k0, a[i][0]);
                 a[i][1] = _mm256_fmadd_ps(qd, k1, a[i][1]);
             }
         }
-        for (int i = 0; i < n; i++) { _mm256_storeu_ps(s[i] + t, a[i][0]); _mm256_storeu_ps(s[i] + t + 8, a[i][1]); }
-    }
-    if (t < T) {
-        float *st[AQ];
-        for (int i = 0; i < n; i++) st[i] = s[i] + t;
-        attn_scores_scalar(st, q, n, kt + t, ld, D, T - t);
+        int left = T - t < KB ? T - t : KB;
+        for (int i = 0; i < n; i++) {
+            float o[KB];
+            _mm256_storeu_ps(o, a[i][0]);
+            _mm256_storeu_ps(o + 8, a[i][1]);
+            memcpy(s[i] + t, o, sizeof(float) * (size_t)left);
+        }
     }
 }
 
@@ -1566,26 +1577,24 @@ T_AVX2 static void attn_mix_avx2(float *const *out, const float *const *p, int n
     }
 }
 
-T_AVX512 static void attn_scores_avx512(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
-    for (int t = 0; t < T; t += 32) {
-        __mmask16 mk[2];
-        for (int c = 0; c < 2; c++) {
-            int left = T - t - 16 * c;
-            mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        }
+T_AVX512 static void attn_scores_avx512(float *const *s, const float *const *q, int n, const float *k, int D, int T) {
+    for (int t = 0; t < T; t += 2 * KB) {
+        const float *kb = k + (size_t)(t / KB) * D * KB;
+        int two = T - t > KB; /* a second block exists */
         __m512 a[AQ][2];
         for (int i = 0; i < AQ; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
         for (int d = 0; d < D; d++) {
-            __m512 k0 = _mm512_maskz_loadu_ps(mk[0], kt + d * ld + t), k1 = _mm512_maskz_loadu_ps(mk[1], kt + d * ld + t + 16);
+            __m512 k0 = _mm512_loadu_ps(kb + d * KB), k1 = two ? _mm512_loadu_ps(kb + (size_t)D * KB + d * KB) : k0;
             for (int i = 0; i < AQ; i++) {
                 __m512 qd = _mm512_set1_ps(q[i < n ? i : n - 1][d]);
                 a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
                 a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
             }
         }
-        for (int i = 0; i < n; i++) {
-            _mm512_mask_storeu_ps(s[i] + t, mk[0], a[i][0]);
-            _mm512_mask_storeu_ps(s[i] + t + 16, mk[1], a[i][1]);
+        for (int c = 0; c < 2; c++) {
+            int left = T - t - KB * c;
+            __mmask16 mk = left >= KB ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            for (int i = 0; i < n; i++) _mm512_mask_storeu_ps(s[i] + t + KB * c, mk, a[i][c]);
         }
     }
 }
@@ -1615,10 +1624,10 @@ T_AVX512 static void attn_mix_avx512(float *const *out, const float *const *p, i
     }
 }
 
-static void attn_scores(float *const *s, const float *const *q, int n, const float *kt, int64_t ld, int D, int T) {
-    if (g_simd == SIMD_AVX512) attn_scores_avx512(s, q, n, kt, ld, D, T);
-    else if (g_simd == SIMD_AVX2) attn_scores_avx2(s, q, n, kt, ld, D, T);
-    else attn_scores_scalar(s, q, n, kt, ld, D, T);
+static void attn_scores(float *const *s, const float *const *q, int n, const float *k, int D, int T) {
+    if (g_simd == SIMD_AVX512) attn_scores_avx512(s, q, n, k, D, T);
+    else if (g_simd == SIMD_AVX2) attn_scores_avx2(s, q, n, k, D, T);
+    else attn_scores_scalar(s, q, n, k, D, T);
 }
 
 static void attn_mix(float *const *out, const float *const *p, int n, const float *v, int64_t ld, int D, int t0, int t1, int init) {
@@ -1664,34 +1673,40 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
 
 
 
-/* Bytes of one (sequence, head) area of keys (or values). */
-static size_t kv_head_bytes(DType dt, int head_dim, int cap, int group) {
-    return dt == DT_Q4 ? q4_row_bytes(head_dim, group) * (size_t)cap : sizeof(float) * (size_t)head_dim * cap;
+/* Bytes of one (sequence, head) area of keys (or values): whole blocks of 16
+ * positions for f32. */
+size_t kv_head_bytes(DType dt, int head_dim, int cap, int group) {
+    int cap16 = (cap + KB - 1) / KB * KB;
+    return dt == DT_Q4 ? q4_row_bytes(head_dim, group) * (size_t)cap : sizeof(float) * (size_t)head_dim * cap16;
 }
 
 /* The 4-bit cache's group: the chosen size, or head_dim rounded up to the
  * kernels' step of 16 when that is smaller. */
-static int kv_group(int head_dim, int group) {
+int kv_group(int head_dim, int group) {
     int hd16 = (head_dim + 15) / 16 * 16;
     return group < hd16 ? group : hd16;
 }
 
 void kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group) {
-    int g = kv_group(c->head_dim, group);
-    size_t hb = kv_head_bytes(dt, c->head_dim, cap, g), per = hb * (size_t)n_slot * c->n_head;
+    int g = kv_group(c->head_dim, group), areas = n_slot * c->n_head;
+    size_t hb = kv_head_bytes(dt, c->head_dim, cap, g), per = hb * (size_t)areas;
     kv->n_layer = c->n_layer;
     kv->layer = check_calloc(sizeof(KVLayer) * (size_t)c->n_layer, "the KV cache");
-    kv->mem = malloc(2 * per * (size_t)c->n_layer);
+    kv->ptrs = check_malloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "the KV cache");
+    kv->mem = calloc(1, 2 * per * (size_t)c->n_layer); /* zeroed: blocks past the end are read, never used */
     if (!kv->mem) die("out of memory for the KV cache: %.2f GiB for %d sequences of %d positions (lower -b or use --compress-cache)",
                       2.0 * (double)per * c->n_layer / (1 << 30), n_slot, cap);
-    for (int l = 0; l < c->n_layer; l++)
-        kv->layer[l] = (KVLayer){dt, n_slot, c->n_head, c->head_dim, cap, g, hb, kv->mem + 2 * per * (size_t)l, kv->mem + 2 * per * (size_t)l + per};
+    for (int l = 0; l < c->n_layer; l++) {
+        char **kp = kv->ptrs + 2 * (size_t)areas * l, **vp = kp + areas, *base = kv->mem + 2 * per * (size_t)l;
+        for (int a = 0; a < areas; a++) { kp[a] = base + hb * (size_t)a; vp[a] = base + per + hb * (size_t)a; }
+        kv->layer[l] = (KVLayer){dt, n_slot, c->n_head, c->head_dim, cap, g, hb, kp, vp};
+    }
 }
 
-void kv_free(KVCache *kv) { free(kv->mem); free(kv->layer); }
+void kv_free(KVCache *kv) { free(kv->mem); free(kv->layer); free(kv->ptrs); }
 
-static char *kv_k(const KVLayer *kv, int slot, int head) { return kv->k + ((size_t)slot * kv->n_head + head) * kv->head_bytes; }
-static char *kv_v(const KVLayer *kv, int slot, int head) { return kv->v + ((size_t)slot * kv->n_head + head) * kv->head_bytes; }
+static char *kv_k(const KVLayer *kv, int slot, int head) { return kv->k[(size_t)slot * kv->n_head + head]; }
+static char *kv_v(const KVLayer *kv, int slot, int head) { return kv->v[(size_t)slot * kv->n_head + head]; }
 
 /* Stores one position's key and value rows (head_dim each) of one head. */
 static void kv_store(const KVLayer *kv, int slot, int head, int pos, const float *k, const float *v) {
@@ -1702,8 +1717,8 @@ static void kv_store(const KVLayer *kv, int slot, int head, int pos, const float
         q4_quantize_row((uint8_t *)kv_v(kv, slot, head) + rb * (size_t)pos, v, D, kv->group, "the value cache");
         return;
     }
-    float *kt = (float *)kv_k(kv, slot, head);
-    for (int d = 0; d < D; d++) kt[(size_t)d * kv->cap + pos] = k[d];
+    float *kb = (float *)kv_k(kv, slot, head) + (size_t)(pos / KB) * D * KB + pos % KB;
+    for (int d = 0; d < D; d++) kb[d * KB] = k[d];
     memcpy((float *)kv_v(kv, slot, head) + (size_t)pos * D, v, sizeof(float) * D);
 }
 
@@ -1772,7 +1787,7 @@ static void attention(const Model *m, const KVLayer *kv, const Step *st, Scratch
             }
             const char *kt = kv_k(kv, st->slot[r0], hh), *v = kv_v(kv, st->slot[r0], hh);
             if (kv->dtype == DT_Q4) q4_attn_scores(sc, q, n, (const uint8_t *)kt, D, kv->group, T[n - 1]);
-            else attn_scores(sc, q, n, (const float *)kt, kv->cap, D, T[n - 1]);
+            else attn_scores(sc, q, n, (const float *)kt, D, T[n - 1]);
             for (int i = 0; i < n; i++) softmax(sc[i], T[i]);
             /* all rows up to the first one's length, then each row's own tail,
              * continuing the same accumulators: one chain of FMAs per output */
@@ -1784,47 +1799,63 @@ static void attention(const Model *m, const KVLayer *kv, const Step *st, Scratch
         }
 }
 
-/* Runs the decoder over the step's rows; leaves the final hidden states
- * (after final LayerNorm and project_out) in s->e, (n, embed_dim). */
-void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s) {
+/* Token embeddings (through project_in) plus positions into x (n, hidden). */
+void model_embed(const Model *m, const Step *st, float *x, Scratch *s) {
     const Config *c = &m->cfg;
     int n = st->n, h = c->hidden, e = c->embed_dim;
     check(n <= s->rows, "step of %d rows exceeds scratch of %d", n, s->rows);
     for (int r = 0; r < n; r++) {
-        check(st->pos[r] < kv->layer[0].cap && st->pos[r] < c->max_pos, "position %d out of range", st->pos[r]);
+        check(st->pos[r] >= 0 && st->pos[r] < c->max_pos, "position %d out of range", st->pos[r]);
         tensor_row_f32(&m->embed, st->tok[r], s->e + (size_t)r * e);
     }
-    if (e != h) linear(s->x, s->e, &m->proj_in, NULL, n, 0, 0);
-    else memcpy(s->x, s->e, sizeof(float) * n * h);
+    if (e != h) linear(x, s->e, &m->proj_in, NULL, n, 0, 0);
+    else memcpy(x, s->e, sizeof(float) * n * h);
     for (int r = 0; r < n; r++) { /* OPT's learned positions are offset by 2 */
-        float *xr = s->x + (size_t)r * h, *p = s->h;
+        float *xr = x + (size_t)r * h, *p = s->h;
         tensor_row_f32(&m->pos, st->pos[r] + 2, p);
         for (int i = 0; i < h; i++) xr[i] += p[i];
     }
-    for (int l = 0; l < c->n_layer; l++) {
-        const Layer *L = &m->layers[l];
-        const float *in = s->x;
-        if (c->pre_ln) { layernorm(s->h, s->x, L->ln1w, L->ln1b, n, h); in = s->h; }
-        if (s->observe) s->observe(s->observe_ctx, l, OBS_QKV, in, n, h);
-        linear(s->q, in, &L->q, L->qb, n, 0, 0);
-        linear(s->k, in, &L->k, L->kb, n, 0, 0);
-        linear(s->v, in, &L->v, L->vb, n, 0, 0);
-        attention(m, &kv->layer[l], st, s);
-        if (s->observe) s->observe(s->observe_ctx, l, OBS_O, s->att, n, h);
-        linear(s->x, s->att, &L->o, L->ob, n, 1, 0);
-        if (!c->pre_ln) layernorm(s->x, s->x, L->ln1w, L->ln1b, n, h);
-        in = s->x;
-        if (c->pre_ln) { layernorm(s->h, s->x, L->ln2w, L->ln2b, n, h); in = s->h; }
-        if (s->observe) s->observe(s->observe_ctx, l, OBS_FC1, in, n, h);
-        linear(s->f, in, &L->fc1, L->fc1b, n, 0, 1);
-        if (s->observe) s->observe(s->observe_ctx, l, OBS_FC2, s->f, n, c->ffn);
-        linear(s->x, s->f, &L->fc2, L->fc2b, n, 1, 0);
-        if (!c->pre_ln) layernorm(s->x, s->x, L->ln2w, L->ln2b, n, h);
-    }
-    const float *out = s->x;
-    if (c->final_ln) { layernorm(s->h, s->x, m->lnfw, m->lnfb, n, h); out = s->h; }
-    if (e != h) linear(s->e, out, &m->proj_out, NULL, n, 0, 0);
-    else memcpy(s->e, out, sizeof(float) * n * h);
+}
+
+/* Decoder layer l (weights L, cache kv) over the step's rows, x in place. */
+void layer_forward(const Model *m, const Layer *L, int l, const KVLayer *kv, const Step *st, float *x, Scratch *s) {
+    const Config *c = &m->cfg;
+    int n = st->n, h = c->hidden;
+    const float *in = x;
+    if (c->pre_ln) { layernorm(s->h, x, L->ln1w, L->ln1b, n, h); in = s->h; }
+    if (s->observe) s->observe(s->observe_ctx, l, OBS_QKV, in, n, h);
+    linear(s->q, in, &L->q, L->qb, n, 0, 0);
+    linear(s->k, in, &L->k, L->kb, n, 0, 0);
+    linear(s->v, in, &L->v, L->vb, n, 0, 0);
+    attention(m, kv, st, s);
+    if (s->observe) s->observe(s->observe_ctx, l, OBS_O, s->att, n, h);
+    linear(x, s->att, &L->o, L->ob, n, 1, 0);
+    if (!c->pre_ln) layernorm(x, x, L->ln1w, L->ln1b, n, h);
+    in = x;
+    if (c->pre_ln) { layernorm(s->h, x, L->ln2w, L->ln2b, n, h); in = s->h; }
+    if (s->observe) s->observe(s->observe_ctx, l, OBS_FC1, in, n, h);
+    linear(s->f, in, &L->fc1, L->fc1b, n, 0, 1);
+    if (s->observe) s->observe(s->observe_ctx, l, OBS_FC2, s->f, n, c->ffn);
+    linear(x, s->f, &L->fc2, L->fc2b, n, 1, 0);
+    if (!c->pre_ln) layernorm(x, x, L->ln2w, L->ln2b, n, h);
+}
+
+/* Final LayerNorm and project_out: x (n, hidden) to out (n, embed_dim). */
+void model_final(const Model *m, const float *x, int n, float *out, Scratch *s) {
+    const Config *c = &m->cfg;
+    const float *y = x;
+    if (c->final_ln) { layernorm(s->h, x, m->lnfw, m->lnfb, n, c->hidden); y = s->h; }
+    if (c->embed_dim != c->hidden) linear(out, y, &m->proj_out, NULL, n, 0, 0);
+    else memcpy(out, y, sizeof(float) * (size_t)n * c->hidden);
+}
+
+/* The whole decoder over the step's rows, the cache in RAM; leaves the final
+ * hidden states in s->e, (n, embed_dim). */
+void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s) {
+    for (int r = 0; r < st->n; r++) check(st->pos[r] < kv->layer[0].cap, "position %d beyond the cache", st->pos[r]);
+    model_embed(m, st, s->x, s);
+    for (int l = 0; l < m->cfg.n_layer; l++) layer_forward(m, &m->layers[l], l, &kv->layer[l], st, s->x, s);
+    model_final(m, s->x, st->n, s->e, s);
 }
 
 /* logits (rows, vocab) for the given final hidden rows. */

@@ -77,6 +77,8 @@ typedef struct {
     DType dtype;          /* element format of data */
     int64_t rows, cols;   /* logical shape; a 1-D tensor has rows = 1 */
     const void *data;     /* (rows, cols) row-major; into an mmap or owned memory; NULL = absent */
+    const void *data2;    /* rows [split, rows) when a policy splits the tensor across tiers, else NULL */
+    int64_t split;        /* rows at data; the rest at data2 */
     const float *scale;   /* DT_I8: (rows) per-output-channel weight scales */
     float act_scale;      /* DT_I8: static per-tensor activation scale (SmoothQuant O3); 0 = per-token dynamic */
     int group;            /* DT_Q4 group size along cols (32, 64, 128) */
@@ -416,10 +418,13 @@ void model_free(Model *m);
 void *model_own(Model *m, size_t bytes, const char *what); /* memory freed with the model */
 void native_write(const Model *m, const char *path, int group); /* opt convert's output; group > 0: 4-bit matrices */
 
-/* One layer's cache for a range of sequences. f32: keys transposed per head
- * (head_dim, cap) so scores vectorize over positions, values (cap, head_dim).
- * q4 (--compress-cache): keys and values as 4-bit rows (cap, row bytes),
- * grouped along head_dim like FlexGen's. */
+/* One layer's cache for a set of sequences: a key area and a value area per
+ * (sequence, head), found through pointer tables so that areas may live in
+ * RAM or in staging buffers filled from disk. f32: keys in blocks of 16
+ * positions, transposed within a block, (cap/16, head_dim, 16), so scores
+ * vectorize over positions and a new position touches one block; values
+ * (cap, head_dim). q4 (--compress-cache): keys and values as 4-bit rows
+ * (cap, row bytes), grouped along head_dim like FlexGen's. */
 typedef struct {
     DType dtype;           /* DT_F32 or DT_Q4 */
     int n_slot;            /* sequences */
@@ -427,14 +432,18 @@ typedef struct {
     int cap;               /* positions per sequence */
     int group;             /* q4 group along head_dim */
     size_t head_bytes;     /* bytes of one (sequence, head) key or value area */
-    char *k, *v;           /* (n_slot, n_head) areas each */
+    char **k, **v;         /* (n_slot * n_head) area pointers, sequence-major */
 } KVLayer;
 
 typedef struct {
     int n_layer;           /* layers */
-    KVLayer *layer;        /* (n_layer) views into mem */
-    char *mem;             /* one allocation for all of them */
+    KVLayer *layer;        /* (n_layer) */
+    char *mem;             /* all areas, for a cache held in RAM */
+    char **ptrs;           /* the pointer tables of every layer */
 } KVCache;
+
+size_t kv_head_bytes(DType dt, int head_dim, int cap, int group); /* one area */
+int kv_group(int head_dim, int group);                           /* the 4-bit cache's group */
 
 typedef struct {
     int n;                 /* rows in the step */
@@ -464,6 +473,9 @@ void kv_free(KVCache *kv);
 void scratch_init(Scratch *s, const Config *c, int rows, int cap);
 void scratch_free(Scratch *s);
 void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s);
+void model_embed(const Model *m, const Step *st, float *x, Scratch *s);
+void layer_forward(const Model *m, const Layer *L, int l, const KVLayer *kv, const Step *st, float *x, Scratch *s);
+void model_final(const Model *m, const float *x, int n, float *out, Scratch *s);
 void model_logits(const Model *m, float *logits, const float *hid, int rows);
 
 /* ----------------------------------------------------------------------------
