@@ -8,7 +8,7 @@ WARN     = -Wall -Wextra
 # -ffp-contract=off: every fused multiply-add is written out, so all SIMD
 # levels round identically (see the kernels section of opt.c).
 CFLAGS  ?= -std=c11 -O3 -ffp-contract=off -fno-math-errno -fopenmp -D_GNU_SOURCE $(WARN)
-SRC      = opt.c quant.c lp.c
+SRC      = opt.c quant.c offload.c lp.c
 HDR      = opt.h unicode_tab.h
 
 ifeq ($(CUDA),)

@@ -1267,17 +1267,18 @@ void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Po
 
 #define NV (NF + NT)        /* LP columns: fractions, then the time variables */
 #define NROW (NT * NCH + 2 * TIER_COUNT + 3 + 1)
+#define NW (NV + TIER_COUNT)   /* row width: then one slack column per tier (extra budget) */
 
 typedef struct {
-    double A[NROW * (NV + 1)];   /* (m, NV + 1) rows; the extra column is the min-budget slack */
+    double A[NROW * NW];         /* (m, NW) rows; the last TIER_COUNT columns are budget slacks */
     double b[NROW];              /* right-hand sides */
     char sense[NROW];            /* '<' or '=' */
     int m;                       /* rows used */
 } LpRows;
 
 static void lprows_add(LpRows *L, const double *a, int na, char sense, double rhs) {
-    double *row = L->A + (size_t)L->m * (NV + 1);
-    memset(row, 0, (NV + 1) * sizeof(double));
+    double *row = L->A + (size_t)L->m * NW;
+    memset(row, 0, NW * sizeof(double));
     memcpy(row, a, na * sizeof(double));
     L->sense[L->m] = sense, L->b[L->m++] = rhs;
 }
@@ -1289,27 +1290,27 @@ static void lprows_add(LpRows *L, const double *a, int na, char sense, double rh
 /* Byte rows go to the LP in GiB so that every row is O(1) before the solver's own scaling. */
 #define LP_BYTES GiB
 
-/* Memory rows of M against the usable budgets; slack_tier >= 0 adds the column NV (an extra
- * budget for that tier, in GiB). Returns 0 when a row cannot hold even with every fraction at
- * 0 and no slack (a shortcut the LP would also find). */
-static int lprows_mem(LpRows *L, const CostModel *M, const PlanReq *rq, int slack_tier) {
+/* Memory rows of M against the usable budgets; each tier in the bit mask `slack` gets its
+ * column NV + tier (an extra budget for that tier, in GiB). Returns 0 when a row cannot hold
+ * even with every fraction at 0 and no slack (a shortcut the LP would also find). */
+static int lprows_mem(LpRows *L, const CostModel *M, const PlanReq *rq, int slack) {
     for (int tier = 0; tier < TIER_COUNT; tier++) {
         if (tier == TIER_GPU && !M->gpu) continue;
         for (int ph = 0; ph < 2; ph++) {
             const CostLin *r = &M->mem[tier][ph];
-            double a[NV + 1] = {0}, sum = 0;
+            double a[NW] = {0}, sum = 0;
             for (int j = 0; j < NF; j++) a[j] = r->a[j] / LP_BYTES, sum += fabs(r->a[j]);
-            if (tier == slack_tier) a[NV] = -1;
+            if (slack >> tier & 1) a[NV + tier] = -1;
             /* reserve: rounding to 0.01% (5e-5) and folding a disk share under 0.015% into
              * another tier move each fraction by < 2e-4 */
             double rhs = (rq->usable[tier] * rq->budget[tier] - r->c0 - 2e-4 * sum) / LP_BYTES;
             int any = 0;
-            for (int j = 0; j <= NV; j++) any |= a[j] != 0;
+            for (int j = 0; j < NW; j++) any |= a[j] != 0;
             if (!any) {
                 if (rhs < 0) return 0;
                 continue;
             }
-            lprows_add(L, a, NV + 1, '<', rhs);
+            lprows_add(L, a, NW, '<', rhs);
         }
     }
     return 1;
@@ -1332,7 +1333,7 @@ static void cost_bounds(const CostModel *M, double *lo, double *hi, int ncol) {
 static LpStatus cost_solve(const CostModel *M, const PlanReq *rq, double *x) {
     LpRows L;
     L.m = 0;
-    if (!lprows_mem(&L, M, rq, -1)) return LP_INFEASIBLE;
+    if (!lprows_mem(&L, M, rq, 0)) return LP_INFEASIBLE;
     lprows_sums(&L);
     for (int t = 0; t < NT; t++) {
         if (M->overlap) {
@@ -1354,9 +1355,9 @@ static LpStatus cost_solve(const CostModel *M, const PlanReq *rq, double *x) {
             lprows_add(&L, a, NV, '<', -sum.c0);
         }
     }
-    /* lprows_add wrote NV + 1 wide rows; compact to NV columns for the solver */
+    /* lprows_add wrote NW wide rows; compact to NV columns for the solver */
     double A[NROW * NV], c[NV] = {0}, lo[NV], hi[NV], sol[NV];
-    for (int i = 0; i < L.m; i++) memcpy(A + i * NV, L.A + (size_t)i * (NV + 1), NV * sizeof(double));
+    for (int i = 0; i < L.m; i++) memcpy(A + i * NV, L.A + (size_t)i * NW, NV * sizeof(double));
     for (int t = 0; t < NT; t++) c[NF + t] = M->mult[t];
     /* Ties: the objective only sees each step's slowest channel, so placements that load the
      * others more (weights on disk while the GPU computes) would tie. A small cost on every
@@ -1371,23 +1372,30 @@ static LpStatus cost_solve(const CostModel *M, const PlanReq *rq, double *x) {
     return st;
 }
 
-/* The smallest extra budget of `tier` (bytes) that makes M's memory rows feasible; INFINITY
- * when no amount on that tier alone does. */
-static double cost_min_extra(const CostModel *M, const PlanReq *rq, int tier) {
+/* The least extra budgets (bytes, into extra[]) of the tiers in the bit mask `slack` that make
+ * M's memory rows feasible: one tier alone, or several with GPU memory weighted 1e6 and CPU
+ * memory 1e3 against disk (least GPU first, then least CPU). Returns 0, or -1 when no amount
+ * on those tiers does. */
+static int cost_min_extra(const CostModel *M, const PlanReq *rq, int slack, double *extra) {
     LpRows L;
     L.m = 0;
-    /* with a slack column every row of `tier` is kept; a constant row of another tier over its
-     * budget makes lprows_mem fail, and then nothing on this tier helps */
-    if (!lprows_mem(&L, M, rq, tier)) return INFINITY;
+    /* a slack column keeps every row of its tier; a constant row of another tier over its
+     * budget makes lprows_mem fail, and then nothing on these tiers helps */
+    if (!lprows_mem(&L, M, rq, slack)) return -1;
     lprows_sums(&L);
-    double c[NV + 1] = {0}, lo[NV + 1], hi[NV + 1], sol[NV + 1];
-    c[NV] = 1;
-    cost_bounds(M, lo, hi, NV + 1);
+    static const double weight[TIER_COUNT] = {1e6, 1e3, 1};
+    double c[NW] = {0}, lo[NW], hi[NW], sol[NW];
+    cost_bounds(M, lo, hi, NW);
     for (int t = 0; t < NT; t++) hi[NF + t] = 0; /* times play no part */
-    lo[NV] = -INFINITY;                          /* a budget may also be larger than needed */
-    Lp lp = {.m = L.m, .n = NV + 1, .A = L.A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
-    if (lp_solve(&lp, sol, NULL) != LP_OPTIMAL) return INFINITY;
-    return fmax(0, sol[NV]) * LP_BYTES;
+    for (int t = 0; t < TIER_COUNT; t++) {
+        lo[NV + t] = 0;
+        hi[NV + t] = slack >> t & 1 ? INFINITY : 0;
+        c[NV + t] = slack >> t & 1 ? weight[t] : 0;
+    }
+    Lp lp = {.m = L.m, .n = NW, .A = L.A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
+    if (lp_solve(&lp, sol, NULL) != LP_OPTIMAL) return -1;
+    for (int t = 0; t < TIER_COUNT; t++) extra[t] = sol[NV + t] * LP_BYTES;
+    return 0;
 }
 
 /* ---- the search ---- */
@@ -1409,24 +1417,44 @@ static void plan_percents(const double *x, Policy *p) {
  * grid than FlexGen's doublings, so that e.g. its 48 and 72-like batches are reachable. */
 static int plan_gbs_next(int g) { return g < 2 ? g + 1 : (g & (g - 1)) ? g / 3 * 4 : g / 2 * 3; }
 
+/* The budget at which usable x budget covers the old usable part plus `extra` bytes, rounded
+ * up to 0.1 GiB. */
+static double plan_budget_for(const PlanReq *rq, int tier, double extra) {
+    if (extra <= 0) return rq->budget[tier];
+    double b = rq->budget[tier] + (extra + 1e-3 * GiB) / rq->usable[tier];
+    return ceil(b / (0.1 * GiB)) * 0.1 * GiB;
+}
+
+/* Nothing fits: the smallest block (1 x 1) is the least memory any policy needs, so its least
+ * extra budgets are what to ask for: per tier alone, else all tiers together. */
 static void plan_need(const Config *c, const Hardware *hw, const PlanReq *rq, PlanResult *res) {
-    for (int tier = 0; tier < TIER_COUNT; tier++) {
-        res->need[tier] = INFINITY;
-        if (tier == TIER_GPU && !hw->has_gpu) continue;
-        for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
-            if (rq->cpu_attention >= 0 && ca != rq->cpu_attention) continue;
-            PlanShape sh = {1, 1, ca, 1, 1};
-            CostModel M;
-            cost_build(&M, c, hw, rq, &sh);
-            double extra = cost_min_extra(&M, rq, tier);
-            if (!isfinite(extra)) continue;
-            /* the budget at which usable * budget covers the old usable part plus the extra,
-             * rounded up to 0.1 GiB */
-            double b = rq->budget[tier] + (extra + 1e-3 * GiB) / rq->usable[tier];
-            b = ceil(b / (0.1 * GiB)) * 0.1 * GiB;
-            res->need[tier] = fmin(res->need[tier], b);
+    static const double weight[TIER_COUNT] = {1e6, 1e3, 1}; /* as in cost_min_extra */
+    int any = 0, all = (1 << TIER_COUNT) - 1 - (hw->has_gpu ? 0 : 1 << TIER_GPU);
+    double joint[TIER_COUNT], joint_cost = INFINITY;
+    for (int t = 0; t < TIER_COUNT; t++) res->need[t] = INFINITY;
+    for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
+        if (rq->cpu_attention >= 0 && ca != rq->cpu_attention) continue;
+        PlanShape sh = {1, 1, ca, 1, 1};
+        CostModel M;
+        cost_build(&M, c, hw, rq, &sh);
+        double extra[TIER_COUNT];
+        for (int t = 0; t < TIER_COUNT; t++) {
+            if (!(all >> t & 1) || cost_min_extra(&M, rq, 1 << t, extra)) continue;
+            res->need[t] = fmin(res->need[t], plan_budget_for(rq, t, extra[t]));
+            any = 1;
+        }
+        if (!cost_min_extra(&M, rq, all, extra)) {
+            double cost = 0;
+            for (int t = 0; t < TIER_COUNT; t++) cost += weight[t] * extra[t];
+            if (cost < joint_cost) {
+                joint_cost = cost;
+                memcpy(joint, extra, sizeof joint);
+            }
         }
     }
+    if (any || !isfinite(joint_cost)) return;
+    res->need_joint = 1;
+    for (int t = 0; t < TIER_COUNT; t++) res->need[t] = (all >> t & 1) ? plan_budget_for(rq, t, joint[t]) : INFINITY;
 }
 
 /* A candidate (g, cpu_attention) of the search and the most any block of it can achieve. */
@@ -1546,7 +1574,7 @@ static const char plan_usage[] =
     "  Exit status 1 when nothing fits; the message names the smallest budgets that would.\n";
 
 /* "16G", "1.5T", "512M", "200GiB", "4096" (bytes) -> bytes; dies with one line otherwise. */
-static double size_parse(const char *flag, const char *v) {
+double size_parse(const char *flag, const char *v) {
     char *e;
     errno = 0;
     double x = strtod(v, &e);
@@ -1816,24 +1844,20 @@ int plan_main(int argc, char **argv) {
     for (int t = 0; t < TIER_COUNT; t++) size_format(b[t], sizeof b[t], rq.budget[t]);
     int na = 0;
     for (int t = 0; t < TIER_COUNT; t++) {
-        if (!isfinite(r.need[t])) continue;
+        if (!isfinite(r.need[t]) || (r.need_joint && r.need[t] <= rq.budget[t])) continue;
         size_t len = strlen(alt);
-        snprintf(alt + len, sizeof alt - len, "%s%s %.1fG", na++ ? ", or " : "", mem_flags[t], r.need[t] / GiB);
+        snprintf(alt + len, sizeof alt - len, "%s%s %.1fG", na++ ? (r.need_joint ? " " : ", or ") : "", mem_flags[t], r.need[t] / GiB);
     }
-    snprintf(msg, sizeof msg, "no policy fits %s (prompt %ld, generate %ld%s%s) in gpu %s, cpu %s, disk %s (%.0f%%/%.0f%%/%.0f%% usable): %s%s",
+    snprintf(msg, sizeof msg, "no policy fits %s (prompt %ld, generate %ld%s%s) in gpu %s, cpu %s, disk %s (%.0f%%/%.0f%%/%.0f%% usable): %s%s%s",
              c.name, s, n, cw ? ", 4-bit weights" : "", cc ? ", 4-bit cache" : "", b[0], b[1], b[2], 100 * rq.usable[0],
-             100 * rq.usable[1], 100 * rq.usable[2], na ? "the smallest block needs " : "no single larger budget suffices; raise several",
-             na ? (na > 1 ? alt : alt) : "");
-    if (na > 1) {
-        size_t len = strlen(msg);
-        snprintf(msg + len, sizeof msg - len, " (each with the other budgets as given)");
-    }
+             100 * rq.usable[1], 100 * rq.usable[2], na ? "the smallest block needs " : "no budget makes the smallest block fit",
+             alt, !na ? "" : r.need_joint ? " together (no single budget suffices)" : na > 1 ? " (each with the other budgets as given)" : "");
     if (json) {
         printf("{\"model\": ");
         json_write_str(stdout, c.name, strlen(c.name));
         printf(", \"hardware\": ");
         json_write_str(stdout, hw.name, strlen(hw.name));
-        printf(", \"feasible\": false, ");
+        printf(", \"feasible\": false, \"need_joint\": %s, ", r.need_joint ? "true" : "false");
         plan_json_tiers(stdout, "need_bytes", r.need);
         printf(", ");
         plan_json_tiers(stdout, "budget_bytes", rq.budget);

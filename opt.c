@@ -1041,6 +1041,17 @@ static inline size_t row_bytes(const Tensor *w) {
     return w->dtype == DT_Q4 ? q4_row_bytes(w->cols, w->group) : dtype_bytes(w->dtype, w->cols);
 }
 
+size_t tensor_row_bytes(const Tensor *w) { return row_bytes(w); }
+
+/* The mapped file holding p, and p's offset in it; -1 when p is not mapped. */
+int ck_locate(const Checkpoint *ck, const void *p, off_t *off) {
+    for (int i = 0; i < ck->n_files; i++) {
+        const uint8_t *b = ck->files[i].base;
+        if ((const uint8_t *)p >= b && (const uint8_t *)p < b + ck->files[i].size) { *off = (const uint8_t *)p - b; return i; }
+    }
+    return -1;
+}
+
 static inline const void *w_row(const Tensor *w, int64_t n) {
     if (w->data2 && n >= w->split) return (const char *)w->data2 + (size_t)(n - w->split) * row_bytes(w);
     return (const char *)w->data + (size_t)n * row_bytes(w);
@@ -3162,6 +3173,8 @@ typedef struct {
     void (*emit)(void *ctx, Job *j, int index); /* prints a finished job */
     void (*on_token)(void *ctx, Job *j, int index); /* after each sampled token (--stream) */
     void *ctx;             /* for emit/on_token */
+    const OffloadCfg *offcfg; /* a placement policy (block schedule), or NULL */
+    OffloadStats ostats;   /* its statistics, after the run */
     double t_prefill, t_decode; /* seconds spent in steps with/without prompt rows */
     int64_t n_prompt_tok, n_gen_tok; /* tokens processed */
 } Engine;
@@ -3191,20 +3204,38 @@ static void progress(const Engine *e, int done, int total, double t0) {
     if (done == total) fputc('\n', stderr);
 }
 
+/* Runs every job. Without a policy: continuous batching, the cache in RAM.
+ * With one (e->off): FlexGen's blocks of gbs * nb sequences, each prefilled
+ * at once and decoded in lockstep by offload_forward. */
 void engine_run(Engine *e, Job *jobs, int n_jobs) {
     const Config *c = &e->m->cfg;
-    int cap = 1;
+    int cap = 1, block_rows = 1;
     for (int i = 0; i < n_jobs; i++) {
         int need = jobs[i].n_ids + (e->score ? 0 : e->max_new);
         cap = need > cap ? need : cap;
     }
-    int slots = e->slots < n_jobs ? e->slots : n_jobs;
-    if (slots < 1) return;
-    int rows_max = e->step_rows > slots ? e->step_rows : slots;
-    KVCache kv;
-    kv_init(&kv, c, slots, cap, e->compress_cache ? DT_Q4 : DT_F32, e->group);
-    Scratch s;
-    scratch_init(&s, c, rows_max, cap);
+    bool blocks = e->offcfg != NULL;
+    int slots = blocks ? e->offcfg->pol.gpu_batch_size * e->offcfg->pol.num_gpu_batches : e->slots < n_jobs ? e->slots : n_jobs;
+    if (slots < 1 || n_jobs < 1) return;
+    for (int i = 0; i < n_jobs; i += slots) { /* a block's prompts are one step */
+        int sum = 0;
+        for (int k = i; k < i + slots && k < n_jobs; k++) sum += jobs[k].n_ids;
+        block_rows = sum > block_rows ? sum : block_rows;
+    }
+    int rows_max = blocks ? (block_rows > slots ? block_rows : slots) : e->step_rows > slots ? e->step_rows : slots;
+    DType kv_dt = e->compress_cache ? DT_Q4 : DT_F32;
+    KVCache kv = {0};
+    Scratch s = {0};
+    Offload *off = NULL;
+    float *final = NULL; /* (rows_max, embed_dim) final hidden states */
+    if (blocks) {
+        off = offload_open((Model *)e->m, e->offcfg, rows_max, cap, kv_dt, e->group);
+        final = check_malloc(sizeof(float) * (size_t)rows_max * c->embed_dim, "final hidden states");
+    } else {
+        kv_init(&kv, c, slots, cap, kv_dt, e->group);
+        scratch_init(&s, c, rows_max, cap);
+        final = s.e;
+    }
     int lrows = 64; /* logits are computed 64 rows at a time */
     float *logits = check_malloc(sizeof(float) * (size_t)lrows * c->vocab, "logits");
     float *hid = check_malloc(sizeof(float) * (size_t)lrows * c->embed_dim, "logits input");
@@ -3213,11 +3244,12 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     int *need = check_malloc(sizeof(int) * (size_t)rows_max, "step"); /* row -> job needing its logits, or -1 */
     int *job_of = check_malloc(sizeof(int) * (size_t)slots, "slots"), *fed = check_calloc(sizeof(int) * (size_t)slots, "slots");
     for (int i = 0; i < slots; i++) job_of[i] = -1;
-    int next_job = 0, next_emit = 0, n_done = 0;
+    int next_job = 0, next_emit = 0, n_done = 0, busy = 0;
     double t0 = now_sec();
     while (n_done < n_jobs) {
-        for (int i = 0; i < slots && next_job < n_jobs; i++)
-            if (job_of[i] < 0) { job_of[i] = next_job++; fed[i] = 0; }
+        if (!blocks || !busy) /* a block starts only when the last one has finished */
+            for (int i = 0; i < slots && next_job < n_jobs; i++)
+                if (job_of[i] < 0) { job_of[i] = next_job++; fed[i] = 0; busy++; }
         int n = 0;
         bool prefill = false;
         for (int i = 0; i < slots; i++) { /* decoding slots: one row each */
@@ -3233,7 +3265,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             for (int r = 0; r < k; r++, n++) {
                 int p = fed[i] + r;
                 tok[n] = j->ids[p]; slot[n] = i; pos[n] = p;
-                need[n] = e->score ? (p + 1 < j->n_ids ? job_of[i] : -1) : (p + 1 == j->n_ids ? job_of[i] : -1);
+                need[n] = e->score ? (p + 1 < j->n_ids ? job_of[i] : -1) : (p + 1 == j->n_ids && e->max_new > 0 ? job_of[i] : -1);
             }
             fed[i] += k;
             e->n_prompt_tok += k;
@@ -3241,12 +3273,13 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
         }
         double ts = now_sec();
         Step st = {n, tok, slot, pos};
-        model_forward(e->m, &kv, &st, &s);
+        if (off) offload_forward(off, &st, final);
+        else model_forward(e->m, &kv, &st, &s);
         for (int r0 = 0; r0 < n;) { /* logits for the rows that need them, in groups */
             int idx[64], cnt = 0;
             for (; r0 < n && cnt < lrows; r0++)
                 if (need[r0] >= 0) {
-                    memcpy(hid + (size_t)cnt * c->embed_dim, s.e + (size_t)r0 * c->embed_dim, sizeof(float) * c->embed_dim);
+                    memcpy(hid + (size_t)cnt * c->embed_dim, final + (size_t)r0 * c->embed_dim, sizeof(float) * c->embed_dim);
                     idx[cnt++] = r0;
                 }
             if (!cnt) continue;
@@ -3268,13 +3301,19 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
             if (!j || fed[i] < j->n_ids) continue;
             bool fin = e->score || j->n_out >= e->max_new || (!e->ignore_eos && j->n_out && j->out[j->n_out - 1] == c->eos);
-            if (fin) { j->done = true; job_of[i] = -1; n_done++; }
+            if (fin) { j->done = true; job_of[i] = -1; n_done++; busy--; }
         }
         while (next_emit < n_jobs && jobs[next_emit].done) { e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
         progress(e, n_done, n_jobs, t0);
     }
-    kv_free(&kv);
-    scratch_free(&s);
+    if (off) {
+        offload_stats(off, &e->ostats);
+        offload_close(off);
+        free(final);
+    } else {
+        kv_free(&kv);
+        scratch_free(&s);
+    }
     free(logits); free(hid); free(work); free(tok); free(need); free(job_of); free(fed);
 }
 
@@ -3308,6 +3347,8 @@ typedef struct {
     int outliers;          /* synth --outliers */
     int w8a8;              /* convert --w8a8 */
     SqOpts sq;             /* its calibration */
+    int offload;           /* a placement policy was given (any of the flags below) */
+    OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
 } Opts;
 
 static const char *help_text[][2] = {
@@ -3444,6 +3485,22 @@ static void opts_parse(Opts *o, int argc, char **argv) {
         else if (!strcmp(a, "--compress-cache")) o->compress_cache = 1;
         else if (!strcmp(a, "--int4-weights")) o->int4 = 1;
         else if (!strcmp(a, "--outliers")) o->outliers = 1;
+        else if (!strcmp(a, "--percent")) {
+            double *pc[6] = {&o->off.pol.w_gpu, &o->off.pol.w_cpu, &o->off.pol.c_gpu, &o->off.pol.c_cpu, &o->off.pol.a_gpu, &o->off.pol.a_cpu};
+            for (int k = 0; k < 6; k++) *pc[k] = parse_num("--percent", VAL(), 0, 100);
+            for (int k = 0; k < 6; k += 2)
+                if (*pc[k] + *pc[k + 1] > 100) die("--percent: %s on GPU and CPU add up to more than 100", k == 0 ? "weights" : k == 2 ? "cache" : "activations");
+            o->offload = 1;
+        }
+        else if (!strcmp(a, "--gpu-batch-size")) o->off.pol.gpu_batch_size = (int)parse_int(a, VAL(), 1, 1 << 16), o->offload = 1;
+        else if (!strcmp(a, "--num-gpu-batches")) o->off.pol.num_gpu_batches = (int)parse_int(a, VAL(), 1, 64), o->offload = 1;
+        else if (!strcmp(a, "--cpu-attention")) o->off.pol.cpu_attention = 1;
+        else if (!strcmp(a, "--pin-weights")) o->off.pol.pin_weights = 1;
+        else if (!strcmp(a, "--no-overlap")) o->off.pol.overlap = 0;
+        else if (!strcmp(a, "--offload-dir")) o->off.dir = VAL(), o->offload = 1;
+        else if (!strcmp(a, "--gpu-mem")) o->off.mem[TIER_GPU] = size_parse(a, VAL());
+        else if (!strcmp(a, "--cpu-mem")) o->off.mem[TIER_CPU] = size_parse(a, VAL()), o->offload = 1;
+        else if (!strcmp(a, "--disk-mem")) o->off.mem[TIER_DISK] = size_parse(a, VAL()), o->offload = 1;
         else if (!strcmp(a, "--w8a8")) o->w8a8 = 1;
         else if (!strcmp(a, "--w8a8-static")) o->w8a8 = o->sq.static_act = 1;
         else if (!strcmp(a, "--calib")) o->sq.calib = VAL();
@@ -3724,7 +3781,7 @@ static void cmd_run(const Opts *o) {
     Printer pr = {.o = o, .tok = tok, .out = stdout};
     Engine e = {.m = &m, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
                 .step_rows = o->step_rows, .sc = o->sc, .emit = score ? emit_score : emit_generate,
-                .compress_cache = o->compress_cache, .group = o->group,
+                .compress_cache = o->compress_cache, .group = o->group, .offcfg = o->offload ? &o->off : NULL,
                 .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
     engine_run(&e, jobs, n_jobs);
     free(jobs);
@@ -3915,7 +3972,8 @@ const char *gpu_describe(void) { return "none (this binary was built without CUD
 #ifndef OPT_NO_MAIN
 int main(int argc, char **argv) {
     simd_init();
-    Opts o = {.cmd = "generate", .batch = 16, .group = 64, .sq = {.alpha = 0.5f, .samples = 512, .len = 512}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
+    Opts o = {.cmd = "generate", .batch = 16, .group = 64, .sq = {.alpha = 0.5f, .samples = 512, .len = 512},
+              .off = {.pol = {.gpu_batch_size = 16, .num_gpu_batches = 1, .w_cpu = 100, .c_cpu = 100, .a_cpu = 100, .overlap = 1, .group_size = 64}}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
     int first = 1;
     if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
     if (!strcmp(o.cmd, "help")) { if (argc > 2) cmd_help(argv[2]); usage(stdout); return 0; }

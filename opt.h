@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/types.h>
 #include <string.h>
 
 /* ----------------------------------------------------------------------------
@@ -129,7 +130,7 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 size_t dtype_bytes(DType t, int64_t n); /* bytes for n elements (packed formats rounded up) */
-size_t tensor_bytes(const Tensor *t);   /* data + scales */
+size_t tensor_row_bytes(const Tensor *t); /* bytes of one row in its format */
 
 /* ----------------------------------------------------------------------------
  * CPU kernels (opt.c, quant.c). Every dot product has one reduction order: 16
@@ -329,6 +330,8 @@ typedef struct {
     char bound_decode[48];     /* bottleneck of a decode layer step, e.g. "disk" */
     double need[TIER_COUNT];   /* search failed: the smallest budget of each tier, others as
                                 * given, that fits the smallest block (INFINITY: none does) */
+    int need_joint;            /* no single tier sufficed: need[] is one set of budgets to use
+                                * together (least GPU, then least CPU memory) */
     int n_lp, n_feasible;      /* LPs solved by the search, and how many were feasible */
 } PlanResult;
 /* Predicts throughput, peak memory and traffic of a given policy (percent units, as the CLI);
@@ -413,6 +416,7 @@ typedef struct {
 } Model;
 
 void model_load(Model *m, const char *path);      /* a checkpoint directory or a native file */
+int ck_locate(const Checkpoint *ck, const void *p, off_t *off); /* mapped file holding p (-1: none) */
 void model_compress(Model *m, int group);         /* every matrix to 4 bits */
 void model_free(Model *m);
 void *model_own(Model *m, size_t bytes, const char *what); /* memory freed with the model */
@@ -479,6 +483,38 @@ void model_final(const Model *m, const float *x, int n, float *out, Scratch *s);
 void model_logits(const Model *m, float *logits, const float *hid, int rows);
 
 /* ----------------------------------------------------------------------------
+ * offload.c: the policy's placement and FlexGen's block schedule. */
+
+typedef struct {
+    Policy pol;            /* percentages, batches, flags */
+    const char *dir;       /* --offload-dir for the cache's and activations' disk share */
+    double mem[TIER_COUNT];/* --gpu-mem, --cpu-mem, --disk-mem budgets in bytes; 0 = no limit */
+    int quiet;             /* do not print the memory plan */
+} OffloadCfg;
+
+typedef struct {
+    double peak[TIER_COUNT];   /* accounted peak bytes per tier */
+    double plan[TIER_COUNT];   /* the plan's peak */
+    double read_bytes, write_bytes; /* disk traffic */
+    double read_bw, write_bw;  /* achieved bandwidth, bytes/s of busy I/O time */
+    double t_compute, t_wait;  /* seconds computing, and computing waited for I/O */
+    double io_busy;            /* seconds with some I/O in flight */
+} OffloadStats;
+
+typedef struct Offload Offload;
+/* Places the model per the policy, prints the memory plan and refuses (dies)
+ * when a budget is exceeded, before allocating. rows_max: most rows of one
+ * step (a block's prompt tokens); cap: positions per sequence. */
+Offload *offload_open(Model *m, const OffloadCfg *c, int rows_max, int cap, DType kv_dt, int group);
+/* One step over a block (slots 0 .. gbs*nb-1), layer by layer, batch by batch;
+ * final hidden states of the rows into out (n, embed_dim). The output unit
+ * (lm_head) stays staged for model_logits until the next step. */
+void offload_forward(Offload *o, const Step *st, float *out);
+void offload_stats(const Offload *o, OffloadStats *s);
+void offload_close(Offload *o);
+int offload_block(const Offload *o);       /* sequences per block */
+
+/* ----------------------------------------------------------------------------
  * quant.c: SmoothQuant conversion. */
 
 typedef struct {
@@ -500,6 +536,7 @@ void config_load(Config *c, const char *dir);     /* config.json of a checkpoint
 void shape_config(Config *c, const char *shape);  /* "opt-1.3b" or HxLxAxF; dies on error */
 int64_t config_params(const Config *c);           /* parameter count */
 double now_sec(void);                             /* monotonic seconds */
+double size_parse(const char *flag, const char *v); /* "16G", "1.5T", "512M" (binary units) -> bytes; dies otherwise (lp.c) */
 
 /* ----------------------------------------------------------------------------
  * kernels.cu (CUDA builds); opt.c has the stand-ins for CPU-only builds. */

@@ -162,6 +162,8 @@ small = [
     ("opt-30b", ["--hw", "t4", "--gpu-mem", "1G", "--cpu-mem", "208G", "--disk-mem", "1T"]),
     ("opt-30b", HW_CPU + ["--cpu-mem", "4G", "--disk-mem", "10G"]),
     ("opt-6.7b", ["--hw", "h100", "--gpu-mem", "40G", "--cpu-mem", "1G", "--disk-mem", "0"]),
+    ("opt-175b", ["--hw", "t4", "--gpu-mem", "0", "--cpu-mem", "0", "--disk-mem", "0"]),  # all tiers together
+    ("opt-30b", HW_CPU + ["--cpu-mem", "0", "--disk-mem", "0"]),
 ]
 
 
@@ -179,6 +181,28 @@ def too_small(case):
     finite = [t for t in TIERS if need[t] is not None]
     if not finite:
         out.append("too small %s: no budget named" % name)
+
+    def with_budgets(values):  # args with the given {tier: GiB} budgets
+        a = list(args)
+        for t, v in values.items():
+            if flags[t] in a:
+                a[a.index(flags[t]) + 1] = "%.1fG" % v
+            else:
+                a += [flags[t], "%.1fG" % v]
+        return a
+    if j.get("need_joint"):
+        # one set of budgets to use together: it fits, and 0.2 GiB less of any raised one does not
+        budgets = {t: need[t] / GiB for t in finite if need[t] > j["budget_bytes"][t]}
+        if not all(re.search(re.escape(flags[t]) + " %.1fG" % v, err) for t, v in budgets.items()):
+            out.append("too small %s: message does not name the budgets %s" % (name, budgets))
+        rc2, j2, err2 = plan(["-m", model] + with_budgets(budgets))
+        if rc2 != 0:
+            out.append("too small %s: the named budgets together do not fit: %s" % (name, err2[-200:]))
+        for t in budgets:
+            rc2, j2, err2 = plan(["-m", model] + with_budgets(dict(budgets, **{t: budgets[t] - 0.2})))
+            if rc2 != 1:
+                out.append("too small %s: %s 0.2 GiB under the named one still fits" % (name, flags[t]))
+        return out
     for t in finite:
         m = re.search(re.escape(flags[t]) + r" ([0-9.]+)G", err)
         if not m or not close(float(m.group(1)) * GiB, need[t], 0.002):
