@@ -1373,9 +1373,10 @@ static LpStatus cost_solve(const CostModel *M, const PlanReq *rq, double *x) {
 }
 
 /* The least extra budgets (bytes, into extra[]) of the tiers in the bit mask `slack` that make
- * M's memory rows feasible: one tier alone, or several with GPU memory weighted 1e6 and CPU
- * memory 1e3 against disk (least GPU first, then least CPU). Returns 0, or -1 when no amount
- * on those tiers does. */
+ * M's memory rows feasible: one tier alone, or several lexicographically (least GPU memory,
+ * then least CPU memory with that GPU, then least disk), one LP per tier, since weighting them
+ * in one objective would let the solver's tolerance swallow the cheaper tiers. Returns 0, or
+ * -1 when no amount on those tiers does. */
 static int cost_min_extra(const CostModel *M, const PlanReq *rq, int slack, double *extra) {
     LpRows L;
     L.m = 0;
@@ -1383,18 +1384,22 @@ static int cost_min_extra(const CostModel *M, const PlanReq *rq, int slack, doub
      * budget makes lprows_mem fail, and then nothing on these tiers helps */
     if (!lprows_mem(&L, M, rq, slack)) return -1;
     lprows_sums(&L);
-    static const double weight[TIER_COUNT] = {1e6, 1e3, 1};
-    double c[NW] = {0}, lo[NW], hi[NW], sol[NW];
+    double c[NW], lo[NW], hi[NW], sol[NW];
     cost_bounds(M, lo, hi, NW);
     for (int t = 0; t < NT; t++) hi[NF + t] = 0; /* times play no part */
+    for (int t = 0; t < TIER_COUNT; t++) lo[NV + t] = 0, hi[NV + t] = slack >> t & 1 ? INFINITY : 0;
     for (int t = 0; t < TIER_COUNT; t++) {
-        lo[NV + t] = 0;
-        hi[NV + t] = slack >> t & 1 ? INFINITY : 0;
-        c[NV + t] = slack >> t & 1 ? weight[t] : 0;
+        if (!(slack >> t & 1)) {
+            extra[t] = 0;
+            continue;
+        }
+        memset(c, 0, sizeof c);
+        c[NV + t] = 1;
+        Lp lp = {.m = L.m, .n = NW, .A = L.A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
+        if (lp_solve(&lp, sol, NULL) != LP_OPTIMAL) return -1;
+        extra[t] = sol[NV + t] * LP_BYTES;
+        hi[NV + t] = sol[NV + t] + 1e-6; /* keep this tier at its least (+1 KiB) for the next */
     }
-    Lp lp = {.m = L.m, .n = NW, .A = L.A, .b = L.b, .sense = L.sense, .c = c, .lo = lo, .hi = hi};
-    if (lp_solve(&lp, sol, NULL) != LP_OPTIMAL) return -1;
-    for (int t = 0; t < TIER_COUNT; t++) extra[t] = sol[NV + t] * LP_BYTES;
     return 0;
 }
 
@@ -1426,35 +1431,38 @@ static double plan_budget_for(const PlanReq *rq, int tier, double extra) {
 }
 
 /* Nothing fits: the smallest block (1 x 1) is the least memory any policy needs, so its least
- * extra budgets are what to ask for: per tier alone, else all tiers together. */
+ * extra budgets are what to ask for: per tier alone, else all tiers together, in turn: the
+ * least GPU budget (rounded up), then the least CPU budget given that one, then the disk. */
 static void plan_need(const Config *c, const Hardware *hw, const PlanReq *rq, PlanResult *res) {
-    static const double weight[TIER_COUNT] = {1e6, 1e3, 1}; /* as in cost_min_extra */
-    int any = 0, all = (1 << TIER_COUNT) - 1 - (hw->has_gpu ? 0 : 1 << TIER_GPU);
-    double joint[TIER_COUNT], joint_cost = INFINITY;
-    for (int t = 0; t < TIER_COUNT; t++) res->need[t] = INFINITY;
-    for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
-        if (rq->cpu_attention >= 0 && ca != rq->cpu_attention) continue;
+    int any = 0, all = (1 << TIER_COUNT) - 1 - (hw->has_gpu ? 0 : 1 << TIER_GPU), nca = hw->has_gpu ? 2 : 1;
+    CostModel M[2];
+    for (int ca = 0; ca < nca; ca++) {
         PlanShape sh = {1, 1, ca, 1, 1};
-        CostModel M;
-        cost_build(&M, c, hw, rq, &sh);
-        double extra[TIER_COUNT];
-        for (int t = 0; t < TIER_COUNT; t++) {
-            if (!(all >> t & 1) || cost_min_extra(&M, rq, 1 << t, extra)) continue;
+        cost_build(&M[ca], c, hw, rq, &sh);
+    }
+    int ok_ca[2] = {rq->cpu_attention != 1, nca > 1 && rq->cpu_attention != 0};
+    for (int t = 0; t < TIER_COUNT; t++) {
+        res->need[t] = INFINITY;
+        for (int ca = 0; ca < nca; ca++) {
+            double extra[TIER_COUNT];
+            if (!(all >> t & 1) || !ok_ca[ca] || cost_min_extra(&M[ca], rq, 1 << t, extra)) continue;
             res->need[t] = fmin(res->need[t], plan_budget_for(rq, t, extra[t]));
             any = 1;
         }
-        if (!cost_min_extra(&M, rq, all, extra)) {
-            double cost = 0;
-            for (int t = 0; t < TIER_COUNT; t++) cost += weight[t] * extra[t];
-            if (cost < joint_cost) {
-                joint_cost = cost;
-                memcpy(joint, extra, sizeof joint);
-            }
-        }
     }
-    if (any || !isfinite(joint_cost)) return;
+    if (any) return;
+    PlanReq r2 = *rq;
+    for (int t = 0; t < TIER_COUNT; t++) {
+        if (!(all >> t & 1)) continue;
+        double least = INFINITY, extra[TIER_COUNT];
+        for (int ca = 0; ca < nca; ca++) /* this tier and the later ones may grow */
+            if (ok_ca[ca] && !cost_min_extra(&M[ca], &r2, all & ~((1 << t) - 1), extra)) least = fmin(least, extra[t]);
+        if (!isfinite(least)) return; /* nothing helps: need[] stays INFINITY */
+        res->need[t] = r2.budget[t] = plan_budget_for(&r2, t, least);
+    }
     res->need_joint = 1;
-    for (int t = 0; t < TIER_COUNT; t++) res->need[t] = (all >> t & 1) ? plan_budget_for(rq, t, joint[t]) : INFINITY;
+    for (int t = 0; t < TIER_COUNT; t++)
+        if (!(all >> t & 1)) res->need[t] = INFINITY;
 }
 
 /* A candidate (g, cpu_attention) of the search and the most any block of it can achieve. */
@@ -1607,7 +1615,7 @@ static long count_parse(const char *flag, const char *v, long lo, long hi) {
     return x;
 }
 
-static void size_format(char *out, size_t cap, double b) {
+void size_format(char *out, size_t cap, double b) {
     if (!isfinite(b)) snprintf(out, cap, "-");
     else if (b >= TiB) snprintf(out, cap, "%.2f TiB", b / TiB);
     else if (b >= GiB) snprintf(out, cap, "%.1f GiB", b / GiB);

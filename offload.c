@@ -304,7 +304,7 @@ static double pct_of(double pct, double total) { return floor(total * pct / 100.
  * the checkpoint file (or written to our weight file when the tensor lives
  * only in memory: quantized at load time). */
 static void place_matrix(Offload *o, WUnit *u, Tensor *t, int *wfile_fd, off_t *wfile_at) {
-    if (!t->data || t->rows == 0) return;
+    if ((!t->data && !t->gen) || t->rows == 0) return;
     size_t rb = tensor_row_bytes(t);
     WPlace *p = &u->w[u->n++];
     memset(p, 0, sizeof *p);
@@ -314,19 +314,28 @@ static void place_matrix(Offload *o, WUnit *u, Tensor *t, int *wfile_fd, off_t *
     p->fd = -1;
     if (p->bytes) {
         off_t off;
-        int f = ck_locate(&o->m->ck, (const char *)t->data + rb * (size_t)p->cpu_rows, &off);
+        int f = t->gen ? -1 : ck_locate(&o->m->ck, (const char *)t->data + rb * (size_t)p->cpu_rows, &off);
         if (f >= 0) { p->fd = o->wfd[f]; p->off = off; p->file = o->m->ck.files[f].path; }
-        else { /* memory-only tensor: its disk share goes to our weight file */
+        else { /* a tensor made in memory (4-bit at load, or dummy): its disk share goes to our weight file */
             if (*wfile_fd < 0) *wfile_fd = off_tmpfile(o, 2, "weights");
             p->fd = *wfile_fd;
             p->off = *wfile_at;
             p->file = o->files[2];
-            const char *src = (const char *)t->data + rb * (size_t)p->cpu_rows;
-            for (size_t done = 0; done < p->bytes;) {
-                ssize_t k = pwrite(p->fd, src + done, p->bytes - done, p->off + (off_t)done);
-                if (k <= 0) die("%s: cannot write the weights' disk share: %s", p->file, k < 0 ? strerror(errno) : "short write");
-                done += (size_t)k;
+            int64_t chunk = (int64_t)((64u << 20) / rb) + 1;
+            char *tmp = t->gen ? check_malloc(rb * (size_t)chunk, "dummy weights") : NULL;
+            for (int64_t r0 = p->cpu_rows; r0 < t->rows; r0 += chunk) {
+                int64_t n = t->rows - r0 < chunk ? t->rows - r0 : chunk;
+                const char *src = (const char *)t->data + rb * (size_t)r0;
+                if (t->gen) { dummy_rows(o->m, t, r0, n, tmp); src = tmp; }
+                size_t len = rb * (size_t)n;
+                off_t at = p->off + (off_t)(rb * (size_t)(r0 - p->cpu_rows));
+                for (size_t done = 0; done < len;) {
+                    ssize_t k = pwrite(p->fd, src + done, len - done, at + (off_t)done);
+                    if (k <= 0) die("%s: cannot write the weights' disk share: %s", p->file, k < 0 ? strerror(errno) : "short write");
+                    done += (size_t)k;
+                }
             }
+            free(tmp);
             *wfile_at += (off_t)align_up(p->bytes);
         }
         off_t al = p->off / IO_ALIGN * IO_ALIGN;
@@ -348,28 +357,32 @@ static void place_resident(Offload *o, WUnit *u) {
         char *mem = NULL;
         if (keep) {
             mem = off_alloc(o, TIER_CPU, keep, "resident weights");
-            memcpy(mem, t->data, keep);
+            if (t->gen) dummy_rows(o->m, t, 0, p->cpu_rows, mem); /* made in its tier */
+            else memcpy(mem, t->data, keep);
             if (o->pol.pin_weights && mlock(mem, keep) != 0)
                 warn_once(NULL, "--pin-weights: mlock failed (%s); raise `ulimit -l`", strerror(errno));
         }
         t->data = mem;
         t->split = p->cpu_rows;
         t->data2 = NULL; /* set while staged */
+        t->gen = 0;
     }
 }
 
 static void plan_print(const Offload *o, const double rows[5][TIER_COUNT], const char *const names[5], const char *disk_note) {
-    const double G = 1 << 30;
+    double tot[TIER_COUNT] = {0}, mx = 0;
+    for (int r = 0; r < 5; r++) for (int t = 0; t < TIER_COUNT; t++) tot[t] += rows[r][t];
+    for (int t = 0; t < TIER_COUNT; t++) mx = fmax(mx, tot[t]);
+    double unit = mx >= (1 << 30) ? 1 << 30 : 1 << 20;
+    const char *un = unit > (1 << 20) ? "GiB" : "MiB";
     fprintf(stderr, "opt: memory plan for block %d (%d GPU batch%s of %d), %d positions per sequence\n", o->gbs * o->nb, o->nb,
             o->nb > 1 ? "es" : "", o->gbs, o->cap);
-    fprintf(stderr, "  %-22s %10s %10s %10s\n", "", "gpu GiB", "cpu GiB", "disk GiB");
-    double tot[TIER_COUNT] = {0};
-    for (int r = 0; r < 5; r++) {
-        fprintf(stderr, "  %-22s %10.3f %10.3f %10.3f%s\n", names[r], rows[r][TIER_GPU] / G, rows[r][TIER_CPU] / G, rows[r][TIER_DISK] / G,
+    fprintf(stderr, "  %-22s %8s %s %8s %s %8s %s\n", "", "gpu", un, "cpu", un, "disk", un);
+    for (int r = 0; r < 5; r++)
+        fprintf(stderr, "  %-22s %12.3f %12.3f %12.3f%s\n", names[r], rows[r][TIER_GPU] / unit, rows[r][TIER_CPU] / unit, rows[r][TIER_DISK] / unit,
                 r == 0 ? disk_note : "");
-        for (int t = 0; t < TIER_COUNT; t++) tot[t] += rows[r][t];
-    }
-    fprintf(stderr, "  %-22s %10.3f %10.3f %10.3f\n", "peak", tot[TIER_GPU] / G, tot[TIER_CPU] / G, tot[TIER_DISK] / G);
+    fprintf(stderr, "  %-22s %12.3f %12.3f %12.3f%s\n", "peak", tot[TIER_GPU] / unit, tot[TIER_CPU] / unit, o->plan_mem[TIER_DISK] / unit,
+            rows[0][TIER_DISK] > 0 ? "  (disk: in the offload dir)" : "");
 }
 
 int offload_block(const Offload *o) { return o->gbs * o->nb; }
@@ -477,16 +490,20 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
         {0, scratch, 0}};
     static const char *const names[5] = {"weights", "kv cache", "activations", "staging (I/O buffers)", "workspace"};
     char note[128] = "";
-    if (w_disk > 0) snprintf(note, sizeof note, "  (disk: read from %s)", wfile >= 0 ? "the offload dir" : "the checkpoint itself");
-    for (int t = 0; t < TIER_COUNT; t++) for (int r = 0; r < 5; r++) o->plan_mem[t] += rows[r][t];
+    if (w_disk > 0) snprintf(note, sizeof note, "  (disk share read from %s)", wfile >= 0 ? "the offload dir" : "the checkpoint, not copied");
     double offdir = kv_disk + act_disk + (wfile >= 0 ? (double)wfile_at : 0);
+    for (int t = 0; t < TIER_DISK; t++) for (int r = 0; r < 5; r++) o->plan_mem[t] += rows[r][t];
+    o->plan_mem[TIER_DISK] = offdir; /* the checkpoint's own bytes are not new disk use */
     if (!cfg->quiet) plan_print(o, rows, names, note);
     static const char *const flag[TIER_COUNT] = {"--gpu-mem", "--cpu-mem", "--disk-mem"};
     for (int t = TIER_CPU; t < TIER_COUNT; t++) {
-        double need = t == TIER_DISK ? offdir : o->plan_mem[t];
+        double need = o->plan_mem[t];
         if (cfg->mem[t] > 0 && need > cfg->mem[t]) {
             if (cfg->quiet) plan_print(o, rows, names, note);
-            die("the policy does not fit: %s needs %.3f GiB, %s is %.3f GiB", tier_names[t], need / (1 << 30), flag[t], cfg->mem[t] / (1 << 30));
+            char a[32], b[32];
+            size_format(a, sizeof a, need);
+            size_format(b, sizeof b, cfg->mem[t]);
+            die("the policy does not fit: %s needs %s, %s is %s", tier_names[t], a, flag[t], b);
         }
     }
     if (offdir > 0) { /* a full disk or an unwritable directory fails here, before any generation */
@@ -494,7 +511,10 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
         if (statvfs(o->dir, &sv) != 0) die("%s: offload directory: %s", o->dir, strerror(errno));
         if (access(o->dir, W_OK) != 0) die("%s: offload directory is not writable", o->dir);
         double free_b = (double)sv.f_bavail * (double)sv.f_frsize;
-        if (free_b < offdir) die("%s: offload directory has %.3f GiB free, the policy needs %.3f GiB there", o->dir, free_b / (1 << 30), offdir / (1 << 30));
+        char a[32], b[32];
+        size_format(a, sizeof a, free_b);
+        size_format(b, sizeof b, offdir);
+        if (free_b < offdir) die("%s: offload directory has %s free, the policy needs %s there", o->dir, a, b);
     }
 
     /* allocate and create */

@@ -1106,7 +1106,13 @@ static const Json *model_format(const Model *m, const char *key) {
     return json_get(m->formats, key);
 }
 
+static int dummy_find(const Model *m, const char *key);
+
 static Tensor model_matrix(Model *m, const char *key, int64_t rows, int64_t cols) {
+    if (m->dummy) { /* values are made where the policy puts them */
+        int g = dummy_find(m, key);
+        return (Tensor){.dtype = DT_F16, .rows = rows, .cols = cols, .tier = TIER_CPU, .name = key, .gen = g + 1};
+    }
     CkTensor *c = ck_find(&m->ck, key);
     const Json *f = c && (c->dtype == DT_Q4 || c->dtype == DT_I8) ? model_format(m, key) : NULL;
     if (f && c->dtype == DT_I8) { /* int8 rows with per-row scales in "<key>.scale" */
@@ -1135,18 +1141,34 @@ static Tensor model_matrix(Model *m, const char *key, int64_t rows, int64_t cols
 }
 
 static float *model_vector(Model *m, const char *key, int64_t n) {
-    CkTensor *c = model_need(m, key, 0, n);
     check(m->owned_used + (size_t)n <= m->owned_n, "vector pool overflow");
     float *v = m->owned + m->owned_used;
     m->owned_used += (size_t)n;
+    if (m->dummy) {
+        uint16_t *h = check_malloc(sizeof(uint16_t) * (size_t)n, "a vector");
+        Tensor t = {.dtype = DT_F16, .rows = 1, .cols = n, .gen = dummy_find(m, key) + 1};
+        dummy_rows(m, &t, 0, 1, h);
+        to_f32(v, h, DT_F16, n);
+        free(h);
+        return v;
+    }
+    CkTensor *c = model_need(m, key, 0, n);
     to_f32(v, c->data, c->dtype, n);
     return v;
 }
 
-/* A checkpoint directory, or a native file written by opt convert. */
+static void *dummy_specs(const Config *c);
+
+/* A checkpoint directory, a native file written by opt convert, or
+ * dummy:SHAPE (seeded random weights, made on demand in their tiers). */
 void model_load(Model *m, const char *dir) {
     memset(m, 0, sizeof *m);
-    if (file_exists(dir)) {
+    if (!strncmp(dir, "dummy:", 6)) {
+        shape_config(&m->cfg, dir + 6);
+        snprintf(m->cfg.name, sizeof m->cfg.name, "%s", dir);
+        m->dummy = dummy_specs(&m->cfg);
+        m->dummy_seed = 1;
+    } else if (file_exists(dir)) {
         ck_open(&m->ck, dir);
         const Json *md = json_get(m->ck.meta, "__metadata__"), *cj = json_get(md, "opt.config"), *fj = json_get(md, "opt.formats");
         char err[128];
@@ -1174,7 +1196,7 @@ void model_load(Model *m, const char *dir) {
         m->lnfw = model_vector(m, "final_layer_norm.weight", h);
         m->lnfb = model_vector(m, "final_layer_norm.bias", h);
     }
-    m->lm_head = ck_find(&m->ck, "lm_head.weight") ? model_matrix(m, "lm_head.weight", c->vocab, e) : m->embed;
+    m->lm_head = !m->dummy && ck_find(&m->ck, "lm_head.weight") ? model_matrix(m, "lm_head.weight", c->vocab, e) : m->embed;
     m->layers = check_calloc((size_t)c->n_layer * sizeof(Layer), "layers");
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &m->layers[l];
@@ -2019,6 +2041,62 @@ static void synth_fill(void *out, DType dt, const WSpec *w, const SynthOpts *o, 
         if (dt == DT_F32) ((float *)out)[i] = v;
         else ((uint16_t *)out)[i] = dt == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v);
     }
+}
+
+/* --- dummy models (-m dummy:SHAPE): the synth generators, used in place --- */
+
+typedef struct { WSpec *w; int n; } DummySpecs;
+
+static void *dummy_specs(const Config *c) {
+    DummySpecs *d = check_malloc(sizeof *d, "dummy model");
+    d->n = wspec_list(c, "", true, &d->w);
+    return d;
+}
+
+static int dummy_find(const Model *m, const char *key) {
+    const DummySpecs *d = m->dummy;
+    for (int i = 0; i < d->n; i++) if (!strcmp(d->w[i].name, key)) return i;
+    die("internal: dummy tensor %s", key);
+}
+
+void dummy_rows(const Model *m, const Tensor *t, int64_t r0, int64_t n, void *out) {
+    const DummySpecs *d = m->dummy;
+    check(d && t->gen > 0 && t->gen <= d->n, "not a dummy tensor");
+    SynthOpts so = {.seed = m->dummy_seed};
+    const WSpec *w = &d->w[t->gen - 1];
+    int64_t cols = t->cols, chunk = 1 << 16;
+    #pragma omp parallel for schedule(dynamic, 1) if (n * cols > chunk)
+    for (int64_t e0 = 0; e0 < n * cols; e0 += chunk) {
+        int64_t k = n * cols - e0 < chunk ? n * cols - e0 : chunk;
+        synth_fill((uint16_t *)out + e0, DT_F16, w, &so, t->gen - 1, r0 * cols + e0, k);
+    }
+}
+
+/* A dummy model run without a policy: every matrix made in RAM now. */
+void model_materialize(Model *m) {
+    if (!m->dummy) return;
+    Tensor *mats[8 + 6 * 1024];
+    int n = 0;
+    mats[n++] = &m->embed;
+    mats[n++] = &m->pos;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        Layer *L = &m->layers[l];
+        Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (int i = 0; i < 6; i++) mats[n++] = lm[i];
+    }
+    if (m->cfg.embed_dim != m->cfg.hidden) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
+    double need = 0;
+    for (int i = 0; i < n; i++) need += 2.0 * (double)mats[i]->rows * (double)mats[i]->cols;
+    if (need > 0.9 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
+        die("%s needs %.1f GiB of RAM for its weights; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
+            m->cfg.name, need / (1 << 30));
+    for (int i = 0; i < n; i++) {
+        void *p = model_own(m, 2 * (size_t)mats[i]->rows * (size_t)mats[i]->cols, "dummy weights");
+        dummy_rows(m, mats[i], 0, mats[i]->rows, p);
+        mats[i]->data = p;
+        mats[i]->gen = 0;
+    }
+    m->lm_head = m->embed;
 }
 
 static void write_all(FILE *f, const void *p, size_t n, const char *path) {
@@ -3773,6 +3851,7 @@ static void cmd_run(const Opts *o) {
     gpu_note();
     Model m;
     model_load(&m, o->model);
+    if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
     Tokenizer *tok = tokenizer_for(o->model);
     int n_jobs;
@@ -3925,10 +4004,12 @@ static void cmd_bench(const Opts *o) {
     gpu_note();
     Model m;
     model_load(&m, o->model);
+    if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
-    int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32, B = o->batch;
+    int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
+    int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;
     if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
-    for (int pass = 0; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator */
+    for (int pass = o->offload; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator; offloading reads for real */
         int n = pass ? B : 1, p = pass ? P : 8, g = pass ? G : 2;
         Job *jobs = check_calloc(sizeof(Job) * (size_t)n, "jobs");
         uint64_t r = 42;
@@ -3940,19 +4021,29 @@ static void cmd_bench(const Opts *o) {
             for (int t = 1; t < p; t++) jobs[i].ids[t] = 4 + (int)(splitmix64(&r) % 50000);
         }
         Engine e = {.m = &m, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
-                    .emit = bench_emit, .compress_cache = o->compress_cache, .group = o->group};
+                    .emit = bench_emit, .compress_cache = o->compress_cache, .group = o->group,
+                    .offcfg = pass && o->offload ? &o->off : NULL};
         engine_run(&e, jobs, n);
         free(jobs);
         if (!pass) continue;
         double pre = e.t_prefill, dec = e.t_decode;
         double pre_tp = (double)B * P / pre, dec_tp = G > 1 ? (double)B * (G - 1) / dec : 0, tot = (double)B * G / (pre + dec);
-        double peak = (double)peak_rss_kb() / (1 << 20);
-        if (o->json)
+        double peak = (double)peak_rss_kb() / (1 << 20), G2 = 1 << 30;
+        const OffloadStats *os = &e.ostats;
+        double wall = pre + dec, overlap = o->offload ? fmax(0, os->t_compute + os->io_busy - wall) / wall : 0;
+        if (o->json) {
             printf("{\"model\": \"%s\", \"prompt_len\": %d, \"gen_len\": %d, \"batch\": %d, \"threads\": %d, \"simd\": \"%s\", "
                    "\"prefill_latency_s\": %.6f, \"prefill_throughput\": %.3f, \"decode_latency_s\": %.6f, \"decode_throughput\": %.3f, "
-                   "\"total_throughput\": %.3f, \"peak_rss_gib\": %.3f}\n",
+                   "\"total_throughput\": %.3f, \"peak_rss_gib\": %.3f",
                    o->model, P, G, B, omp_get_max_threads(), simd_names[g_simd], pre, pre_tp, dec, dec_tp, tot, peak);
-        else
+            if (o->offload)
+                printf(", \"peak_gpu_gib\": %.4f, \"peak_cpu_gib\": %.4f, \"peak_disk_gib\": %.4f, \"plan_cpu_gib\": %.4f, \"plan_disk_gib\": %.4f, "
+                       "\"disk_read_gib\": %.4f, \"disk_write_gib\": %.4f, \"disk_read_gibps\": %.4f, \"disk_write_gibps\": %.4f, "
+                       "\"compute_s\": %.4f, \"io_wait_s\": %.4f, \"io_busy_s\": %.4f, \"overlap_fraction\": %.4f",
+                       os->peak[TIER_GPU] / G2, os->peak[TIER_CPU] / G2, os->peak[TIER_DISK] / G2, os->plan[TIER_CPU] / G2, os->plan[TIER_DISK] / G2,
+                       os->read_bytes / G2, os->write_bytes / G2, os->read_bw / G2, os->write_bw / G2, os->t_compute, os->t_wait, os->io_busy, overlap);
+            printf("}\n");
+        } else {
             printf("model %s: prompt %d, generate %d, batch %d, %d threads, %s\n"
                    "prefill  latency %.3f s   throughput %.1f token/s\n"
                    "decode   latency %.3f s   throughput %.2f token/s (%.1f ms/step)\n"
@@ -3960,6 +4051,13 @@ static void cmd_bench(const Opts *o) {
                    "peak memory %.2f GiB (resident, mapped weights included)\n",
                    o->model, P, G, B, omp_get_max_threads(), simd_names[g_simd], pre, pre_tp, dec, dec_tp,
                    G > 1 ? 1000 * dec / (G - 1) : 0, tot, peak);
+            if (o->offload)
+                printf("tiers    accounted peak gpu %.3f / cpu %.3f / disk %.3f GiB (plan: cpu %.3f, disk %.3f)\n"
+                       "disk     read %.3f GiB at %.2f GiB/s, wrote %.3f GiB at %.2f GiB/s\n"
+                       "overlap  compute %.2f s, waiting for I/O %.2f s, I/O busy %.2f s: %.0f%% of the time both ran\n",
+                       os->peak[TIER_GPU] / G2, os->peak[TIER_CPU] / G2, os->peak[TIER_DISK] / G2, os->plan[TIER_CPU] / G2, os->plan[TIER_DISK] / G2,
+                       os->read_bytes / G2, os->read_bw / G2, os->write_bytes / G2, os->write_bw / G2, os->t_compute, os->t_wait, os->io_busy, 100 * overlap);
+        }
     }
     model_free(&m);
 }

@@ -84,6 +84,7 @@ typedef struct {
     float act_scale;      /* DT_I8: static per-tensor activation scale (SmoothQuant O3); 0 = per-token dynamic */
     int group;            /* DT_Q4 group size along cols (32, 64, 128) */
     Tier tier;            /* where data lives */
+    int gen;              /* dummy models: 1 + index of the generator of its values (made on demand); 0 otherwise */
     const char *name;     /* checkpoint name, for error messages */
 } Tensor;
 
@@ -413,11 +414,15 @@ typedef struct {
     int n_q4, cap_q4;
     NativeExtra *extra;    /* (n_extra) more f32 tensors for native files (e.g. SmoothQuant act scales) */
     int n_extra;
+    void *dummy;           /* -m dummy:SHAPE: the tensor generators (seeded random weights), else NULL */
+    uint64_t dummy_seed;   /* their seed */
 } Model;
 
 void model_load(Model *m, const char *path);      /* a checkpoint directory or a native file */
 int ck_locate(const Checkpoint *ck, const void *p, off_t *off); /* mapped file holding p (-1: none) */
 void model_compress(Model *m, int group);         /* every matrix to 4 bits */
+void model_materialize(Model *m);                 /* a dummy model's matrices into RAM */
+void dummy_rows(const Model *m, const Tensor *t, int64_t r0, int64_t n, void *out); /* rows of a dummy tensor, as f16 */
 void model_free(Model *m);
 void *model_own(Model *m, size_t bytes, const char *what); /* memory freed with the model */
 void native_write(const Model *m, const char *path, int group); /* opt convert's output; group > 0: 4-bit matrices */
@@ -537,6 +542,7 @@ void shape_config(Config *c, const char *shape);  /* "opt-1.3b" or HxLxAxF; dies
 int64_t config_params(const Config *c);           /* parameter count */
 double now_sec(void);                             /* monotonic seconds */
 double size_parse(const char *flag, const char *v); /* "16G", "1.5T", "512M" (binary units) -> bytes; dies otherwise (lp.c) */
+void size_format(char *out, size_t cap, double bytes); /* "1.5 GiB", "300 MiB" (lp.c) */
 
 /* ----------------------------------------------------------------------------
  * kernels.cu (CUDA builds); opt.c has the stand-ins for CPU-only builds. */
