@@ -47,9 +47,16 @@ void q4_quantize_row(uint8_t *out, const float *in, int64_t cols, int group, con
         for (int i = 0; i < n; i++) {
             float q = rintf((in[g0 + i] - fmin) / fscale);
             int c = q < 0 ? 0 : q > 15 ? 15 : (int)q;
-            out[4 + i / 2] |= (uint8_t)(c << (4 * (i & 1)));
+            int nib = (i & ~15) + (i & 15) / 2 + 8 * (i & 1); /* nibble within the block's codes */
+            out[4 + nib / 2] |= (uint8_t)(c << (4 * (nib & 1)));
         }
     }
+}
+
+/* Code of element e (within its block) of a block's codes. */
+static inline int q4_code(const uint8_t *codes, int e) {
+    int nib = (e & ~15) + (e & 15) / 2 + 8 * (e & 1);
+    return codes[nib / 2] >> (4 * (nib & 1)) & 15;
 }
 
 void q4_dequantize_row(float *out, const uint8_t *in, int64_t cols, int group) {
@@ -60,7 +67,7 @@ void q4_dequantize_row(float *out, const uint8_t *in, int64_t cols, int group) {
         memcpy(&m, in + 2, 2);
         float fs = f16_to_f32(s), fm = f16_to_f32(m);
         int n = cols - g0 < group ? (int)(cols - g0) : group;
-        for (int i = 0; i < n; i++) out[g0 + i] = fmaf((float)(in[4 + i / 2] >> (4 * (i & 1)) & 15), fs, fm);
+        for (int i = 0; i < n; i++) out[g0 + i] = fmaf((float)q4_code(in + 4, i), fs, fm);
     }
 }
 
@@ -76,7 +83,7 @@ float q4_dot_scalar(const float *x, const uint8_t *w, int K, int group) {
         float fs = f16_to_f32(s), fm = f16_to_f32(m);
         for (int i = 0; i < 16; i++) {
             int e = k % group + i;
-            v[i] = k + i < K ? fmaf((float)(b[4 + e / 2] >> (4 * (e & 1)) & 15), fs, fm) : 0.0f;
+            v[i] = k + i < K ? fmaf((float)q4_code(b + 4, e), fs, fm) : 0.0f;
             l[i] = fmaf(k + i < K ? x[k + i] : 0.0f, v[i], l[i]);
         }
     }
@@ -96,10 +103,12 @@ T_AVX2 static inline void q4_params_avx2(const uint8_t *blk, __m256 *s, __m256 *
     *m = _mm256_broadcastss_ps(_mm_shuffle_ps(sm, sm, 1));
 }
 
-/* 16 codes from 8 bytes, in element order: low nibble, high nibble, ... */
-T_AVX2 static inline __m128i q4_codes16(const uint8_t *p) {
-    __m128i b = _mm_loadl_epi64((const __m128i *)p), mask = _mm_set1_epi8(15);
-    return _mm_unpacklo_epi8(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+/* The 16 codes of a word as two vectors of 8 dword lanes: broadcast, shift
+ * each lane to its element, mask (see the format). */
+T_AVX2 static inline void q4_codes_avx2(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    __m256i w = _mm256_set1_epi64x(*(const long long *)p), m = _mm256_set1_epi32(15);
+    *lo = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12)), m);
+    *hi = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28)), m);
 }
 
 /* Blocks outer, 16-element steps inner, so scale and min convert once per
@@ -131,9 +140,10 @@ T_AVX2 static void q4_tile_avx2_##MR(const float *const *x, const char *const *w
             }                                                                                          \
             if (tail) for (int l = 0; l < 16; l++) keep[l] = k + l < K ? -1 : 0;                       \
             for (int j = 0; j < NR; j++) {                                                             \
-                __m128i c = q4_codes16(blk[j] + 4 + e / 2);                                            \
-                __m256 wl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), sc[j], mn[j]); \
-                __m256 wh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), sc[j], mn[j]); \
+                __m256i cl, ch;                                                                        \
+                q4_codes_avx2(blk[j] + 4 + e / 2, &cl, &ch);                                           \
+                __m256 wl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(cl), sc[j], mn[j]);                     \
+                __m256 wh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ch), sc[j], mn[j]);                     \
                 if (tail) {                                                                            \
                     wl = _mm256_and_ps(wl, _mm256_loadu_ps((const float *)keep));                       \
                     wh = _mm256_and_ps(wh, _mm256_loadu_ps((const float *)keep + 8));                   \
@@ -158,26 +168,27 @@ Q4_TILE_AVX2(1, 4)
 #define Q4_TILE_AVX512(MR, NR)                                                                          \
 T_AVX512 static void q4_tile_avx512_##MR(const float *const *x, const char *const *w, int K, size_t pf, int G, float *out) { \
     __m512 a[MR][NR];                                                                                  \
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);         \
+    const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);     \
     size_t bs = 4 + (size_t)G / 2;                                                                     \
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm512_setzero_ps();           \
     for (int k0 = 0; k0 < K; k0 += G) {                                                                \
         const uint8_t *blk[NR];                                                                        \
-        __m512 sc[NR], mn[NR];                                                                         \
+        __m512 lut[NR]; /* the block's 16 values: fmaf(code, scale, min) */                            \
         for (int j = 0; j < NR; j++) {                                                                 \
             blk[j] = (const uint8_t *)w[j] + (size_t)(k0 / G) * bs;                                    \
             _mm_prefetch((const char *)blk[j] + pf, _MM_HINT_T0);                                      \
             __m128 sm = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)blk[j]));                     \
-            sc[j] = _mm512_broadcastss_ps(sm);                                                         \
-            mn[j] = _mm512_broadcastss_ps(_mm_shuffle_ps(sm, sm, 1));                                  \
+            lut[j] = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(sm), _mm512_broadcastss_ps(_mm_shuffle_ps(sm, sm, 1))); \
         }                                                                                              \
         for (int e = 0; e < G && k0 + e < K; e += 16) {                                                \
             int k = k0 + e;                                                                            \
             __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);                    \
             __m512 xv[MR];                                                                             \
             for (int i = 0; i < MR; i++) xv[i] = _mm512_maskz_loadu_ps(mk, x[i] + k);                  \
-            for (int j = 0; j < NR; j++) {                                                             \
-                __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4_codes16(blk[j] + 4 + e / 2)));   \
-                __m512 wv = _mm512_maskz_mov_ps(mk, _mm512_fmadd_ps(q, sc[j], mn[j]));                 \
+            for (int j = 0; j < NR; j++) { /* codes to lanes: broadcast, shift; the table ignores high bits */ \
+                __m512i c = _mm512_srlv_epi32(_mm512_set1_epi64(*(const long long *)(blk[j] + 4 + e / 2)), shifts); \
+                __m512 wv = _mm512_maskz_permutexvar_ps(mk, c, lut[j]);                                \
                 for (int i = 0; i < MR; i++) a[i][j] = _mm512_fmadd_ps(xv[i], wv, a[i][j]);            \
             }                                                                                          \
         }                                                                                              \
