@@ -481,7 +481,9 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
     double gather = (double)rows_max * (double)(tensor_row_bytes(&m->embed) + tensor_row_bytes(&m->pos));
     double kv_disk = (double)file_at, act_disk = (double)rows_max * (c->hidden - o->hcpu) * 4.0;
     double xs_bytes = 2.0 * o->xs_rows * (c->hidden + (c->hidden - o->hcpu)) * 4.0;
-    double scratch = (double)o->xs_rows * (c->hidden * 6.0 + c->ffn + c->embed_dim) * 4.0;
+    /* the layer's workspace, and the engine's: final hidden rows, 64 rows of logits, the sampler */
+    double scratch = (double)o->xs_rows * (c->hidden * 6.0 + c->ffn + c->embed_dim) * 4.0
+                   + (double)rows_max * c->embed_dim * 4.0 + 64.0 * (c->vocab + c->embed_dim) * 4.0 + 8.0 * c->vocab;
     double rows[5][TIER_COUNT] = {
         {0, w_cpu + vec, w_disk},
         {0, (double)mem_at, kv_disk},
@@ -564,6 +566,8 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
     off_account(o, TIER_CPU, gather);
     scratch_init(&o->s, c, o->xs_rows, cap);
     off_account(o, TIER_CPU, scratch);
+    /* the mappings now serve only disk reads (by descriptor): drop our references to their pages */
+    for (int i = 0; i < m->ck.n_files; i++) madvise((void *)m->ck.files[i].base, m->ck.files[i].size, MADV_DONTNEED);
     return o;
 }
 
