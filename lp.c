@@ -936,6 +936,16 @@ static const ProbeKey probe_keys[] = {
 };
 #define PROBE_FORMAT "opt-probe-1"
 
+/* What the probe does not measure separately: cache stores as fast as other copies, and
+ * decode attention on the CPU at the GEMV rates (bytes/s), since it is a GEMV per head over
+ * the cache's rows, like the probe's GEMV over weight rows. */
+static void hw_derive(Hardware *hw) {
+    hw->d2h_cache_bw = hw->d2h_bw;
+    hw->disk_write_cache_bw = hw->disk_write_bw;
+    hw->cpu_attn_bw = hw->cpu_gemv_bw;
+    hw->cpu_attn_q4_bw = hw->cpu_gemv_q4_bw;
+}
+
 void hw_load(Hardware *hw, const char *spec) {
     if (!strcmp(spec, "t4")) { *hw = hw_t4; return; }
     if (!strcmp(spec, "h100")) { *hw = hw_h100; return; }
@@ -979,13 +989,7 @@ void hw_load(Hardware *hw, const char *spec) {
     const Json *o = json_get(j, "layer_overhead");
     if (o && (o->type != J_NUM || !(o->num >= 0) || o->num > 1)) die("%s: probe file: \"layer_overhead\" must be seconds in [0, 1]", spec);
     hw->layer_overhead = o ? o->num : hw->has_gpu ? 20e-6 : 0;
-    /* What the probe does not measure separately: cache stores as fast as other copies, and
-     * decode attention on the CPU at the GEMV rates (bytes/s), since it is a GEMV per head over
-     * the cache's rows, like the probe's GEMV over weight rows. */
-    hw->d2h_cache_bw = hw->d2h_bw;
-    hw->disk_write_cache_bw = hw->disk_write_bw;
-    hw->cpu_attn_bw = hw->cpu_gemv_bw;
-    hw->cpu_attn_q4_bw = hw->cpu_gemv_q4_bw;
+    hw_derive(hw);
     json_free(j);
 }
 
@@ -2097,6 +2101,28 @@ static const char probe_usage[] =
     "  Writes one JSON object (\"format\": \"" PROBE_FORMAT "\"; bytes, bytes/s, FLOP/s) to FILE\n"
     "  or stdout; progress goes to stderr. Takes ~10 s.\n";
 
+/* Measures this machine into hw (and gp when there is a GPU): what `opt probe`
+ * writes, and what `--policy auto` uses when no --hw is given. */
+void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, int *direct) {
+    probe_disk_check(hw, dir, disk_bytes);
+    hw->has_gpu = gpu_probe_bandwidth(gp) == 0 && gpu_probe_compute(gp) == 0;
+    if (hw->has_gpu) {
+        hw->gpu_mem = gp->mem_bytes, hw->h2d_bw = gp->h2d_bw, hw->d2h_bw = gp->d2h_bw, hw->gpu_mem_bw = gp->mem_bw;
+        hw->gpu_gemm_flops_g = gp->gemm_flops_g, hw->gpu_gemm_flops_p = gp->gemm_flops_p;
+        hw->gpu_bmm_flops_p = gp->bmm_flops_p, hw->gpu_bmm_flops_g = gp->bmm_flops_g, hw->gpu_dequant_bw = gp->dequant_bw;
+        fprintf(stderr, "probe: gpu %s: h2d %.1f GB/s, d2h %.1f GB/s, gemm %.0f / %.0f TFLOP/s\n", gp->name, gp->h2d_bw / 1e9,
+                gp->d2h_bw / 1e9, gp->gemm_flops_g / 1e12, gp->gemm_flops_p / 1e12);
+    } else {
+        fprintf(stderr, "probe: no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
+    }
+    probe_disk(hw, dir, disk_bytes, direct);
+    probe_memory(hw);
+    probe_cpu(hw);
+    if (hw->has_gpu) hw->layer_overhead = 20e-6; /* launches and a sync; kernels.cu may measure it */
+    snprintf(hw->name, sizeof hw->name, "this machine (measured now)");
+    hw_derive(hw);
+}
+
 int probe_main(int argc, char **argv) {
     const char *dir = ".", *out = NULL;
     double disk_bytes = GiB;
@@ -2114,22 +2140,8 @@ int probe_main(int argc, char **argv) {
     }
     if (disk_bytes < 4 << 20) die("--disk-bytes: at least 4M");
     Hardware hw = {0};
-    probe_disk_check(&hw, dir, disk_bytes);
     GpuProbe gp = {0};
-    hw.has_gpu = gpu_probe_bandwidth(&gp) == 0 && gpu_probe_compute(&gp) == 0;
-    if (hw.has_gpu) {
-        hw.gpu_mem = gp.mem_bytes, hw.h2d_bw = gp.h2d_bw, hw.d2h_bw = gp.d2h_bw, hw.gpu_mem_bw = gp.mem_bw;
-        hw.gpu_gemm_flops_g = gp.gemm_flops_g, hw.gpu_gemm_flops_p = gp.gemm_flops_p;
-        hw.gpu_bmm_flops_p = gp.bmm_flops_p, hw.gpu_bmm_flops_g = gp.bmm_flops_g, hw.gpu_dequant_bw = gp.dequant_bw;
-        fprintf(stderr, "probe: gpu %s: h2d %.1f GB/s, d2h %.1f GB/s, gemm %.0f / %.0f TFLOP/s\n", gp.name, gp.h2d_bw / 1e9,
-                gp.d2h_bw / 1e9, gp.gemm_flops_g / 1e12, gp.gemm_flops_p / 1e12);
-    } else {
-        fprintf(stderr, "probe: no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
-    }
-    probe_disk(&hw, dir, disk_bytes, &direct);
-    probe_memory(&hw);
-    probe_cpu(&hw);
-    if (hw.has_gpu) hw.layer_overhead = 20e-6; /* launches and a sync; kernels.cu may measure it */
+    hw_probe(&hw, &gp, dir, disk_bytes, &direct);
 
     char host[256] = "unknown";
     gethostname(host, sizeof host - 1);

@@ -3426,6 +3426,8 @@ typedef struct {
     int w8a8;              /* convert --w8a8 */
     SqOpts sq;             /* its calibration */
     int offload;           /* a placement policy was given (any of the flags below) */
+    int policy_auto;       /* --policy auto: lp.c chooses it */
+    const char *hw;        /* --hw for --policy auto: t4, h100 or a probe file */
     OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
 } Opts;
 
@@ -3573,6 +3575,12 @@ static void opts_parse(Opts *o, int argc, char **argv) {
         else if (!strcmp(a, "--gpu-batch-size")) o->off.pol.gpu_batch_size = (int)parse_int(a, VAL(), 1, 1 << 16), o->offload = 1;
         else if (!strcmp(a, "--num-gpu-batches")) o->off.pol.num_gpu_batches = (int)parse_int(a, VAL(), 1, 64), o->offload = 1;
         else if (!strcmp(a, "--cpu-attention")) o->off.pol.cpu_attention = 1;
+        else if (!strcmp(a, "--policy")) {
+            const char *v = VAL();
+            if (strcmp(v, "auto")) die("--policy: only \"auto\" is a policy name (or give --percent and the batch flags)");
+            o->policy_auto = o->offload = 1;
+        }
+        else if (!strcmp(a, "--hw")) o->hw = VAL();
         else if (!strcmp(a, "--pin-weights")) o->off.pol.pin_weights = 1;
         else if (!strcmp(a, "--no-overlap")) o->off.pol.overlap = 0;
         else if (!strcmp(a, "--offload-dir")) o->off.dir = VAL(), o->offload = 1;
@@ -3838,6 +3846,43 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
     return jobs;
 }
 
+/* --policy auto: the cost model's best policy for this workload and these
+ * budgets, on the hardware --hw names or, without it, this machine measured
+ * now. The block is capped at the number of sequences there are. */
+static void policy_auto(Opts *o, const Config *c, int prompt_len, int gen_len, int n_seq) {
+    Hardware hw = {0};
+    if (o->hw) hw_load(&hw, o->hw);
+    else {
+        GpuProbe gp = {0};
+        int direct = 1;
+        fprintf(stderr, "opt: --policy auto: measuring this machine (save `opt probe -o probe.json` and pass --hw probe.json to skip this)\n");
+        hw_probe(&hw, &gp, o->off.dir ? o->off.dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", 256.0 * (1 << 20), &direct);
+    }
+    PlanReq rq;
+    plan_req_default(&rq, &hw);
+    rq.prompt_len = prompt_len;
+    rq.gen_len = gen_len > 0 ? gen_len : 1;
+    for (int t = 0; t < TIER_COUNT; t++) if (o->off.mem[t] > 0) rq.budget[t] = o->off.mem[t];
+    rq.compress_weight = o->compress_weight;
+    rq.compress_cache = o->compress_cache;
+    rq.group_size = o->group;
+    Policy p;
+    PlanResult r;
+    if (plan_search(c, &hw, &rq, &p, &r) < 0) {
+        char b[3][32];
+        for (int t = 0; t < TIER_COUNT; t++) size_format(b[t], sizeof b[t], r.need[t]);
+        die("--policy auto: no policy fits these budgets; the smallest block needs --gpu-mem %s, --cpu-mem %s or --disk-mem %s", b[0], b[1], b[2]);
+    }
+    if (p.gpu_batch_size > n_seq) p.gpu_batch_size = n_seq;
+    if (p.num_gpu_batches > (n_seq + p.gpu_batch_size - 1) / p.gpu_batch_size) p.num_gpu_batches = (n_seq + p.gpu_batch_size - 1) / p.gpu_batch_size;
+    p.overlap = o->off.pol.overlap;
+    p.pin_weights = p.pin_weights || o->off.pol.pin_weights;
+    o->off.pol = p;
+    fprintf(stderr, "opt: --policy auto chose --percent %g %g %g %g %g %g --gpu-batch-size %d --num-gpu-batches %d%s (predicted %.2f token/s on %s)\n",
+            p.w_gpu, p.w_cpu, p.c_gpu, p.c_cpu, p.a_gpu, p.a_cpu, p.gpu_batch_size, p.num_gpu_batches, p.cpu_attention ? " --cpu-attention" : "",
+            r.tput_total, hw.name);
+}
+
 /* A CUDA build on a machine without a usable GPU says why, once. */
 static void gpu_note(void) {
 #ifdef OPT_CUDA
@@ -3856,6 +3901,11 @@ static void cmd_run(const Opts *o) {
     Tokenizer *tok = tokenizer_for(o->model);
     int n_jobs;
     Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
+    if (o->policy_auto && n_jobs) {
+        int longest = 0;
+        for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
+        policy_auto((Opts *)o, &m.cfg, longest, score ? 1 : o->max_new, n_jobs);
+    }
     if (o->stream && (n_jobs != 1 || score)) die("--stream takes exactly one prompt with generate (got %d)", n_jobs);
     Printer pr = {.o = o, .tok = tok, .out = stdout};
     Engine e = {.m = &m, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
@@ -4007,6 +4057,7 @@ static void cmd_bench(const Opts *o) {
     if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
+    if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);
     int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;
     if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
     for (int pass = o->offload; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator; offloading reads for real */

@@ -304,6 +304,8 @@ int gpu_probe_compute(GpuProbe *p);   /* fills the rest; -1: no GPU */
 /* Resolves "t4", "h100" or a probe JSON file written by `opt probe`; dies with one line naming
  * the file (missing, corrupt, wrong format, a missing or non-positive number) or the name. */
 void hw_load(Hardware *hw, const char *spec);
+/* Measures this machine (disk in dir with disk_bytes, RAM, CPU GEMMs, the GPU if any). */
+void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, int *direct);
 
 typedef struct {
     int prompt_len, gen_len;   /* s and n: FlexGen's workload (512, 32) */

@@ -121,6 +121,12 @@ def main():
             L.append(f"| {model} ({when}) | {s['buffer_mib']} MiB, {s['reps']} reps, {s['isa']} | "
                      f"{s['gbs_1t_best']:.1f} / {s['gbs_1t_median']:.1f} GB/s | "
                      f"{s['gbs_all_best']:.1f} / {s['gbs_all_median']:.1f} GB/s ({s['threads']} threads) |")
+        reps = read_jsonl(os.path.join(out, f"{model}.latency.stream-rep.jsonl"))
+        if reps:
+            vals = [max(r["gbs_1t_best"], r["gbs_all_best"]) for r in reps]
+            best = max([best] + vals)
+            L.append(f"| {model} (right before each batch-1 `opt bench`) | {reps[0]['buffer_mib']} MiB, {reps[0]['reps']} reps each | "
+                     f"best of 1 thread / all threads: " + ", ".join(f"{v:.1f}" for v in vals) + " GB/s | |")
         bw[model] = best
     L.append("")
     L.append("The bound uses the best figure of the probes around each model (the most the machine showed it can stream).")
@@ -171,9 +177,13 @@ def main():
              "and a position row; f16). The KV cache opt reads on top (f32, 2 × layers × hidden × 4 bytes per "
              "position) is not in the bound and is listed for scale.")
     L.append("")
-    L.append("| model | weight MB/token | KV MB/token at P+G | bandwidth GB/s | bound tok/s | opt tok/s | opt % of bound | PyTorch tok/s | PyTorch % of its fp32 bound |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    frac = {}
+    L.append("Two bounds: one from the best probe of the whole run (the machine at its quietest), and one per "
+             "repetition from a probe run right before it (median over repetitions; tracks other load on a shared "
+             "machine). PyTorch reads fp32 weights, twice the bytes: its column uses its own bound (half).")
+    L.append("")
+    L.append("| model | weight MB/token | KV MB/token at P+G | best GB/s | bound tok/s | opt tok/s | opt % of bound | adjacent-probe GB/s (median) | opt % of adjacent bound | PyTorch tok/s | PyTorch % of its fp32 bound |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    frac, adjfrac = {}, {}
     for model in models:
         o = by.get((model, "latency", "opt"))
         t = by.get((model, "latency", "torch"))
@@ -186,8 +196,14 @@ def main():
         td = med(t["rows"], "decode_throughput") if t and t["rows"] else None
         frac[model] = ratio(od, bound)
         tfrac = ratio(td, bound / 2) if bound and td else None
+        probes = read_jsonl(os.path.join(out, f"{model}.latency.stream-rep.jsonl"))
+        adj = [r["decode_throughput"] * wb / (max(p["gbs_1t_best"], p["gbs_all_best"]) * 1e9)
+               for r, p in zip(o["rows"], probes)]
+        adj_gbs = statistics.median(max(p["gbs_1t_best"], p["gbs_all_best"]) for p in probes) if probes else None
+        adjfrac[model] = statistics.median(adj) if adj else None
         L.append(f"| {model} | {wb / 1e6:.0f} | {kvp * (o['p'] + o['g']) / 1e6:.0f} | {bw.get(model, 0):.1f} | {fmt(bound, 1)} | "
-                 f"{fmt(od, 2)} | {fmt(100 * frac[model] if frac[model] else None, 0)}% | {fmt(td, 2)} | "
+                 f"{fmt(od, 2)} | {fmt(100 * frac[model] if frac[model] else None, 0)}% | {fmt(adj_gbs, 1)} | "
+                 f"{fmt(100 * adjfrac[model] if adjfrac[model] else None, 0)}% | {fmt(td, 2)} | "
                  f"{fmt(100 * tfrac if tfrac else None, 0)}% |")
     L.append("")
     # --- targets
@@ -198,13 +214,14 @@ def main():
     for model in models:
         checks = [
             ("batch-1 decode ≥ 2× PyTorch", R.get((model, "latency", "torch", "decode_throughput")), 2.0, "×"),
-            ("batch-1 decode ≥ 60% of bandwidth bound", frac.get(model), 0.6, "%"),
+            ("batch-1 decode ≥ 60% of bandwidth bound (best probe of the run)", frac.get(model), 0.6, "%"),
+            ("batch-1 decode ≥ 60% of bandwidth bound (probe right before each run)", adjfrac.get(model), 0.6, "%"),
             ("prefill ≥ PyTorch (1 × 512 + 8)", R.get((model, "prefill", "torch", "prefill_throughput")), 1.0, "×"),
             ("prefill ≥ PyTorch (1 × 128 + 32)", R.get((model, "latency", "torch", "prefill_throughput")), 1.0, "×"),
             ("prefill ≥ PyTorch (16 × 128 + 32)", R.get((model, "throughput", "torch", "prefill_throughput")), 1.0, "×"),
         ]
         for name, v, goal, unit in checks:
-            shown = "—" if v is None else (f"{100 * v:.0f}%" if unit == "%" else f"{v:.2f}×")
+            shown = "—" if v is None else (f"{100 * v:.0f}%" if unit == "%" else f"{v:.3f}×" if 0.995 <= v < 1.005 else f"{v:.2f}×")
             met = "—" if v is None else ("yes" if v >= goal else "**no**")
             L.append(f"| {model} | {name} | {shown} | {met} |")
     L.append("")

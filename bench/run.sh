@@ -8,7 +8,7 @@
 # Environment knobs (defaults in brackets):
 #   MODELS   shapes to run ["opt-125m opt-1.3b"]          REPS    repetitions, median [3]
 #   THREADS  threads for every engine [nproc]             HF      transformers rows: all|small|0 [small:
-#   THR_REPS repetitions of the batch-16 case on shapes            125m only]
+#   THR_REPS repetitions of the batch-16 case on shapes            shapes under 1B, batch-1 cases only]
 #            of 1B+ parameters [1] (it dominates the runtime)
 #   PYTHON   [/usr/bin/python3]                           OUT     where raw JSON goes [build/bench]
 #   CASES    "name:B:P:G ..." ["latency:1:128:32 prefill:1:512:8 throughput:16:128:32"]
@@ -31,7 +31,7 @@ T0=$(date +%s)
 
 [ -x ./opt ] || { log "building ./opt"; make CUDA=0 >&2; }
 mkdir -p "$OUT" bench/models
-rm -f "$OUT"/*.json "$OUT"/*.jsonl "$OUT"/manifest.tsv "$OUT"/machine.txt
+rm -f "$OUT"/*.json "$OUT"/*.jsonl "$OUT"/manifest.tsv "$OUT"/machine.txt "$OUT"/opt
 cc -O2 -fopenmp bench/stream.c -o "$OUT/stream"
 # A snapshot of the binary under test, so a rebuild during the run cannot mix two versions.
 cp ./opt "$OUT/opt"
@@ -62,7 +62,13 @@ run() {
     log "$model $case (b=$b p=$p g=$g) $eng x$reps"
     if [ "$eng" = opt ]; then
         i=0
-        while [ $i -lt "$reps" ]; do "$@" >> "$f" || log "FAILED: $*"; i=$((i + 1)); done
+        while [ $i -lt "$reps" ]; do
+            # batch-1 decode is compared with the bandwidth measured right before it (other
+            # processes on a shared machine move both)
+            [ "$case" = latency ] && "$OUT/stream" 1920 3 --json >> "$OUT/$model.$case.stream-rep.jsonl"
+            "$@" >> "$f" || log "FAILED: $*"
+            i=$((i + 1))
+        done
     else
         "$@" --reps "$reps" >> "$f" || log "FAILED: $*"
     fi
@@ -84,7 +90,7 @@ for model in $MODELS; do
         [ "$case" = throughput ] && [ "$big" = 1 ] && reps=$THR_REPS
         run opt "$model" "$case" "$b" "$p" "$g" "$reps" "$OPT" bench -m "$dir" --prompt-len "$p" --gen-len "$g" -b "$b" -t "$THREADS" --json
         run torch "$model" "$case" "$b" "$p" "$g" "$reps" "$PYTHON" bench/torch_opt.py -m "$dir" --prompt-len "$p" --gen-len "$g" -b "$b" -t "$THREADS"
-        if [ "$HF" = all ] || { [ "$HF" = small ] && [ "$big" = 0 ]; }; then
+        if [ "$HF" = all ] || { [ "$HF" = small ] && [ "$big" = 0 ] && [ "$case" != throughput ]; }; then
             if $PYTHON -c 'import transformers' 2>/dev/null; then
                 run hf "$model" "$case" "$b" "$p" "$g" "$reps" "$PYTHON" bench/torch_opt.py --hf -m "$dir" --prompt-len "$p" --gen-len "$g" -b "$b" -t "$THREADS"
             fi
