@@ -1498,35 +1498,144 @@ static void gemm_tiled(const Gemm *g, int n0, int n1, const char *w, DType dt, s
     }
 }
 
-/* Splits N into blocks that threads take whole. With many rows, a block of
- * 16-bit weights is first widened to f32 in a per-thread panel (exactly, so
- * results are unchanged): the conversions then happen once per block instead
- * of once per row tile, where they compete with the FMAs for a port. */
+/* --- many rows: the 16 lanes as 16 GEMMs. Lane l of every dot product sums
+ * k = l, l+16, ... in order, so X and W are packed split by lane (zero-padded
+ * to a multiple of 16, the 0*0 the other kernels add too) and each lane runs
+ * a BLAS-style outer-product micro-kernel: a broadcast x times a vector of
+ * 16 weight rows, one accumulator per output, k in order. The lanes then meet
+ * in the same tree. Same bits as the tiles, at the arithmetic intensity of an
+ * outer product. --- */
+
+#define LMR 8      /* x rows per micro-kernel */
+#define LNB 48     /* weight rows per block (AVX-512: 3 vectors; AVX2: 6) */
+
+/* X rows (M, K) -> xp[mt][l][k'][i] for m-tiles of LMR rows, K' = ceil(K/16) */
+static void pack_x(float *xp, const Gemm *g, int Kq) {
+    int mt = (g->M + LMR - 1) / LMR;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < mt; t++)
+        for (int l = 0; l < 16; l++) {
+            float *o = xp + ((size_t)t * 16 + l) * Kq * LMR;
+            for (int kq = 0; kq < Kq; kq++)
+                for (int i = 0; i < LMR; i++) {
+                    int m = t * LMR + i, k = 16 * kq + l;
+                    o[kq * LMR + i] = m < g->M && k < g->K ? g->x[(int64_t)m * g->ldx + k] : 0.0f;
+                }
+        }
+}
+
+/* f32 weight rows (n, K) -> wp[l][k'][j] for the block's LNB rows, zero-padded */
+static void pack_w(float *wp, const float *w, int n, int K, int Kq) {
+    for (int l = 0; l < 16; l++)
+        for (int kq = 0; kq < Kq; kq++) {
+            float *o = wp + ((size_t)l * Kq + kq) * LNB;
+            int k = 16 * kq + l;
+            for (int j = 0; j < LNB; j++) o[j] = j < n && k < K ? w[(size_t)j * K + k] : 0.0f;
+        }
+}
+
+/* acc (LMR, LNB) = sum over k' of x[k'][i] * w[k'][j], k' in order. */
+T_AVX512 static void lane_kernel_avx512(const float *xp, const float *wp, int Kq, float *acc) {
+    __m512 a[LMR][3];
+    for (int i = 0; i < LMR; i++) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_ps();
+    for (int kq = 0; kq < Kq; kq++) {
+        const float *w = wp + (size_t)kq * LNB, *x = xp + (size_t)kq * LMR;
+        __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32);
+        for (int i = 0; i < LMR; i++) {
+            __m512 xb = _mm512_set1_ps(x[i]);
+            a[i][0] = _mm512_fmadd_ps(xb, w0, a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(xb, w1, a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(xb, w2, a[i][2]);
+        }
+    }
+    for (int i = 0; i < LMR; i++)
+        for (int c = 0; c < 3; c++) _mm512_storeu_ps(acc + i * LNB + 16 * c, a[i][c]);
+}
+
+T_AVX2 static void lane_kernel_avx2(const float *xp, const float *wp, int Kq, float *acc) {
+    for (int j0 = 0; j0 < LNB; j0 += 16) /* 4 rows x 16 weights per pass: 8 accumulators */
+        for (int i0 = 0; i0 < LMR; i0 += 4) {
+            __m256 a[4][2];
+            for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+            for (int kq = 0; kq < Kq; kq++) {
+                const float *w = wp + (size_t)kq * LNB + j0, *x = xp + (size_t)kq * LMR + i0;
+                __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+                for (int i = 0; i < 4; i++) {
+                    __m256 xb = _mm256_set1_ps(x[i]);
+                    a[i][0] = _mm256_fmadd_ps(xb, w0, a[i][0]);
+                    a[i][1] = _mm256_fmadd_ps(xb, w1, a[i][1]);
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                _mm256_storeu_ps(acc + (i0 + i) * LNB + j0, a[i][0]);
+                _mm256_storeu_ps(acc + (i0 + i) * LNB + j0 + 8, a[i][1]);
+            }
+        }
+}
+
+/* part[l] (LMR x LNB) of the 16 lanes -> dots, by opt's tree (l, l+8),
+ * (l, l+4), (l, l+2), (l, l+1), element-wise so it vectorizes over outputs. */
+static void lanes_reduce(float part[16][LMR * LNB], float *dot) {
+    for (int k = 0; k < 8; k++) for (int e = 0; e < LMR * LNB; e++) part[k][e] += part[k + 8][e];
+    for (int k = 0; k < 4; k++) for (int e = 0; e < LMR * LNB; e++) part[k][e] += part[k + 4][e];
+    for (int e = 0; e < LMR * LNB; e++) dot[e] = (part[0][e] + part[2][e]) + (part[1][e] + part[3][e]);
+}
+
+static void gemm_lanes(const Gemm *g, const float *xp, int Kq, int n0, int n1, const float *wf, float *wp) {
+    static _Thread_local float part[16][LMR * LNB];
+    float dot[LMR * LNB];
+    pack_w(wp, wf, n1 - n0, g->K, Kq);
+    for (int m0 = 0; m0 < g->M; m0 += LMR) {
+        const float *x = xp + (size_t)(m0 / LMR) * 16 * Kq * LMR;
+        for (int l = 0; l < 16; l++) {
+            if (g_simd == SIMD_AVX512) lane_kernel_avx512(x + (size_t)l * Kq * LMR, wp + (size_t)l * Kq * LNB, Kq, part[l]);
+            else lane_kernel_avx2(x + (size_t)l * Kq * LMR, wp + (size_t)l * Kq * LNB, Kq, part[l]);
+        }
+        lanes_reduce(part, dot);
+        for (int i = 0; i < LMR && m0 + i < g->M; i++) gemm_store(g, m0 + i, n0, dot + i * LNB, n1 - n0);
+    }
+}
+
+/* Splits N into blocks that threads take whole. Few rows: the tiles, straight
+ * from the stored weights. Many rows: the lane GEMM on f32 panels (widened
+ * exactly, once per block). Both give the same bits. */
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
     if (dt == DT_I8) { gemm_i8(g); return; }
     check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on dtype %d", (int)dt);
-    const int nb = 48;
+    const int nb = LNB;
     /* blocks never straddle the split of a tensor whose rows live in two places */
     int split = g->w->data2 && g->w->split > 0 && g->w->split < g->N ? (int)g->w->split : g->N;
     int nblk0 = (split + nb - 1) / nb, nblk = nblk0 + (g->N - split + nb - 1) / nb;
-    bool wide = dt != DT_F32 && g->M >= 8 && g->K <= 16384 && g_simd != SIMD_SCALAR;
+    bool lanes = g->M >= 8 && g_simd != SIMD_SCALAR;
     const Tile *tiles = g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
     size_t rb = row_bytes(g->w);
+    int Kq = (g->K + 15) / 16;
+    float *xp = NULL;
+    if (lanes) {
+        xp = check_malloc(sizeof(float) * (size_t)((g->M + LMR - 1) / LMR) * 16 * Kq * LMR, "packed activations");
+        pack_x(xp, g, Kq);
+    }
     #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
     for (int b = 0; b < nblk; b++) {
         int n0 = b < nblk0 ? b * nb : split + (b - nblk0) * nb, end = b < nblk0 ? split : g->N, n1 = n0 + nb < end ? n0 + nb : end;
         const char *w = w_row(g->w, n0);
         if (g_simd == SIMD_SCALAR) { gemm_scalar(g, n0, n1); continue; }
-        if (!wide) { gemm_tiled(g, n0, n1, w, dt, rb, tiles); continue; }
-        static _Thread_local float *panel;
+        if (!lanes) { gemm_tiled(g, n0, n1, w, dt, rb, tiles); continue; }
+        static _Thread_local float *panel, *packed;
         static _Thread_local size_t panel_cap;
-        size_t need = (size_t)nb * g->K;
-        if (need > panel_cap) { free(panel); panel = check_malloc(need * sizeof(float), "a weight panel"); panel_cap = need; }
+        size_t need = (size_t)nb * 16 * Kq;
+        if (need > panel_cap) {
+            free(panel); free(packed);
+            panel = check_malloc(need * sizeof(float), "a weight panel");
+            packed = check_malloc(need * sizeof(float), "a weight panel");
+            panel_cap = need;
+        }
         widen(panel, w, g->w, n1 - n0, rb);
-        gemm_tiled(g, n0, n1, (const char *)panel, DT_F32, (size_t)g->K * 4, tiles);
+        gemm_lanes(g, xp, Kq, n0, n1, panel, packed);
     }
+    free(xp);
 }
 
 /* --- attention: scores vectorize over positions (keys are stored transposed),

@@ -380,14 +380,17 @@ static void test_gemm_conversions(void) {
 /* ============================================================================
  * attention kernels, softmax, layernorm */
 
-/* attn_scores(s[], q[], n, kt, ld, D, T): s[i][t] = q[i] . k[t] for up to AQ
- * query rows at once (keys transposed: kt[d * ld + t]); attn_mix(out[], p[],
- * n, v, ld, D, t0, t1, init): out[i][d] (+)= sum_{t0<=t<t1} p[i][t] v[t][d].
+/* attn_scores(s[], q[], n, k, D, T): s[i][t] = q[i] . key[t] for up to AQ query
+ * rows at once, keys in blocks of KB positions, transposed within a block
+ * (key[t][d] at k[(t / KB) * D * KB + d * KB + t % KB]); attn_mix(out[], p[], n,
+ * v, ld, D, t0, t1, init): out[i][d] (+)= sum_{t0<=t<t1} p[i][t] v[t][d].
  * The engine groups up to AQ consecutive positions of one sequence (row i sees
  * T0 + i keys) and mixes 0..T0 for all of them, then each row's own tail. So
  * beyond accuracy: a row's scores in a group equal its scores alone, the split
  * mix equals one mix over the row's whole range, bit for bit, and every level
  * gives the same bits (the model's batch invariance rests on these). */
+static size_t key_at(int t, int d, int D) { return (size_t)(t / KB) * (size_t)D * KB + (size_t)d * KB + (size_t)(t % KB); }
+
 static void test_attention(void) {
     group_begin();
     static const int HDs[] = {1, 7, 8, 16, 17, 33, 64, 80, 128}, Ts[] = {1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 129, 300};
@@ -397,9 +400,10 @@ static void test_attention(void) {
         for (size_t b = 0; b < sizeof Ts / sizeof *Ts; b++) {
             int D = HDs[a], T0 = Ts[b], n = 1 + (int)(rnd_u64() % AQ), Tn = T0 + n - 1, T[AQ];
             for (int i = 0; i < n; i++) T[i] = T0 + i;
-            /* kt is (D, ld) with the keys along a row; the gap past Tn is NaN */
-            int64_t ld = Tn + (int64_t)(rnd_u64() % 20);
-            float *qb = malloc(sizeof(float) * (size_t)(AQ * D)), *kt = malloc(sizeof(float) * (size_t)(D * ld));
+            /* whole key blocks; the positions past Tn in the last one are NaN (lanes
+             * a kernel computes there must never reach a stored score) */
+            size_t nk = (size_t)((Tn + KB - 1) / KB) * KB * (size_t)D;
+            float *qb = malloc(sizeof(float) * (size_t)(AQ * D)), *kt = malloc(sizeof(float) * nk);
             float *sb[3], *sc[3][AQ]; /* [0]: best level, [1]: other level or alone, [2]: scratch */
             const float *q[AQ];
             size_t scap = (size_t)Tn + 16;
@@ -409,8 +413,8 @@ static void test_attention(void) {
             }
             for (int i = 0; i < AQ * D; i++) qb[i] = rnd_sym() * 2;
             for (int i = 0; i < AQ; i++) q[i] = qb + (size_t)i * D;
-            poison(kt, (size_t)(D * ld));
-            for (int d = 0; d < D; d++) for (int t = 0; t < Tn; t++) kt[d * ld + t] = rnd_sym() * 2;
+            poison(kt, nk);
+            for (int d = 0; d < D; d++) for (int t = 0; t < Tn; t++) kt[key_at(t, d, D)] = rnd_sym() * 2;
             /* v is (Tn, ld2) with a NaN gap past D; p rows are probabilities */
             int64_t ld2 = D + (int64_t)(rnd_u64() % 5);
             float *v = malloc(sizeof(float) * (size_t)(Tn * ld2)), *pb = malloc(sizeof(float) * (size_t)(AQ * Tn));
@@ -435,14 +439,14 @@ static void test_attention(void) {
                 int k = lvl == g_simd_max ? 0 : 1;
                 /* scores for the group, as the engine calls it */
                 poison(sb[k], scap * AQ);
-                attn_scores(sc[k], q, n, kt, ld, D, Tn);
+                attn_scores(sc[k], q, n, kt, D, Tn);
                 for (int i = 0; i < AQ; i++)
                     for (size_t t = i < n ? (size_t)Tn : 0; t < scap; t++)
                         if (!is_poison(sc[k][i][t])) { fail("attn_scores %s D=%d T=%d n=%d wrote s[%d][%zu]", simd_names[lvl], D, Tn, n, i, t); break; }
                 /* each row alone, with its own T */
                 for (int i = 0; i < n; i++) {
                     poison(sb[2], scap);
-                    attn_scores(&sc[2][0], &q[i], 1, kt, ld, D, T[i]);
+                    attn_scores(&sc[2][0], &q[i], 1, kt, D, T[i]);
                     inv_checks++;
                     if (memcmp(sc[2][0], sc[k][i], sizeof(float) * (size_t)T[i])) {
                         inv_fail++;
@@ -476,7 +480,7 @@ static void test_attention(void) {
                 for (int i = 0; i < n; i++) {
                     for (int t = 0; t < Tn; t++) {
                         double ref = 0, mag = 0;
-                        for (int d = 0; d < D; d++) { double x = (double)q[i][d] * kt[d * ld + t]; ref += x; mag += fabs(x); }
+                        for (int d = 0; d < D; d++) { double x = (double)q[i][d] * kt[key_at(t, d, D)]; ref += x; mag += fabs(x); }
                         double tol = (D + 2) * (double)FLT_EPSILON * mag + 1e-30, err = fabs(sc[0][i][t] - ref);
                         g_group_checks++;
                         if (!(err <= tol)) fail("attn_scores D=%d T=%d: s[%d][%d] = %.9g, reference %.9g", D, Tn, i, t, sc[0][i][t], ref);

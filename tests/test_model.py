@@ -70,7 +70,10 @@ import ref_opt  # noqa: E402
 
 PY = sys.executable or '/usr/bin/python3'
 TESTDATA = os.path.join(ROOT, '..', 'shared', 'opt-testdata')
-TIMEOUT = int(os.environ.get('OPT_TEST_TIMEOUT', '60'))  # seconds per opt run (tiny models take well under 1)
+# Seconds per opt run: tiny models take well under one. After the first hang the limit
+# drops to HUNG_TIMEOUT, so a bug that hangs every run cannot stall the suite for long.
+TIMEOUT = int(os.environ.get('OPT_TEST_TIMEOUT', '30'))
+HUNG_TIMEOUT = 10
 MARGIN = 0.05      # greedy steps with a smaller top-2 margin in the reference are not compared
 SCORE_TOL = 1e-3   # absolute, on natural-log probabilities
 
@@ -144,11 +147,12 @@ def opt(args, stdin=b'', env=None):
         e.update(env)
     try:
         p = subprocess.run([OPT] + args, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env=e, timeout=TIMEOUT)
+                           env=e, timeout=HUNG_TIMEOUT if _hung else TIMEOUT)
         return Run(args, p.returncode, p.stdout, p.stderr)
     except subprocess.TimeoutExpired as x:
         _hung.add(model)
-        return Run(args, 'timeout after %ds (hung?)' % TIMEOUT, x.stdout or b'', x.stderr or b'')
+        return Run(args, 'killed after %ds (hung?); stdout was %r' % (x.timeout, (x.stdout or b'')[:120]),
+                   x.stdout or b'', x.stderr or b'')
 
 
 def ok_run(r, what):
@@ -325,6 +329,21 @@ def compare_greedy(got_lines, ref_results, n):
 # ---------------------------------------------------------------------------------------
 # the checks
 # ---------------------------------------------------------------------------------------
+
+def test_synth_config(models):
+    """`opt synth` writes config.json as Hugging Face would: an untied lm_head needs
+    "tie_word_embeddings": false, or transformers (default true) loads lm_head.weight
+    into the input embedding as well and computes another model than opt does."""
+    for name, kind, args in MODELS:
+        if kind != 'synth' or name not in models:
+            continue
+        with open(os.path.join(models[name], 'config.json')) as f:
+            cfg = json.load(f)
+        untied = '--no-tie' in args
+        check(cfg.get('tie_word_embeddings', True) == (not untied),
+              'synth %s: config.json tie_word_embeddings is %s' % (' '.join(args), 'false' if untied else 'true or absent'),
+              'tie_word_embeddings = %r' % cfg.get('tie_word_embeddings', '(absent, i.e. true)'))
+
 
 def test_score_and_greedy(models):
     section('score and greedy vs ref_opt.py, every checkpoint variant')
@@ -839,6 +858,7 @@ def main():
             else:
                 check(False, 'make %s' % name, d)
         print('  made %d checkpoints' % len(models))
+        test_synth_config(models)
         score_out = {}
         if want('score'):
             score_out = test_score_and_greedy(models)

@@ -1,0 +1,178 @@
+#!/bin/sh
+# tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
+#
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad cuda):
+#   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
+#            layernorm against double references and bitwise across SIMD levels, batch
+#            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
+#   tok      tests/test_tok.py: `opt tokenize` against the tokenizers library
+#   lp       tests/test_lp.sh: `opt lp` against GLPK
+#   model    tests/test_model.py: `opt score` / `opt generate` end to end against the numpy
+#            reference tests/ref_opt.py on synthetic checkpoints of every layout
+#   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
+#   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
+# One line per group (PASS/FAIL/SKIP and seconds), the failures' details under a failed
+# group, then a summary. Exit status 0 only when no group failed.
+#
+# Environment: OPT (default ./opt), OPT_ASAN (./opt-asan), PYTHON (/usr/bin/python3),
+# CC (cc), TEST_SEED (test_kernels' seed; default from the clock, printed),
+# OPT_REAL_MODEL_DIR (a real opt-125m/350m checkpoint for test_model's published
+# outputs), VERBOSE=1 (print every group's whole log).
+set -u
+cd "$(dirname "$0")/.." || exit 2
+
+OPT=${OPT:-./opt}
+OPT_ASAN=${OPT_ASAN:-./opt-asan}
+PYTHON=${PYTHON:-/usr/bin/python3}
+CC=${CC:-cc}
+CUDA_BIN=${OPT_CUDA:-}
+SEL=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        kernels|tok|lp|model|bad|cuda) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad cuda)"; exit 2 ;;
+    esac
+done
+[ -n "$SEL" ] || SEL="kernels tok lp model bad cuda"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/opt-tests.XXXXXX") || exit 2
+cleanup() {
+    # a tmpfs the bad-input test mounted, should it have been interrupted
+    for m in $(awk -v t="$TMP" 'index($2, t) == 1 { print $2 }' /proc/mounts 2>/dev/null); do umount "$m" 2>/dev/null; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+n_pass=0 n_fail=0 n_skip=0 failed_groups=""
+T_ALL=$(date +%s)
+
+# result GROUP STATUS DETAIL LOG: the group's line; a failed group's log follows,
+# without the lines of passed checks.
+result() {
+    printf '%-4s %-8s %4ss  %s\n' "$2" "$1" "$(( $(date +%s) - T0 ))" "$3"
+    case $2 in
+        PASS) n_pass=$((n_pass + 1)) ;;
+        SKIP) n_skip=$((n_skip + 1)) ;;
+        *) n_fail=$((n_fail + 1)); failed_groups="$failed_groups $1" ;;
+    esac
+    if [ -n "${4:-}" ] && [ -f "$4" ]; then
+        if [ "${VERBOSE:-0}" = 1 ]; then sed 's/^/    | /' "$4"
+        elif [ "$2" = FAIL ]; then grep -v '^  ok \|^PASS ' "$4" | head -n 120 | sed 's/^/    | /'
+        fi
+    fi
+}
+
+# last_line LOG: the log's last non-empty line (each test ends with its summary)
+last_line() { grep -v '^[[:space:]]*$' "$1" | tail -n 1; }
+
+need_bin() { # need_bin GROUP BINARY: FAIL the group when the binary is missing
+    [ -x "$2" ] && return 0
+    result "$1" FAIL "$2 is missing: build it (make CUDA=0; make CUDA=0 opt-asan)"
+    return 1
+}
+
+run_kernels() {
+    log=$TMP/kernels.log
+    # opt.c and every other C source but opt.c's main (quant.c, lp.c, ...)
+    srcs=$(ls ./*.c | grep -v '^\./opt\.c$' | tr '\n' ' ')
+    if ! $CC -std=c11 -O2 -fopenmp -ffp-contract=off -D_GNU_SOURCE -DOPT_NO_MAIN -I. tests/test_kernels.c $srcs -lm \
+            -o "$TMP/test_kernels" >"$log" 2>&1; then
+        result kernels FAIL "tests/test_kernels.c does not compile against opt.c" "$log"
+        return
+    fi
+    if "$TMP/test_kernels" ${TEST_SEED:-} >"$log" 2>&1; then
+        result kernels PASS "$(grep -c '^PASS' "$log") groups; $(head -n 1 "$log" | sed 's/^test_kernels: //; s/ (rerun.*//')" "$log"
+    else
+        result kernels FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_tok() {
+    need_bin tok "$OPT" || return
+    log=$TMP/tok.log
+    if ! "$OPT" synth --shape 64x2x4x256 -o "$TMP/tokmodel" >"$log" 2>&1; then
+        result tok FAIL "opt synth failed" "$log"
+        return
+    fi
+    if "$PYTHON" tests/test_tok.py --opt "$OPT" --model-dir "$TMP/tokmodel" >"$log" 2>&1; then
+        result tok PASS "$(last_line "$log")" "$log"
+    else
+        result tok FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_lp() {
+    need_bin lp "$OPT" || return
+    log=$TMP/lp.log
+    if sh tests/test_lp.sh "$OPT" >"$log" 2>&1; then
+        result lp PASS "$(tail -n 2 "$log" | tr '\n' ';' | sed 's/;$//; s/;/; /')" "$log"
+    else
+        result lp FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_model() {
+    need_bin model "$OPT" || return
+    log=$TMP/model.log
+    if "$PYTHON" tests/test_model.py --opt "$OPT" --tmp "$TMP/model" >"$log" 2>&1; then
+        result model PASS "$(last_line "$log")" "$log"
+    else
+        result model FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_bad() {
+    need_bin bad "$OPT_ASAN" || return
+    log=$TMP/bad.log
+    if "$PYTHON" tests/test_bad_input.py --opt "$OPT_ASAN" --tmp "$TMP/bad" >"$log" 2>&1; then
+        result bad PASS "$(last_line "$log")" "$log"
+    else
+        result bad FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+# A CUDA build runs a tiny synthetic model like the CPU build: same number of lines and
+# log-probabilities within 1e-3 (bitwise equality is not expected from cuBLAS).
+run_cuda() {
+    if [ -z "$CUDA_BIN" ]; then
+        result cuda SKIP "no CUDA build given (--cuda PATH or OPT_CUDA=PATH); the lead builds and tests it in CI"
+        return
+    fi
+    if [ ! -x "$CUDA_BIN" ]; then
+        result cuda FAIL "$CUDA_BIN is not an executable"
+        return
+    fi
+    need_bin cuda "$OPT" || return
+    log=$TMP/cuda.log
+    d=$TMP/cudamodel
+    printf '2 100 200 300 400\n2 5\n2 7 8 9 10 11 12 13 14 15 16 17\n' >"$TMP/cuda-ids"
+    if "$OPT" synth --shape 64x2x4x256 -o "$d" >"$log" 2>&1 &&
+       "$OPT" score --ids -m "$d" -f "$TMP/cuda-ids" >"$TMP/cuda-cpu" 2>>"$log" &&
+       "$CUDA_BIN" score --ids -m "$d" -f "$TMP/cuda-ids" >"$TMP/cuda-gpu" 2>>"$log" &&
+       "$CUDA_BIN" generate -m "$d" -n 4 </dev/null >>"$log" 2>&1 &&
+       "$PYTHON" - "$TMP/cuda-cpu" "$TMP/cuda-gpu" >>"$log" 2>&1 <<'EOF'
+import sys
+a = [[float(x) for x in l.split()] for l in open(sys.argv[1])]
+b = [[float(x) for x in l.split()] for l in open(sys.argv[2])]
+assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), "line or value counts differ"
+err = max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
+print("max |cuda - cpu| = %.2e" % err)
+sys.exit(0 if err <= 1e-3 else 1)
+EOF
+    then
+        result cuda PASS "$CUDA_BIN: $(last_line "$log")" "$log"
+    else
+        result cuda FAIL "$CUDA_BIN: $(last_line "$log")" "$log"
+    fi
+}
+
+echo "opt test suite: $OPT, $OPT_ASAN; scratch in $TMP"
+for g in $SEL; do
+    T0=$(date +%s)
+    "run_$g"
+done
+echo "summary: $n_pass passed, $n_fail failed, $n_skip skipped in $(( $(date +%s) - T_ALL ))s${failed_groups:+ (failed:$failed_groups)}"
+[ "$n_fail" -eq 0 ]
