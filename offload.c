@@ -743,7 +743,7 @@ void offload_forward(Offload *o, const Step *st, float *out) {
     for (int i = 0; i < bs; i++) pos0[i] = lo[i] == INT32_MAX ? 0 : lo[i];
     Step sub[64];
     for (int b = 0; b < nb; b++) {
-        sub[b] = (Step){r_at[b + 1] - r_at[b], st->tok + r_at[b], slot_rel + r_at[b], st->pos + r_at[b]};
+        sub[b] = (Step){r_at[b + 1] - r_at[b], st->tok + r_at[b], slot_rel + r_at[b], st->pos + r_at[b], NULL};
         check(sub[b].n <= o->xs_rows, "a batch of %d rows exceeds the plan's %d", sub[b].n, o->xs_rows);
     }
     double t0;

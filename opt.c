@@ -1868,6 +1868,7 @@ static void kv_store(const KVLayer *kv, int slot, int head, int pos, const float
 
 void scratch_init(Scratch *s, const Config *c, int rows, int cap) {
     memset(s, 0, sizeof *s);
+    s->be = &cpu_backend;
     s->rows = rows;
     int64_t h = c->hidden, e = c->embed_dim, big = h > e ? h : e;
     s->x = check_malloc(sizeof(float) * rows * h, "activations");
@@ -1888,15 +1889,14 @@ void scratch_free(Scratch *s) {
     free(s->x); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att); free(s->f); free(s->e); free(s->scores); free(s->qscaled); free(s->grp);
 }
 
-static void linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
+static void cpu_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
     Gemm g = {.y = y, .x = x, .w = w, .bias = b, .ldy = w->rows, .ldx = w->cols, .M = rows, .N = (int)w->rows, .K = (int)w->cols, .acc = acc, .relu = relu};
     gemm(&g);
 }
 
 /* Writes the step's keys and values into the cache, then attends: row r sees
  * positions 0..pos[r] of its own slot. */
-static void attention(const Model *m, const KVLayer *kv, const Step *st, Scratch *s) {
-    const Config *c = &m->cfg;
+static void cpu_attention(const Config *c, const KVLayer *kv, const Step *st, Scratch *s) {
     int H = c->n_head, D = c->head_dim;
     float scale = 1.0f / sqrtf((float)D);
     #pragma omp parallel for collapse(2) if (kv->dtype == DT_Q4 && st->n * H > 64)
@@ -1941,58 +1941,68 @@ static void attention(const Model *m, const KVLayer *kv, const Step *st, Scratch
         }
 }
 
+static void cpu_embed(const Tensor *t, const Step *st, int offset, float *out) {
+    for (int r = 0; r < st->n; r++) tensor_row_f32(t, offset ? st->pos[r] + offset : st->tok[r], out + (size_t)r * t->cols);
+}
+
+static void cpu_add(float *y, const float *x, size_t n) { for (size_t i = 0; i < n; i++) y[i] += x[i]; }
+static void cpu_copy(float *y, const float *x, size_t n) { memcpy(y, x, sizeof(float) * n); }
+
+const Backend cpu_backend = {"cpu", cpu_linear, layernorm, cpu_attention, cpu_embed, cpu_add, cpu_copy};
+
 /* Token embeddings (through project_in) plus positions into x (n, hidden). */
 void model_embed(const Model *m, const Step *st, float *x, Scratch *s) {
     const Config *c = &m->cfg;
+    const Backend *be = s->be;
     int n = st->n, h = c->hidden, e = c->embed_dim;
     check(n <= s->rows, "step of %d rows exceeds scratch of %d", n, s->rows);
     for (int r = 0; r < n; r++) {
         check(st->pos[r] >= 0 && st->pos[r] < c->max_pos, "position %d out of range", st->pos[r]);
-        tensor_row_f32(&m->embed, st->tok[r], s->e + (size_t)r * e);
+        check(st->tok[r] >= 0 && st->tok[r] < c->vocab, "token %d out of range", st->tok[r]);
     }
-    if (e != h) linear(x, s->e, &m->proj_in, NULL, n, 0, 0);
-    else memcpy(x, s->e, sizeof(float) * n * h);
-    for (int r = 0; r < n; r++) { /* OPT's learned positions are offset by 2 */
-        float *xr = x + (size_t)r * h, *p = s->h;
-        tensor_row_f32(&m->pos, st->pos[r] + 2, p);
-        for (int i = 0; i < h; i++) xr[i] += p[i];
-    }
+    be->embed(&m->embed, st, 0, s->e);
+    if (e != h) be->linear(x, s->e, &m->proj_in, NULL, n, 0, 0);
+    else be->copy(x, s->e, (size_t)n * h);
+    be->embed(&m->pos, st, 2, s->h); /* OPT's learned positions are offset by 2 */
+    be->add(x, s->h, (size_t)n * h);
 }
 
-/* Decoder layer l (weights L, cache kv) over the step's rows, x in place. */
+/* Decoder layer l (weights L, cache kv) over the step's rows, x in place:
+ * the one description of an OPT layer, for every backend. */
 void layer_forward(const Model *m, const Layer *L, int l, const KVLayer *kv, const Step *st, float *x, Scratch *s) {
     const Config *c = &m->cfg;
+    const Backend *be = s->be;
     int n = st->n, h = c->hidden;
     const float *in = x;
-    if (c->pre_ln) { layernorm(s->h, x, L->ln1w, L->ln1b, n, h); in = s->h; }
+    if (c->pre_ln) { be->layernorm(s->h, x, L->ln1w, L->ln1b, n, h); in = s->h; }
     if (s->observe) s->observe(s->observe_ctx, l, OBS_QKV, in, n, h);
-    linear(s->q, in, &L->q, L->qb, n, 0, 0);
-    linear(s->k, in, &L->k, L->kb, n, 0, 0);
-    linear(s->v, in, &L->v, L->vb, n, 0, 0);
-    attention(m, kv, st, s);
+    be->linear(s->q, in, &L->q, L->qb, n, 0, 0);
+    be->linear(s->k, in, &L->k, L->kb, n, 0, 0);
+    be->linear(s->v, in, &L->v, L->vb, n, 0, 0);
+    be->attention(c, kv, st, s);
     if (s->observe) s->observe(s->observe_ctx, l, OBS_O, s->att, n, h);
-    linear(x, s->att, &L->o, L->ob, n, 1, 0);
-    if (!c->pre_ln) layernorm(x, x, L->ln1w, L->ln1b, n, h);
+    be->linear(x, s->att, &L->o, L->ob, n, 1, 0);
+    if (!c->pre_ln) be->layernorm(x, x, L->ln1w, L->ln1b, n, h);
     in = x;
-    if (c->pre_ln) { layernorm(s->h, x, L->ln2w, L->ln2b, n, h); in = s->h; }
+    if (c->pre_ln) { be->layernorm(s->h, x, L->ln2w, L->ln2b, n, h); in = s->h; }
     if (s->observe) s->observe(s->observe_ctx, l, OBS_FC1, in, n, h);
-    linear(s->f, in, &L->fc1, L->fc1b, n, 0, 1);
+    be->linear(s->f, in, &L->fc1, L->fc1b, n, 0, 1);
     if (s->observe) s->observe(s->observe_ctx, l, OBS_FC2, s->f, n, c->ffn);
-    linear(x, s->f, &L->fc2, L->fc2b, n, 1, 0);
-    if (!c->pre_ln) layernorm(x, x, L->ln2w, L->ln2b, n, h);
+    be->linear(x, s->f, &L->fc2, L->fc2b, n, 1, 0);
+    if (!c->pre_ln) be->layernorm(x, x, L->ln2w, L->ln2b, n, h);
 }
 
 /* Final LayerNorm and project_out: x (n, hidden) to out (n, embed_dim). */
 void model_final(const Model *m, const float *x, int n, float *out, Scratch *s) {
     const Config *c = &m->cfg;
     const float *y = x;
-    if (c->final_ln) { layernorm(s->h, x, m->lnfw, m->lnfb, n, c->hidden); y = s->h; }
-    if (c->embed_dim != c->hidden) linear(out, y, &m->proj_out, NULL, n, 0, 0);
-    else memcpy(out, y, sizeof(float) * (size_t)n * c->hidden);
+    if (c->final_ln) { s->be->layernorm(s->h, x, m->lnfw, m->lnfb, n, c->hidden); y = s->h; }
+    if (c->embed_dim != c->hidden) s->be->linear(out, y, &m->proj_out, NULL, n, 0, 0);
+    else s->be->copy(out, y, (size_t)n * c->hidden);
 }
 
-/* The whole decoder over the step's rows, the cache in RAM; leaves the final
- * hidden states in s->e, (n, embed_dim). */
+/* The whole decoder over the step's rows; leaves the final hidden states in
+ * s->e, (n, embed_dim). */
 void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s) {
     for (int r = 0; r < st->n; r++) check(st->pos[r] < kv->layer[0].cap, "position %d beyond the cache", st->pos[r]);
     model_embed(m, st, s->x, s);
@@ -2002,7 +2012,7 @@ void model_forward(const Model *m, const KVCache *kv, const Step *st, Scratch *s
 
 /* logits (rows, vocab) for the given final hidden rows. */
 void model_logits(const Model *m, float *logits, const float *hid, int rows) {
-    linear(logits, hid, &m->lm_head, NULL, rows, 0, 0);
+    cpu_linear(logits, hid, &m->lm_head, NULL, rows, 0, 0);
 }
 
 /* ----------------------------------------------------------------------------
@@ -3459,7 +3469,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             prefill = true;
         }
         double ts = now_sec();
-        Step st = {n, tok, slot, pos};
+        Step st = {n, tok, slot, pos, NULL};
         if (off) offload_forward(off, &st, final);
         else model_forward(e->m, &kv, &st, &s);
         for (int r0 = 0; r0 < n;) { /* logits for the rows that need them, in groups */

@@ -461,9 +461,29 @@ typedef struct {
     const int *tok;        /* (n) token ids */
     const int *slot;       /* (n) cache slot of each row */
     const int *pos;        /* (n) position of each row in its sequence, from 0 */
+    const int *dev;        /* GPU: (3, n) copies of tok, slot, pos in device memory; NULL on the CPU */
 } Step;
 
-typedef struct {
+/* The device the layer code runs on: these ops over its buffers (host memory
+ * for opt.c's CPU backend, device memory for kernels.cu's GPU backend). */
+typedef struct Scratch Scratch;
+typedef struct Backend {
+    const char *name;      /* "cpu" or "gpu" */
+    /* y (rows, N) = x (rows, K) . W^T + b, then += y when acc, ReLU when relu */
+    void (*linear)(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu);
+    /* LayerNorm over rows of n, eps 1e-5; w, b NULL when not affine; out may be x */
+    void (*layernorm)(float *out, const float *x, const float *w, const float *b, int rows, int n);
+    /* the step's k, v into the cache, then attention: s->q, s->k, s->v -> s->att */
+    void (*attention)(const Config *c, const KVLayer *kv, const Step *st, Scratch *s);
+    /* rows of table t as f32: row tok[r] (offset 0) or pos[r] + offset, into out (n, t->cols) */
+    void (*embed)(const Tensor *t, const Step *st, int offset, float *out);
+    void (*add)(float *y, const float *x, size_t n);         /* y += x */
+    void (*copy)(float *y, const float *x, size_t n);        /* y = x */
+} Backend;
+extern const Backend cpu_backend;
+
+struct Scratch {
+    const Backend *be;     /* the device these buffers live on */
     int rows;              /* capacity in rows */
     float *x;              /* (rows, hidden) residual stream */
     float *h;              /* (rows, max(hidden, embed_dim)) normalized input of a sublayer */
@@ -477,7 +497,7 @@ typedef struct {
     Observer observe;      /* called with every linear layer's input, or NULL */
     void *observe_ctx;     /* its context */
     int score_cap;         /* cap the scores buffer was sized for */
-} Scratch;
+};
 
 void kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group);
 void kv_free(KVCache *kv);
