@@ -1,36 +1,853 @@
-/* kernels.cu: the CUDA side of opt, behind the plain C functions opt.h declares.
- * The runtime is linked statically and loaded lazily, so the same binary starts
- * on machines without a GPU, a driver, or the CUDA libraries, and runs on the
- * CPU after saying why once. */
+/* kernels.cu: the GPU backend behind opt.h's plain C functions.
+ *
+ * The CUDA runtime is linked statically and cuBLASLt is loaded with dlopen,
+ * so the same binary starts on a machine without a GPU, a driver, or the CUDA
+ * libraries, and runs on the CPU after saying why once.
+ *
+ * On the device: weights in their stored 16-bit format (f32 checkpoints are
+ * narrowed to f16 on upload; 4-bit stays 4-bit), activations in f32 like the
+ * CPU path, GEMMs on tensor cores (16-bit inputs, f32 accumulation and
+ * output, bias and ReLU in cuBLASLt's epilogue), the KV cache in f16 (or
+ * 4-bit), attention fused per (row, head) in f32, sampling on the device.
+ *
+ * Sections: runtime and errors, cuBLASLt, memory and upload, kernels, the
+ * backend ops, logits and sampling, probes. */
 #include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cublasLt.h>
+#include <dlfcn.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 extern "C" {
 #include "opt.h"
 }
 
+/* ----------------------------------------------------------------------------
+ * Runtime and errors: every CUDA and cuBLAS call is checked and a failure
+ * names the call's file:line and, for allocations, what did not fit. */
+
+#define checkCuda(call) cuda_check((call), __FILE__, __LINE__, #call)
+#define checkCublas(call) cublas_check((call), __FILE__, __LINE__, #call)
+
+static void cuda_check(cudaError_t e, const char *file, int line, const char *what) {
+    if (e != cudaSuccess) die_at(file, line, "CUDA: %s: %s", what, cudaGetErrorString(e));
+}
+
+static const char *(*lt_status_name)(cublasStatus_t);
+static void cublas_check(cublasStatus_t s, const char *file, int line, const char *what) {
+    if (s != CUBLAS_STATUS_SUCCESS) die_at(file, line, "cuBLAS: %s: %s", what, lt_status_name ? lt_status_name(s) : "error");
+}
+
 static int g_gpu_state = -1;      /* -1 unknown, 0 none, 1 usable */
 static char g_gpu_desc[256];      /* what gpu_describe() reports */
+static cudaStream_t g_stream;     /* every kernel and copy of ours */
 
-static void gpu_probe(void) {
+static void *lt_lib;              /* dlopen'd cuBLASLt */
+static decltype(&cublasLtCreate) lt_create;
+static decltype(&cublasLtMatmul) lt_matmul;
+static decltype(&cublasLtMatmulDescCreate) lt_desc_create;
+static decltype(&cublasLtMatmulDescDestroy) lt_desc_destroy;
+static decltype(&cublasLtMatmulDescSetAttribute) lt_desc_set;
+static decltype(&cublasLtMatrixLayoutCreate) lt_layout_create;
+static decltype(&cublasLtMatrixLayoutDestroy) lt_layout_destroy;
+static decltype(&cublasLtMatmulPreferenceCreate) lt_pref_create;
+static decltype(&cublasLtMatmulPreferenceSetAttribute) lt_pref_set;
+static decltype(&cublasLtMatmulPreferenceDestroy) lt_pref_destroy;
+static decltype(&cublasLtMatmulAlgoGetHeuristic) lt_heuristic;
+static cublasLtHandle_t g_lt;
+static void *g_workspace;         /* cuBLASLt's */
+static const size_t WORKSPACE = 32u << 20;
+
+/* Loads cuBLASLt by name; false (with the reason in g_gpu_desc) when absent. */
+static bool lt_load(void) {
+    static const char *const names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so"};
+    for (size_t i = 0; i < sizeof names / sizeof *names && !lt_lib; i++) lt_lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (!lt_lib) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "cuBLASLt not found (%s)", dlerror()); return false; }
+#define SYM(var, name) if (!(*(void **)&var = dlsym(lt_lib, name))) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "cuBLASLt lacks %s", name); return false; }
+    SYM(lt_create, "cublasLtCreate") SYM(lt_matmul, "cublasLtMatmul") SYM(lt_desc_create, "cublasLtMatmulDescCreate")
+    SYM(lt_desc_destroy, "cublasLtMatmulDescDestroy") SYM(lt_desc_set, "cublasLtMatmulDescSetAttribute")
+    SYM(lt_layout_create, "cublasLtMatrixLayoutCreate") SYM(lt_layout_destroy, "cublasLtMatrixLayoutDestroy")
+    SYM(lt_pref_create, "cublasLtMatmulPreferenceCreate") SYM(lt_pref_set, "cublasLtMatmulPreferenceSetAttribute")
+    SYM(lt_pref_destroy, "cublasLtMatmulPreferenceDestroy") SYM(lt_heuristic, "cublasLtMatmulAlgoGetHeuristic")
+    SYM(lt_status_name, "cublasLtGetStatusName")
+#undef SYM
+    return true;
+}
+
+static void gpu_probe_state(void) {
     if (g_gpu_state >= 0) return;
+    g_gpu_state = 0;
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
-        snprintf(g_gpu_desc, sizeof g_gpu_desc, "none (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
-        g_gpu_state = 0;
+        snprintf(g_gpu_desc, sizeof g_gpu_desc, "%s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
         return;
     }
     cudaDeviceProp p;
-    if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) {
-        snprintf(g_gpu_desc, sizeof g_gpu_desc, "none (cannot query device 0)");
-        g_gpu_state = 0;
-        return;
-    }
+    if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "cannot query device 0"); return; }
+    if (p.major < 8) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "%.120s is compute %d.%d; opt needs 8.0 or newer", p.name, p.major, p.minor); return; }
+    if (!lt_load()) return;
     snprintf(g_gpu_desc, sizeof g_gpu_desc, "%.200s, compute %d.%d, %.1f GiB", p.name, p.major, p.minor, (double)p.totalGlobalMem / (1 << 30));
     g_gpu_state = 1;
 }
 
-extern "C" int gpu_available(void) { gpu_probe(); return g_gpu_state == 1; }
-extern "C" const char *gpu_describe(void) { gpu_probe(); return g_gpu_desc; }
+/* Starts the device side once: stream, cuBLASLt handle, workspace. */
+static void gpu_start(void) {
+    static bool started;
+    if (started) return;
+    gpu_probe_state();
+    if (g_gpu_state != 1) die("no usable GPU: %s", g_gpu_desc);
+    checkCuda(cudaSetDevice(0));
+    checkCuda(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+    checkCublas(lt_create(&g_lt));
+    checkCuda(cudaMalloc(&g_workspace, WORKSPACE));
+    started = true;
+}
+
+extern "C" int gpu_available(void) { gpu_probe_state(); return g_gpu_state == 1; }
+extern "C" const char *gpu_describe(void) { gpu_probe_state(); return g_gpu_desc; }
+
+/* ----------------------------------------------------------------------------
+ * Memory and upload. Allocations name what did not fit. */
+
+static double g_gpu_used; /* bytes we hold on the device */
+
+static void *dev_alloc(size_t bytes, const char *what) {
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        die("GPU out of memory allocating %.2f GiB for %s (%.2f GiB free of %.2f GiB; use a policy that offloads, or --device cpu)",
+            (double)bytes / (1 << 30), what, (double)fr / (1 << 30), (double)tot / (1 << 30));
+    }
+    g_gpu_used += (double)bytes;
+    return p;
+}
+
+static void *dev_upload(const void *src, size_t bytes, const char *what) {
+    void *d = dev_alloc(bytes, what);
+    checkCuda(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+    return d;
+}
+
+__global__ void k_f32_to_f16(const float *in, __half *out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) out[i] = __float2half_rn(in[i]);
+}
+
+static int grid_for(size_t n, int block) {
+    size_t g = (n + block - 1) / block;
+    return (int)(g > 65535 ? 65535 : g < 1 ? 1 : g);
+}
+
+/* A matrix on the device: 16-bit and 4-bit as stored, f32 narrowed to f16
+ * (tensor cores take 16-bit inputs). Rows may be split in two host places. */
+static Tensor dev_matrix(const Tensor *t) {
+    Tensor d = *t;
+    if (!t->data) return d;
+    size_t rb = tensor_row_bytes(t), n1 = (size_t)(t->data2 ? t->split : t->rows);
+    if (t->dtype == DT_I8) die("%s: int8 weights on the GPU need their scales uploaded; not supported in this build", t->name);
+    if (t->dtype == DT_F32) {
+        size_t n = (size_t)t->rows * t->cols;
+        float *tmp = (float *)dev_alloc(n * 4, "an f32 weight being narrowed");
+        checkCuda(cudaMemcpy(tmp, t->data, n1 * rb, cudaMemcpyHostToDevice));
+        if (n1 < (size_t)t->rows) checkCuda(cudaMemcpy((char *)tmp + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb, cudaMemcpyHostToDevice));
+        __half *h = (__half *)dev_alloc(n * 2, t->name ? t->name : "a weight");
+        k_f32_to_f16<<<grid_for(n, 256), 256, 0, g_stream>>>(tmp, h, n);
+        checkCuda(cudaStreamSynchronize(g_stream));
+        checkCuda(cudaFree(tmp));
+        g_gpu_used -= (double)n * 4;
+        d.dtype = DT_F16;
+        d.data = h;
+    } else {
+        char *p = (char *)dev_alloc(rb * (size_t)t->rows, t->name ? t->name : "a weight");
+        checkCuda(cudaMemcpy(p, t->data, n1 * rb, cudaMemcpyHostToDevice));
+        if (n1 < (size_t)t->rows) checkCuda(cudaMemcpy(p + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb, cudaMemcpyHostToDevice));
+        d.data = p;
+    }
+    d.data2 = NULL;
+    d.split = 0;
+    d.tier = TIER_GPU;
+    return d;
+}
+
+static float *dev_vector(const float *v, int64_t n) { return v ? (float *)dev_upload(v, sizeof(float) * (size_t)n, "biases and LayerNorms") : NULL; }
+
+/* The model with every tensor on the device; dev's pointers are device memory. */
+extern "C" void gpu_model_upload(const Model *m, Model *dev) {
+    gpu_start();
+    const Config *c = &m->cfg;
+    *dev = *m;
+    dev->embed = dev_matrix(&m->embed);
+    dev->pos = dev_matrix(&m->pos);
+    if (m->proj_in.data) { dev->proj_in = dev_matrix(&m->proj_in); dev->proj_out = dev_matrix(&m->proj_out); }
+    dev->lm_head = m->lm_head.data == m->embed.data ? dev->embed : dev_matrix(&m->lm_head);
+    dev->lnfw = dev_vector(m->lnfw, c->hidden);
+    dev->lnfb = dev_vector(m->lnfb, c->hidden);
+    dev->layers = (Layer *)check_malloc(sizeof(Layer) * (size_t)c->n_layer, "layers");
+    for (int l = 0; l < c->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        Layer *D = &dev->layers[l];
+        D->q = dev_matrix(&L->q); D->k = dev_matrix(&L->k); D->v = dev_matrix(&L->v); D->o = dev_matrix(&L->o);
+        D->fc1 = dev_matrix(&L->fc1); D->fc2 = dev_matrix(&L->fc2);
+        D->qb = dev_vector(L->qb, c->hidden); D->kb = dev_vector(L->kb, c->hidden); D->vb = dev_vector(L->vb, c->hidden);
+        D->ob = dev_vector(L->ob, c->hidden); D->fc1b = dev_vector(L->fc1b, c->ffn); D->fc2b = dev_vector(L->fc2b, c->hidden);
+        D->ln1w = dev_vector(L->ln1w, c->hidden); D->ln1b = dev_vector(L->ln1b, c->hidden);
+        D->ln2w = dev_vector(L->ln2w, c->hidden); D->ln2b = dev_vector(L->ln2b, c->hidden);
+    }
+}
+
+/* Bytes the model takes on the device (f32 matrices become f16). */
+extern "C" double gpu_model_bytes(const Model *m) {
+    double b = 0;
+    const Config *c = &m->cfg;
+    const Tensor *t[4] = {&m->embed, &m->pos, &m->proj_in, &m->proj_out};
+    for (int i = 0; i < 4; i++) if (t[i]->data) b += (double)t[i]->rows * tensor_row_bytes(t[i]) / (t[i]->dtype == DT_F32 ? 2 : 1);
+    if (m->lm_head.data != m->embed.data) b += (double)m->lm_head.rows * tensor_row_bytes(&m->lm_head) / (m->lm_head.dtype == DT_F32 ? 2 : 1);
+    for (int l = 0; l < c->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        const Tensor *ts[6] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (int i = 0; i < 6; i++) b += (double)ts[i]->rows * tensor_row_bytes(ts[i]) / (ts[i]->dtype == DT_F32 ? 2 : 1);
+    }
+    return b + 4.0 * c->n_layer * (9.0 * c->hidden + c->ffn);
+}
+
+extern "C" double gpu_free_bytes(void) {
+    gpu_start();
+    size_t fr = 0, tot = 0;
+    checkCuda(cudaMemGetInfo(&fr, &tot));
+    return (double)fr;
+}
+
+/* ----------------------------------------------------------------------------
+ * Kernels. f32 arithmetic throughout; 16-bit only as storage. */
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum (or max) over the block; every thread gets the result. sh: 32 floats. */
+__device__ float block_sum(float v, float *sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (!lane) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ float block_max(float v, float *sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (!lane) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+__device__ __forceinline__ float ld_w(const void *p, DType dt, size_t i) {
+    return dt == DT_BF16 ? __bfloat162float(((const __nv_bfloat16 *)p)[i]) : __half2float(((const __half *)p)[i]);
+}
+
+/* Element e of a 4-bit row (see quant.c: words of 16 codes, broadcast order). */
+__device__ __forceinline__ float q4_at(const uint8_t *row, int G, int e) {
+    const uint8_t *blk = row + (size_t)(e / G) * (4 + G / 2);
+    float s = __half2float(*(const __half *)blk), m = __half2float(*(const __half *)(blk + 2));
+    int i = e % G, nib = (i & ~15) + (i & 15) / 2 + 8 * (i & 1);
+    int code = blk[4 + nib / 2] >> (4 * (nib & 1)) & 15;
+    return fmaf((float)code, s, m);
+}
+
+/* LayerNorm: a block per row, two passes in f32, eps 1e-5. */
+__global__ void k_layernorm(float *out, const float *x, const float *w, const float *b, int n) {
+    __shared__ float sh[32];
+    const float *xr = x + (size_t)blockIdx.x * n;
+    float *o = out + (size_t)blockIdx.x * n, s = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
+    float mean = block_sum(s, sh) / n, v = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { float d = xr[i] - mean; v += d * d; }
+    float rstd = rsqrtf(block_sum(v, sh) / n + 1e-5f);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float y = (xr[i] - mean) * rstd;
+        o[i] = w ? y * w[i] + b[i] : y;
+    }
+}
+
+/* Rows of a table (token ids, or positions + offset) as f32. */
+__global__ void k_embed(float *out, const void *table, DType dt, int G, size_t rb, int cols, const int *idx, int offset) {
+    int r = blockIdx.x, row = idx[r] + offset;
+    const char *src = (const char *)table + rb * (size_t)row;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        out[(size_t)r * cols + c] = dt == DT_Q4 ? q4_at((const uint8_t *)src, G, c) : ld_w(src, dt, c);
+}
+
+__global__ void k_add(float *y, const float *x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) y[i] += x[i];
+}
+
+template <typename T> __device__ T to16(float v);
+template <> __device__ __half to16<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __nv_bfloat16 to16<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__global__ void k_narrow(const float *x, int ldx, T *out, int rows, int cols) {
+    size_t n = (size_t)rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = to16<T>(x[(i / cols) * ldx + i % cols]);
+}
+
+/* Epilogue for our own GEMM kernels: + bias, + y (residual), ReLU. */
+__device__ __forceinline__ void store_out(float *y, const float *bias, int n, float v, int acc, int relu) {
+    if (bias) v += bias[n];
+    if (acc) v += *y;
+    if (relu) v = fmaxf(v, 0.0f);
+    *y = v;
+}
+
+/* 4-bit GEMV for up to 8 rows: a warp per weight row, each lane a 16-code
+ * word at a time, dequantized in registers; no 16-bit copy of the matrix. */
+__global__ void k_q4_gemv(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
+                          const float *bias, float *y, int ldy, int N, int acc, int relu) {
+    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const uint8_t *row = w + rb * (size_t)n;
+    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k0 = lane * 16; k0 < K; k0 += 32 * 16) {
+        const uint8_t *blk = row + (size_t)(k0 / G) * (4 + G / 2);
+        float s = __half2float(*(const __half *)blk), m = __half2float(*(const __half *)(blk + 2));
+        const uint32_t *wp = (const uint32_t *)(blk + 4 + (k0 % G) / 2); /* 4-byte aligned: blocks are 4 + G/2 bytes */
+        unsigned long long word = wp[0] | (unsigned long long)wp[1] << 32;
+        for (int e = 0; e < 16 && k0 + e < K; e++) {
+            float wv = fmaf((float)((word >> (4 * (e / 2) + 32 * (e & 1))) & 15), s, m);
+            for (int i = 0; i < 8; i++) if (i < M) a[i] = fmaf(x[(size_t)i * ldx + k0 + e], wv, a[i]);
+        }
+    }
+    for (int i = 0; i < M; i++) {
+        float v = warp_sum(a[i]);
+        if (!lane) store_out(y + (size_t)i * ldy + n, bias, n, v, acc, relu);
+    }
+}
+
+/* 4-bit GEMM for more rows: 64x64 output tiles on tensor cores (WMMA), the
+ * weights dequantized into shared memory 32 columns of K at a time. */
+#include <mma.h>
+#define QT 64
+#define QK 32
+__global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
+                          const float *bias, float *y, int ldy, int N, int acc, int relu) {
+    using namespace nvcuda;
+    __shared__ __half xs[QT][QK + 8], ws[QT][QK + 8];
+    __shared__ float cs[QT][QT + 4];
+    int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5; /* 4 warps: 2 x 2 of 32 x 32 */
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+    for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.0f);
+    for (int k0 = 0; k0 < K; k0 += QK) {
+        for (int e = threadIdx.x; e < QT * QK; e += blockDim.x) {
+            int r = e / QK, k = e % QK, m = m0 + r, n = n0 + r;
+            xs[r][k] = __float2half_rn(m < M && k0 + k < K ? x[(size_t)m * ldx + k0 + k] : 0.0f);
+            ws[r][k] = __float2half_rn(n < N && k0 + k < K ? q4_at(w + rb * (size_t)n, G, k0 + k) : 0.0f);
+        }
+        __syncthreads();
+        for (int kk = 0; kk < QK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[2];
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], &xs[(warp >> 1) * 32 + 16 * i][kk], QK + 8);
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], &ws[(warp & 1) * 32 + 16 * j][kk], QK + 8);
+            for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) wmma::store_matrix_sync(&cs[(warp >> 1) * 32 + 16 * i][(warp & 1) * 32 + 16 * j], c[i][j], QT + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = threadIdx.x; e < QT * QT; e += blockDim.x) {
+        int r = e / QT, cc = e % QT, m = m0 + r, n = n0 + cc;
+        if (m < M && n < N) store_out(y + (size_t)m * ldy + n, bias, n, cs[r][cc], acc, relu);
+    }
+}
+
+/* The KV cache on the device: one key and one value area per (sequence,
+ * head), rows of head_dim, f16 (cap, D) or 4-bit (cap, row bytes). */
+__global__ void k_kv_store(const float *k, const float *v, const int *slot, const int *pos, char *const *kp, char *const *vp,
+                           int H, int D, int hidden, int q4, int G) {
+    int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, t = pos[r];
+    const float *kr = k + (size_t)r * hidden + h * D, *vr = v + (size_t)r * hidden + h * D;
+    if (!q4) {
+        __half *K = (__half *)kp[area] + (size_t)t * D, *V = (__half *)vp[area] + (size_t)t * D;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) { K[d] = __float2half_rn(kr[d]); V[d] = __float2half_rn(vr[d]); }
+        return;
+    }
+    /* one thread per group: min, max, f16 scale and min, codes (quant.c's rounding) */
+    size_t rb = (size_t)((D + G - 1) / G) * (4 + G / 2);
+    for (int which = 0; which < 2; which++) {
+        const float *src = which ? vr : kr;
+        uint8_t *dst = (uint8_t *)(which ? vp : kp)[area] + rb * (size_t)t;
+        for (int g0 = threadIdx.x * G; g0 < D; g0 += blockDim.x * G) {
+            int n = D - g0 < G ? D - g0 : G;
+            float mn = INFINITY, mx = -INFINITY;
+            for (int i = 0; i < n; i++) { mn = fminf(mn, src[g0 + i]); mx = fmaxf(mx, src[g0 + i]); }
+            uint8_t *blk = dst + (size_t)(g0 / G) * (4 + G / 2);
+            __half hs = __float2half_rn((mx - mn) / 15.0f), hm = __float2half_rn(mn);
+            memcpy(blk, &hs, 2);
+            memcpy(blk + 2, &hm, 2);
+            float s = __half2float(hs), m = __half2float(hm);
+            for (int i = 0; i < G / 2; i++) blk[4 + i] = 0;
+            if (s == 0) continue;
+            for (int i = 0; i < n; i++) {
+                float q = rintf((src[g0 + i] - m) / s);
+                int c = q < 0 ? 0 : q > 15 ? 15 : (int)q, nib = (i & ~15) + (i & 15) / 2 + 8 * (i & 1);
+                blk[4 + nib / 2] |= (uint8_t)(c << (4 * (nib & 1)));
+            }
+        }
+    }
+}
+
+/* Attention for one (row, head): scores over positions 0..pos, softmax and
+ * the weighted sum, all in f32 in shared memory: nothing of size
+ * (batch x heads x seq x seq) ever reaches global memory. */
+__global__ void k_attention(const float *q, const int *slot, const int *pos, char *const *kp, char *const *vp,
+                            int H, int D, int hidden, float scale, float *out, int q4, int G) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, T = pos[r] + 1;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float *qs = sm, *sc = sm + D;
+    size_t rb = (size_t)((D + G - 1) / G) * (4 + G / 2);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(size_t)r * hidden + h * D + d] * scale; /* HF scales q */
+    __syncthreads();
+    for (int t = warp; t < T; t += nw) {
+        float s = 0;
+        if (q4) for (int d = lane; d < D; d += 32) s += qs[d] * q4_at((const uint8_t *)kp[area] + rb * t, G, d);
+        else {
+            const __half *K = (const __half *)kp[area] + (size_t)t * D;
+            for (int d = lane; d < D; d += 32) s += qs[d] * __half2float(K[d]);
+        }
+        s = warp_sum(s);
+        if (!lane) sc[t] = s;
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) mx = fmaxf(mx, sc[t]);
+    mx = block_max(mx, red);
+    float sum = 0;
+    for (int t = threadIdx.x; t < T; t += blockDim.x) { float e = __expf(sc[t] - mx); sc[t] = e; sum += e; }
+    sum = block_sum(sum, red);
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0;
+        if (q4) for (int t = 0; t < T; t++) o += sc[t] * q4_at((const uint8_t *)vp[area] + rb * t, G, d);
+        else for (int t = 0; t < T; t++) o += sc[t] * __half2float(((const __half *)vp[area])[(size_t)t * D + d]);
+        out[(size_t)r * hidden + h * D + d] = o / sum;
+    }
+}
+
+/* ----------------------------------------------------------------------------
+ * cuBLASLt GEMMs: y (rows, N) = x (rows, K) . W^T in "TN" form: W as a
+ * column-major (K, N) matrix transposed, x as (K, rows), y as (N, rows), all
+ * column-major views of our row-major buffers. Plans are cached per shape. */
+
+typedef struct {
+    int N, K, rows, dt, epi, acc;  /* the key */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algo;
+} LtPlan;
+static LtPlan g_plans[512];
+static int g_n_plans;
+
+static LtPlan *lt_plan(int N, int K, int rows, DType dt, int epi, int acc) {
+    for (int i = 0; i < g_n_plans; i++) {
+        LtPlan *p = &g_plans[i];
+        if (p->N == N && p->K == K && p->rows == rows && p->dt == (int)dt && p->epi == epi && p->acc == acc) return p;
+    }
+    if (g_n_plans == (int)(sizeof g_plans / sizeof *g_plans)) { /* recycle; shapes are few */
+        for (int i = 0; i < g_n_plans; i++) {
+            lt_desc_destroy(g_plans[i].desc);
+            lt_layout_destroy(g_plans[i].a); lt_layout_destroy(g_plans[i].b); lt_layout_destroy(g_plans[i].c);
+        }
+        g_n_plans = 0;
+    }
+    LtPlan *p = &g_plans[g_n_plans++];
+    memset(p, 0, sizeof *p);
+    p->N = N; p->K = K; p->rows = rows; p->dt = (int)dt; p->epi = epi; p->acc = acc;
+    cudaDataType t16 = dt == DT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    checkCublas(lt_desc_create(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    cublasLtEpilogue_t e = (cublasLtEpilogue_t)epi;
+    checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
+    checkCublas(lt_layout_create(&p->a, t16, K, N, K));
+    checkCublas(lt_layout_create(&p->b, t16, K, rows, K));
+    checkCublas(lt_layout_create(&p->c, CUDA_R_32F, N, rows, N));
+    cublasLtMatmulPreference_t pref;
+    checkCublas(lt_pref_create(&pref));
+    uint64_t ws = WORKSPACE;
+    checkCublas(lt_pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    cublasLtMatmulHeuristicResult_t res;
+    int got = 0;
+    checkCublas(lt_heuristic(g_lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &got));
+    lt_pref_destroy(pref);
+    if (!got) die("cuBLASLt has no algorithm for a %d x %d x %d GEMM", rows, N, K);
+    p->algo = res.algo;
+    return p;
+}
+
+static void *g_x16;          /* x narrowed to 16 bits for the tensor cores */
+static size_t g_x16_cap;
+
+static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
+    int N = (int)w->rows, K = (int)w->cols;
+    if (rows <= 0) return;
+    if (w->dtype == DT_Q4) {
+        size_t rb = tensor_row_bytes(w);
+        if (rows <= 8) k_q4_gemv<<<(N + 3) / 4, 128, 0, g_stream>>>(x, K, rows, (const uint8_t *)w->data, rb, K, w->group, b, y, N, N, acc, relu);
+        else k_q4_gemm<<<dim3((N + QT - 1) / QT, (rows + QT - 1) / QT), 128, 0, g_stream>>>(x, K, rows, (const uint8_t *)w->data, rb, K, w->group, b, y, N, N, acc, relu);
+        checkCuda(cudaGetLastError());
+        return;
+    }
+    if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16 or 4-bit weights", w->name ? w->name : "a weight");
+    size_t need = (size_t)rows * K * 2;
+    if (need > g_x16_cap) { /* grows before any graph capture: the first step of a shape runs uncaptured */
+        if (g_x16) checkCuda(cudaFree(g_x16));
+        g_x16 = dev_alloc(need, "activations narrowed to 16 bits");
+        g_x16_cap = need;
+    }
+    size_t n = (size_t)rows * K;
+    if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__nv_bfloat16 *)g_x16, rows, K);
+    else k_narrow<__half><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__half *)g_x16, rows, K);
+    int epi = b ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS) : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
+    LtPlan *p = lt_plan(N, K, rows, w->dtype, epi, acc);
+    if (b) checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b, sizeof b));
+    float one = 1.0f, beta = acc ? 1.0f : 0.0f;
+    checkCublas(lt_matmul(g_lt, p->desc, &one, w->data, p->a, g_x16, p->b, &beta, y, p->c, y, p->c, &p->algo, g_workspace, WORKSPACE, g_stream));
+}
+
+/* ----------------------------------------------------------------------------
+ * The backend ops (opt.h's Backend), the device scratch, cache and steps. */
+
+static void gpu_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int n) {
+    if (rows > 0) k_layernorm<<<rows, 256, 0, g_stream>>>(out, x, w, b, n);
+}
+
+static void gpu_attention(const Config *c, const KVLayer *kv, const Step *st, Scratch *s) {
+    int n = st->n, H = c->n_head, D = c->head_dim, q4 = kv->dtype == DT_Q4;
+    const int *slot = st->dev + n, *pos = st->dev + 2 * n;
+    k_kv_store<<<dim3(n, H), 64, 0, g_stream>>>(s->k, s->v, slot, pos, kv->k, kv->v, H, D, c->hidden, q4, kv->group);
+    size_t smem = sizeof(float) * (size_t)(D + kv->cap);
+    k_attention<<<dim3(n, H), 128, smem, g_stream>>>(s->q, slot, pos, kv->k, kv->v, H, D, c->hidden, 1.0f / sqrtf((float)D), s->att, q4, kv->group);
+    checkCuda(cudaGetLastError());
+}
+
+static void gpu_embed(const Tensor *t, const Step *st, int offset, float *out) {
+    const int *idx = offset ? st->dev + 2 * st->n : st->dev;
+    k_embed<<<st->n, 256, 0, g_stream>>>(out, t->data, t->dtype, t->group, tensor_row_bytes(t), (int)t->cols, idx, offset);
+}
+
+static void gpu_add(float *y, const float *x, size_t n) { k_add<<<grid_for(n, 256), 256, 0, g_stream>>>(y, x, n); }
+static void gpu_copy(float *y, const float *x, size_t n) { checkCuda(cudaMemcpyAsync(y, x, n * 4, cudaMemcpyDeviceToDevice, g_stream)); }
+
+extern "C" const Backend gpu_backend = {"gpu", gpu_linear, gpu_layernorm, gpu_attention, gpu_embed, gpu_add, gpu_copy};
+
+extern "C" void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap) {
+    gpu_start();
+    memset(s, 0, sizeof *s);
+    s->be = &gpu_backend;
+    s->rows = rows;
+    s->score_cap = cap;
+    size_t h = c->hidden, e = c->embed_dim, big = h > e ? h : e, r = rows;
+    s->x = (float *)dev_alloc(4 * r * h, "activations");
+    s->h = (float *)dev_alloc(4 * r * big, "activations");
+    s->q = (float *)dev_alloc(4 * r * h, "activations");
+    s->k = (float *)dev_alloc(4 * r * h, "activations");
+    s->v = (float *)dev_alloc(4 * r * h, "activations");
+    s->att = (float *)dev_alloc(4 * r * h, "activations");
+    s->f = (float *)dev_alloc(4 * r * c->ffn, "activations");
+    s->e = (float *)dev_alloc(4 * r * e, "activations");
+    s->grp = (int *)dev_alloc(sizeof(int) * 3 * r, "step indices"); /* the step's tok, slot, pos */
+}
+
+extern "C" void gpu_scratch_free(Scratch *s) {
+    void *p[] = {s->x, s->h, s->q, s->k, s->v, s->att, s->f, s->e, s->grp};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++) if (p[i]) cudaFree(p[i]);
+}
+
+/* The step's indices into the scratch's device copy (st->dev). */
+extern "C" void gpu_step_upload(Step *st, Scratch *s) {
+    int n = st->n;
+    checkCuda(cudaMemcpyAsync(s->grp, st->tok, sizeof(int) * n, cudaMemcpyHostToDevice, g_stream));
+    checkCuda(cudaMemcpyAsync(s->grp + n, st->slot, sizeof(int) * n, cudaMemcpyHostToDevice, g_stream));
+    checkCuda(cudaMemcpyAsync(s->grp + 2 * n, st->pos, sizeof(int) * n, cudaMemcpyHostToDevice, g_stream));
+    st->dev = s->grp;
+}
+
+/* f16 (or 4-bit) cache areas on the device, with device pointer tables. */
+extern "C" void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group) {
+    gpu_start();
+    int q4 = dt == DT_Q4, g = kv_group(c->head_dim, group), areas = n_slot * c->n_head;
+    size_t hb = q4 ? q4_row_bytes(c->head_dim, g) * (size_t)cap : 2 * (size_t)c->head_dim * cap, per = hb * (size_t)areas;
+    kv->n_layer = c->n_layer;
+    kv->layer = (KVLayer *)check_calloc(sizeof(KVLayer) * (size_t)c->n_layer, "the KV cache");
+    kv->mem = (char *)dev_alloc(2 * per * (size_t)c->n_layer, "the KV cache (lower -b, or --compress-cache)");
+    checkCuda(cudaMemset(kv->mem, 0, 2 * per * (size_t)c->n_layer));
+    char **host = (char **)check_malloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "cache tables");
+    char **dev = (char **)dev_alloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "cache tables");
+    for (int l = 0; l < c->n_layer; l++) {
+        char *base = kv->mem + 2 * per * (size_t)l;
+        for (int a = 0; a < areas; a++) {
+            host[2 * (size_t)areas * l + a] = base + hb * (size_t)a;
+            host[2 * (size_t)areas * l + areas + a] = base + per + hb * (size_t)a;
+        }
+        kv->layer[l] = (KVLayer){q4 ? DT_Q4 : DT_F16, n_slot, c->n_head, c->head_dim, cap, g, hb,
+                                 dev + 2 * (size_t)areas * l, dev + 2 * (size_t)areas * l + areas};
+    }
+    checkCuda(cudaMemcpy(dev, host, sizeof(char *) * 2 * (size_t)areas * c->n_layer, cudaMemcpyHostToDevice));
+    free(host);
+    kv->ptrs = dev;
+}
+
+extern "C" void gpu_kv_free(KVCache *kv) {
+    cudaFree(kv->mem);
+    cudaFree(kv->ptrs);
+    free(kv->layer);
+}
+
+extern "C" void gpu_sync(void) { checkCuda(cudaStreamSynchronize(g_stream)); }
+
+/* ----------------------------------------------------------------------------
+ * Logits and sampling on the device: lm_head over the rows that need it,
+ * then per row either the log-probability of a target (score) or the next
+ * token (greedy, or temperature with top-k / top-p thresholds found by
+ * bisection, then an inverse-CDF draw in vocabulary order from the host's
+ * uniform number). Only ids and log-probs come back over PCIe. */
+
+__global__ void k_gather(const float *in, int ld, const int *rows, float *out, int cols) {
+    int r = blockIdx.x;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(size_t)r * cols + c] = in[(size_t)rows[r] * ld + c];
+}
+
+__global__ void k_logprob(const float *logits, int V, const int *target, float *out) {
+    __shared__ float sh[32];
+    const float *x = logits + (size_t)blockIdx.x * V;
+    float mx = -INFINITY, s = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx, sh);
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += __expf(x[i] - mx);
+    s = block_sum(s, sh);
+    if (!threadIdx.x) out[blockIdx.x] = x[target[blockIdx.x]] - mx - logf(s);
+}
+
+#define SB 256 /* threads of the sampling kernel */
+__global__ void k_sample(const float *logits, int V, float temp, int topk, float topp, const float *uniform, int *out) {
+    __shared__ float sh[32], part[SB];
+    __shared__ int ish[SB];
+    const float *x = logits + (size_t)blockIdx.x * V;
+    int tid = threadIdx.x;
+    if (temp <= 0) { /* greedy: the first maximum, as torch.argmax */
+        float best = -INFINITY;
+        int bi = V;
+        for (int i = tid; i < V; i += SB) if (x[i] > best) { best = x[i]; bi = i; }
+        part[tid] = best; ish[tid] = bi;
+        __syncthreads();
+        for (int o = SB / 2; o; o >>= 1) {
+            if (tid < o && (part[tid + o] > part[tid] || (part[tid + o] == part[tid] && ish[tid + o] < ish[tid]))) { part[tid] = part[tid + o]; ish[tid] = ish[tid + o]; }
+            __syncthreads();
+        }
+        if (!tid) out[blockIdx.x] = ish[0];
+        return;
+    }
+    float mx = -INFINITY, mn = INFINITY;
+    for (int i = tid; i < V; i += SB) { mx = fmaxf(mx, x[i]); mn = fminf(mn, x[i]); }
+    mx = block_max(mx, sh);
+    mn = -block_max(-mn, sh);
+    float lo = mn; /* the kept set: x >= lo */
+    if (topk > 0 && topk < V) { /* largest threshold keeping at least k tokens */
+        float a = mn, b = mx;
+        for (int it = 0; it < 48; it++) {
+            float mid = 0.5f * (a + b), cnt = 0;
+            for (int i = tid; i < V; i += SB) cnt += x[i] >= mid;
+            if (block_sum(cnt, sh) >= (float)topk) a = mid; else b = mid;
+        }
+        lo = a;
+    }
+    float total = 0;
+    for (int i = tid; i < V; i += SB) if (x[i] >= lo) total += __expf((x[i] - mx) / temp);
+    total = block_sum(total, sh);
+    if (topp < 1) { /* largest threshold whose mass reaches top_p */
+        float a = lo, b = mx;
+        for (int it = 0; it < 48; it++) {
+            float mid = 0.5f * (a + b), m = 0;
+            for (int i = tid; i < V; i += SB) if (x[i] >= mid) m += __expf((x[i] - mx) / temp);
+            if (block_sum(m, sh) >= topp * total) a = mid; else b = mid;
+        }
+        lo = a;
+        total = 0;
+        for (int i = tid; i < V; i += SB) if (x[i] >= lo) total += __expf((x[i] - mx) / temp);
+        total = block_sum(total, sh);
+    }
+    /* inverse CDF in vocabulary order: each thread a contiguous chunk */
+    int chunk = (V + SB - 1) / SB, c0 = tid * chunk, c1 = c0 + chunk < V ? c0 + chunk : V;
+    float mine = 0;
+    for (int i = c0; i < c1; i++) if (x[i] >= lo) mine += __expf((x[i] - mx) / temp);
+    part[tid] = mine;
+    __syncthreads();
+    if (!tid) { float acc = 0; for (int t = 0; t < SB; t++) { float v = part[t]; part[t] = acc; acc += v; } }
+    __syncthreads();
+    float target = uniform[blockIdx.x] * total, acc = part[tid];
+    ish[tid] = -1;
+    if (target >= acc && (tid == SB - 1 || target < part[tid + 1] || c0 >= V))
+        for (int i = c0; i < c1; i++)
+            if (x[i] >= lo) { acc += __expf((x[i] - mx) / temp); ish[tid] = i; if (target < acc) break; }
+    __syncthreads();
+    if (!tid) { int pick = -1; for (int t = 0; t < SB; t++) if (ish[t] >= 0) { pick = ish[t]; break; } out[blockIdx.x] = pick >= 0 ? pick : 0; }
+}
+
+/* Rows `rows` (cnt, host indices) of the final hidden states fin (device,
+ * row stride ld): score mode fills lp[i] with log p(target[i]); generate
+ * mode fills tok[i] (greedy when temp is 0; u[i] uniform in [0, 1)). */
+extern "C" void gpu_logits(const Model *dm, const float *fin, int ld, const int *rows, int cnt, const int *target,
+                           float temp, int topk, float topp, const float *u, int *tok, float *lp) {
+    static float *hid, *logits, *fl;
+    static int *idx, *ti, cap;
+    const Config *c = &dm->cfg;
+    if (cnt > cap) {
+        if (cap) { cudaFree(hid); cudaFree(logits); cudaFree(fl); cudaFree(idx); cudaFree(ti); }
+        cap = cnt;
+        hid = (float *)dev_alloc(4 * (size_t)cap * c->embed_dim, "logits input");
+        logits = (float *)dev_alloc(4 * (size_t)cap * c->vocab, "logits");
+        fl = (float *)dev_alloc(4 * (size_t)cap, "sampling");
+        idx = (int *)dev_alloc(4 * (size_t)cap, "sampling");
+        ti = (int *)dev_alloc(4 * (size_t)cap, "sampling");
+    }
+    checkCuda(cudaMemcpyAsync(idx, rows, 4 * (size_t)cnt, cudaMemcpyHostToDevice, g_stream));
+    k_gather<<<cnt, 256, 0, g_stream>>>(fin, ld, idx, hid, c->embed_dim);
+    gpu_linear(logits, hid, &dm->lm_head, NULL, cnt, 0, 0);
+    if (target) {
+        checkCuda(cudaMemcpyAsync(ti, target, 4 * (size_t)cnt, cudaMemcpyHostToDevice, g_stream));
+        k_logprob<<<cnt, 256, 0, g_stream>>>(logits, c->vocab, ti, fl);
+        checkCuda(cudaMemcpyAsync(lp, fl, 4 * (size_t)cnt, cudaMemcpyDeviceToHost, g_stream));
+    } else {
+        checkCuda(cudaMemcpyAsync(fl, u, 4 * (size_t)cnt, cudaMemcpyHostToDevice, g_stream));
+        k_sample<<<cnt, SB, 0, g_stream>>>(logits, c->vocab, temp, topk, topp, fl, ti);
+        checkCuda(cudaMemcpyAsync(tok, ti, 4 * (size_t)cnt, cudaMemcpyDeviceToHost, g_stream));
+    }
+    checkCuda(cudaStreamSynchronize(g_stream));
+    checkCuda(cudaGetLastError());
+}
+
+/* ----------------------------------------------------------------------------
+ * CUDA graphs for decode steps: a step of n rows is captured the second
+ * time that shape comes (the first runs plain, sizing every buffer), and
+ * replayed after; the step's indices change in device memory, not in the
+ * graph. */
+
+static struct { int n; cudaGraphExec_t exec; } g_graphs[64];
+static int g_n_graphs;
+
+extern "C" int gpu_graph_launch(int n) {
+    for (int i = 0; i < g_n_graphs; i++)
+        if (g_graphs[i].n == n) { checkCuda(cudaGraphLaunch(g_graphs[i].exec, g_stream)); return 1; }
+    return 0;
+}
+
+extern "C" void gpu_capture_begin(void) { checkCuda(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal)); }
+
+extern "C" void gpu_capture_end(int n) {
+    cudaGraph_t g;
+    checkCuda(cudaStreamEndCapture(g_stream, &g));
+    if (g_n_graphs == (int)(sizeof g_graphs / sizeof *g_graphs)) { cudaGraphExecDestroy(g_graphs[0].exec); g_graphs[0] = g_graphs[--g_n_graphs]; }
+    checkCuda(cudaGraphInstantiate(&g_graphs[g_n_graphs].exec, g, 0));
+    g_graphs[g_n_graphs++].n = n;
+    checkCuda(cudaGraphDestroy(g));
+    checkCuda(cudaGraphLaunch(g_graphs[g_n_graphs - 1].exec, g_stream));
+}
+
+extern "C" void gpu_graphs_reset(void) {
+    for (int i = 0; i < g_n_graphs; i++) cudaGraphExecDestroy(g_graphs[i].exec);
+    g_n_graphs = 0;
+}
+
+/* ----------------------------------------------------------------------------
+ * Probes for `opt probe` (lp.c's hooks): pinned copies and GEMM rates. */
+
+static double time_ms(void (*fn)(void *), void *arg, int reps) {
+    cudaEvent_t a, b;
+    checkCuda(cudaEventCreate(&a));
+    checkCuda(cudaEventCreate(&b));
+    fn(arg); /* warm */
+    checkCuda(cudaEventRecord(a, g_stream));
+    for (int i = 0; i < reps; i++) fn(arg);
+    checkCuda(cudaEventRecord(b, g_stream));
+    checkCuda(cudaEventSynchronize(b));
+    float ms = 0;
+    checkCuda(cudaEventElapsedTime(&ms, a, b));
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return ms / reps;
+}
+
+typedef struct { void *dst; const void *src; size_t n; cudaMemcpyKind kind; } CopyArg;
+static void copy_fn(void *p) { CopyArg *c = (CopyArg *)p; checkCuda(cudaMemcpyAsync(c->dst, c->src, c->n, c->kind, g_stream)); }
+
+extern "C" int gpu_probe_bandwidth(GpuProbe *p) {
+    if (!gpu_available()) return -1;
+    gpu_start();
+    cudaDeviceProp prop;
+    checkCuda(cudaGetDeviceProperties(&prop, 0));
+    snprintf(p->name, sizeof p->name, "%.120s", prop.name);
+    p->mem_bytes = (double)prop.totalGlobalMem;
+    size_t n = 256u << 20;
+    void *h, *d, *d2;
+    checkCuda(cudaMallocHost(&h, n));
+    memset(h, 1, n);
+    d = dev_alloc(n, "the bandwidth probe");
+    d2 = dev_alloc(n, "the bandwidth probe");
+    CopyArg up = {d, h, n, cudaMemcpyHostToDevice}, down = {h, d, n, cudaMemcpyDeviceToHost}, dd = {d2, d, n, cudaMemcpyDeviceToDevice};
+    p->h2d_bw = n / (time_ms(copy_fn, &up, 5) / 1e3);
+    p->d2h_bw = n / (time_ms(copy_fn, &down, 5) / 1e3);
+    p->mem_bw = 2.0 * n / (time_ms(copy_fn, &dd, 10) / 1e3);
+    cudaFreeHost(h);
+    cudaFree(d);
+    cudaFree(d2);
+    return 0;
+}
+
+typedef struct { Tensor w; float *x, *y; int rows; } GemmArg;
+static void gemm_fn(void *p) { GemmArg *g = (GemmArg *)p; gpu_linear(g->y, g->x, &g->w, NULL, g->rows, 0, 0); }
+
+extern "C" int gpu_probe_compute(GpuProbe *p) {
+    if (!gpu_available()) return -1;
+    gpu_start();
+    int N = 8192, K = 8192, M[2] = {64, 4096};
+    GemmArg g;
+    memset(&g, 0, sizeof g);
+    g.w.dtype = DT_F16;
+    g.w.rows = N;
+    g.w.cols = K;
+    g.w.data = dev_alloc((size_t)N * K * 2, "the GEMM probe");
+    checkCuda(cudaMemset((void *)g.w.data, 0, (size_t)N * K * 2));
+    g.x = (float *)dev_alloc(4 * (size_t)M[1] * K, "the GEMM probe");
+    g.y = (float *)dev_alloc(4 * (size_t)M[1] * N, "the GEMM probe");
+    checkCuda(cudaMemset(g.x, 0, 4 * (size_t)M[1] * K));
+    double r[2];
+    for (int i = 0; i < 2; i++) { g.rows = M[i]; r[i] = 2.0 * M[i] * N * K / (time_ms(gemm_fn, &g, 10) / 1e3); }
+    p->gemm_flops_g = r[0];
+    p->gemm_flops_p = r[1];
+    p->bmm_flops_p = 0.5 * r[1]; /* attention GEMMs run at about half the dense rate */
+    p->bmm_flops_g = p->mem_bw > 0 ? p->mem_bw / 4 : r[0] / 8; /* memory-bound: 2 bytes per f16, 2 flops */
+    p->dequant_bw = p->mem_bw > 0 ? 0.5 * p->mem_bw : 1e11;
+    cudaFree((void *)g.w.data);
+    cudaFree(g.x);
+    cudaFree(g.y);
+    return 0;
+}
