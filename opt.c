@@ -3371,6 +3371,7 @@ typedef struct {
     void (*on_token)(void *ctx, Job *j, int index); /* after each sampled token (--stream) */
     void *ctx;             /* for emit/on_token */
     const OffloadCfg *offcfg; /* a placement policy (block schedule), or NULL */
+    int gpu;               /* run on the GPU backend (the whole model in device memory) */
     OffloadStats ostats;   /* its statistics, after the run */
     double t_prefill, t_decode; /* seconds spent in steps with/without prompt rows */
     int64_t n_prompt_tok, n_gen_tok; /* tokens processed */
@@ -3424,15 +3425,27 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     KVCache kv = {0};
     Scratch s = {0};
     Offload *off = NULL;
+    Model dm; /* the device copy of the model, on the GPU */
+    const Model *fm = e->m; /* the model the forward pass reads */
     float *final = NULL; /* (rows_max, embed_dim) final hidden states */
     if (blocks) {
         off = offload_open((Model *)e->m, e->offcfg, rows_max, cap, kv_dt, e->group);
         final = check_malloc(sizeof(float) * (size_t)rows_max * c->embed_dim, "final hidden states");
+    } else if (e->gpu) {
+        gpu_model_upload(e->m, &dm);
+        fm = &dm;
+        gpu_kv_init(&kv, c, slots, cap, e->compress_cache ? DT_Q4 : DT_F16, e->group);
+        gpu_scratch_init(&s, c, rows_max, cap);
+        final = s.e;
     } else {
         kv_init(&kv, c, slots, cap, kv_dt, e->group);
         scratch_init(&s, c, rows_max, cap);
         final = s.e;
     }
+    int *gidx = check_malloc(sizeof(int) * 2 * (size_t)rows_max, "logit rows"), *gtgt = gidx + rows_max; /* GPU: rows, targets */
+    float *gu = check_malloc(sizeof(float) * (size_t)rows_max, "uniforms"), *glp = check_malloc(sizeof(float) * (size_t)rows_max, "log-probs");
+    int *gtok = check_malloc(sizeof(int) * (size_t)rows_max, "tokens");
+    char *seen = check_calloc((size_t)rows_max + 1, "graph shapes"); /* GPU: decode shapes run once */
     int lrows = 64; /* logits are computed 64 rows at a time */
     float *logits = check_malloc(sizeof(float) * (size_t)lrows * c->vocab, "logits");
     float *hid = check_malloc(sizeof(float) * (size_t)lrows * c->embed_dim, "logits input");
@@ -3471,7 +3484,34 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
         double ts = now_sec();
         Step st = {n, tok, slot, pos, NULL};
         if (off) offload_forward(off, &st, final);
-        else model_forward(e->m, &kv, &st, &s);
+        else if (e->gpu) {
+            gpu_step_upload(&st, &s);
+            if (prefill || !gpu_graph_launch(n)) { /* decode shapes: plain once, captured the second time, replayed after */
+                bool capture = !prefill && seen[n];
+                if (capture) gpu_capture_begin();
+                model_forward(fm, &kv, &st, &s);
+                if (capture) gpu_capture_end(n);
+                if (!prefill) seen[n] = 1;
+            }
+            int cnt = 0;
+            for (int r = 0; r < n; r++) {
+                if (need[r] < 0) continue;
+                Job *j = &jobs[need[r]];
+                gidx[cnt] = r;
+                gtgt[cnt] = e->score ? j->ids[pos[r] + 1] : 0;
+                gu[cnt++] = (float)((double)(rng_next(j->rng) >> 11) * 0x1.0p-53);
+            }
+            if (cnt) gpu_logits(fm, final, c->embed_dim, gidx, cnt, e->score ? gtgt : NULL, e->sc.temperature, e->sc.top_k, e->sc.top_p, gu, gtok, glp);
+            for (int q = 0; q < cnt; q++) {
+                int r = gidx[q];
+                Job *j = &jobs[need[r]];
+                if (e->score) { j->lp[pos[r]] = glp[q]; continue; }
+                j->out[j->n_out++] = gtok[q];
+                e->n_gen_tok++;
+                if (e->on_token) e->on_token(e->ctx, j, need[r]);
+            }
+            n = 0; /* logits done */
+        } else model_forward(e->m, &kv, &st, &s);
         for (int r0 = 0; r0 < n;) { /* logits for the rows that need them, in groups */
             int idx[64], cnt = 0;
             for (; r0 < n && cnt < lrows; r0++)
@@ -3507,10 +3547,16 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
         offload_stats(off, &e->ostats);
         offload_close(off);
         free(final);
+    } else if (e->gpu) {
+        gpu_sync();
+        gpu_graphs_reset();
+        gpu_kv_free(&kv);
+        gpu_scratch_free(&s);
     } else {
         kv_free(&kv);
         scratch_free(&s);
     }
+    free(gidx); free(gu); free(glp); free(gtok); free(seen);
     free(logits); free(hid); free(work); free(tok); free(need); free(job_of); free(fed);
 }
 
@@ -3546,6 +3592,7 @@ typedef struct {
     SqOpts sq;             /* its calibration */
     int offload;           /* a placement policy was given (any of the flags below) */
     int policy_auto;       /* --policy auto: lp.c chooses it */
+    const char *device;    /* --device cpu|gpu|auto */
     const char *hw;        /* --hw for --policy auto: t4, h100 or a probe file */
     OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
 } Opts;
@@ -3700,6 +3747,10 @@ static void opts_parse(Opts *o, int argc, char **argv) {
             o->policy_auto = o->offload = 1;
         }
         else if (!strcmp(a, "--hw")) o->hw = VAL();
+        else if (!strcmp(a, "--device")) {
+            o->device = VAL();
+            if (strcmp(o->device, "cpu") && strcmp(o->device, "gpu") && strcmp(o->device, "auto")) die("--device: expected cpu, gpu or auto");
+        }
         else if (!strcmp(a, "--pin-weights")) o->off.pol.pin_weights = 1;
         else if (!strcmp(a, "--no-overlap")) o->off.pol.overlap = 0;
         else if (!strcmp(a, "--offload-dir")) o->off.dir = VAL(), o->offload = 1;
@@ -4009,6 +4060,30 @@ static void gpu_note(void) {
 #endif
 }
 
+/* --device: gpu when asked (or, for auto, when there is one and the model,
+ * its cache and workspace fit in 90% of its free memory); otherwise cpu. A
+ * placement policy runs the block schedule on the CPU. */
+static int device_pick(const Opts *o, const Model *m, int slots, int cap, int rows) {
+    const char *d = o->device ? o->device : "auto";
+    if (!strcmp(d, "cpu")) return 0;
+    if (!strcmp(d, "gpu")) {
+        if (!gpu_available()) die("--device gpu: no usable GPU (%s)", gpu_describe());
+        if (o->offload) die("--device gpu with a placement policy: this build's offloading computes on the CPU; drop --device or the policy");
+        return 1;
+    }
+    if (o->offload || !gpu_available()) return 0;
+    const Config *c = &m->cfg;
+    double kv = 2.0 * c->n_layer * (double)slots * c->hidden * cap * (o->compress_cache ? 0.5625 / 2 : 2);
+    double act = 4.0 * rows * (6.0 * c->hidden + c->ffn + c->embed_dim) + 4.0 * 64 * c->vocab;
+    double need = gpu_model_bytes(m) + kv + act, fr = gpu_free_bytes();
+    if (need > 0.9 * fr) {
+        fprintf(stderr, "opt: the model needs %.1f GiB on the GPU, %.1f GiB are free; running on the CPU (see --percent to offload)\n",
+                need / (1 << 30), fr / (1 << 30));
+        return 0;
+    }
+    return 1;
+}
+
 static void cmd_run(const Opts *o) {
     bool score = !strcmp(o->cmd, "score");
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
@@ -4027,7 +4102,10 @@ static void cmd_run(const Opts *o) {
     }
     if (o->stream && (n_jobs != 1 || score)) die("--stream takes exactly one prompt with generate (got %d)", n_jobs);
     Printer pr = {.o = o, .tok = tok, .out = stdout};
-    Engine e = {.m = &m, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
+    int longest = 1;
+    for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
+    int gpu = device_pick(o, &m, o->batch, longest + (score ? 0 : o->max_new), o->step_rows > o->batch ? o->step_rows : o->batch);
+    Engine e = {.m = &m, .gpu = gpu, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
                 .step_rows = o->step_rows, .sc = o->sc, .emit = score ? emit_score : emit_generate,
                 .compress_cache = o->compress_cache, .group = o->group, .offcfg = o->offload ? &o->off : NULL,
                 .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
@@ -4178,6 +4256,7 @@ static void cmd_bench(const Opts *o) {
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
     if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);
     int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;
+    int gpu = device_pick(o, &m, B, P + G, B * P > o->step_rows ? B * P : o->step_rows);
     if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
     for (int pass = o->offload; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator; offloading reads for real */
         int n = pass ? B : 1, p = pass ? P : 8, g = pass ? G : 2;
@@ -4190,7 +4269,7 @@ static void cmd_bench(const Opts *o) {
             jobs[i].ids[0] = 2;
             for (int t = 1; t < p; t++) jobs[i].ids[t] = 4 + (int)(splitmix64(&r) % 50000);
         }
-        Engine e = {.m = &m, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
+        Engine e = {.m = &m, .gpu = gpu, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
                     .emit = bench_emit, .compress_cache = o->compress_cache, .group = o->group,
                     .offcfg = pass && o->offload ? &o->off : NULL};
         engine_run(&e, jobs, n);
@@ -4232,9 +4311,29 @@ static void cmd_bench(const Opts *o) {
     model_free(&m);
 }
 
-#ifndef OPT_CUDA
+#ifndef OPT_CUDA /* stand-ins: --device auto never picks the GPU here, and --device gpu dies first */
 int gpu_available(void) { return 0; }
 const char *gpu_describe(void) { return "none (this binary was built without CUDA)"; }
+const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL};
+#define NO_GPU die("this binary was built without CUDA")
+void gpu_model_upload(const Model *m, Model *dev) { (void)m; (void)dev; NO_GPU; }
+double gpu_model_bytes(const Model *m) { (void)m; return 0; }
+double gpu_free_bytes(void) { return 0; }
+void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap) { (void)s; (void)c; (void)rows; (void)cap; NO_GPU; }
+void gpu_scratch_free(Scratch *s) { (void)s; }
+void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group) { (void)kv; (void)c; (void)n_slot; (void)cap; (void)dt; (void)group; NO_GPU; }
+void gpu_kv_free(KVCache *kv) { (void)kv; }
+void gpu_step_upload(Step *st, Scratch *s) { (void)st; (void)s; NO_GPU; }
+void gpu_sync(void) {}
+void gpu_logits(const Model *dm, const float *fin, int ld, const int *rows, int cnt, const int *target, float temp, int topk, float topp,
+                const float *u, int *tok, float *lp) {
+    (void)dm; (void)fin; (void)ld; (void)rows; (void)cnt; (void)target; (void)temp; (void)topk; (void)topp; (void)u; (void)tok; (void)lp; NO_GPU;
+}
+int gpu_graph_launch(int n) { (void)n; return 0; }
+void gpu_capture_begin(void) { NO_GPU; }
+void gpu_capture_end(int n) { (void)n; NO_GPU; }
+void gpu_graphs_reset(void) {}
+#undef NO_GPU
 #endif
 
 #ifndef OPT_NO_MAIN

@@ -571,5 +571,26 @@ void size_format(char *out, size_t cap, double bytes); /* "1.5 GiB", "300 MiB" (
 
 int gpu_available(void);          /* 1 when a usable CUDA device is present */
 const char *gpu_describe(void);   /* the device, or why there is none */
+/* The GPU backend (CUDA builds; CPU-only builds have stand-ins that die). The
+ * same layer code runs on it with a device copy of the model, a device
+ * scratch and a device cache. */
+extern const Backend gpu_backend;
+void gpu_model_upload(const Model *m, Model *dev);  /* every tensor to the device */
+double gpu_model_bytes(const Model *m);             /* device bytes the upload takes */
+double gpu_free_bytes(void);                        /* free device memory */
+void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap);
+void gpu_scratch_free(Scratch *s);
+void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, DType dt, int group); /* f16 or 4-bit */
+void gpu_kv_free(KVCache *kv);
+void gpu_step_upload(Step *st, Scratch *s);         /* sets st->dev */
+void gpu_sync(void);
+/* lm_head and sampling (target NULL) or log-probabilities (target given) for
+ * rows[0..cnt) of the device's final hidden states fin (row stride ld). */
+void gpu_logits(const Model *dm, const float *fin, int ld, const int *rows, int cnt, const int *target,
+                float temp, int topk, float topp, const float *u, int *tok, float *lp);
+int gpu_graph_launch(int n);      /* replays the captured decode step of n rows; 0 if none */
+void gpu_capture_begin(void);
+void gpu_capture_end(int n);      /* instantiates, keeps and launches it */
+void gpu_graphs_reset(void);
 
 #endif

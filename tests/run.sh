@@ -170,6 +170,10 @@ EOF
 }
 
 echo "opt test suite: $OPT, $OPT_ASAN; scratch in $TMP"
+# The tests run copies of the binaries, so a rebuild during the run cannot mix versions.
+mkdir -p "$TMP/bin"
+if [ -x "$OPT" ]; then cp "$OPT" "$TMP/bin/opt" && OPT=$TMP/bin/opt; fi
+if [ -x "$OPT_ASAN" ]; then cp "$OPT_ASAN" "$TMP/bin/opt-asan" && OPT_ASAN=$TMP/bin/opt-asan; fi
 for g in $SEL; do
     T0=$(date +%s)
     "run_$g"

@@ -10,6 +10,9 @@ checking off, since opt exits through die() without freeing) and requires:
   * exactly one line on stderr, starting with "opt: ", that names what is wrong
     (the file or directory, the input line "<stdin>:N" / "FILE:N", the option).
 Cases:
+  control      valid checkpoints (safetensors, .bin, sharded .bin) and valid input
+               (score, generate, sampling, --jsonl, --stream) must run clean: exit 0
+               and no sanitizer report, so the cases below fail for the right reason
   checkpoints  every directory tests/bad_ckpt.py writes (each names the offending
                file or directory), a missing -m directory, -m naming a file, a model
                whose vocab_size is smaller than the token ids its tokenizer makes
@@ -70,6 +73,8 @@ def run(args, stdin=b'', stdout=subprocess.PIPE, env=None):
     try:
         p = subprocess.run([OPT] + args, input=stdin, stdout=stdout, stderr=subprocess.PIPE, env=e, timeout=TIMEOUT)
         return p.returncode, p.stdout or b'', p.stderr
+    except OSError as x:  # e.g. the binary is being rebuilt
+        return 'could not run %s: %s' % (OPT, x), b'', b''
     except subprocess.TimeoutExpired as x:
         return 'hung (killed after %ds)' % TIMEOUT, x.stdout or b'', x.stderr or b''
 
@@ -102,6 +107,20 @@ def expect_error(what, args, stdin=b'', names=(), status=1, one_line=True, stdou
     report(not problems, what, '; '.join(problems) + '\n$ opt %s\n%s' % (' '.join(args), text[:1500]))
 
 
+def expect_clean(what, args, stdin, n_lines):
+    """A valid run: exit 0, n_lines lines on stdout, no sanitizer report."""
+    rc, out, err = run(args, stdin)
+    text = err.decode('utf-8', 'replace')
+    problems = []
+    if 'Sanitizer' in text or 'runtime error:' in text:
+        problems.append('sanitizer report')
+    if rc != 0:
+        problems.append('exit status %s' % rc)
+    if out.count(b'\n') != n_lines:
+        problems.append('%d output lines, expected %d' % (out.count(b'\n'), n_lines))
+    report(not problems, what, '; '.join(problems) + '\n$ opt %s\n%s' % (' '.join(args), text[:1500]))
+
+
 def mk(tmp, name, *args):
     d = os.path.join(tmp, name)
     subprocess.run([PY, os.path.join(HERE, 'mkckpt.py'), '-o', d] + list(args), check=True,
@@ -130,6 +149,21 @@ def main():
 
 
 def cases(tmp):
+    print('[control: valid checkpoints and inputs run clean under the sanitizers]')
+    controls = [mk(tmp, 'ctl-st', '--hidden', '16', '--heads', '4', '--ffn', '32', '--max-pos', '32', '--dtype', 'f16'),
+                mk(tmp, 'ctl-bin', '--hidden', '16', '--heads', '2', '--ffn', '24', '--max-pos', '32', '--format', 'bin',
+                   '--post-ln', '--embed-dim', '8', '--no-tie'),
+                mk(tmp, 'ctl-bin2', '--hidden', '16', '--heads', '4', '--ffn', '32', '--max-pos', '32', '--format', 'bin',
+                   '--shards', '2', '--dtype', 'bf16', '--prefix', 'decoder.')]
+    for d in controls:
+        for args, stdin, n_out in ((['score', '--ids', '-b', '2'], '2 5 6 7\n2\n2 9 10 11 12 13 14\n', 3),
+                                   (['generate', '--ids', '-n', '4', '-b', '2', '--ignore-eos'], '2 5 6\n2 7\n2 8 9 10\n', 3),
+                                   (['generate', '--jsonl', '-n', '3', '--temperature', '0.8', '--top-k', '5', '--top-p', '0.9'],
+                                    '{"prompt": "Hello"}\n{"ids": [2, 5]}\n', 2),
+                                   (['score', '--jsonl'], '{"prompt": "Hello world"}\n', 1),
+                                   (['generate', '--stream', '-n', '3'], 'Hi\n', 1)):
+            expect_clean('%s: %s' % (os.path.basename(d), ' '.join(args)), args + ['-m', d], stdin, n_out)
+
     print('[broken checkpoints: tests/bad_ckpt.py]')
     bad = os.path.join(tmp, 'bad')
     p = subprocess.run([PY, os.path.join(HERE, 'bad_ckpt.py'), bad], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

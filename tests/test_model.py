@@ -149,6 +149,8 @@ def opt(args, stdin=b'', env=None):
         p = subprocess.run([OPT] + args, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            env=e, timeout=HUNG_TIMEOUT if _hung else TIMEOUT)
         return Run(args, p.returncode, p.stdout, p.stderr)
+    except OSError as x:  # e.g. the binary is being rebuilt
+        return Run(args, 'could not run %s: %s' % (OPT, x), b'', b'')
     except subprocess.TimeoutExpired as x:
         _hung.add(model)
         return Run(args, 'killed after %ds (hung?); stdout was %r' % (x.timeout, (x.stdout or b'')[:120]),
