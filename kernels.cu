@@ -175,6 +175,9 @@ static Tensor dev_matrix(const Tensor *t) {
     return d;
 }
 
+/* One tensor to the device (kernel tests). */
+extern "C" Tensor gpu_tensor_upload(const Tensor *t) { gpu_start(); return dev_matrix(t); }
+
 static float *dev_vector(const float *v, int64_t n) { return v ? (float *)dev_upload(v, sizeof(float) * (size_t)n, "biases and LayerNorms") : NULL; }
 
 /* The model with every tensor on the device; dev's pointers are device memory. */

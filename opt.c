@@ -4317,6 +4317,7 @@ const char *gpu_describe(void) { return "none (this binary was built without CUD
 const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL};
 #define NO_GPU die("this binary was built without CUDA")
 void gpu_model_upload(const Model *m, Model *dev) { (void)m; (void)dev; NO_GPU; }
+Tensor gpu_tensor_upload(const Tensor *t) { (void)t; NO_GPU; }
 double gpu_model_bytes(const Model *m) { (void)m; return 0; }
 double gpu_free_bytes(void) { return 0; }
 void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap) { (void)s; (void)c; (void)rows; (void)cap; NO_GPU; }

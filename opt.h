@@ -576,6 +576,7 @@ const char *gpu_describe(void);   /* the device, or why there is none */
  * scratch and a device cache. */
 extern const Backend gpu_backend;
 void gpu_model_upload(const Model *m, Model *dev);  /* every tensor to the device */
+Tensor gpu_tensor_upload(const Tensor *t);          /* one (f32 narrowed to f16) */
 double gpu_model_bytes(const Model *m);             /* device bytes the upload takes */
 double gpu_free_bytes(void);                        /* free device memory */
 void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap);
