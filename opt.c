@@ -3597,6 +3597,27 @@ typedef struct {
     OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
 } Opts;
 
+#define DEVICE_HELP \
+     "  -m dummy:SHAPE         seeded random weights of an OPT size (opt-30b) or HxLxAxF, made in their tiers\n" \
+     "      --device D         cpu, gpu or auto (default: the GPU when there is one and the model fits)\n" \
+     "      --compress-weight  4-bit group-wise weights, quantized at load time\n" \
+     "      --compress-cache   4-bit group-wise KV cache\n" \
+     "      --group-size N     4-bit group size: 32, 64 (default) or 128\n"
+#define OFFLOAD_HELP \
+     "  Offloading (FlexGen's block schedule; any of these turns it on):\n" \
+     "      --percent WG WC CG CC AG AC  percent of weights, KV cache and activations on GPU and CPU;\n" \
+     "                         the rest of each goes to disk (e.g. --percent 0 50 0 100 0 100)\n" \
+     "      --gpu-batch-size N --num-gpu-batches K  a block is N*K sequences (16 x 1)\n" \
+     "      --policy auto      let the cost model choose (lp.c); --hw t4|h100|probe.json names the\n" \
+     "                         hardware, else this machine is measured first\n" \
+     "      --offload-dir DIR  where the cache's and activations' disk share lives ($TMPDIR or /tmp);\n" \
+     "                         files removed at exit, also on SIGINT and SIGTERM\n" \
+     "      --gpu-mem S --cpu-mem S --disk-mem S  budgets (512M, 16G, 1.5T); a policy over one is\n" \
+     "                         refused, with the memory plan, before anything is allocated\n" \
+     "      --cpu-attention    attention where the cache lives (always so when the CPU computes)\n" \
+     "      --pin-weights      lock the CPU-resident weights in RAM (mlock)\n" \
+     "      --no-overlap       synchronous I/O, for debugging\n"
+
 static const char *help_text[][2] = {
     {"generate",
      "usage: opt generate -m DIR [-f FILE] [options]\n"
@@ -3615,7 +3636,8 @@ static const char *help_text[][2] = {
      "      --jsonl            JSON lines in ({\"prompt\": ...}) and out ({\"index\", \"prompt\", \"completion\", \"ids\"})\n"
      "      --ids              input lines are token ids (no BOS added); output lines are the new ids\n"
      "      --stream           print tokens as they come (a single prompt; raw text)\n"
-     "      --step-rows N      tokens per forward step (default 1024; bounds activation memory)\n"},
+     "      --step-rows N      tokens per forward step (default 1024; bounds activation memory)\n"
+     DEVICE_HELP OFFLOAD_HELP},
     {"score",
      "usage: opt score -m DIR [-f FILE] [options]\n"
      "  For each input line, the natural-log probability of every token after the first\n"
@@ -3623,7 +3645,8 @@ static const char *help_text[][2] = {
      "  -m, --model DIR   -f, --file FILE   -b, --batch-size N   -t, --threads N\n"
      "      --ids              input lines are token ids, used as given\n"
      "      --jsonl            JSON lines in ({\"prompt\": ...}) and out ({\"index\", \"tokens\", \"ids\", \"logprobs\", \"perplexity\"})\n"
-     "      --step-rows N      tokens per forward step (default 1024)\n"},
+     "      --step-rows N      tokens per forward step (default 1024)\n"
+     DEVICE_HELP OFFLOAD_HELP},
     {"tokenize",
      "usage: opt tokenize [-m DIR] [-f FILE] [--no-bos] [--decode]\n"
      "  Text lines to token ids (BOS 2 first unless --no-bos); with --decode, id lines to text.\n"
@@ -3638,9 +3661,12 @@ static const char *help_text[][2] = {
      "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"},
     {"info", "usage: opt info -m DIR\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
     {"bench",
-     "usage: opt bench -m DIR [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json]\n"
-     "  Synthetic prompts of P tokens, G generated each, B at once. Prints prefill and decode\n"
-     "  latency and throughput, total throughput (FlexGen's definitions) and peak memory.\n"},
+     "usage: opt bench -m DIR|dummy:SHAPE [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json] [options]\n"
+     "  Synthetic prompts of P (512) tokens, G (32) generated each, B at once (a policy's block\n"
+     "  when one is given). Prints prefill and decode latency and throughput, total throughput\n"
+     "  (FlexGen's definitions: total = B*G / (prefill + decode)) and peak memory; with a policy\n"
+     "  also the accounted peak per tier, the disk bandwidth achieved and the I/O-compute overlap.\n"
+     DEVICE_HELP OFFLOAD_HELP},
     {"lp", "usage: opt lp FILE.mps\n  Solves a linear program (free MPS) with opt's own simplex solver.\n"},
     {"convert",
      "usage: opt convert -m DIR -o FILE [--int4-weights [--group-size N] | --w8a8 --calib FILE [...]]\n"
@@ -3666,7 +3692,9 @@ static void usage(FILE *f) {
                "  synth      write a random-weight checkpoint for tests and demos\n"
                "  info       describe a checkpoint and this machine\n"
                "  bench      measure prefill and decode throughput\n"
-               "  convert    write the native packed file (4-bit weights)\n"
+               "  convert    write the native packed file (4-bit or SmoothQuant W8A8 weights)\n"
+               "  plan       choose an offloading policy with the cost model (lp.c)\n"
+               "  probe      measure this machine for plan\n"
                "  lp         solve a linear program (MPS) with the built-in simplex\n\n"
                "`opt COMMAND --help` documents each command's options. OPT_SIMD=scalar|avx2|avx512\n"
                "forces a SIMD level.\n");
@@ -4344,6 +4372,7 @@ int main(int argc, char **argv) {
               .off = {.pol = {.gpu_batch_size = 16, .num_gpu_batches = 1, .w_cpu = 100, .c_cpu = 100, .a_cpu = 100, .overlap = 1, .group_size = 64}}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
     int first = 1;
     if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
+    else if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); return 0; }
     if (!strcmp(o.cmd, "help")) { if (argc > 2) cmd_help(argv[2]); usage(stdout); return 0; }
     if (!strcmp(o.cmd, "lp")) return lp_main(argc - 1, argv + 1);
     if (!strcmp(o.cmd, "plan")) return plan_main(argc - 1, argv + 1);
