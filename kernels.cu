@@ -150,7 +150,13 @@ static Tensor dev_matrix(const Tensor *t) {
     Tensor d = *t;
     if (!t->data) return d;
     size_t rb = tensor_row_bytes(t), n1 = (size_t)(t->data2 ? t->split : t->rows);
-    if (t->dtype == DT_I8) die("%s: int8 weights on the GPU need their scales uploaded; not supported in this build", t->name);
+    if (t->dtype == DT_I8) { /* int8 rows and their per-row scales */
+        d.data = dev_upload(t->data, (size_t)t->rows * t->cols, t->name ? t->name : "int8 weights");
+        d.scale = (const float *)dev_upload(t->scale, sizeof(float) * (size_t)t->rows, "int8 weight scales");
+        d.tier = TIER_GPU;
+        if (t->data2) die("%s: int8 weights split across tiers are not supported on the GPU", t->name);
+        return d;
+    }
     if (t->dtype == DT_F32) {
         size_t n = (size_t)t->rows * t->cols;
         float *tmp = (float *)dev_alloc(n * 4, "an f32 weight being narrowed");
@@ -379,6 +385,83 @@ __global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size
     }
 }
 
+/* SmoothQuant W8A8: each activation row quantized to int8 (per token:
+ * absmax / 127; or the static per-tensor scale), rounding half to even and
+ * saturating like the CPU path, so the int32 accumulations are the CPU's
+ * exactly; y = acc * s_x[m] * s_w[n] (+ bias, + y, ReLU). */
+__global__ void k_quant_rows(const float *x, int ldx, int K, float act_scale, int8_t *q, float *sx) {
+    __shared__ float sh[32];
+    const float *xr = x + (size_t)blockIdx.x * ldx;
+    float s = act_scale;
+    if (s <= 0) {
+        float m = 0;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(xr[k]));
+        m = block_max(m, sh);
+        s = m > 0 ? m / 127.0f : 1.0f;
+    }
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        int v = __float2int_rn(xr[k] / s);
+        q[(size_t)blockIdx.x * K + k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+    if (!threadIdx.x) sx[blockIdx.x] = s;
+}
+
+/* up to 8 rows: a warp per output, dp4a over 4 int8 at a time */
+__global__ void k_i8_gemv(const int8_t *q, const float *sx, int M, const int8_t *w, const float *sw, int K, int N,
+                          const float *bias, float *y, int ldy, int acc, int relu) {
+    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const int8_t *wr = w + (size_t)n * K;
+    int a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k = lane * 4; k < K; k += 128) {
+        if (k + 4 <= K && !(((uintptr_t)(wr + k)) & 3) && !(K & 3)) {
+            int wv = *(const int *)(wr + k);
+            for (int i = 0; i < 8; i++) if (i < M) a[i] = __dp4a(*(const int *)(q + (size_t)i * K + k), wv, a[i]);
+        } else
+            for (int e = k; e < k + 4 && e < K; e++)
+                for (int i = 0; i < 8; i++) if (i < M) a[i] += (int)q[(size_t)i * K + e] * (int)wr[e];
+    }
+    for (int i = 0; i < M; i++) {
+        int v = a[i];
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (!lane) store_out(y + (size_t)i * ldy + n, bias, n, (float)v * sx[i] * sw[n], acc, relu);
+    }
+}
+
+/* more rows: 64x64 tiles of int32 on tensor cores (WMMA s8, 16x16x16) */
+__global__ void k_i8_gemm(const int8_t *q, const float *sx, int M, const int8_t *w, const float *sw, int K, int N,
+                          const float *bias, float *y, int ldy, int acc, int relu) {
+    using namespace nvcuda;
+    __shared__ __align__(32) int8_t xs[QT][QK + 16], ws[QT][QK + 16];
+    __shared__ int cs[QT][QT + 4];
+    int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, int> c[2][2];
+    for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0);
+    for (int k0 = 0; k0 < K; k0 += QK) {
+        for (int e = threadIdx.x; e < QT * QK; e += blockDim.x) {
+            int r = e / QK, k = e % QK, m = m0 + r, n = n0 + r;
+            xs[r][k] = m < M && k0 + k < K ? q[(size_t)m * K + k0 + k] : 0;
+            ws[r][k] = n < N && k0 + k < K ? w[(size_t)n * K + k0 + k] : 0;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < QK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, signed char, wmma::col_major> fb[2];
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], &xs[(warp >> 1) * 32 + 16 * i][kk], QK + 16);
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], &ws[(warp & 1) * 32 + 16 * j][kk], QK + 16);
+            for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) wmma::store_matrix_sync(&cs[(warp >> 1) * 32 + 16 * i][(warp & 1) * 32 + 16 * j], c[i][j], QT + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = threadIdx.x; e < QT * QT; e += blockDim.x) {
+        int r = e / QT, cc = e % QT, m = m0 + r, n = n0 + cc;
+        if (m < M && n < N) store_out(y + (size_t)m * ldy + n, bias, n, (float)cs[r][cc] * sx[m] * sw[n], acc, relu);
+    }
+}
+
 /* The KV cache on the device: one key and one value area per (sequence,
  * head), rows of head_dim, f16 (cap, D) or 4-bit (cap, row bytes). */
 __global__ void k_kv_store(const float *k, const float *v, const int *slot, const int *pos, char *const *kp, char *const *vp,
@@ -519,7 +602,22 @@ static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b
         checkCuda(cudaGetLastError());
         return;
     }
-    if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16 or 4-bit weights", w->name ? w->name : "a weight");
+    if (w->dtype == DT_I8) {
+        size_t need = (size_t)rows * K + 4 * (size_t)rows + 16;
+        if (need > g_x16_cap) {
+            if (g_x16) checkCuda(cudaFree(g_x16));
+            g_x16 = dev_alloc(need, "activations quantized to int8");
+            g_x16_cap = need;
+        }
+        int8_t *q = (int8_t *)g_x16;
+        float *sx = (float *)((char *)g_x16 + ((size_t)rows * K + 15) / 16 * 16);
+        k_quant_rows<<<rows, 256, 0, g_stream>>>(x, K, K, w->act_scale, q, sx);
+        if (rows <= 8) k_i8_gemv<<<(N + 3) / 4, 128, 0, g_stream>>>(q, sx, rows, (const int8_t *)w->data, w->scale, K, N, b, y, N, acc, relu);
+        else k_i8_gemm<<<dim3((N + QT - 1) / QT, (rows + QT - 1) / QT), 128, 0, g_stream>>>(q, sx, rows, (const int8_t *)w->data, w->scale, K, N, b, y, N, acc, relu);
+        checkCuda(cudaGetLastError());
+        return;
+    }
+    if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16, 4-bit or int8 weights", w->name ? w->name : "a weight");
     size_t need = (size_t)rows * K * 2;
     if (need > g_x16_cap) { /* grows before any graph capture: the first step of a shape runs uncaptured */
         if (g_x16) checkCuda(cudaFree(g_x16));

@@ -60,6 +60,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -104,7 +105,15 @@ def skip(what, why):
     sys.stdout.flush()
 
 
+_times = []  # (section, seconds)
+
+
 def section(name):
+    """Starts a section; the time each one took is printed at the end."""
+    now = time.time()
+    if _times:
+        _times[-1][1] = now - _times[-1][1]
+    _times.append([name.split(':')[0], now])
     print('[%s]' % name)
     sys.stdout.flush()
 
@@ -354,7 +363,7 @@ def test_synth_config(models):
 
 
 def test_score_and_greedy(models):
-    section('score and greedy vs ref_opt.py, every checkpoint variant')
+    section('score: score and greedy vs ref_opt.py, every checkpoint variant')
     outputs = {}
     for name, d in models.items():
         m = ref_model(d)
@@ -403,7 +412,7 @@ def test_score_and_greedy(models):
 
 
 def test_conversions(models, score_out):
-    section('converted checkpoints give byte-identical output')
+    section('convert: converted checkpoints give byte-identical output')
     for name, kind, args in MODELS:
         if kind != 'convert' or '--dtype' in args:
             continue
@@ -428,7 +437,7 @@ def simd_levels(d):
 
 
 def test_invariance(models):
-    section('batch, thread, step and SIMD invariance (byte-identical output)')
+    section('invariance: batch, thread, step and SIMD level (byte-identical output)')
     for name in INVARIANCE_MODELS:
         if name not in models:
             continue
@@ -458,7 +467,7 @@ def test_invariance(models):
 
 
 def test_text(models, tok):
-    section('text prompts')
+    section('text: text prompts')
     d = models.get('mk-pre-f32')
     if not d or tok.hf is None:
         skip('text', 'no model or no tokenizers library')
@@ -496,7 +505,7 @@ def find_eos_prompts(m, rng, candidates, n):
 
 
 def test_eos(tmp, tok):
-    section('end of sequence (</s>, id 2)')
+    section('eos: end of sequence (</s>, id 2)')
     d = make_model(tmp, 'mk-vocab64', 'mk', ['--vocab', '64', '--hidden', '32', '--ffn', '64', '--seed', '11'])
     if not os.path.isdir(str(d)):
         check(False, 'make the vocab-64 model', d)
@@ -590,7 +599,7 @@ def sample_dist(logits, temperature, top_k, top_p):
 
 
 def test_sampling(models, tmp):
-    section('sampling')
+    section('sampling: temperature, top-k, top-p, seed')
     d = models.get('mk-pre-f32')
     if not d:
         skip('sampling', 'no model')
@@ -649,7 +658,7 @@ def test_sampling(models, tmp):
 
 
 def test_jsonl(models, tok):
-    section('--jsonl')
+    section('jsonl: --jsonl in and out')
     d = models.get('mk-pre-f32')
     if not d or tok.hf is None:
         skip('jsonl', 'no model or no tokenizers library')
@@ -715,7 +724,7 @@ def test_jsonl(models, tok):
 
 
 def test_escapes(models, tok):
-    section('escapes through tokenize and tokenize --decode')
+    section('escapes: through tokenize and tokenize --decode')
     lines = ['a\\nb', 'tab\\there', 'back\\\\slash', '\\\\n is a backslash and an n', 'ends in a backslash\\\\',
              '\\\\\\\\', '\\n\\n\\t', 'plain', '']
     r = opt(['tokenize'], lines)
@@ -739,7 +748,7 @@ def test_escapes(models, tok):
 
 
 def test_n0(models):
-    section('-n 0')
+    section('n0: -n 0')
     d = models.get('mk-pre-f32')
     if not d:
         skip('-n 0', 'no model')
@@ -767,7 +776,7 @@ def one_line_error(r, must_contain=()):
 
 
 def test_positions(tmp):
-    section('max_position_embeddings')
+    section('positions: max_position_embeddings')
     d = make_model(tmp, 'mk-maxpos16', 'mk', ['--max-pos', '16', '--hidden', '32', '--ffn', '64', '--seed', '13'])
     if not os.path.isdir(str(d)):
         check(False, 'make the max-pos-16 model', d)
@@ -798,7 +807,7 @@ def test_positions(tmp):
 
 
 def test_file_vs_stdin(models, tmp):
-    section('-f FILE vs stdin')
+    section('file: -f FILE vs stdin')
     d = models.get('mk-pre-f32')
     if not d:
         skip('file', 'no model')
@@ -822,7 +831,7 @@ def test_real(tok):
     special tokens, so a final </s> is dropped before comparing. The Flax ports (which
     differ) and the non-greedy contrastive search are not compared; the FlexFlow comment
     (unknown provenance) is printed for information only."""
-    section('real checkpoint (OPT_REAL_MODEL_DIR)')
+    section('real: a real checkpoint (OPT_REAL_MODEL_DIR)')
     d = os.environ.get('OPT_REAL_MODEL_DIR', '')
     if not d or not os.path.isdir(d):
         skip('real model', 'OPT_REAL_MODEL_DIR is not set to a directory' if not d else '%s is not a directory' % d)
@@ -890,7 +899,7 @@ def main():
     tok = Tok(os.path.join(ROOT, 'tokenizer', 'vocab.json'),
               os.path.join(TESTDATA, 'tokenizer', 'opt', 'tokenizer.json'))
     try:
-        section('checkpoints')
+        section('checkpoints: made with opt synth and mkckpt.py')
         models = {}
         needed = None if only is None or only & {'score', 'convert', 'invariance'} else {'mk-pre-f32'}
         for name, kind, args in MODELS:
@@ -933,6 +942,9 @@ def main():
     finally:
         if not a.tmp and not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    if _times:
+        _times[-1][1] = time.time() - _times[-1][1]
+        print('seconds per section: ' + ', '.join('%s %.0f' % (n, t) for n, t in _times))
     print('test_model: %d passed, %d failed, %d skipped' % (passed, failed, skipped))
     return 1 if failed else 0
 
