@@ -60,7 +60,7 @@ $(MI_OBJ):
 
 # The address/undefined-behaviour sanitizer build the bad-input tests run.
 opt-asan: $(SRC) $(HDR)
-	$(CC) $(CFLAGS) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -o $@ $(SRC) -lm
+	$(CC) $(filter-out -DOPT_CUDA,$(CFLAGS)) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -o $@ $(SRC) -lm -lpthread
 
 test: opt opt-asan
 	@sh tests/run.sh

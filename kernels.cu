@@ -424,7 +424,7 @@ __global__ void k_i8_gemv(const int8_t *q, const float *sx, int M, const int8_t 
     for (int i = 0; i < M; i++) {
         int v = a[i];
         for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (!lane) store_out(y + (size_t)i * ldy + n, bias, n, (float)v * sx[i] * sw[n], acc, relu);
+        if (!lane) store_out(y + (size_t)i * ldy + n, bias, n, (float)v * (sx[i] * sw[n]), acc, relu); /* the CPU's order */
     }
 }
 
@@ -458,7 +458,7 @@ __global__ void k_i8_gemm(const int8_t *q, const float *sx, int M, const int8_t 
     __syncthreads();
     for (int e = threadIdx.x; e < QT * QT; e += blockDim.x) {
         int r = e / QT, cc = e % QT, m = m0 + r, n = n0 + cc;
-        if (m < M && n < N) store_out(y + (size_t)m * ldy + n, bias, n, (float)cs[r][cc] * sx[m] * sw[n], acc, relu);
+        if (m < M && n < N) store_out(y + (size_t)m * ldy + n, bias, n, (float)cs[r][cc] * (sx[m] * sw[n]), acc, relu);
     }
 }
 

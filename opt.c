@@ -4253,6 +4253,10 @@ static void cmd_info(const Opts *o) {
     printf("layer norm   %s%s%s\n", c->pre_ln ? "pre-LN" : "post-LN", c->final_ln ? ", final LayerNorm" : ", no final LayerNorm", c->ln_affine ? "" : ", not affine");
     printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", m.lm_head.data == m.embed.data ? "tied to embed_tokens" : "separate");
     printf("parameters   %lld (%.2fB)\n", (long long)config_params(c), (double)config_params(c) / 1e9);
+    if (m.layers[0].q.dtype == DT_I8)
+        printf("quantization W8A8 (SmoothQuant), %s activation scales\n", m.layers[0].q.act_scale > 0 ? "static per-tensor" : "dynamic per-token");
+    else if (m.layers[0].q.dtype == DT_Q4)
+        printf("quantization 4-bit weights, groups of %d\n", m.layers[0].q.group);
     size_t bytes[DT_COUNT] = {0}, params[DT_COUNT] = {0};
     for (int i = 0; i < m.ck.n; i++) {
         bytes[m.ck.t[i].dtype] += dtype_bytes(m.ck.t[i].dtype, ck_numel(&m.ck.t[i]));

@@ -1,9 +1,10 @@
 /* quant.c: compressed weights and KV cache, and their CPU kernels.
  *
  * Sections: 4-bit group-wise format, 4-bit GEMM tiles, 4-bit KV-cache
- * attention. The kernels keep opt.c's reduction order (16 lanes, fixed tree),
- * so a fused kernel equals dequantize-then-f32-GEMM bit for bit, at every
- * SIMD level, and results stay independent of the batch. */
+ * attention, int8 GEMM (SmoothQuant W8A8), SmoothQuant conversion. The 4-bit
+ * kernels keep opt.c's reduction order (16 lanes, fixed tree), so a fused
+ * kernel equals dequantize-then-f32-GEMM bit for bit, at every SIMD level, and
+ * results stay independent of the batch; the int8 ones are exact integer sums. */
 #include "opt.h"
 
 #include <immintrin.h>
@@ -290,8 +291,12 @@ void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t 
 
 #define T_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
+/* I8_PACK_M: the packed path from 5 rows on. The streaming path reads the weights once per 4
+ * rows of x, the packed one once in all (and spends about as long repacking them as one
+ * streaming pass takes): with the weights coming from RAM, as in a real model's decode, two
+ * passes already cost more than the repacking. */
 enum { I8_MR = 6,        /* rows of x per micro-tile (packed path) */
-       I8_PACK_M = 16 }; /* rows from which the packed path beats streaming the weights */
+       I8_PACK_M = 5 };  /* rows from which the packed path is taken */
 
 /* The quantized activations of one GEMM. */
 typedef struct {
@@ -301,6 +306,12 @@ typedef struct {
     int Kp;                /* row length: K rounded up to 64 */
     int wide;              /* int16 values (vpmaddwd levels) instead of int8 */
 } I8Act;
+
+/* Weight row n: a tensor split across tiers keeps rows [split, N) at data2. */
+static inline const int8_t *i8_wrow(const Tensor *w, int64_t n) {
+    if (w->data2 && n >= w->split) return (const int8_t *)w->data2 + (size_t)(n - w->split) * (size_t)w->cols;
+    return (const int8_t *)w->data + (size_t)n * (size_t)w->cols;
+}
 
 /* --- activation quantization (one row) --- */
 
@@ -390,37 +401,81 @@ T_AVX2 static int32_t i8_quant_avx2(void *q, int wide, const float *x, int K, in
 
 /* --- packed path: weight panels and micro-kernels --- */
 
-/* VNNI panel: dst[k/4][j][k%4] = w[j][k] + 128 as a byte, for 64 rows j (rows past cnt and
- * columns past K hold weight 0, i.e. 0x80). */
-static void i8_pack_vnni(void *dst, const int8_t *w, int K, int cnt, int Kp) {
-    uint32_t *d = dst;
-    for (int k = 0; k < Kp; k += 4, d += 64)
-        for (int j = 0; j < 64; j++) {
-            uint32_t v = 0;
-            if (j < cnt && k + 4 <= K) memcpy(&v, w + (size_t)j * K + k, 4);
-            else if (j < cnt)
-                for (int b = 0; b < 4 && k + b < K; b++) v |= (uint32_t)(uint8_t)w[(size_t)j * K + k + b] << (8 * b);
-            d[j] = v ^ 0x80808080u;
+/* VNNI panel of weight rows n0 .. n0 + cnt - 1: dst[k/4][j][k%4] = w[n0 + j][k] + 128 as a
+ * byte, for 64 rows j (rows past cnt and columns past K hold weight 0, i.e. 0x80). Blocks of
+ * 16 rows x 64 bytes are loaded (masked at the edges) and transposed as 16 x 16 dwords. */
+T_AVX512 static void i8_pack_vnni(void *dst, const Tensor *t, int n0, int cnt, int Kp) {
+    const int8_t *r[64];
+    int K = (int)t->cols;
+    for (int j = 0; j < cnt; j++) r[j] = i8_wrow(t, n0 + j);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int k0 = 0; k0 < Kp; k0 += 64) {
+        __mmask64 mk = K - k0 >= 64 ? ~0ull : K > k0 ? (1ull << (K - k0)) - 1 : 0;
+        int32_t *d = (int32_t *)dst + (size_t)k0 * 16; /* (k0 / 4) steps of 64 dwords */
+        for (int q = 0; q < 64; q += 16) {
+            __m512i a[16], b[16];
+            for (int j = 0; j < 16; j++) a[j] = q + j < cnt ? _mm512_maskz_loadu_epi8(mk, r[q + j] + k0) : _mm512_setzero_si512();
+            for (int j = 0; j < 16; j += 2) { /* rows j, j+1 interleaved by dword, per 128-bit lane */
+                b[j] = _mm512_unpacklo_epi32(a[j], a[j + 1]);
+                b[j + 1] = _mm512_unpackhi_epi32(a[j], a[j + 1]);
+            }
+            for (int j = 0; j < 16; j += 4) { /* a[j + c], lane L: dword 4L + c of rows j .. j+3 */
+                a[j] = _mm512_unpacklo_epi64(b[j], b[j + 2]);
+                a[j + 1] = _mm512_unpackhi_epi64(b[j], b[j + 2]);
+                a[j + 2] = _mm512_unpacklo_epi64(b[j + 1], b[j + 3]);
+                a[j + 3] = _mm512_unpackhi_epi64(b[j + 1], b[j + 3]);
+            }
+            for (int c = 0; c < 4; c++) { /* gather the lanes: dwords c, c+4, c+8, c+12 of all 16 rows */
+                __m512i v = _mm512_shuffle_i32x4(a[c], a[4 + c], 0x88), w = _mm512_shuffle_i32x4(a[c], a[4 + c], 0xDD);
+                __m512i x = _mm512_shuffle_i32x4(a[8 + c], a[12 + c], 0x88), y = _mm512_shuffle_i32x4(a[8 + c], a[12 + c], 0xDD);
+                _mm512_storeu_si512(d + (c + 0) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(v, x, 0x88), flip));
+                _mm512_storeu_si512(d + (c + 8) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(v, x, 0xDD), flip));
+                _mm512_storeu_si512(d + (c + 4) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(w, y, 0x88), flip));
+                _mm512_storeu_si512(d + (c + 12) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(w, y, 0xDD), flip));
+            }
         }
+    }
 }
 
-/* BW/AVX2 panel of np rows: dst[k/2][j][k%2] = w[j][k] as int16 (0 past cnt and K). */
-static void i8_pack_pairs(void *dst, const int8_t *w, int K, int cnt, int Kp, int np) {
+/* BW/AVX2 panel of np rows: dst[k/2][j][k%2] = w[n0 + j][k] as int16 (0 past cnt and K). */
+static void i8_pack_pairs(void *dst, const Tensor *t, int n0, int cnt, int Kp, int np) {
+    const int8_t *r[64];
+    int K = (int)t->cols;
+    for (int j = 0; j < cnt; j++) r[j] = i8_wrow(t, n0 + j);
     int16_t *d = dst;
     for (int k = 0; k < Kp; k += 2, d += 2 * np)
         for (int j = 0; j < np; j++) {
-            const int8_t *r = w + (size_t)j * K + k;
-            d[2 * j] = (int16_t)(j < cnt && k < K ? r[0] : 0);
-            d[2 * j + 1] = (int16_t)(j < cnt && k + 1 < K ? r[1] : 0);
+            d[2 * j] = (int16_t)(j < cnt && k < K ? r[j][k] : 0);
+            d[2 * j + 1] = (int16_t)(j < cnt && k + 1 < K ? r[j][k + 1] : 0);
         }
 }
 
-/* out[i][j] (i < 6, j < 64) = sum_k (w[j][k] + 128) * x[i][k]. */
+/* The micro-kernels keep their 24 (12) accumulators in named variables: written as arrays,
+ * GCC spills them to the stack on every step. ROW6(M) applies M(i) to the rows 0..5. */
+#define ROW6(M) M(0) M(1) M(2) M(3) M(4) M(5)
+#define ACC4_ZERO(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = a##i##0, a##i##2 = a##i##0, a##i##3 = a##i##0;
+#define ACC4_STORE(i) _mm512_storeu_si512(out + i * 64, a##i##0); _mm512_storeu_si512(out + i * 64 + 16, a##i##1); \
+                      _mm512_storeu_si512(out + i * 64 + 32, a##i##2); _mm512_storeu_si512(out + i * 64 + 48, a##i##3);
+/* 4 bytes (VNNI) or 2 int16 (vpmaddwd) of row i at k, for every lane */
+static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+#define X_BCAST512(i) _mm512_set1_epi32(ld32(x##i + k))
+#define X_BCAST256(i) _mm256_set1_epi32(ld32(x##i + k))
+
+T_VNNI static inline __m512i dp_vnni(__m512i a, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(a, w, x); }
+T_AVX512 static inline __m512i dp_bw(__m512i a, __m512i w, __m512i x) { return _mm512_add_epi32(a, _mm512_madd_epi16(x, w)); }
+T_AVX2 static inline __m256i dp_avx2(__m256i a, __m256i w, __m256i x) { return _mm256_add_epi32(a, _mm256_madd_epi16(x, w)); }
+
+#define DOT4_VNNI(i) { __m512i b_ = X_BCAST512(i); a##i##0 = dp_vnni(a##i##0, w0, b_); a##i##1 = dp_vnni(a##i##1, w1, b_); \
+                       a##i##2 = dp_vnni(a##i##2, w2, b_); a##i##3 = dp_vnni(a##i##3, w3, b_); }
+#define DOT4_BW(i) { __m512i b_ = X_BCAST512(i); a##i##0 = dp_bw(a##i##0, w0, b_); a##i##1 = dp_bw(a##i##1, w1, b_); \
+                     a##i##2 = dp_bw(a##i##2, w2, b_); a##i##3 = dp_bw(a##i##3, w3, b_); }
+
+/* out[i][j] (i < 6, j < 64) = sum_k (w[j][k] + 128) * x[i][k]: one 64-byte load of the panel
+ * holds 4 k of 16 weight rows, multiplied with 4 k of a row of x in every lane. */
 T_VNNI static void i8_micro_vnni(const void *const *xv, const void *wpv, int Kp, int32_t *out) {
-    const int8_t *const *x = (const int8_t *const *)xv;
+    const int8_t *x0 = xv[0], *x1 = xv[1], *x2 = xv[2], *x3 = xv[3], *x4 = xv[4], *x5 = xv[5];
     const uint8_t *wp = wpv;
-    __m512i a[I8_MR][4];
-    for (int i = 0; i < I8_MR; i++) for (int v = 0; v < 4; v++) a[i][v] = _mm512_setzero_si512();
+    ROW6(ACC4_ZERO)
     for (int k = 0; k < Kp; k += 4, wp += 256) {
         _mm_prefetch((const char *)wp + 2048, _MM_HINT_T0);
         _mm_prefetch((const char *)wp + 2048 + 64, _MM_HINT_T0);
@@ -428,25 +483,17 @@ T_VNNI static void i8_micro_vnni(const void *const *xv, const void *wpv, int Kp,
         _mm_prefetch((const char *)wp + 2048 + 192, _MM_HINT_T0);
         __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 64);
         __m512i w2 = _mm512_loadu_si512(wp + 128), w3 = _mm512_loadu_si512(wp + 192);
-        for (int i = 0; i < I8_MR; i++) {
-            int32_t q;
-            memcpy(&q, x[i] + k, 4);
-            __m512i xb = _mm512_set1_epi32(q);
-            a[i][0] = _mm512_dpbusd_epi32(a[i][0], w0, xb);
-            a[i][1] = _mm512_dpbusd_epi32(a[i][1], w1, xb);
-            a[i][2] = _mm512_dpbusd_epi32(a[i][2], w2, xb);
-            a[i][3] = _mm512_dpbusd_epi32(a[i][3], w3, xb);
-        }
+        ROW6(DOT4_VNNI)
     }
-    for (int i = 0; i < I8_MR; i++) for (int v = 0; v < 4; v++) _mm512_storeu_si512(out + i * 64 + 16 * v, a[i][v]);
+    ROW6(ACC4_STORE)
 }
 
-/* out[i][j] (i < 6, j < 64) = sum_k w[j][k] * x[i][k] with vpmaddwd. */
+/* out[i][j] (i < 6, j < 64) = sum_k w[j][k] * x[i][k]: one load holds 2 k of 16 weight rows as
+ * int16 pairs, vpmaddwd'd with 2 k of a row of x. */
 T_AVX512 static void i8_micro_bw(const void *const *xv, const void *wpv, int Kp, int32_t *out) {
-    const int16_t *const *x = (const int16_t *const *)xv;
+    const int16_t *x0 = xv[0], *x1 = xv[1], *x2 = xv[2], *x3 = xv[3], *x4 = xv[4], *x5 = xv[5];
     const int16_t *wp = wpv;
-    __m512i a[I8_MR][4];
-    for (int i = 0; i < I8_MR; i++) for (int v = 0; v < 4; v++) a[i][v] = _mm512_setzero_si512();
+    ROW6(ACC4_ZERO)
     for (int k = 0; k < Kp; k += 2, wp += 128) {
         _mm_prefetch((const char *)wp + 2048, _MM_HINT_T0);
         _mm_prefetch((const char *)wp + 2048 + 64, _MM_HINT_T0);
@@ -454,50 +501,31 @@ T_AVX512 static void i8_micro_bw(const void *const *xv, const void *wpv, int Kp,
         _mm_prefetch((const char *)wp + 2048 + 192, _MM_HINT_T0);
         __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 32);
         __m512i w2 = _mm512_loadu_si512(wp + 64), w3 = _mm512_loadu_si512(wp + 96);
-        for (int i = 0; i < I8_MR; i++) {
-            int32_t q;
-            memcpy(&q, x[i] + k, 4);
-            __m512i xb = _mm512_set1_epi32(q);
-            a[i][0] = _mm512_add_epi32(a[i][0], _mm512_madd_epi16(xb, w0));
-            a[i][1] = _mm512_add_epi32(a[i][1], _mm512_madd_epi16(xb, w1));
-            a[i][2] = _mm512_add_epi32(a[i][2], _mm512_madd_epi16(xb, w2));
-            a[i][3] = _mm512_add_epi32(a[i][3], _mm512_madd_epi16(xb, w3));
-        }
+        ROW6(DOT4_BW)
     }
-    for (int i = 0; i < I8_MR; i++) for (int v = 0; v < 4; v++) _mm512_storeu_si512(out + i * 64 + 16 * v, a[i][v]);
+    ROW6(ACC4_STORE)
 }
 
-/* out[i][j] (i < 6, j < 16) = sum_k w[j][k] * x[i][k] with vpmaddwd on 256 bits. */
+#define ACC2_ZERO(i) __m256i a##i##0 = _mm256_setzero_si256(), a##i##1 = a##i##0;
+#define ACC2_STORE(i) _mm256_storeu_si256((__m256i *)(out + i * 16), a##i##0); _mm256_storeu_si256((__m256i *)(out + i * 16 + 8), a##i##1);
+#define DOT2_AVX2(i) { __m256i b_ = X_BCAST256(i); a##i##0 = dp_avx2(a##i##0, w0, b_); a##i##1 = dp_avx2(a##i##1, w1, b_); }
+
+/* out[i][j] (i < 6, j < 16) = sum_k w[j][k] * x[i][k], the same on 256 bits. */
 T_AVX2 static void i8_micro_avx2(const void *const *xv, const void *wpv, int Kp, int32_t *out) {
-    const int16_t *const *x = (const int16_t *const *)xv;
+    const int16_t *x0 = xv[0], *x1 = xv[1], *x2 = xv[2], *x3 = xv[3], *x4 = xv[4], *x5 = xv[5];
     const int16_t *wp = wpv;
-    __m256i a[I8_MR][2];
-    for (int i = 0; i < I8_MR; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
+    ROW6(ACC2_ZERO)
     for (int k = 0; k < Kp; k += 2, wp += 32) {
         _mm_prefetch((const char *)wp + 1024, _MM_HINT_T0);
         __m256i w0 = _mm256_loadu_si256((const __m256i *)wp), w1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
-        for (int i = 0; i < I8_MR; i++) {
-            int32_t q;
-            memcpy(&q, x[i] + k, 4);
-            __m256i xb = _mm256_set1_epi32(q);
-            a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(xb, w0));
-            a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(xb, w1));
-        }
+        ROW6(DOT2_AVX2)
     }
-    for (int i = 0; i < I8_MR; i++) {
-        _mm256_storeu_si256((__m256i *)(out + i * 16), a[i][0]);
-        _mm256_storeu_si256((__m256i *)(out + i * 16 + 8), a[i][1]);
-    }
+    ROW6(ACC2_STORE)
 }
 
 /* The epilogue of one row of a micro-tile: dot[j] = (float)(acc[j] - comp) * (sx * sw[j]), then
- * gemm_store. sw holds np scales, zero past the panel's last row. */
-static void i8_epi_scalar(const Gemm *g, int m, int n0, int cnt, const int32_t *acc, int np, int32_t comp, float sx, const float *sw) {
-    float dot[64];
-    for (int j = 0; j < np; j++) dot[j] = (float)(acc[j] - comp) * (sx * sw[j]);
-    gemm_store(g, m, n0, dot, cnt);
-}
-
+ * gemm_store. sw holds np scales, zero past the panel's last row. The scalar level has no
+ * packed path; i8_gemm_rows writes the same formula out. */
 T_AVX512 static void i8_epi_avx512(const Gemm *g, int m, int n0, int cnt, const int32_t *acc, int np, int32_t comp, float sx, const float *sw) {
     float dot[64];
     __m512i c = _mm512_set1_epi32(comp);
@@ -520,55 +548,53 @@ T_AVX2 static void i8_epi_avx2(const Gemm *g, int m, int n0, int cnt, const int3
     gemm_store(g, m, n0, dot, cnt);
 }
 
-/* --- streaming path: tiles of MR rows x NR weight rows, dot products along k --- */
+/* --- streaming path: 4 (AVX2: 2) rows of x against 4 weight rows, dot products along k --- */
 
-/* out[i * NR + j] = sum_k x[i][k] * (w[j][k] (+ 128 with VNNI)) over K (x is zero-padded to a
- * multiple of 64, the weights are read up to K only); pf: prefetch distance in bytes. */
+/* out[i * 4 + j] = sum_k x[i][k] * (w[j][k] (+ 128 with VNNI)) over K, for i < MR (the
+ * caller repeats the last row of x when it has fewer) and j < 4. x is zero-padded to a
+ * multiple of 64; the weights are read up to K only (masked, or copied at the tail: reading
+ * past the matrix could leave its mapping). pf: prefetch distance in bytes. */
 typedef void (*I8RowFn)(const void *const *x, const int8_t *const *w, int K, size_t pf, int32_t *out);
-typedef struct { int mr, nr; I8RowFn fn; } I8Tile;
 
-#define I8_ROWS_VNNI(MR, NR)                                                                            \
-T_VNNI static void i8_rows_vnni_##MR(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) { \
-    const int8_t *const *x = (const int8_t *const *)xv;                                                 \
-    const __m512i flip = _mm512_set1_epi8((char)0x80);                                                  \
-    __m512i a[MR][NR];                                                                                  \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm512_setzero_si512();         \
-    for (int k = 0; k < K; k += 64) {                                                                   \
-        __mmask64 mk = K - k >= 64 ? ~0ull : (1ull << (K - k)) - 1;                                     \
-        __m512i xv_[MR];                                                                                \
-        for (int i = 0; i < MR; i++) xv_[i] = _mm512_loadu_si512(x[i] + k);                             \
-        for (int j = 0; j < NR; j++) {                                                                  \
-            _mm_prefetch((const char *)w[j] + k + pf, _MM_HINT_T0);                                     \
-            __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w[j] + k), flip);                  \
-            for (int i = 0; i < MR; i++) a[i][j] = _mm512_dpbusd_epi32(a[i][j], wv, xv_[i]);            \
-        }                                                                                               \
-    }                                                                                                   \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) out[i * NR + j] = _mm512_reduce_add_epi32(a[i][j]); \
-}
-I8_ROWS_VNNI(4, 4)
-I8_ROWS_VNNI(2, 8)
-I8_ROWS_VNNI(1, 8)
+#define COL4(M, i) M(i, 0) M(i, 1) M(i, 2) M(i, 3)
+#define ALL16(M) COL4(M, 0) COL4(M, 1) COL4(M, 2) COL4(M, 3)
+#define ALL8(M) COL4(M, 0) COL4(M, 1)
+#define Z512(i, j) __m512i a##i##j = _mm512_setzero_si512();
+#define Z256(i, j) __m256i a##i##j = _mm256_setzero_si256();
+#define RED512(i, j) out[i * 4 + j] = _mm512_reduce_add_epi32(a##i##j);
+#define RED256(i, j) out[i * 4 + j] = i8_hsum_avx2(a##i##j);
 
-#define I8_ROWS_BW(MR, NR)                                                                              \
-T_AVX512 static void i8_rows_bw_##MR(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) { \
-    const int16_t *const *x = (const int16_t *const *)xv;                                               \
-    __m512i a[MR][NR];                                                                                  \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm512_setzero_si512();         \
-    for (int k = 0; k < K; k += 32) {                                                                   \
-        __mmask32 mk = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;                                         \
-        __m512i xv_[MR];                                                                                \
-        for (int i = 0; i < MR; i++) xv_[i] = _mm512_loadu_si512(x[i] + k);                             \
-        for (int j = 0; j < NR; j++) {                                                                  \
-            if (!(k & 63)) _mm_prefetch((const char *)w[j] + k + pf, _MM_HINT_T0);                      \
-            __m512i wv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w[j] + k));                   \
-            for (int i = 0; i < MR; i++) a[i][j] = _mm512_add_epi32(a[i][j], _mm512_madd_epi16(xv_[i], wv)); \
-        }                                                                                               \
-    }                                                                                                   \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) out[i * NR + j] = _mm512_reduce_add_epi32(a[i][j]); \
+#define STEP_VNNI(j) { _mm_prefetch((const char *)w##j + k + pf, _MM_HINT_T0);                                \
+    __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w##j + k), flip);                                \
+    a0##j = dp_vnni(a0##j, v, X0); a1##j = dp_vnni(a1##j, v, X1); a2##j = dp_vnni(a2##j, v, X2); a3##j = dp_vnni(a3##j, v, X3); }
+
+T_VNNI static void i8_rows_vnni(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) {
+    const int8_t *x0 = xv[0], *x1 = xv[1], *x2 = xv[2], *x3 = xv[3], *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    ALL16(Z512)
+    for (int k = 0; k < K; k += 64) {
+        __mmask64 mk = K - k >= 64 ? ~0ull : (1ull << (K - k)) - 1;
+        __m512i X0 = _mm512_loadu_si512(x0 + k), X1 = _mm512_loadu_si512(x1 + k), X2 = _mm512_loadu_si512(x2 + k), X3 = _mm512_loadu_si512(x3 + k);
+        STEP_VNNI(0) STEP_VNNI(1) STEP_VNNI(2) STEP_VNNI(3)
+    }
+    ALL16(RED512)
 }
-I8_ROWS_BW(4, 4)
-I8_ROWS_BW(2, 8)
-I8_ROWS_BW(1, 8)
+
+#define STEP_BW(j) { if (!(k & 63)) _mm_prefetch((const char *)w##j + k + pf, _MM_HINT_T0);                   \
+    __m512i v = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w##j + k));                                 \
+    a0##j = dp_bw(a0##j, v, X0); a1##j = dp_bw(a1##j, v, X1); a2##j = dp_bw(a2##j, v, X2); a3##j = dp_bw(a3##j, v, X3); }
+
+T_AVX512 static void i8_rows_bw(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) {
+    const int16_t *x0 = xv[0], *x1 = xv[1], *x2 = xv[2], *x3 = xv[3];
+    const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    ALL16(Z512)
+    for (int k = 0; k < K; k += 32) {
+        __mmask32 mk = K - k >= 32 ? ~0u : (1u << (K - k)) - 1;
+        __m512i X0 = _mm512_loadu_si512(x0 + k), X1 = _mm512_loadu_si512(x1 + k), X2 = _mm512_loadu_si512(x2 + k), X3 = _mm512_loadu_si512(x3 + k);
+        STEP_BW(0) STEP_BW(1) STEP_BW(2) STEP_BW(3)
+    }
+    ALL16(RED512)
+}
 
 T_AVX2 static inline int32_t i8_hsum_avx2(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -577,43 +603,38 @@ T_AVX2 static inline int32_t i8_hsum_avx2(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* The K tail (under 16) is copied into a zero-padded buffer: reading past the last row of the
- * matrix could leave the mapping. */
-#define I8_ROWS_AVX2(MR, NR)                                                                            \
-T_AVX2 static void i8_rows_avx2_##MR(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) { \
-    const int16_t *const *x = (const int16_t *const *)xv;                                               \
-    __m256i a[MR][NR];                                                                                  \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm256_setzero_si256();         \
-    for (int k = 0; k < K; k += 16) {                                                                   \
-        __m256i xv_[MR];                                                                                \
-        for (int i = 0; i < MR; i++) xv_[i] = _mm256_loadu_si256((const __m256i *)(x[i] + k));          \
-        for (int j = 0; j < NR; j++) {                                                                  \
-            __m128i wb;                                                                                 \
-            if (K - k >= 16) wb = _mm_loadu_si128((const __m128i *)(w[j] + k));                        \
-            else { int8_t t[16] = {0}; memcpy(t, w[j] + k, (size_t)(K - k)); wb = _mm_loadu_si128((const __m128i *)t); } \
-            if (!(k & 63)) _mm_prefetch((const char *)w[j] + k + pf, _MM_HINT_T0);                      \
-            __m256i wv = _mm256_cvtepi8_epi16(wb);                                                      \
-            for (int i = 0; i < MR; i++) a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(xv_[i], wv)); \
-        }                                                                                               \
-    }                                                                                                   \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) out[i * NR + j] = i8_hsum_avx2(a[i][j]);  \
+T_AVX2 static inline __m128i i8_load16_avx2(const int8_t *p, int n) { /* n < 16: the rest zero */
+    if (n >= 16) return _mm_loadu_si128((const __m128i *)p);
+    int8_t t[16] = {0};
+    memcpy(t, p, (size_t)n);
+    return _mm_loadu_si128((const __m128i *)t);
 }
-I8_ROWS_AVX2(2, 4)
-I8_ROWS_AVX2(1, 4)
 
-/* The reference: one row against one weight row. */
+#define STEP_AVX2(j) { if (!(k & 63)) _mm_prefetch((const char *)w##j + k + pf, _MM_HINT_T0);                 \
+    __m256i v = _mm256_cvtepi8_epi16(i8_load16_avx2(w##j + k, K - k));                                         \
+    a0##j = dp_avx2(a0##j, v, X0); a1##j = dp_avx2(a1##j, v, X1); }
+
+T_AVX2 static void i8_rows_avx2(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) {
+    const int16_t *x0 = xv[0], *x1 = xv[1];
+    const int8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    ALL8(Z256)
+    for (int k = 0; k < K; k += 16) {
+        __m256i X0 = _mm256_loadu_si256((const __m256i *)(x0 + k)), X1 = _mm256_loadu_si256((const __m256i *)(x1 + k));
+        STEP_AVX2(0) STEP_AVX2(1) STEP_AVX2(2) STEP_AVX2(3)
+    }
+    ALL8(RED256)
+}
+
+/* The reference: one row of x (mr = 1) against the 4 weight rows, in plain int32. */
 static void i8_rows_scalar(const void *const *xv, const int8_t *const *w, int K, size_t pf, int32_t *out) {
     (void)pf;
     const int8_t *x = xv[0];
-    int32_t d = 0;
-    for (int k = 0; k < K; k++) d += (int32_t)x[k] * w[0][k];
-    out[0] = d;
+    for (int j = 0; j < 4; j++) {
+        int32_t d = 0;
+        for (int k = 0; k < K; k++) d += (int32_t)x[k] * w[j][k];
+        out[j] = d;
+    }
 }
-
-static const I8Tile i8_tiles_vnni[] = {{4, 4, i8_rows_vnni_4}, {2, 8, i8_rows_vnni_2}, {1, 8, i8_rows_vnni_1}, {0, 0, NULL}};
-static const I8Tile i8_tiles_bw[] = {{4, 4, i8_rows_bw_4}, {2, 8, i8_rows_bw_2}, {1, 8, i8_rows_bw_1}, {0, 0, NULL}};
-static const I8Tile i8_tiles_avx2[] = {{2, 4, i8_rows_avx2_2}, {1, 4, i8_rows_avx2_1}, {0, 0, NULL}};
-static const I8Tile i8_tiles_scalar[] = {{1, 1, i8_rows_scalar}, {0, 0, NULL}};
 
 /* --- levels and the driver --- */
 
@@ -623,20 +644,21 @@ typedef struct {
     int np;                /* packed path: weight rows per panel; 0 = no packed path */
     float (*scale)(const float *x, int K, float act);                                  /* row scale */
     int32_t (*quant)(void *q, int wide, const float *x, int K, int Kp, float s);       /* row values */
-    void (*pack)(void *dst, const int8_t *w, int K, int cnt, int Kp);                  /* a panel */
+    void (*pack)(void *dst, const Tensor *t, int n0, int cnt, int Kp);                 /* a panel */
     void (*micro)(const void *const *x, const void *wp, int Kp, int32_t *out);         /* 6 x np */
     void (*epi)(const Gemm *g, int m, int n0, int cnt, const int32_t *acc, int np, int32_t comp, float sx, const float *sw);
-    const I8Tile *tiles;   /* streaming path, largest first */
+    int mr;                /* streaming path: rows of x per call of rows() */
+    I8RowFn rows;          /* streaming path: mr rows x 4 weight rows */
 } I8Level;
 
-static void i8_pack_pairs64(void *dst, const int8_t *w, int K, int cnt, int Kp) { i8_pack_pairs(dst, w, K, cnt, Kp, 64); }
-static void i8_pack_pairs16(void *dst, const int8_t *w, int K, int cnt, int Kp) { i8_pack_pairs(dst, w, K, cnt, Kp, 16); }
+static void i8_pack_pairs64(void *dst, const Tensor *t, int n0, int cnt, int Kp) { i8_pack_pairs(dst, t, n0, cnt, Kp, 64); }
+static void i8_pack_pairs16(void *dst, const Tensor *t, int n0, int cnt, int Kp) { i8_pack_pairs(dst, t, n0, cnt, Kp, 16); }
 
 static const I8Level i8_levels[4] = {
-    {0, 0, 0, i8_scale_scalar, i8_quant_scalar, NULL, NULL, i8_epi_scalar, i8_tiles_scalar},
-    {1, 0, 16, i8_scale_avx2, i8_quant_avx2, i8_pack_pairs16, i8_micro_avx2, i8_epi_avx2, i8_tiles_avx2},
-    {1, 0, 64, i8_scale_avx512, i8_quant_avx512, i8_pack_pairs64, i8_micro_bw, i8_epi_avx512, i8_tiles_bw},
-    {0, 1, 64, i8_scale_avx512, i8_quant_avx512, i8_pack_vnni, i8_micro_vnni, i8_epi_avx512, i8_tiles_vnni},
+    {0, 0, 0, i8_scale_scalar, i8_quant_scalar, NULL, NULL, NULL, 1, i8_rows_scalar},
+    {1, 0, 16, i8_scale_avx2, i8_quant_avx2, i8_pack_pairs16, i8_micro_avx2, i8_epi_avx2, 2, i8_rows_avx2},
+    {1, 0, 64, i8_scale_avx512, i8_quant_avx512, i8_pack_pairs64, i8_micro_bw, i8_epi_avx512, 4, i8_rows_bw},
+    {0, 1, 64, i8_scale_avx512, i8_quant_avx512, i8_pack_vnni, i8_micro_vnni, i8_epi_avx512, 4, i8_rows_vnni},
 };
 
 static const I8Level *i8_level(void) {
@@ -650,8 +672,8 @@ static void i8_gemm_panel(const Gemm *g, const I8Act *a, const I8Level *L, int n
     static _Thread_local size_t panel_cap;
     size_t need = (size_t)a->Kp * (size_t)L->np * (L->comp ? 1 : 2);
     if (need > panel_cap) { free(panel); panel = check_malloc(need, "an int8 weight panel"); panel_cap = need; }
-    int cnt = n1 - n0, np = L->np, K = g->K;
-    L->pack(panel, (const int8_t *)g->w->data + (size_t)n0 * K, K, cnt, a->Kp);
+    int cnt = n1 - n0, np = L->np;
+    L->pack(panel, g->w, n0, cnt, a->Kp);
     float sw[64] = {0};
     memcpy(sw, g->w->scale + n0, sizeof(float) * (size_t)cnt);
     int32_t acc[I8_MR * 64];
@@ -665,30 +687,36 @@ static void i8_gemm_panel(const Gemm *g, const I8Act *a, const I8Level *L, int n
     }
 }
 
-/* Weight rows [n0, n1) against all rows of x, streamed as stored. */
+/* Weight rows [n0, n1) against all rows of x, streamed as stored: tiles of mr rows of x
+ * (the last one repeated when fewer are left) by 4 weight rows (likewise). */
 static void i8_gemm_rows(const Gemm *g, const I8Act *a, const I8Level *L, int n0, int n1) {
-    size_t rb = (size_t)a->Kp << a->wide, wb = (size_t)g->K;
-    const int8_t *w = g->w->data;
-    for (int m0 = 0; m0 < g->M;) {
-        const I8Tile *t = L->tiles;
-        while (t->mr > g->M - m0) t++;
+    size_t rb = (size_t)a->Kp << a->wide;
+    for (int m0 = 0; m0 < g->M; m0 += L->mr) {
         const void *x[4];
-        for (int i = 0; i < t->mr; i++) x[i] = (const char *)a->q + rb * (size_t)(m0 + i);
-        for (int nb = n0; nb < n1; nb += t->nr) {
-            const int8_t *wr[8];
-            int32_t out[32];
-            float dot[8];
-            int cnt = n1 - nb < t->nr ? n1 - nb : t->nr;
-            for (int j = 0; j < t->nr; j++) wr[j] = w + wb * (size_t)(nb + (j < cnt ? j : cnt - 1));
-            t->fn(x, wr, g->K, wb * (size_t)t->nr, out);
-            for (int i = 0; i < t->mr; i++) {
+        int mr = g->M - m0 < L->mr ? g->M - m0 : L->mr;
+        for (int i = 0; i < L->mr; i++) x[i] = (const char *)a->q + rb * (size_t)(m0 + (i < mr ? i : mr - 1));
+        for (int nb = n0; nb < n1; nb += 4) {
+            const int8_t *wr[4];
+            int32_t out[16];
+            float dot[4];
+            int cnt = n1 - nb < 4 ? n1 - nb : 4;
+            for (int j = 0; j < 4; j++) wr[j] = i8_wrow(g->w, nb + (j < cnt ? j : cnt - 1));
+            L->rows(x, wr, g->K, (size_t)g->K * 4, out);
+            for (int i = 0; i < mr; i++) {
                 int m = m0 + i;
-                for (int j = 0; j < cnt; j++) dot[j] = (float)(out[i * t->nr + j] - a->comp[m]) * (a->sx[m] * g->w->scale[nb + j]);
+                for (int j = 0; j < cnt; j++) dot[j] = (float)(out[i * 4 + j] - a->comp[m]) * (a->sx[m] * g->w->scale[nb + j]);
                 gemm_store(g, m, nb, dot, cnt);
             }
         }
-        m0 += t->mr;
     }
+}
+
+static void i8_quantize_row(const Gemm *g, const I8Act *a, const I8Level *L, int m) {
+    const float *x = g->x + (int64_t)m * g->ldx;
+    float s = L->scale(x, g->K, g->w->act_scale);
+    int32_t sum = L->quant((char *)a->q + ((size_t)m * a->Kp << a->wide), a->wide, x, g->K, a->Kp, s);
+    a->sx[m] = s;
+    a->comp[m] = L->comp ? 128 * sum : 0;
 }
 
 void gemm_i8(const Gemm *g) {
@@ -706,15 +734,14 @@ void gemm_i8(const Gemm *g) {
     I8Act a = {.q = buf, .sx = (float *)(buf + qb), .comp = (int32_t *)(buf + qb) + g->M, .Kp = Kp, .wide = L->wide};
     bool packed = L->np && g->M >= I8_PACK_M;
     int nb = packed ? L->np : 64, nblk = (g->N + nb - 1) / nb;
+    /* Few rows are quantized before the threads start: one barrier less where the whole GEMM
+     * takes microseconds. */
+    if (!packed) for (int m = 0; m < g->M; m++) i8_quantize_row(g, &a, L, m);
     #pragma omp parallel if ((int64_t)g->M * g->N * g->K > 100000)
     {
-        #pragma omp for schedule(static)
-        for (int m = 0; m < g->M; m++) {
-            const float *x = g->x + (int64_t)m * g->ldx;
-            float s = L->scale(x, g->K, w->act_scale);
-            int32_t sum = L->quant((char *)a.q + ((size_t)m * Kp << L->wide), L->wide, x, g->K, Kp, s);
-            a.sx[m] = s;
-            a.comp[m] = L->comp ? 128 * sum : 0;
+        if (packed) {
+            #pragma omp for schedule(static)
+            for (int m = 0; m < g->M; m++) i8_quantize_row(g, &a, L, m);
         }
         #pragma omp for schedule(dynamic, 1)
         for (int b = 0; b < nblk; b++) {
@@ -725,7 +752,423 @@ void gemm_i8(const Gemm *g) {
     }
 }
 
+/* ----------------------------------------------------------------------------
+ * SmoothQuant conversion (`opt convert --w8a8`), after Xiao et al. (ICML'23) and
+ * mit-han-lab/smoothquant:
+ *
+ * 1. Calibration text to samples. A file with at least --calib-samples non-empty lines gives
+ *    one sample per line (the first that many, in file order); any other file is one text,
+ *    tokenized whole and cut into consecutive samples. Every sample is BOS (id 2) plus at most
+ *    --calib-len - 1 tokens, as the reference tokenizes each document alone and truncates it.
+ * 2. Pass 1: the float model over the samples, batch by batch; an Observer on every linear
+ *    layer's input keeps the per-channel absolute maximum over all tokens of all samples
+ *    ("the maximum of maximums"). q, k and v share one input.
+ * 3. Smoothing (pre-LayerNorm models): for the LayerNorm -> {q, k, v} and LayerNorm -> fc1
+ *    points, s_j = max|X_j|^alpha / max|W_j|^(1-alpha), the weight maximum taken over the
+ *    columns j of all the linears sharing the input, clamped to >= 1e-5 (and s itself too), as
+ *    smooth.py does. 1/s goes into the LayerNorm's weight and bias, s into the weights' input
+ *    columns: exact in real arithmetic, since the LayerNorm output feeds only those linears.
+ *    The smoothed weights are stored in the checkpoint's own dtype (the reference smooths its
+ *    fp16 model in place, in fp16). out_proj and fc2 are not smoothed (the authors: smoothing
+ *    QKV and fc1 suffices for OPT). Post-LN models (opt-350m) cannot fold, and get plain W8A8.
+ * 4. --w8a8-static (O3): pass 2 over the smoothed float model records each linear's per-tensor
+ *    input maximum; act_scale = max / 127 (q, k and v share it). The smoothed copies of every
+ *    layer's q, k, v and fc1 are held until then (about 2/3 of the model's bytes); the dynamic
+ *    default quantizes layer by layer and holds one layer's.
+ * 5. Every linear layer's weights (q, k, v, out_proj, fc1, fc2) to int8 per output channel:
+ *    scale = row absmax / 127, q = rint(w / scale) (half to even), clamped to [-127, 127].
+ * The statistics go into the file as extra f32 tensors (users ask for them):
+ *    layers.N.self_attn.q_proj.act_max, .out_proj.act_max, layers.N.fc1.act_max, .fc2.act_max:
+ *        per-channel input maxima of pass 1 (before smoothing); q_proj's stands for k and v;
+ *    layers.N.self_attn.q_proj.smooth, layers.N.fc1.smooth: the factors s (pre-LN models).
+ * Two environment variables serve tests and experiments: OPT_SQ_NO_SMOOTH=1 quantizes without
+ * smoothing (naive W8A8: the baseline SmoothQuant is measured against; note that alpha = 0 is
+ * not that, it still divides by the weight maxima), OPT_SQ_NO_QUANT=1 stops after the folding
+ * (float weights, smoothed: the model must compute what it computed before). */
+
+#include <errno.h>
+#include <unistd.h>
+
+typedef struct {
+    int *ids;              /* (n) token ids, BOS first */
+    int n;
+} SqSample;
+
+typedef struct {
+    int n_layer;           /* layers */
+    int cols[4];           /* input width per OBS_* point: hidden, hidden, hidden, ffn */
+    float *mx[4];          /* (n_layer, cols) per-channel absmax of the inputs, per OBS_* point */
+} SqStats;
+
+static bool env_on(const char *name) {
+    const char *e = getenv(name);
+    return e && *e && strcmp(e, "0");
+}
+
+/* The whole file; dies naming it when it is missing or unreadable. */
+static char *sq_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("%s: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0, r;
+    char *buf = check_malloc(cap + 1, "calibration text");
+    while ((r = fread(buf + n, 1, cap - n, f)) > 0)
+        if ((n += r) == cap) buf = check_realloc(buf, (cap *= 2) + 1, "calibration text");
+    if (ferror(f)) die("%s: read error: %s", path, strerror(errno));
+    fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+static bool sq_blank(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\v' && s[i] != '\f') return false;
+    return true;
+}
+
+/* Cuts n bytes of UTF-8 back to a character boundary. */
+static size_t sq_utf8_cut(const char *s, size_t n) {
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80) n--;
+    return n;
+}
+
+/* BOS + the first len - 1 tokens of text[0..n): at most len * 32 bytes are tokenized. */
+static SqSample sq_sample(const Tokenizer *tok, int bos, const char *text, size_t n, int len, int **tmp, int *tcap) {
+    size_t lim = (size_t)len * 32;
+    if (n > lim) n = sq_utf8_cut(text, lim);
+    int k = tok_encode(tok, text, n, tmp, tcap);
+    if (k > len - 1) k = len - 1;
+    SqSample s = {check_malloc(sizeof(int) * (size_t)(k + 1), "calibration tokens"), k + 1};
+    s.ids[0] = bos;
+    memcpy(s.ids + 1, *tmp, sizeof(int) * (size_t)k);
+    return s;
+}
+
+/* Reads and checks the calibration text and cuts it into samples (see the section comment). */
+static SqSample *sq_samples(const char *path, const Tokenizer *tok, const Config *c, const SqOpts *o, int *n_out, bool *lines_out) {
+    int bos = c->bos;
+    size_t len;
+    char *text = sq_read_file(path, &len);
+    if (!len) die("%s: empty calibration file", path);
+    size_t ok = utf8_valid_prefix(text, len);
+    if (ok < len) {
+        int line = 1;
+        size_t start = 0;
+        for (size_t i = 0; i < ok; i++) if (text[i] == '\n') { line++; start = i + 1; }
+        die("%s:%d: invalid UTF-8 at byte %zu of the line (calibration text must be UTF-8)", path, line, ok - start + 1);
+    }
+    if (sq_blank(text, len)) die("%s: no text in the calibration file (only whitespace)", path);
+    int nonblank = 0;
+    for (size_t i = 0; i < len;) {
+        size_t e = i;
+        while (e < len && text[e] != '\n') e++;
+        nonblank += !sq_blank(text + i, e - i);
+        i = e + 1;
+    }
+    bool lines = nonblank >= o->samples;
+    int cap = lines ? o->samples : 64, n = 0, *tmp = NULL, tcap = 0;
+    SqSample *s = check_malloc(sizeof(SqSample) * (size_t)cap, "calibration samples");
+    if (lines) {
+        for (size_t i = 0; i < len && n < o->samples;) {
+            size_t e = i;
+            while (e < len && text[e] != '\n') e++;
+            size_t l = e - i;
+            if (l && text[i + l - 1] == '\r') l--; /* CRLF files */
+            if (!sq_blank(text + i, l)) s[n++] = sq_sample(tok, bos, text + i, l, o->len, &tmp, &tcap);
+            i = e + 1;
+        }
+    } else { /* one token stream, cut; only as much text as the samples can use is tokenized */
+        size_t lim = (size_t)o->samples * (size_t)o->len * 32, use = len;
+        if (use > lim) use = sq_utf8_cut(text, lim);
+        int k = tok_encode(tok, text, use, &tmp, &tcap), step = o->len - 1;
+        for (int t = 0; t < k && n < o->samples; t += step) {
+            int cnt = k - t < step ? k - t : step;
+            if (n == cap) s = check_realloc(s, sizeof(SqSample) * (size_t)(cap *= 2), "calibration samples");
+            s[n].ids = check_malloc(sizeof(int) * (size_t)(cnt + 1), "calibration tokens");
+            s[n].ids[0] = bos;
+            memcpy(s[n].ids + 1, tmp + t, sizeof(int) * (size_t)cnt);
+            s[n++].n = cnt + 1;
+        }
+    }
+    free(tmp);
+    free(text);
+    if (!n) die("%s: the calibration text gives no tokens", path);
+    for (int i = 0; i < n; i++) /* a model with a smaller vocabulary than the tokenizer's */
+        for (int t = 0; t < s[i].n; t++)
+            if (s[i].ids[t] < 0 || s[i].ids[t] >= c->vocab)
+                die("%s: calibration sample %d has token %d, outside the model's vocabulary of %d", path, i + 1, s[i].ids[t], c->vocab);
+    *n_out = n;
+    *lines_out = lines;
+    return s;
+}
+
+/* The Observer: per-channel absmax of a linear layer's input rows (NaNs ignored). */
+static void sq_observe(void *ctx, int layer, int which, const float *x, int rows, int cols) {
+    SqStats *st = ctx;
+    check(cols == st->cols[which], "observer: %d columns at point %d, expected %d", cols, which, st->cols[which]);
+    float *mx = st->mx[which] + (size_t)layer * (size_t)cols;
+    #pragma omp parallel for schedule(static) if ((int64_t)rows * cols > 65536)
+    for (int j0 = 0; j0 < cols; j0 += 256) {
+        int j1 = j0 + 256 < cols ? j0 + 256 : cols;
+        for (int r = 0; r < rows; r++) {
+            const float *xr = x + (size_t)r * (size_t)cols;
+            for (int j = j0; j < j1; j++) { float a = fabsf(xr[j]); mx[j] = a > mx[j] ? a : mx[j]; }
+        }
+    }
+}
+
+static void sq_stats_init(SqStats *st, const Config *c) {
+    st->n_layer = c->n_layer;
+    st->cols[OBS_QKV] = st->cols[OBS_O] = st->cols[OBS_FC1] = c->hidden;
+    st->cols[OBS_FC2] = c->ffn;
+    for (int p = 0; p < 4; p++) st->mx[p] = check_calloc(sizeof(float) * (size_t)c->n_layer * (size_t)st->cols[p], "calibration statistics");
+}
+
+static void sq_stats_free(SqStats *st) { for (int p = 0; p < 4; p++) free(st->mx[p]); }
+
+/* The largest value of point p in layer l over its channels: the per-tensor input maximum. */
+static float sq_stats_tensor_max(const SqStats *st, int l, int p) {
+    const float *v = st->mx[p] + (size_t)l * (size_t)st->cols[p];
+    float m = 0;
+    for (int j = 0; j < st->cols[p]; j++) m = v[j] > m ? v[j] : m;
+    return m;
+}
+
+/* Runs the model over the samples (several sequences per step, about 512 rows) with the
+ * observer recording into st; returns the tokens seen. */
+static int64_t sq_calibrate(const Model *m, const SqSample *smp, int ns, SqStats *st, const char *what) {
+    const Config *c = &m->cfg;
+    int cap = 1;
+    for (int i = 0; i < ns; i++) cap = smp[i].n > cap ? smp[i].n : cap;
+    int slots = 512 / cap > 1 ? 512 / cap : 1;
+    if (slots > ns) slots = ns;
+    KVCache kv;
+    kv_init(&kv, c, slots, cap, DT_F32, 64);
+    Scratch s;
+    scratch_init(&s, c, slots * cap, cap);
+    s.observe = sq_observe;
+    s.observe_ctx = st;
+    int *tok = check_malloc(sizeof(int) * 3 * (size_t)slots * (size_t)cap, "calibration step"), *slot = tok + slots * cap, *pos = slot + slots * cap;
+    int64_t total = 0;
+    bool tty = isatty(2);
+    for (int i0 = 0; i0 < ns; i0 += slots) {
+        int n = 0;
+        for (int i = i0; i < i0 + slots && i < ns; i++)
+            for (int t = 0; t < smp[i].n; t++, n++) { tok[n] = smp[i].ids[t]; slot[n] = i - i0; pos[n] = t; }
+        Step stp = {.n = n, .tok = tok, .slot = slot, .pos = pos};
+        model_forward(m, &kv, &stp, &s);
+        total += n;
+        if (tty) fprintf(stderr, "\ropt: %s: %d/%d samples", what, i0 + slots < ns ? i0 + slots : ns, ns);
+    }
+    if (tty) fputc('\n', stderr);
+    free(tok);
+    scratch_free(&s);
+    kv_free(&kv);
+    return total;
+}
+
+/* One row of a float matrix as f32 (rows [split, N) of a split tensor are at data2). */
+static void sq_row_f32(const Tensor *t, int64_t r, float *out) {
+    size_t rb = dtype_bytes(t->dtype, t->cols);
+    const char *p = t->data2 && r >= t->split ? (const char *)t->data2 + rb * (size_t)(r - t->split) : (const char *)t->data + rb * (size_t)r;
+    for (int64_t k = 0; k < t->cols; k++)
+        out[k] = t->dtype == DT_F32 ? ((const float *)p)[k] : t->dtype == DT_F16 ? f16_to_f32(((const uint16_t *)p)[k]) : bf16_to_f32(((const uint16_t *)p)[k]);
+}
+
+/* colmax[j] = max(colmax[j], max_n |W[n][j]|). */
+static void sq_colmax(const Tensor *t, float *colmax) {
+    #pragma omp parallel
+    {
+        float *row = check_malloc(sizeof(float) * (size_t)t->cols, "a row"), *mx = check_calloc(sizeof(float) * (size_t)t->cols, "a row");
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < t->rows; r++) {
+            sq_row_f32(t, r, row);
+            for (int64_t j = 0; j < t->cols; j++) { float a = fabsf(row[j]); mx[j] = a > mx[j] ? a : mx[j]; }
+        }
+        #pragma omp critical
+        for (int64_t j = 0; j < t->cols; j++) colmax[j] = mx[j] > colmax[j] ? mx[j] : colmax[j];
+        free(row);
+        free(mx);
+    }
+}
+
+/* s_j = max|X_j|^alpha / max(max|W_j|, 1e-5)^(1 - alpha), at least 1e-5. */
+static void sq_factors(float *s, const float *act, const float *wmax, int n, float alpha) {
+    for (int j = 0; j < n; j++) {
+        double w = wmax[j] > 1e-5f ? wmax[j] : 1e-5;
+        double v = pow((double)act[j], alpha) / pow(w, 1.0 - alpha);
+        s[j] = (float)(v > 1e-5 ? v : 1e-5);
+    }
+}
+
+/* The smoothed copy of t (column j times s[j], in f32, stored in t's dtype) into dst; t then
+ * points at it. */
+static void sq_smooth_matrix(Tensor *t, const float *s, void *dst) {
+    size_t rb = dtype_bytes(t->dtype, t->cols);
+    #pragma omp parallel
+    {
+        float *row = check_malloc(sizeof(float) * (size_t)t->cols, "a row");
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < t->rows; r++) {
+            sq_row_f32(t, r, row);
+            char *o = (char *)dst + rb * (size_t)r;
+            for (int64_t j = 0; j < t->cols; j++) {
+                float v = row[j] * s[j];
+                if (t->dtype == DT_F32) ((float *)o)[j] = v;
+                else ((uint16_t *)o)[j] = t->dtype == DT_F16 ? f32_to_f16(v) : f32_to_bf16(v);
+            }
+        }
+        free(row);
+    }
+    t->data = dst;
+    t->data2 = NULL;
+    t->split = 0;
+}
+
+/* The matrix to int8 per output channel, in memory the model owns. */
+static void sq_quantize(Model *m, Tensor *t) {
+    int8_t *q = model_own(m, (size_t)t->rows * (size_t)t->cols, "int8 weights");
+    float *sc = model_own(m, sizeof(float) * (size_t)t->rows, "int8 weight scales");
+    #pragma omp parallel
+    {
+        float *row = check_malloc(sizeof(float) * (size_t)t->cols, "a row");
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < t->rows; r++) {
+            sq_row_f32(t, r, row);
+            float mx = 0;
+            for (int64_t j = 0; j < t->cols; j++) {
+                if (!isfinite(row[j])) die("%s: %s value in row %lld cannot be quantized to int8", t->name, isnan(row[j]) ? "NaN" : "infinite", (long long)r);
+                float a = fabsf(row[j]);
+                mx = a > mx ? a : mx;
+            }
+            float s = mx / 127.0f;
+            int8_t *qr = q + (size_t)r * (size_t)t->cols;
+            for (int64_t j = 0; j < t->cols; j++) {
+                float v = s > 0 ? rintf(row[j] / s) : 0;
+                qr[j] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+            }
+            sc[r] = s;
+        }
+        free(row);
+    }
+    t->dtype = DT_I8;
+    t->data = q;
+    t->data2 = NULL;
+    t->split = 0;
+    t->scale = sc;
+    t->act_scale = 0;
+}
+
+static void sq_extra(Model *m, const char *name, int layer, const float *v, int64_t n) {
+    m->extra = check_realloc(m->extra, sizeof(NativeExtra) * (size_t)(m->n_extra + 1), "extra tensors");
+    NativeExtra *e = &m->extra[m->n_extra++];
+    snprintf(e->name, sizeof e->name, "layers.%d.%s", layer, name);
+    e->data = check_malloc(sizeof(float) * (size_t)n, "extra tensors");
+    memcpy(e->data, v, sizeof(float) * (size_t)n);
+    e->n = n;
+}
+
 void sq_convert(Model *m, const Tokenizer *tok, const SqOpts *o) {
-    (void)m; (void)tok;
-    die("%s: SmoothQuant conversion is not supported by this build yet", o->calib);
+    const Config *c = &m->cfg;
+    int h = c->hidden, L = c->n_layer;
+    if (!(o->alpha >= 0 && o->alpha <= 1)) die("--alpha %g: expected a number in [0, 1]", o->alpha);
+    if (o->samples < 1 || o->len < 2) die("--calib-samples and --calib-len must be at least 1 and 2");
+    if (o->len > c->max_pos) die("--calib-len %d exceeds the model's %d positions", o->len, c->max_pos);
+    bool no_smooth = env_on("OPT_SQ_NO_SMOOTH"), no_quant = env_on("OPT_SQ_NO_QUANT");
+    for (int l = 0; l < L; l++) { /* float weights only: smoothing rewrites them */
+        const Layer *y = &m->layers[l];
+        const Tensor *mats[] = {&y->q, &y->k, &y->v, &y->o, &y->fc1, &y->fc2};
+        for (int i = 0; i < 6; i++)
+            if (mats[i]->dtype != DT_F32 && mats[i]->dtype != DT_F16 && mats[i]->dtype != DT_BF16)
+                die("%s: tensor %s is %s; --w8a8 converts a float checkpoint", m->ck.dir, mats[i]->name, dtype_names[mats[i]->dtype]);
+            else if (!mats[i]->data) die("%s: tensor %s has no weights in memory to convert", m->ck.dir, mats[i]->name);
+    }
+    double t0 = now_sec();
+    int ns;
+    bool lines;
+    SqSample *smp = sq_samples(o->calib, tok, c, o, &ns, &lines);
+    SqStats st1, st2;
+    sq_stats_init(&st1, c);
+    int64_t ntok = sq_calibrate(m, smp, ns, &st1, "calibration");
+    double t1 = now_sec();
+    fprintf(stderr, "opt: calibrated on %d samples (%s), %lld tokens, in %.1f s\n", ns,
+            lines ? "one per line" : "the text cut into samples", (long long)ntok, t1 - t0);
+
+    /* smoothing */
+    bool smooth = !no_smooth && c->pre_ln;
+    if (!c->pre_ln)
+        fprintf(stderr, "opt: %s is post-LayerNorm (do_layer_norm_before false): the smoothing cannot be folded into its "
+                        "LayerNorms, so it gets plain W8A8 without smoothing\n", c->name);
+    else if (no_smooth) fprintf(stderr, "opt: OPT_SQ_NO_SMOOTH: no smoothing (naive W8A8)\n");
+    if (no_quant) fprintf(stderr, "opt: OPT_SQ_NO_QUANT: the weights stay float (smoothed only)\n");
+    float *s_qkv = check_malloc(sizeof(float) * (size_t)h, "smoothing factors"), *s_fc1 = check_malloc(sizeof(float) * (size_t)h, "smoothing factors");
+    float *wmax = check_malloc(sizeof(float) * (size_t)h, "weight maxima");
+    void **tmp = check_calloc(sizeof(void *) * 4 * (size_t)L, "smoothed weights"); /* copies to free after quantizing */
+    bool keep = o->static_act && !no_quant; /* the smoothed float model runs again */
+    int n_smoothed = 0;
+    for (int l = 0; l < L; l++) {
+        Layer *y = &m->layers[l];
+        if (smooth && y->ln1w && y->ln2w) {
+            Tensor *mats[] = {&y->q, &y->k, &y->v, &y->fc1};
+            memset(wmax, 0, sizeof(float) * (size_t)h);
+            for (int i = 0; i < 3; i++) sq_colmax(mats[i], wmax);
+            sq_factors(s_qkv, st1.mx[OBS_QKV] + (size_t)l * h, wmax, h, o->alpha);
+            memset(wmax, 0, sizeof(float) * (size_t)h);
+            sq_colmax(&y->fc1, wmax);
+            sq_factors(s_fc1, st1.mx[OBS_FC1] + (size_t)l * h, wmax, h, o->alpha);
+            for (int j = 0; j < h; j++) {
+                y->ln1w[j] /= s_qkv[j]; y->ln1b[j] /= s_qkv[j];
+                y->ln2w[j] /= s_fc1[j]; y->ln2b[j] /= s_fc1[j];
+            }
+            for (int i = 0; i < 4; i++) {
+                size_t bytes = dtype_bytes(mats[i]->dtype, mats[i]->rows * mats[i]->cols);
+                void *dst = no_quant ? model_own(m, bytes, "smoothed weights") : (tmp[4 * l + i] = check_malloc(bytes, "smoothed weights"));
+                sq_smooth_matrix(mats[i], i < 3 ? s_qkv : s_fc1, dst);
+            }
+            sq_extra(m, "self_attn.q_proj.smooth", l, s_qkv, h);
+            sq_extra(m, "fc1.smooth", l, s_fc1, h);
+            n_smoothed++;
+        }
+        if (!keep && !no_quant) { /* dynamic: quantize now, the float copies go at once */
+            Tensor *all[] = {&y->q, &y->k, &y->v, &y->o, &y->fc1, &y->fc2};
+            for (int i = 0; i < 6; i++) sq_quantize(m, all[i]);
+            for (int i = 0; i < 4; i++) { free(tmp[4 * l + i]); tmp[4 * l + i] = NULL; }
+        }
+    }
+    if (smooth && n_smoothed < L) fprintf(stderr, "opt: %d layers without affine LayerNorms were not smoothed\n", L - n_smoothed);
+
+    /* static activation scales from the smoothed model, then the weights */
+    const SqStats *scales = &st1;
+    if (keep) {
+        if (n_smoothed) {
+            sq_stats_init(&st2, c);
+            sq_calibrate(m, smp, ns, &st2, "static scales");
+            scales = &st2;
+        }
+        for (int l = 0; l < L; l++) {
+            Layer *y = &m->layers[l];
+            Tensor *all[] = {&y->q, &y->k, &y->v, &y->o, &y->fc1, &y->fc2};
+            static const int point[] = {OBS_QKV, OBS_QKV, OBS_QKV, OBS_O, OBS_FC1, OBS_FC2};
+            for (int i = 0; i < 6; i++) {
+                sq_quantize(m, all[i]);
+                float mx = sq_stats_tensor_max(scales, l, point[i]);
+                all[i]->act_scale = (mx > 1e-5f ? mx : 1e-5f) / 127.0f;
+            }
+            for (int i = 0; i < 4; i++) free(tmp[4 * l + i]);
+        }
+        if (n_smoothed) sq_stats_free(&st2);
+    }
+    double t3 = now_sec();
+
+    /* the statistics, for the file */
+    static const char *const names[] = {"self_attn.q_proj.act_max", "self_attn.out_proj.act_max", "fc1.act_max", "fc2.act_max"};
+    for (int l = 0; l < L; l++)
+        for (int p = 0; p < 4; p++) sq_extra(m, names[p], l, st1.mx[p] + (size_t)l * (size_t)st1.cols[p], st1.cols[p]);
+    char what[128];
+    if (no_quant) snprintf(what, sizeof what, "float weights (not quantized)");
+    else snprintf(what, sizeof what, "int8 weights per output channel, %s", keep ? "static per-tensor activation scales (O3)" : "dynamic per-token activation scales (O1)");
+    fprintf(stderr, "opt: smoothed %d of %d layers (alpha %g); %s; %.1f s\n", n_smoothed, L, o->alpha, what, t3 - t1);
+    sq_stats_free(&st1);
+    for (int i = 0; i < ns; i++) free(smp[i].ids);
+    free(smp); free(s_qkv); free(s_fc1); free(wmax); free(tmp);
 }

@@ -7,7 +7,9 @@ Loads the same Hugging Face checkpoint directory `opt` reads (safetensors, one f
 index; F16/BF16/F32) with a small reader of its own, converts every tensor to fp32, and runs
 greedy generation: one prefill step over the B prompts of P tokens (same synthetic ids as
 `opt bench`) and G-1 decode steps with a preallocated KV cache. Eager mode, inference_mode,
-torch.set_num_threads(T); fused QKV projection with the HF query scaling folded into it.
+torch.set_num_threads(T); fused QKV projection with the HF query scaling folded into it;
+single-row linears through BLAS gemv; OMP_WAIT_POLICY=passive (as opt sets for itself) unless
+the environment says otherwise.
 
 Prints one JSON line per repetition (after an untimed warm-up) with `opt bench --json`'s keys,
 FlexGen's definitions: prefill latency = the prompt step including the first token's logits

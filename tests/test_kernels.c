@@ -1,25 +1,35 @@
 /* tests/test_kernels.c: unit tests of opt's CPU kernels and number formats.
  *
- * Built and run by tests/run.sh (from the repository root):
+ * Built and run by tests/run.sh (from the repository root, which .incbin needs):
  *   cc -std=c11 -O2 -fopenmp -ffp-contract=off -D_GNU_SOURCE -DOPT_NO_MAIN -I. \
- *      tests/test_kernels.c lp.c -lm && ./a.out [SEED]
+ *      tests/test_kernels.c lp.c quant.c ... -lm && ./a.out [SEED]
+ * (every top-level C file but opt.c, which this file includes).
  *
  * It includes opt.c itself (as llama2.c's test.c includes run.c), so it sees
- * the static kernels and the global SIMD level. Every run draws fresh random
- * inputs from a seed taken from the clock (or argv[1], or $TEST_SEED); the seed
- * is printed first, so a failure can be reproduced with `./a.out SEED`.
- * Outputs are poisoned with a NaN sentinel before each call, so an element a
- * kernel forgets to write shows up as a failure instead of a stale value.
+ * the static kernels and the global SIMD level; it therefore follows their
+ * signatures, and must be updated when they change. Every run draws fresh
+ * random inputs (never all zeros) from a seed taken from the clock (or argv[1],
+ * or $TEST_SEED); the seed is printed first, so a failure can be reproduced
+ * with `./a.out SEED`. Outputs are poisoned with a NaN sentinel before each
+ * call, so an element a kernel forgets to write shows up as a failure instead
+ * of a stale value, and the gaps past the rows of strided inputs hold NaN, so
+ * a kernel reading past K or T would poison its result.
  *
  * Groups (each prints its max errors and PASS/FAIL; exit status 1 when any failed):
- *   gemm        against a double-precision reference, every weight dtype,
- *               bias/acc/relu variants, sizes that are not tile multiples
- *   gemm-simd   every SIMD level the CPU has gives bitwise identical results;
- *               a row's result does not depend on M (its batch) or on the thread count
- *   attention   attn_scores, attn_mix, softmax, layernorm against double
- *               references, and bitwise across SIMD levels
- *   f16/bf16    exhaustive conversions against bit-exact references written here
- *   utf8        utf8_valid_prefix on crafted and random byte strings
+ *   f16, bf16     exhaustive conversions against bit-exact references written
+ *                 here: all 65536 patterns each way, the round-to-nearest-even
+ *                 ties, overflow and subnormal edges, 2M random floats
+ *   utf8          utf8_valid_prefix on crafted sequences (overlong, surrogates,
+ *                 > U+10FFFF, truncated), every code point, random byte strings
+ *   gemm-convert  every f16/bf16 bit pattern through each SIMD level's weight loader
+ *   gemm          against a double-precision reference for M, N, K that are not
+ *                 tile multiples, each weight dtype, bias/acc/relu variants
+ *   gemm-simd     every SIMD level the CPU has gives bitwise identical results;
+ *                 a row's result does not depend on M (its batch) or on the thread count
+ *   attention     attn_scores and attn_mix against double references; bitwise
+ *                 across levels, grouped rows vs rows alone, split vs whole mixes
+ *   softmax, layernorm   against double references; bitwise across levels,
+ *                 in place vs out of place, row alone vs in a batch
  */
 #ifndef OPT_NO_MAIN
 #define OPT_NO_MAIN

@@ -10,11 +10,14 @@ a loader bug on one side cannot hide the same bug on the other.
 
 Checks, each printed as one "ok"/"FAIL" line (details indented under a failure):
 
+  checkpoints  `opt synth` writes config.json as transformers reads it (an untied
+               lm_head needs "tie_word_embeddings": false).
   score        `opt score --ids` equals ref_opt's log-probabilities to 1e-3 on every
                checkpoint variant: pre-LN and post-LN, project_in/out, no final LN,
                no biases, non-affine LayerNorm, f32/f16/bf16, safetensors and .bin,
                sharded or not, prefixes model.decoder. and decoder., tied and untied
-               lm_head; prompts of many lengths share a batch.
+               lm_head; prompts of many lengths share a batch (-b 64), and -b 1 / -b 2
+               give the same bytes.
   convert      the same weights in another container (mkckpt.py convert) give
                byte-identical output: a loader that misreads one format shows up.
   greedy       `opt generate --ids --ignore-eos` picks ref_opt's greedy tokens
@@ -43,8 +46,9 @@ Checks, each printed as one "ok"/"FAIL" line (details indented under a failure):
                before anything is printed.
   file         -f FILE and stdin give identical output.
   real         with $OPT_REAL_MODEL_DIR set to a facebook/opt-125m or opt-350m
-               checkpoint: the published greedy outputs of transformers' tests
-               (skipped, saying so, when it is not set).
+               checkpoint: the published greedy outputs of transformers' tests in
+               ../shared/opt-testdata/vectors/hf_opt_expected.json ($OPT_TESTDATA),
+               including the left-padded batch (skipped, saying so, when unset).
 
 Exit status 0 only when every check passed.  Every opt run has a time limit, so a hang
 is reported as a failure instead of stalling the suite.
@@ -73,8 +77,8 @@ PY = sys.executable or '/usr/bin/python3'
 TESTDATA = os.environ.get('OPT_TESTDATA') or os.path.join(ROOT, '..', 'shared', 'opt-testdata')
 # Seconds per opt run: tiny models take well under one. After the first hang the limit
 # drops to HUNG_TIMEOUT, so a bug that hangs every run cannot stall the suite for long.
-TIMEOUT = int(os.environ.get('OPT_TEST_TIMEOUT', '30'))
-HUNG_TIMEOUT = 10
+TIMEOUT = int(os.environ.get('OPT_TEST_TIMEOUT', '20'))
+HUNG_TIMEOUT = 8
 MARGIN = 0.05      # greedy steps with a smaller top-2 margin in the reference are not compared
 SCORE_TOL = 1e-3   # absolute, on natural-log probabilities
 GPU_NOTE = 'opt: no usable GPU'  # a CUDA build's note on a machine without one: not an error line
@@ -272,13 +276,14 @@ MODELS = [
                                                                'f16', '--format', 'bin', '--shards', '2', '--prefix',
                                                                'decoder.', '--layers', '3', '--seed', '8']),
     ('mk-pre-bf16-st2-decoder', 'mk', ['--dtype', 'bf16', '--shards', '2', '--prefix', 'decoder.', '--seed', '9',
-                                       '--hidden', '80', '--heads', '5', '--ffn', '120']),
+                                       '--hidden', '60', '--heads', '5', '--ffn', '120']),  # head_dim 12
     # conversions: same stored values in another container (byte-identical output expected)
     ('cv-post-proj-f16-untied.bin3-decoder', 'convert', ['mk-post-proj-f16-untied', '--format', 'bin', '--shards', '3',
                                                           '--prefix', 'decoder.']),
     ('cv-pre-nofinal.st', 'convert', ['mk-pre-nofinal-nobias-noaffine-f16-bin2-decoder', '--format', 'safetensors',
                                       '--prefix', 'model.decoder.']),
     ('cv-synth-bf16.st', 'convert', ['synth-pre-bf16-bin3-decoder-untied', '--format', 'safetensors']),
+    ('cv-pre-bf16.st1', 'convert', ['mk-pre-bf16-st2-decoder', '--prefix', 'model.decoder.']),
     # converted to another dtype: compared with the reference only
     ('cv-pre-f32-to-bf16.bin', 'convert', ['mk-pre-f32', '--dtype', 'bf16', '--format', 'bin']),
 ]
