@@ -880,7 +880,7 @@ static Pv *up_run(Unpickler *u) {
                 up_fail(u, "unsupported persistent id");
             v = pv_new(u, PV_STORAGE);
             if (!storage_dtype(w->items[1]->s, &v->dtype)) up_fail(u, "unsupported dtype %s (float32, float16 and bfloat16 are)", w->items[1]->s);
-            v->s = w->items[2]->s;
+            v->s = check_strdup(w->items[2]->s); /* its own copy: every value frees its string */
             v->i = pv_int(u, w->items[4], "storage size");
             up_push(u, v);
             break;
@@ -1525,13 +1525,51 @@ static void pack_x(float *xp, const Gemm *g, int Kq) {
 }
 
 /* f32 weight rows (n, K) -> wp[l][k'][j] for the block's LNB rows, zero-padded */
-static void pack_w(float *wp, const float *w, int n, int K, int Kq) {
+static void pack_w_scalar(float *wp, const float *w, int n, int K, int Kq) {
     for (int l = 0; l < 16; l++)
         for (int kq = 0; kq < Kq; kq++) {
             float *o = wp + ((size_t)l * Kq + kq) * LNB;
             int k = 16 * kq + l;
             for (int j = 0; j < LNB; j++) o[j] = j < n && k < K ? w[(size_t)j * K + k] : 0.0f;
         }
+}
+
+/* The same by 16 x 16 transposes in registers: 16 rows' 16 values of one k'
+ * become the 16 lane planes' 16 rows. */
+T_AVX512 static void pack_w_avx512(float *wp, const float *w, int n, int K, int Kq) {
+    for (int j0 = 0; j0 < LNB; j0 += 16)
+        for (int kq = 0; kq < Kq; kq++) {
+            int left = K - 16 * kq;
+            __mmask16 mk = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 r[16], t[16];
+            for (int i = 0; i < 16; i++) r[i] = j0 + i < n ? _mm512_maskz_loadu_ps(mk, w + (size_t)(j0 + i) * K + 16 * kq) : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i += 2) { t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]); }
+            for (int i = 0; i < 16; i += 4)
+                for (int q = 0; q < 2; q++) {
+                    r[i + q] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + q]), _mm512_castps_pd(t[i + 2 + q])));
+                    r[i + 2 + q] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + q]), _mm512_castps_pd(t[i + 2 + q])));
+                }
+            for (int i = 0; i < 4; i++) { /* 128-bit blocks: rows 0-3, 4-7, 8-11, 12-15 */
+                t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+                t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+                t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+                t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+            }
+            for (int i = 0; i < 4; i++) {
+                r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+                r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+                r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+                r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+            }
+            /* r[c] holds one column (k = 16 kq + lane) of the 16 rows; the unpacks leave lanes 1/2 swapped in each quad */
+            static const int lane_of[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+            for (int c = 0; c < 16; c++) _mm512_storeu_ps(wp + ((size_t)lane_of[c] * Kq + kq) * LNB + j0, r[c]);
+        }
+}
+
+static void pack_w(float *wp, const float *w, int n, int K, int Kq) {
+    if (g_simd == SIMD_AVX512) pack_w_avx512(wp, w, n, K, Kq);
+    else pack_w_scalar(wp, w, n, K, Kq);
 }
 
 /* acc (LMR, LNB) = sum over k' of x[k'][i] * w[k'][j], k' in order. */
@@ -1596,9 +1634,10 @@ static void gemm_lanes(const Gemm *g, const float *xp, int Kq, int n0, int n1, c
     }
 }
 
-/* Splits N into blocks that threads take whole. Few rows: the tiles, straight
- * from the stored weights. Many rows: the lane GEMM on f32 panels (widened
- * exactly, once per block). Both give the same bits. */
+/* Splits N into blocks that threads take whole. Up to 63 rows: the tiles,
+ * straight from the stored weights (memory-bound: conversions hide behind the
+ * loads). More: the lane GEMM on packed f32 panels (widened exactly, once per
+ * block). Both give the same bits. */
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
@@ -1608,7 +1647,7 @@ void gemm(const Gemm *g) {
     /* blocks never straddle the split of a tensor whose rows live in two places */
     int split = g->w->data2 && g->w->split > 0 && g->w->split < g->N ? (int)g->w->split : g->N;
     int nblk0 = (split + nb - 1) / nb, nblk = nblk0 + (g->N - split + nb - 1) / nb;
-    bool lanes = g->M >= 8 && g_simd != SIMD_SCALAR;
+    bool lanes = g->M >= 64 && g_simd != SIMD_SCALAR; /* packing pays for itself only over many rows */
     const Tile *tiles = g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
     size_t rb = row_bytes(g->w);
     int Kq = (g->K + 15) / 16;
