@@ -2483,7 +2483,7 @@ static void write_text(const char *path, const char *text, size_t n) {
 }
 
 /* config.json as Hugging Face writes it for OPT (sorted keys, indent 2). */
-static int config_json(const Config *c, DType dt, char *buf, size_t cap) {
+static int config_json(const Config *c, DType dt, int tied, char *buf, size_t cap) {
     char name[64];
     size_t k = 0;
     for (const char *p = c->name; *p && k + 1 < sizeof name; p++) if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20) name[k++] = *p;
@@ -2494,16 +2494,16 @@ static int config_json(const Config *c, DType dt, char *buf, size_t cap) {
         "  \"bos_token_id\": 2,\n  \"do_layer_norm_before\": %s,\n  \"dropout\": 0.1,\n  \"enable_bias\": %s,\n  \"eos_token_id\": %d,\n"
         "  \"ffn_dim\": %d,\n  \"hidden_size\": %d,\n  \"init_std\": 0.02,\n  \"layer_norm_elementwise_affine\": %s,\n  \"layerdrop\": 0.0,\n"
         "  \"max_position_embeddings\": %d,\n  \"model_type\": \"opt\",\n  \"num_attention_heads\": %d,\n  \"num_hidden_layers\": %d,\n"
-        "  \"pad_token_id\": %d,\n  \"prefix\": \"</s>\",\n  \"torch_dtype\": \"%s\",\n  \"transformers_version\": \"4.36.2\",\n  \"use_cache\": true,\n"
-        "  \"vocab_size\": %d,\n  \"word_embed_proj_dim\": %d\n}\n",
+        "  \"pad_token_id\": %d,\n  \"prefix\": \"</s>\",\n  \"tie_word_embeddings\": %s,\n  \"torch_dtype\": \"%s\",\n"
+        "  \"transformers_version\": \"4.36.2\",\n  \"use_cache\": true,\n  \"vocab_size\": %d,\n  \"word_embed_proj_dim\": %d\n}\n",
         name, c->pre_ln && !c->final_ln ? "true" : "false", c->pre_ln ? "true" : "false", c->bias ? "true" : "false", c->eos, c->ffn, c->hidden,
-        c->ln_affine ? "true" : "false", c->max_pos, c->n_head, c->n_layer, c->pad, dt == DT_F32 ? "float32" : dt == DT_BF16 ? "bfloat16" : "float16",
-        c->vocab, c->embed_dim);
+        c->ln_affine ? "true" : "false", c->max_pos, c->n_head, c->n_layer, c->pad, tied ? "true" : "false",
+        dt == DT_F32 ? "float32" : dt == DT_BF16 ? "bfloat16" : "float16", c->vocab, c->embed_dim);
 }
 
-static void config_write(const Config *c, const char *path, DType dt) {
+static void config_write(const Config *c, const char *path, DType dt, int tied) {
     char buf[2048];
-    int n = config_json(c, dt, buf, sizeof buf);
+    int n = config_json(c, dt, tied, buf, sizeof buf);
     write_text(path, buf, (size_t)n);
 }
 
@@ -2513,7 +2513,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
     WSpec *w;
     int n = wspec_list(c, o->prefix, o->tie, &w);
     char *p = path_join(o->out, "config.json");
-    config_write(c, p, o->dtype);
+    config_write(c, p, o->dtype, o->tie);
     free(p);
     static const char gen[] = "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 2,\n  \"eos_token_id\": 2,\n  \"pad_token_id\": 1,\n  \"transformers_version\": \"4.27.0.dev0\"\n}\n";
     static const char stm[] = "{\"bos_token\": \"</s>\", \"eos_token\": \"</s>\", \"unk_token\": \"</s>\", \"pad_token\": \"<pad>\"}";
@@ -2671,7 +2671,7 @@ void native_write(const Model *m, const char *path, int group) {
     }
     buf_str(&fm, "}");
     char cfg[2048];
-    int cl = config_json(c, m->embed.dtype == DT_Q4 ? DT_F16 : m->embed.dtype, cfg, sizeof cfg);
+    int cl = config_json(c, m->embed.dtype == DT_Q4 ? DT_F16 : m->embed.dtype, m->lm_head.data == m->embed.data, cfg, sizeof cfg);
     buf_str(&h, "{\"__metadata__\": {\"format\": \"opt\", \"opt.version\": \"1\", \"opt.config\": ");
     buf_json_str(&h, cfg, (size_t)cl);
     buf_str(&h, ", \"opt.formats\": ");
@@ -3944,7 +3944,11 @@ static void emit_generate(void *ctx, Job *j, int index) {
     } else if (p->o->jsonl) {
         fprintf(p->out, "{\"index\": %d, \"prompt\": ", index);
         if (j->text) json_write_str(p->out, j->text, j->text_len);
-        else { fputc('[', p->out); print_ids(p->out, j->ids, j->n_ids); fputc(']', p->out); }
+        else {
+            fputc('[', p->out);
+            for (int i = 0; i < j->n_ids; i++) fprintf(p->out, i ? ", %d" : "%d", j->ids[i]);
+            fputc(']', p->out);
+        }
         fputs(", \"completion\": ", p->out);
         json_write_str(p->out, b.p ? b.p : "", b.n);
         fputs(", \"ids\": [", p->out);
@@ -4068,6 +4072,8 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
         }
         json_free(js);
         if (j->n_ids == 0) die("%s:%d: no tokens", in.name, in.line);
+        for (int i = 0; i < j->n_ids; i++) /* a small model's vocabulary may not hold every tokenizer id */
+            if (j->ids[i] >= c->vocab) die("%s:%d: token %d is outside the model's vocabulary of %d", in.name, in.line, j->ids[i], c->vocab);
         int total = j->n_ids + (score ? 0 : o->max_new);
         if (total > c->max_pos)
             die("%s:%d: %d prompt tokens%s exceed the model's %d positions", in.name, in.line, j->n_ids,
@@ -4131,7 +4137,8 @@ static void gpu_note(void) {
  * its cache and workspace fit in 90% of its free memory); otherwise cpu. A
  * placement policy runs the block schedule on the CPU. */
 static int device_pick(const Opts *o, const Model *m, int slots, int cap, int rows) {
-    const char *d = o->device ? o->device : "auto";
+    const char *d = o->device ? o->device : getenv("OPT_DEVICE") && *getenv("OPT_DEVICE") ? getenv("OPT_DEVICE") : "auto";
+    if (strcmp(d, "cpu") && strcmp(d, "gpu") && strcmp(d, "auto")) die("OPT_DEVICE=%s: expected cpu, gpu or auto", d);
     if (!strcmp(d, "cpu")) return 0;
     if (!strcmp(d, "gpu")) {
         if (!gpu_available()) die("--device gpu: no usable GPU (%s)", gpu_describe());

@@ -284,6 +284,13 @@ typedef struct {
     double cpu_attn_c[3];      /* FlexGen's T4 correction of both (c1, c2, c3); 0 = none */
     double cpu_mem_bw;         /* streaming read bandwidth of RAM */
     double layer_overhead;     /* fixed seconds per layer and GPU batch (launches, syncs) */
+    /* CPU-only path (0 = derived from the fields above; see hw_load in lp.c) */
+    double cpu_gemm_q4_flops_g;/* CPU GEMM at M = 64 with 4-bit weights */
+    double cpu_gemm_q4_flops_p;/* CPU GEMM at M = 512 with 4-bit weights */
+    double cpu_attn_flops_p;   /* prefill attention on the CPU, causal FLOPs per second (f32 cache) */
+    double cpu_attn_q4_flops_p;/* the same with a 4-bit cache (quantizing the new entries included) */
+    double cpu_region_s;       /* seconds per OpenMP parallel region (fork, wake-up, join) */
+    double io_req_cpu_s;       /* CPU seconds per request of the engine's I/O threads */
 } Hardware;
 
 /* kernels.cu answers these on CUDA builds; lp.c's weak stand-ins return -1 ("no GPU"). */

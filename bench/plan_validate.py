@@ -58,7 +58,7 @@ GRID = [
 PLANS = [
     ("opt-125m", "planner's pick", ["--max-block", "16"]),
     ("2048x6x32x8192", "planner's pick", ["--max-block", "8"]),
-    ("2048x6x32x8192", "planner's pick, --cpu-mem 1G", ["--max-block", "8", "--cpu-mem", "1G"]),
+    ("2048x6x32x8192", "planner's pick, --cpu-mem 640M", ["--max-block", "8", "--cpu-mem", "640M"]),
 ]
 
 
@@ -96,6 +96,18 @@ def bench(opt, mdir, m, flags, offdir, threads):
     return d
 
 
+def probe_now(a, path):
+    """A quick probe just before each run: other jobs on a shared machine change its speed from
+    one minute to the next, and a prediction can only be as current as its probe."""
+    env = dict(os.environ)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    r = subprocess.run([a.opt, "probe", "--offload-dir", a.offload_dir, "--disk-bytes", "128M", "-o", path],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if r.returncode:
+        sys.exit("probe failed: %s" % r.stderr.strip())
+
+
 def cmd_run(a):
     probe = json.load(open(a.probe))
     cases = []
@@ -119,7 +131,10 @@ def cmd_run(a):
     for rep in range(a.reps):  # round robin: load drifts spread over every case alike
         for i, c in enumerate(cases):
             m = MODELS[c["model"]]
+            pfile = os.path.join(os.path.dirname(a.raw), "probe-run.json")
+            probe_now(a, pfile)
             d = bench(a.opt, os.path.join(a.models, c["model"]), m, c["flags"], a.offload_dir, a.threads)
+            d["probe"] = json.load(open(pfile))
             c["runs"].append(d)
             print("[%3.0fs] rep %d  %-16s %-36s total %7.2f tok/s (prefill %.1f, decode %.2f)  load %s" % (
                 time.time() - t0, rep + 1, c["model"], c["label"], d["total_throughput"], d["prefill_throughput"],

@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad cuda):
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 plan cuda gpu):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -10,7 +10,11 @@
 #   model    tests/test_model.py: `opt score` / `opt generate` end to end against the numpy
 #            reference tests/ref_opt.py on synthetic checkpoints of every layout
 #   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
+#   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
+#   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
 #   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
+#   gpu      tests/gpu.sh: the GPU tests, where there is a GPU (skipped otherwise)
+# The CPU groups run with OPT_DEVICE=cpu, so a CUDA build on a GPU machine tests its CPU path.
 # One line per group (PASS/FAIL/SKIP and seconds), the failures' details under a failed
 # group, then a summary. Exit status 0 only when no group failed.
 #
@@ -30,12 +34,13 @@ SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        kernels|tok|lp|model|bad|cuda) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad cuda)"; exit 2 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        kernels|tok|lp|model|bad|w8a8|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 plan cuda gpu)"; exit 2 ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad cuda"
+[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 plan cuda gpu"
+export OPT_DEVICE=cpu
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/opt-tests.XXXXXX") || exit 2
 cleanup() {
@@ -60,7 +65,7 @@ result() {
     esac
     if [ -n "${4:-}" ] && [ -f "$4" ]; then
         if [ "${VERBOSE:-0}" = 1 ]; then sed 's/^/    | /' "$4"
-        elif [ "$2" = FAIL ]; then grep -v '^  ok \|^PASS ' "$4" | head -n 120 | sed 's/^/    | /'
+        elif [ "$2" = FAIL ]; then grep -v -e '^  ok ' -e '^PASS ' "$4" | head -n 120 | sed 's/^/    | /'
         fi
     fi
 }
@@ -76,7 +81,7 @@ need_bin() { # need_bin GROUP BINARY: FAIL the group when the binary is missing
 
 run_kernels() {
     log=$TMP/kernels.log
-    # opt.c and every other C source but opt.c's main (quant.c, lp.c, ...)
+    # every top-level C file but opt.c, which test_kernels.c includes (lp.c, quant.c, ...)
     srcs=$(ls ./*.c | grep -v '^\./opt\.c$' | tr '\n' ' ')
     if ! $CC -std=c11 -O2 -fopenmp -ffp-contract=off -D_GNU_SOURCE -DOPT_NO_MAIN -I. tests/test_kernels.c $srcs -lm \
             -o "$TMP/test_kernels" >"$log" 2>&1; then
@@ -131,6 +136,35 @@ run_bad() {
         result bad PASS "$(last_line "$log")" "$log"
     else
         result bad FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_w8a8() {
+    need_bin w8a8 "$OPT" || return
+    log=$TMP/w8a8.log
+    if "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8" >"$log" 2>&1; then
+        result w8a8 PASS "$(last_line "$log")" "$log"
+    else
+        result w8a8 FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_plan() {
+    need_bin plan "$OPT" || return
+    log=$TMP/plan.log
+    if sh tests/test_plan.sh "$OPT" >"$log" 2>&1; then
+        result plan PASS "$(last_line "$log")" "$log"
+    else
+        result plan FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_gpu() {
+    log=$TMP/gpu.log
+    if OPT_DEVICE= sh tests/gpu.sh >"$log" 2>&1; then
+        if grep -q skipped "$log"; then result gpu SKIP "$(last_line "$log")" "$log"; else result gpu PASS "$(last_line "$log")" "$log"; fi
+    else
+        result gpu FAIL "$(last_line "$log")" "$log"
     fi
 }
 

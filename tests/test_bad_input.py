@@ -108,8 +108,9 @@ def expect_error(what, args, stdin=b'', names=(), status=1, one_line=True, stdou
     report(not problems, what, '; '.join(problems) + '\n$ opt %s\n%s' % (' '.join(args), text[:1500]))
 
 
-def expect_clean(what, args, stdin, n_lines):
-    """A valid run: exit 0, n_lines lines on stdout, no sanitizer report."""
+def clean_run_problem(args, stdin, n_lines):
+    """A valid run must exit 0 with n_lines lines on stdout and no sanitizer report;
+    returns what went wrong, or None."""
     rc, out, err = run(args, stdin)
     text = err.decode('utf-8', 'replace')
     problems = []
@@ -119,7 +120,11 @@ def expect_clean(what, args, stdin, n_lines):
         problems.append('exit status %s' % rc)
     if out.count(b'\n') != n_lines:
         problems.append('%d output lines, expected %d' % (out.count(b'\n'), n_lines))
-    report(not problems, what, '; '.join(problems) + '\n$ opt %s\n%s' % (' '.join(args), text[:1500]))
+    if not problems:
+        return None
+    report_lines = [l for l in text.split('\n') if 'ERROR' in l or l.strip().startswith(('#1 ', '#2 ', '#3 ')) or
+                    l.startswith('opt: ')]
+    return '; '.join(problems) + '\n$ opt %s\n%s' % (' '.join(args), '\n'.join(report_lines[:5]))
 
 
 def mk(tmp, name, *args):
@@ -157,13 +162,19 @@ def cases(tmp):
                 mk(tmp, 'ctl-bin2', '--hidden', '16', '--heads', '4', '--ffn', '32', '--max-pos', '32', '--format', 'bin',
                    '--shards', '2', '--dtype', 'bf16', '--prefix', 'decoder.')]
     for d in controls:
+        problems, labels = [], []
         for args, stdin, n_out in ((['score', '--ids', '-b', '2'], '2 5 6 7\n2\n2 9 10 11 12 13 14\n', 3),
                                    (['generate', '--ids', '-n', '4', '-b', '2', '--ignore-eos'], '2 5 6\n2 7\n2 8 9 10\n', 3),
                                    (['generate', '--jsonl', '-n', '3', '--temperature', '0.8', '--top-k', '5', '--top-p', '0.9'],
                                     '{"prompt": "Hello"}\n{"ids": [2, 5]}\n', 2),
                                    (['score', '--jsonl'], '{"prompt": "Hello world"}\n', 1),
                                    (['generate', '--stream', '-n', '3'], 'Hi\n', 1)):
-            expect_clean('%s: %s' % (os.path.basename(d), ' '.join(args)), args + ['-m', d], stdin, n_out)
+            labels.append(' '.join(args[:2]))
+            p = clean_run_problem(args + ['-m', d], stdin, n_out)
+            if p:
+                problems.append(p)
+        report(not problems, '%s: %s run clean' % (os.path.basename(d), ', '.join(labels)),
+               '%d of %d runs failed; the first:\n%s' % (len(problems), len(labels), problems[0]) if problems else '')
 
     print('[broken checkpoints: tests/bad_ckpt.py]')
     bad = os.path.join(tmp, 'bad')

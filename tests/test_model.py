@@ -368,6 +368,12 @@ def test_synth_config(models):
 
 
 def test_score_and_greedy(models):
+    """Every checkpoint variant, scored and decoded greedily, against ref_opt. Guards
+    the loaders (formats, shards, prefixes, dtypes, tying) and every architecture
+    switch (pre/post-LN, projections, final LN, biases, LayerNorm affinity): a
+    misread tensor or a skipped step moves log-probabilities by far more than 1e-3.
+    Prompts of lengths 1..48 share one batch, so the packing of rows of different
+    lengths is checked too; -b 1 and -b 2 must give the same bytes."""
     section('score: score and greedy vs ref_opt.py, every checkpoint variant')
     outputs = {}
     for name, d in models.items():
@@ -417,6 +423,9 @@ def test_score_and_greedy(models):
 
 
 def test_conversions(models, score_out):
+    """The same stored values in another container must give the same bytes: a
+    loader that reads one format slightly differently (an offset, a dtype) shows up
+    even where the 1e-3 tolerance against the reference would hide it."""
     section('convert: converted checkpoints give byte-identical output')
     for name, kind, args in MODELS:
         if kind != 'convert' or '--dtype' in args:
@@ -442,6 +451,9 @@ def simd_levels(d):
 
 
 def test_invariance(models):
+    """The design's claim that a sequence's result depends on nothing but itself:
+    not on batch size, batch-mates, thread count, --step-rows (prefill chunking) or
+    the SIMD level (fixed reduction order). Checked byte for byte."""
     section('invariance: batch, thread, step and SIMD level (byte-identical output)')
     for name in INVARIANCE_MODELS:
         if name not in models:
@@ -472,6 +484,8 @@ def test_invariance(models):
 
 
 def test_text(models, tok):
+    """Text in, text out: prompts are tokenized (BOS first) and completions decoded
+    and escaped exactly as the id modes and an independent tokenizer say."""
     section('text: text prompts')
     d = models.get('mk-pre-f32')
     if not d or tok.hf is None:
@@ -489,6 +503,12 @@ def test_text(models, tok):
         bad = ['prompt %d: %r\n  expected %r' % (i, a, b) for i, (a, b) in enumerate(zip(g_text.lines, want)) if a != b]
         check(not bad and len(g_text.lines) == len(prompts),
               'generate prints the escaped, decoded continuation of the tokenized prompt', '\n'.join(bad))
+    # --stream prints the raw (unescaped) completion as it comes, then a newline
+    i = 1  # the prompt with a tab, a newline and a backslash
+    st = opt(['generate', '--stream', '-m', d, '-n', str(n), '--ignore-eos'], [prompts[i]])
+    if ok_run(st, 'generate --stream') and g_ids.rc == 0:
+        want = tok.decode_bytes([int(x) for x in g_ids.lines[i].split()]) + b'\n'
+        check(st.out == want, '--stream prints the raw completion and a newline', 'got %r\nexpected %r' % (st.out, want))
     s_text = opt(['score', '-m', d], prompts)
     s_ids = opt(['score', '--ids', '-m', d], id_lines(ids))
     if ok_run(s_text, 'score text') and ok_run(s_ids, 'score --ids'):
@@ -510,6 +530,10 @@ def find_eos_prompts(m, rng, candidates, n):
 
 
 def test_eos(tmp, tok):
+    """</s> (id 2) ends a completion (after printing it) unless --ignore-eos; a
+    sequence that stops frees its slot without disturbing its batch-mates. A
+    64-token vocabulary makes id 2 a likely greedy choice; the prompts are those
+    whose reference continuation reaches it with clear margins."""
     section('eos: end of sequence (</s>, id 2)')
     d = make_model(tmp, 'mk-vocab64', 'mk', ['--vocab', '64', '--hidden', '32', '--ffn', '64', '--seed', '11'])
     if not os.path.isdir(str(d)):
@@ -604,6 +628,9 @@ def sample_dist(logits, temperature, top_k, top_p):
 
 
 def test_sampling(models, tmp):
+    """Seeded sampling is reproducible whatever the batch, threads or SIMD level
+    (each sequence has its own random stream), and it samples the right
+    distribution: temperature, then top-k, then top-p, as transformers does."""
     section('sampling: temperature, top-k, top-p, seed')
     d = models.get('mk-pre-f32')
     if not d:
@@ -663,6 +690,8 @@ def test_sampling(models, tmp):
 
 
 def test_jsonl(models, tok):
+    """--jsonl is for programs: every line must parse, hold exactly the documented
+    fields, and agree with the plain-text modes."""
     section('jsonl: --jsonl in and out')
     d = models.get('mk-pre-f32')
     if not d or tok.hf is None:
@@ -729,6 +758,9 @@ def test_jsonl(models, tok):
 
 
 def test_escapes(models, tok):
+    """The line format's escapes: \\n, \\t and \\\\ stand for newline, tab and
+    backslash on input and are written back the same way, so any text survives a
+    round trip through one-line-per-item files."""
     section('escapes: through tokenize and tokenize --decode')
     lines = ['a\\nb', 'tab\\there', 'back\\\\slash', '\\\\n is a backslash and an n', 'ends in a backslash\\\\',
              '\\\\\\\\', '\\n\\n\\t', 'plain', '']
@@ -753,6 +785,7 @@ def test_escapes(models, tok):
 
 
 def test_n0(models):
+    """-n 0 is a request for nothing: no token may be generated."""
     section('n0: -n 0')
     d = models.get('mk-pre-f32')
     if not d:
@@ -781,6 +814,9 @@ def one_line_error(r, must_contain=()):
 
 
 def test_positions(tmp):
+    """The learned position table bounds a sequence: up to max_position_embeddings
+    tokens work, one more is refused up front (no partial output) with an error
+    naming the input line, instead of reading past the table."""
     section('positions: max_position_embeddings')
     d = make_model(tmp, 'mk-maxpos16', 'mk', ['--max-pos', '16', '--hidden', '32', '--ffn', '64', '--seed', '13'])
     if not os.path.isdir(str(d)):
@@ -812,6 +848,8 @@ def test_positions(tmp):
 
 
 def test_file_vs_stdin(models, tmp):
+    """-f FILE and stdin are the same input path (including a last line without a
+    newline)."""
     section('file: -f FILE vs stdin')
     d = models.get('mk-pre-f32')
     if not d:
