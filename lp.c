@@ -26,6 +26,7 @@
 #include <string.h>
 #include <fcntl.h>
 #include <omp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <strings.h>
 #include <sys/stat.h>
@@ -923,27 +924,39 @@ static const Hardware hw_h100 = {
     .cpu_attn_bw = 100e9, .cpu_attn_q4_bw = 40e9, .cpu_mem_bw = 200e9, .layer_overhead = 20e-6,
 };
 
-/* The probe file: one JSON object, "format": "opt-probe-1", numbers in bytes, bytes/s and
- * FLOP/s. Keys marked 1 are required; GPU keys only when "gpu" is true. */
-typedef struct { const char *key; size_t off; int gpu; } ProbeKey;
-#define PK(k, g) {#k, offsetof(Hardware, k), g}
+/* The probe file: one JSON object, "format": "opt-probe-1", numbers in bytes, bytes/s, FLOP/s and
+ * seconds. Keys with gpu = 1 only when "gpu" is true; keys with opt = 1 may be absent (files of
+ * earlier probes), and hw_derive then fills them in. */
+typedef struct { const char *key; size_t off; int gpu, opt; } ProbeKey;
+#define PK(k, g) {#k, offsetof(Hardware, k), g, 0}
+#define PKO(k) {#k, offsetof(Hardware, k), 0, 1}
 static const ProbeKey probe_keys[] = {
     PK(cpu_mem, 0), PK(disk_mem, 0), PK(disk_read_bw, 0), PK(disk_write_bw, 0),
     PK(cpu_gemv_bw, 0), PK(cpu_gemv_q4_bw, 0), PK(cpu_gemm_flops_g, 0), PK(cpu_gemm_flops_p, 0),
     PK(cpu_mem_bw, 0),
     PK(gpu_mem, 1), PK(h2d_bw, 1), PK(d2h_bw, 1), PK(gpu_mem_bw, 1), PK(gpu_gemm_flops_g, 1),
     PK(gpu_gemm_flops_p, 1), PK(gpu_bmm_flops_p, 1), PK(gpu_bmm_flops_g, 1), PK(gpu_dequant_bw, 1),
+    PKO(cpu_gemm_q4_flops_g), PKO(cpu_gemm_q4_flops_p), PKO(cpu_attn_bw), PKO(cpu_attn_q4_bw),
+    PKO(cpu_attn_flops_p), PKO(cpu_attn_q4_flops_p), PKO(cpu_region_s), PKO(io_req_cpu_s),
 };
 #define PROBE_FORMAT "opt-probe-1"
 
-/* What the probe does not measure separately: cache stores as fast as other copies, and
- * decode attention on the CPU at the GEMV rates (bytes/s), since it is a GEMV per head over
- * the cache's rows, like the probe's GEMV over weight rows. */
+/* What the probe does not measure separately: cache stores as fast as other copies. What older
+ * probe files lack (and the built-in profiles leave at 0): decode attention on the CPU at the
+ * GEMV rates (bytes/s), a GEMV per head over the cache's rows; prefill attention at the M = 64
+ * GEMM rate; 4-bit GEMMs as fast as f16 ones; one parallel region per 16th of the layer
+ * overhead (what earlier probes measured: 16 regions); 5 us of CPU per I/O request. */
 static void hw_derive(Hardware *hw) {
     hw->d2h_cache_bw = hw->d2h_bw;
     hw->disk_write_cache_bw = hw->disk_write_bw;
-    hw->cpu_attn_bw = hw->cpu_gemv_bw;
-    hw->cpu_attn_q4_bw = hw->cpu_gemv_q4_bw;
+    if (!(hw->cpu_attn_bw > 0)) hw->cpu_attn_bw = hw->cpu_gemv_bw;
+    if (!(hw->cpu_attn_q4_bw > 0)) hw->cpu_attn_q4_bw = hw->cpu_gemv_q4_bw;
+    if (!(hw->cpu_attn_flops_p > 0)) hw->cpu_attn_flops_p = hw->cpu_gemm_flops_g;
+    if (!(hw->cpu_attn_q4_flops_p > 0)) hw->cpu_attn_q4_flops_p = hw->cpu_attn_flops_p;
+    if (!(hw->cpu_gemm_q4_flops_g > 0)) hw->cpu_gemm_q4_flops_g = hw->cpu_gemm_flops_g;
+    if (!(hw->cpu_gemm_q4_flops_p > 0)) hw->cpu_gemm_q4_flops_p = hw->cpu_gemm_flops_p;
+    if (!(hw->cpu_region_s > 0) && !hw->has_gpu) hw->cpu_region_s = hw->layer_overhead / 16, hw->layer_overhead = 0;
+    if (!(hw->io_req_cpu_s > 0)) hw->io_req_cpu_s = 5e-6;
 }
 
 void hw_load(Hardware *hw, const char *spec) {
@@ -982,6 +995,7 @@ void hw_load(Hardware *hw, const char *spec) {
         const ProbeKey *k = &probe_keys[i];
         if (k->gpu && !hw->has_gpu) continue;
         const Json *v = json_get(j, k->key);
+        if (!v && k->opt) continue;
         if (!v || v->type != J_NUM || !(v->num > 0) || !isfinite(v->num))
             die("%s: probe file: \"%s\" is missing or not a positive number", spec, k->key);
         *(double *)((char *)hw + k->off) = v->num;
@@ -1893,19 +1907,22 @@ static int double_cmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* Median of the times of at least 3 runs of fn (and up to ~0.5 s of them), after one warm-up. */
+/* Mean time of fn over at least 3 runs (and up to ~0.5 s of them), after one warm-up. The mean,
+ * not the median: the engine's time is a sum of such operations, so the rare slow one (another
+ * process took the CPU, a thread was descheduled while its partner waited at a barrier) costs
+ * the engine as much as it costs here; on a machine shared with other jobs that is most of the
+ * difference between a quiet minute and a busy one. */
 static double probe_time(void (*fn)(void *), void *ctx) {
-    double t[32];
     int r = 0;
     fn(ctx);
-    double start = now_sec();
-    while (r < 32 && (r < 3 || now_sec() - start < 0.5)) {
+    double start = now_sec(), sum = 0;
+    while (r < 1000 && (r < 3 || now_sec() - start < 0.5)) {
         double t0 = now_sec();
         fn(ctx);
-        t[r++] = now_sec() - t0;
+        sum += now_sec() - t0;
+        r++;
     }
-    qsort(t, r, sizeof *t, double_cmp);
-    return t[r / 2];
+    return sum / r;
 }
 
 typedef struct {
@@ -1924,9 +1941,19 @@ static void probe_stream(void *p) {
 
 typedef struct {
     Gemm g;                /* the GEMM timed */
+    const char *base;      /* n_w copies of the weights, stride bytes apart: one per run in turn */
+    size_t stride;
+    int n_w, at;
 } GemmCtx;
 
-static void probe_gemm_run(void *p) { gemm(&((GemmCtx *)p)->g); }
+static void probe_gemm_run(void *p) {
+    GemmCtx *c = p;
+    Tensor t = *c->g.w;
+    if (c->base) t.data = c->base + c->stride * (size_t)(c->at++ % c->n_w);
+    Gemm g = c->g;
+    g.w = &t;
+    gemm(&g);
+}
 
 static void probe_omp_empty(void *p) {
     (void)p;
@@ -1943,42 +1970,114 @@ static void probe_fill_f16(uint16_t *w, size_t n) {
     }
 }
 
-/* CPU rates with opt's own gemm(): bytes/s at M = 1 (f16 and 4-bit), FLOP/s at M = 64 and 512. */
+/* The engine's GEMMs, as the cost model sees them (cost_cpu_gemm): at M = 1 the rate of
+ * streaming the weights (bytes/s), and the FLOP rates at M = 64 and 512 that fix the lane
+ * path's cost per weight and per FLOP. The GEMVs rotate over copies of the matrix filling
+ * PROBE_WS bytes, more than any last-level cache (this VM reports 480 MiB of L3), so that they
+ * measure RAM, as the engine's decode does for any model worth offloading; a single 128 MiB
+ * matrix stays in such a cache and reads several times faster than the engine ever does. */
+#define PROBE_WS (1024.0 * 1048576)
 static void probe_cpu(Hardware *hw) {
     const int K = 4096, N1 = 16384, N = 4096;
     size_t nw = (size_t)N1 * K;
-    uint16_t *w = check_malloc(nw * 2, "probe weights");
+    double ws = fmin(PROBE_WS, hw->cpu_mem / 16);
+    int nrot = (int)fmax(1, ceil(ws / (2.0 * nw)));
+    uint16_t *w = check_malloc(nw * 2 * (size_t)nrot, "probe weights");
     probe_fill_f16(w, nw);
+    for (int i = 1; i < nrot; i++) memcpy(w + nw * (size_t)i, w, nw * 2);
     float *x = check_calloc((size_t)512 * K * sizeof(float), "probe inputs");
     float *y = check_calloc((size_t)512 * N1 * sizeof(float), "probe outputs");
     for (size_t i = 0; i < (size_t)512 * K; i++) x[i] = (float)((i * 2654435761u) % 1000) / 1000 - 0.5f;
     Tensor t = {.dtype = DT_F16, .rows = N1, .cols = K, .data = w, .tier = TIER_CPU, .name = "probe"};
-    GemmCtx gc = {.g = {.y = y, .x = x, .w = &t, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K}};
+    GemmCtx gc = {.g = {.y = y, .x = x, .w = &t, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K},
+                  .base = (const char *)w, .stride = nw * 2, .n_w = nrot};
     hw->cpu_gemv_bw = 2.0 * nw / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemv f16 (1 x %d x %d)   %.1f GB/s of weights\n", N1, K, hw->cpu_gemv_bw / 1e9);
-    t.rows = N, gc.g.N = N, gc.g.ldy = N;
+    fprintf(stderr, "probe: cpu gemv f16 (1 x %d x %d, %d copies) %.1f GB/s of weights\n", N1, K, nrot, hw->cpu_gemv_bw / 1e9);
+    t.rows = N, gc.g.N = N, gc.g.ldy = N, gc.base = NULL;
     gc.g.M = 64;
     hw->cpu_gemm_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
     fprintf(stderr, "probe: cpu gemm f16 (64 x %d x %d)  %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_g / 1e9);
     gc.g.M = 512;
     hw->cpu_gemm_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
     fprintf(stderr, "probe: cpu gemm f16 (512 x %d x %d) %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_p / 1e9);
+    free(w);
 
     /* 4-bit: one quantized row copied to every row (the rate does not depend on the values) */
     const int G = 64;
-    size_t rb = q4_row_bytes(K, G);
-    uint8_t *q = check_malloc(rb * N1, "probe 4-bit weights");
+    size_t rb = q4_row_bytes(K, G), qb = rb * N1;
+    int nq = (int)fmax(1, ceil(ws / (double)qb));
+    uint8_t *q = check_malloc(qb * (size_t)nq, "probe 4-bit weights");
     float *row = check_malloc(sizeof(float) * K, "probe row");
     for (int i = 0; i < K; i++) row[i] = (float)((i * 7919) % 255) / 127.0f - 1;
     q4_quantize_row(q, row, K, G, "probe");
-    for (int r = 1; r < N1; r++) memcpy(q + rb * r, q, rb);
+    for (size_t r = 1; r < (size_t)N1 * nq; r++) memcpy(q + rb * r, q, rb);
     Tensor tq = {.dtype = DT_Q4, .rows = N1, .cols = K, .data = q, .group = G, .tier = TIER_CPU, .name = "probe"};
-    gc.g = (Gemm){.y = y, .x = x, .w = &tq, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K};
-    hw->cpu_gemv_q4_bw = (double)rb * N1 / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemv 4-bit (1 x %d x %d) %.1f GB/s of 4-bit weights\n", N1, K, hw->cpu_gemv_q4_bw / 1e9);
-    /* per-layer overhead of the CPU path: ~16 parallel regions a layer (a guess at the engine) */
-    hw->layer_overhead = 16 * probe_time(probe_omp_empty, NULL);
-    free(row), free(q), free(w), free(x), free(y);
+    gc = (GemmCtx){.g = {.y = y, .x = x, .w = &tq, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K},
+                   .base = (const char *)q, .stride = qb, .n_w = nq};
+    hw->cpu_gemv_q4_bw = (double)qb / probe_time(probe_gemm_run, &gc);
+    fprintf(stderr, "probe: cpu gemv 4-bit (1 x %d x %d, %d copies) %.1f GB/s of 4-bit weights\n", N1, K, nq, hw->cpu_gemv_q4_bw / 1e9);
+    tq.rows = N, gc.g.N = N, gc.g.ldy = N, gc.base = NULL;
+    gc.g.M = 64;
+    hw->cpu_gemm_q4_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
+    gc.g.M = 512;
+    hw->cpu_gemm_q4_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
+    fprintf(stderr, "probe: cpu gemm 4-bit (64 / 512 x %d x %d) %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_q4_flops_g / 1e9,
+            hw->cpu_gemm_q4_flops_p / 1e9);
+    /* one OpenMP parallel region: waking the other threads and joining them. On a VM whose idle
+     * vCPUs halt this is tens of microseconds, and the engine runs ~7-16 of them per layer and
+     * GPU batch (cost_cpu_regions) */
+    hw->cpu_region_s = probe_time(probe_omp_empty, NULL);
+    fprintf(stderr, "probe: cpu parallel region             %.1f us\n", hw->cpu_region_s * 1e6);
+    hw->layer_overhead = 0; /* the CPU path counts its regions instead */
+    free(row), free(q), free(x), free(y);
+}
+
+/* The engine's own attention (cpu_backend.attention) over a cache of `dt`: decode, one new
+ * position per sequence over 512 cached ones (bytes of cache read per second), and prefill, 256
+ * new positions per sequence (causal FLOPs per second, 4 h (p + 1) for the row at position p;
+ * storing the new keys and values, quantized for a 4-bit cache, included). */
+typedef struct {
+    const Config *c;
+    KVLayer *kv;
+    Step st;
+    Scratch *s;
+} AttnCtx;
+
+static void probe_attn_run(void *p) {
+    AttnCtx *a = p;
+    cpu_backend.attention(a->c, a->kv, &a->st, a->s);
+}
+
+static void probe_attention(Hardware *hw) {
+    Config c = {.hidden = 1024, .ffn = 4096, .n_layer = 1, .n_head = 16, .head_dim = 64, .vocab = 64, .max_pos = 1024,
+                .embed_dim = 1024, .pre_ln = 1, .final_ln = 1, .bias = 1, .ln_affine = 1};
+    const int nseq = 16, cap = 528, pos = 512, pseq = 2, plen = 256, rows = pseq * plen > nseq ? pseq * plen : nseq;
+    int *tok = check_calloc(sizeof(int) * 3 * (size_t)rows, "probe steps"), *slot = tok + rows, *ps = slot + rows;
+    Scratch s;
+    scratch_init(&s, &c, rows, cap);
+    for (size_t i = 0; i < (size_t)rows * c.hidden; i++)
+        s.q[i] = s.k[i] = s.v[i] = (float)((i * 2654435761u) % 1000) / 4000 - 0.125f;
+    for (int q4 = 0; q4 < 2; q4++) {
+        KVCache kv;
+        DType dt = q4 ? DT_Q4 : DT_F32;
+        kv_init(&kv, &c, nseq, cap, dt, 64);
+        for (int i = 0; i < nseq; i++) slot[i] = i, ps[i] = pos;
+        AttnCtx a = {&c, &kv.layer[0], {nseq, tok, slot, ps, NULL}, &s};
+        double t = probe_time(probe_attn_run, &a);
+        double per_pos = q4 ? 2.0 * c.n_head * q4_row_bytes(c.head_dim, kv_group(c.head_dim, 64)) : 2.0 * c.hidden * 4;
+        double bw = nseq * (pos + 1.0) * per_pos / t;
+        for (int r = 0; r < pseq * plen; r++) slot[r] = r / plen, ps[r] = r % plen;
+        a.st.n = pseq * plen;
+        t = probe_time(probe_attn_run, &a);
+        double fl = 2.0 * c.hidden * pseq * plen * (plen + 1.0) / t;
+        if (q4) hw->cpu_attn_q4_bw = bw, hw->cpu_attn_q4_flops_p = fl;
+        else hw->cpu_attn_bw = bw, hw->cpu_attn_flops_p = fl;
+        fprintf(stderr, "probe: cpu attention, %s cache: decode %.1f GB/s of cache, prefill %.1f GFLOP/s\n", q4 ? "4-bit" : "f32  ",
+                bw / 1e9, fl / 1e9);
+        kv_free(&kv);
+    }
+    scratch_free(&s);
+    free(tok);
 }
 
 static void probe_memory(Hardware *hw) {
@@ -2089,6 +2188,85 @@ static void probe_disk(Hardware *hw, const char *dir, double bytes, int *direct)
     fprintf(stderr, "probe: disk read                      %.2f GB/s\n", hw->disk_read_bw / 1e9);
 }
 
+/* CPU cost of one request of the engine's I/O threads (offload.c's pool): a queue under a mutex,
+ * a condition variable per submission, 4 workers doing pread. The cache's and the activations'
+ * disk share is read and written in small requests (two per (sequence, head) area and
+ * direction, every layer and GPU batch) through the page cache, so on a small machine their
+ * cost is the CPU these take from the compute threads, not the disk's bandwidth. Measured as
+ * the process's CPU seconds per 4 KiB buffered read of a cached file. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv, done;
+    int fd, queued, pending, stop;
+    char *buf;
+} ReqPool;
+
+static void *probe_req_worker(void *arg) {
+    ReqPool *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->queued && !p->stop) pthread_cond_wait(&p->cv, &p->mu);
+        if (!p->queued) break;
+        int i = --p->queued;
+        pthread_mutex_unlock(&p->mu);
+        char tmp[4096];
+        if (pread(p->fd, tmp, sizeof tmp, (off_t)(i % 4096) * 4096) < 0) tmp[0] = 0;
+        p->buf[i % 64] = tmp[0];
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0) pthread_cond_broadcast(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void probe_io_requests(Hardware *hw, const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/opt-probe-req-%ld.tmp", dir, (long)getpid());
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) die("%s: cannot create the probe's file: %s", dir, strerror(errno));
+    unlink(path); /* gone when closed, also if we die */
+    char *blk = check_calloc(1 << 20, "probe buffer");
+    for (int i = 0; i < 16; i++)
+        if (pwrite(fd, blk, 1 << 20, (off_t)i << 20) != 1 << 20) die("%s: writing the probe's file failed", dir);
+    ReqPool p = {.fd = fd, .buf = blk};
+    pthread_mutex_init(&p.mu, NULL);
+    pthread_cond_init(&p.cv, NULL);
+    pthread_cond_init(&p.done, NULL);
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++)
+        if (pthread_create(&th[i], NULL, probe_req_worker, &p)) die("cannot start the probe's threads");
+    const int groups = 60, per = 96; /* e.g. 12 heads x 4 sequences x 2 (keys, values) */
+    struct timespec c0, c1;
+    double w0 = now_sec();
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    for (int g = 0; g < groups; g++) {
+        pthread_mutex_lock(&p.mu);
+        p.pending += per;
+        pthread_mutex_unlock(&p.mu);
+        for (int r = 0; r < per; r++) { /* one submission at a time, as io_submit does */
+            pthread_mutex_lock(&p.mu);
+            p.queued++;
+            pthread_cond_signal(&p.cv);
+            pthread_mutex_unlock(&p.mu);
+        }
+        pthread_mutex_lock(&p.mu);
+        while (p.pending) pthread_cond_wait(&p.done, &p.mu);
+        pthread_mutex_unlock(&p.mu);
+    }
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    double cpu = (double)(c1.tv_sec - c0.tv_sec) + 1e-9 * (double)(c1.tv_nsec - c0.tv_nsec), wall = now_sec() - w0;
+    pthread_mutex_lock(&p.mu);
+    p.stop = 1;
+    pthread_cond_broadcast(&p.cv);
+    pthread_mutex_unlock(&p.mu);
+    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    close(fd);
+    free(blk);
+    hw->io_req_cpu_s = cpu / (groups * per);
+    fprintf(stderr, "probe: I/O request (4 KiB, page cache) %.1f us of CPU (%.1f us of wall time)\n", hw->io_req_cpu_s * 1e6,
+            wall / (groups * per) * 1e6);
+}
+
 static const char probe_usage[] =
     "usage: opt probe [--offload-dir DIR] [--disk-bytes SIZE] [--buffered] [-o FILE]\n"
     "  Measures this machine for `opt plan --hw FILE`:\n"
@@ -2116,8 +2294,10 @@ void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, in
         fprintf(stderr, "probe: no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
     }
     probe_disk(hw, dir, disk_bytes, direct);
+    probe_io_requests(hw, dir);
     probe_memory(hw);
     probe_cpu(hw);
+    probe_attention(hw);
     if (hw->has_gpu) hw->layer_overhead = 20e-6; /* launches and a sync; kernels.cu may measure it */
     snprintf(hw->name, sizeof hw->name, "this machine (measured now)");
     hw_derive(hw);
@@ -2162,7 +2342,7 @@ int probe_main(int argc, char **argv) {
     fprintf(f, ", \"disk_direct_io\": %s, \"disk_probe_bytes\": %.0f,\n", direct ? "true" : "false", disk_bytes);
     for (size_t i = 0; i < sizeof probe_keys / sizeof *probe_keys; i++) {
         const ProbeKey *k = &probe_keys[i];
-        if (k->gpu && !hw.has_gpu) continue;
+        if ((k->gpu && !hw.has_gpu) || (k->opt && !(*(const double *)((const char *)&hw + k->off) > 0))) continue;
         fprintf(f, " \"%s\": %.6g,\n", k->key, *(const double *)((const char *)&hw + k->off));
     }
     fprintf(f, " \"layer_overhead\": %.3g}\n", hw.layer_overhead);
