@@ -28,7 +28,7 @@ import unicodedata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TESTDATA = os.path.join(ROOT, '..', 'shared', 'opt-testdata')
+TESTDATA = os.environ.get('OPT_TESTDATA') or os.path.join(ROOT, '..', 'shared', 'opt-testdata')
 
 # The White_Space property: what \s means to Oniguruma (tokenizers) and to the
 # regex module (slow GPT2Tokenizer). Python's str.isspace differs (U+001C..1F).
