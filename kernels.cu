@@ -658,7 +658,48 @@ static void gpu_embed(const Tensor *t, const Step *st, int offset, float *out) {
 static void gpu_add(float *y, const float *x, size_t n) { k_add<<<grid_for(n, 256), 256, 0, g_stream>>>(y, x, n); }
 static void gpu_copy(float *y, const float *x, size_t n) { checkCuda(cudaMemcpyAsync(y, x, n * 4, cudaMemcpyDeviceToDevice, g_stream)); }
 
-extern "C" const Backend gpu_backend = {"gpu", gpu_linear, gpu_layernorm, gpu_attention, gpu_embed, gpu_add, gpu_copy};
+/* OPT_GPU_PROFILE=1: each op between two events, GEMMs apart from the rest,
+ * for `opt bench`'s breakdown (graphs are off then: timing needs the ops). */
+static int g_profile = -1;
+static double g_prof_ms[2]; /* GEMM, everything else */
+static cudaEvent_t g_ev[2];
+
+static void prof_begin(void) {
+    if (g_profile < 0) g_profile = getenv("OPT_GPU_PROFILE") && atoi(getenv("OPT_GPU_PROFILE")) > 0;
+    if (!g_profile) return;
+    if (!g_ev[0]) { checkCuda(cudaEventCreate(&g_ev[0])); checkCuda(cudaEventCreate(&g_ev[1])); }
+    checkCuda(cudaEventRecord(g_ev[0], g_stream));
+}
+
+static void prof_end(int gemm) {
+    if (!g_profile) return;
+    checkCuda(cudaEventRecord(g_ev[1], g_stream));
+    checkCuda(cudaEventSynchronize(g_ev[1]));
+    float ms = 0;
+    checkCuda(cudaEventElapsedTime(&ms, g_ev[0], g_ev[1]));
+    g_prof_ms[gemm ? 0 : 1] += ms;
+}
+
+extern "C" int gpu_profile(double ms[2]) {
+    if (g_profile < 0) g_profile = getenv("OPT_GPU_PROFILE") && atoi(getenv("OPT_GPU_PROFILE")) > 0;
+    if (ms) { ms[0] = g_prof_ms[0]; ms[1] = g_prof_ms[1]; }
+    return g_profile;
+}
+
+static void p_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
+    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(1);
+}
+static void p_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int n) {
+    prof_begin(); gpu_layernorm(out, x, w, b, rows, n); prof_end(0);
+}
+static void p_attention(const Config *c, const KVLayer *kv, const Step *st, Scratch *s) {
+    prof_begin(); gpu_attention(c, kv, st, s); prof_end(0);
+}
+static void p_embed(const Tensor *t, const Step *st, int offset, float *out) { prof_begin(); gpu_embed(t, st, offset, out); prof_end(0); }
+static void p_add(float *y, const float *x, size_t n) { prof_begin(); gpu_add(y, x, n); prof_end(0); }
+static void p_copy(float *y, const float *x, size_t n) { prof_begin(); gpu_copy(y, x, n); prof_end(0); }
+
+extern "C" const Backend gpu_backend = {"gpu", p_linear, p_layernorm, p_attention, p_embed, p_add, p_copy};
 
 extern "C" void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap) {
     gpu_start();
@@ -856,12 +897,16 @@ static struct { int n; cudaGraphExec_t exec; } g_graphs[64];
 static int g_n_graphs;
 
 extern "C" int gpu_graph_launch(int n) {
+    if (gpu_profile(NULL)) return 0;
     for (int i = 0; i < g_n_graphs; i++)
         if (g_graphs[i].n == n) { checkCuda(cudaGraphLaunch(g_graphs[i].exec, g_stream)); return 1; }
     return 0;
 }
 
-extern "C" void gpu_capture_begin(void) { checkCuda(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal)); }
+extern "C" void gpu_capture_begin(void) {
+    if (gpu_profile(NULL)) die("internal: no graph capture while profiling");
+    checkCuda(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+}
 
 extern "C" void gpu_capture_end(int n) {
     cudaGraph_t g;

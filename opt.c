@@ -3526,7 +3526,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
         else if (e->gpu) {
             gpu_step_upload(&st, &s);
             if (prefill || !gpu_graph_launch(n)) { /* decode shapes: plain once, captured the second time, replayed after */
-                bool capture = !prefill && seen[n];
+                bool capture = !prefill && seen[n] && !gpu_profile(NULL);
                 if (capture) gpu_capture_begin();
                 model_forward(fm, &kv, &st, &s);
                 if (capture) gpu_capture_end(n);
@@ -4350,6 +4350,8 @@ static void cmd_bench(const Opts *o) {
         Engine e = {.m = &m, .gpu = gpu, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
                     .emit = bench_emit, .compress_cache = o->compress_cache, .group = o->group,
                     .offcfg = pass && o->offload ? &o->off : NULL};
+        double p0[2];
+        gpu_profile(p0);
         engine_run(&e, jobs, n);
         free(jobs);
         if (!pass) continue;
@@ -4363,6 +4365,8 @@ static void cmd_bench(const Opts *o) {
                    "\"prefill_latency_s\": %.6f, \"prefill_throughput\": %.3f, \"decode_latency_s\": %.6f, \"decode_throughput\": %.3f, "
                    "\"total_throughput\": %.3f, \"peak_rss_gib\": %.3f",
                    o->model, P, G, B, omp_get_max_threads(), simd_names[g_simd], pre, pre_tp, dec, dec_tp, tot, peak);
+            double pm[2];
+            if (gpu && gpu_profile(pm)) printf(", \"gpu_gemm_ms\": %.3f, \"gpu_other_ms\": %.3f", pm[0] - p0[0], pm[1] - p0[1]);
             if (o->offload)
                 printf(", \"peak_gpu_gib\": %.4f, \"peak_cpu_gib\": %.4f, \"peak_disk_gib\": %.4f, \"plan_cpu_gib\": %.4f, \"plan_disk_gib\": %.4f, "
                        "\"disk_read_gib\": %.4f, \"disk_write_gib\": %.4f, \"disk_read_gibps\": %.4f, \"disk_write_gibps\": %.4f, "
@@ -4378,6 +4382,11 @@ static void cmd_bench(const Opts *o) {
                    "peak memory %.2f GiB (resident, mapped weights included)\n",
                    o->model, P, G, B, omp_get_max_threads(), simd_names[g_simd], pre, pre_tp, dec, dec_tp,
                    G > 1 ? 1000 * dec / (G - 1) : 0, tot, peak);
+            double pm[2];
+            if (gpu && gpu_profile(pm)) {
+                pm[0] -= p0[0], pm[1] -= p0[1];
+                printf("gpu      %.1f ms in GEMMs, %.1f ms in the other kernels (%.0f%% of kernel time)\n", pm[0], pm[1], 100 * pm[1] / (pm[0] + pm[1] + 1e-9));
+            }
             if (o->offload)
                 printf("tiers    accounted peak gpu %.3f / cpu %.3f / disk %.3f GiB (plan: cpu %.3f, disk %.3f)\n"
                        "disk     read %.3f GiB at %.2f GiB/s, wrote %.3f GiB at %.2f GiB/s\n"
@@ -4412,6 +4421,7 @@ int gpu_graph_launch(int n) { (void)n; return 0; }
 void gpu_capture_begin(void) { NO_GPU; }
 void gpu_capture_end(int n) { (void)n; NO_GPU; }
 void gpu_graphs_reset(void) {}
+int gpu_profile(double ms[2]) { if (ms) ms[0] = ms[1] = 0; return 0; }
 #undef NO_GPU
 #endif
 

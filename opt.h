@@ -285,6 +285,8 @@ typedef struct {
     double cpu_mem_bw;         /* streaming read bandwidth of RAM */
     double layer_overhead;     /* fixed seconds per layer and GPU batch (launches, syncs) */
     /* CPU-only path (0 = derived from the fields above; see hw_load in lp.c) */
+    double cpu_gemm_flops_8;   /* CPU GEMM at M = 8 (the smallest of the lane path), f16 weights */
+    double cpu_gemm_q4_flops_8;/* the same with 4-bit weights */
     double cpu_gemm_q4_flops_g;/* CPU GEMM at M = 64 with 4-bit weights */
     double cpu_gemm_q4_flops_p;/* CPU GEMM at M = 512 with 4-bit weights */
     double cpu_attn_flops_p;   /* prefill attention on the CPU, causal FLOPs per second (f32 cache) */
@@ -600,5 +602,6 @@ int gpu_graph_launch(int n);      /* replays the captured decode step of n rows;
 void gpu_capture_begin(void);
 void gpu_capture_end(int n);      /* instantiates, keeps and launches it */
 void gpu_graphs_reset(void);
+int gpu_profile(double ms[2]);    /* OPT_GPU_PROFILE set: ms[0] in GEMMs, ms[1] in the other ops so far */
 
 #endif
