@@ -44,7 +44,8 @@ static void cublas_check(cublasStatus_t s, const char *file, int line, const cha
 
 static int g_gpu_state = -1;      /* -1 unknown, 0 none, 1 usable */
 static char g_gpu_desc[256];      /* what gpu_describe() reports */
-static cudaStream_t g_stream;     /* every kernel and copy of ours */
+static cudaStream_t g_stream;     /* every kernel and the engine's copies */
+static cudaStream_t g_copies[3]; /* offloading's uploads, downloads and weight uploads, overlapping g_stream */
 
 static void *lt_lib;              /* dlopen'd cuBLASLt */
 static decltype(&cublasLtCreate) lt_create;
@@ -103,6 +104,7 @@ static void gpu_start(void) {
     if (g_gpu_state != 1) die("no usable GPU: %s", g_gpu_desc);
     checkCuda(cudaSetDevice(0));
     checkCuda(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+    for (int i = 0; i < 3; i++) checkCuda(cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking));
     checkCublas(lt_create(&g_lt));
     checkCuda(cudaMalloc(&g_workspace, WORKSPACE));
     started = true;
@@ -467,6 +469,7 @@ __global__ void k_i8_gemm(const int8_t *q, const float *sx, int M, const int8_t 
 __global__ void k_kv_store(const float *k, const float *v, const int *slot, const int *pos, char *const *kp, char *const *vp,
                            int H, int D, int hidden, int q4, int G) {
     int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, t = pos[r];
+    if (!kp[area]) return; /* another device's area (offloading's split attention) */
     const float *kr = k + (size_t)r * hidden + h * D, *vr = v + (size_t)r * hidden + h * D;
     if (!q4) {
         __half *K = (__half *)kp[area] + (size_t)t * D, *V = (__half *)vp[area] + (size_t)t * D;
@@ -506,6 +509,7 @@ __global__ void k_attention(const float *q, const int *slot, const int *pos, cha
     extern __shared__ float sm[];
     __shared__ float red[32];
     int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, T = pos[r] + 1;
+    if (!kp[area]) return; /* the CPU's area */
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     float *qs = sm, *sc = sm + D;
     size_t rb = (size_t)((D + G - 1) / G) * (4 + G / 2);
@@ -997,3 +1001,36 @@ extern "C" int gpu_probe_compute(GpuProbe *p) {
     cudaFree(g.y);
     return 0;
 }
+
+/* ----------------------------------------------------------------------------
+ * The Device offloading computes on (opt.h): the GPU with a copy stream beside
+ * the compute stream. */
+
+static void *gd_alloc(size_t n, const char *what) { gpu_start(); return dev_alloc(n, what); }
+static void gd_release(void *p) { if (p) checkCuda(cudaFree(p)); }
+static void gd_pin(void *h, size_t n) {
+    gpu_start();
+    if (n && cudaHostRegister(h, n, cudaHostRegisterDefault) != cudaSuccess) {
+        cudaGetLastError();
+        warn_once(NULL, "could not page-lock %.2f GiB of staging; transfers will be synchronous", (double)n / (1 << 30));
+    }
+}
+static void gd_unpin(void *h) { if (h && cudaHostUnregister(h) != cudaSuccess) cudaGetLastError(); }
+static cudaStream_t gd_stream(int s) { return s ? g_copies[s - 1] : g_stream; }
+static void gd_copy2d(void *dst, size_t dp, const void *src, size_t sp, size_t w, size_t rows, int kind, int stream) {
+    if (!w || !rows) return;
+    cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
+    checkCuda(cudaMemcpy2DAsync(dst, dp ? dp : w, src, sp ? sp : w, w, rows, k, gd_stream(stream)));
+}
+static void *gd_event(void) {
+    cudaEvent_t e;
+    checkCuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return (void *)e;
+}
+static void gd_record(void *ev, int stream) { checkCuda(cudaEventRecord((cudaEvent_t)ev, gd_stream(stream))); }
+static void gd_wait(int stream, void *ev) { checkCuda(cudaStreamWaitEvent(gd_stream(stream), (cudaEvent_t)ev, 0)); }
+static void gd_sync(void *ev) { checkCuda(cudaEventSynchronize((cudaEvent_t)ev)); }
+static double gd_free_bytes(void) { return gpu_free_bytes(); }
+
+extern "C" const Device gpu_device = {"gpu", 1, &gpu_backend, gd_alloc, gd_release, gd_pin, gd_unpin, gd_copy2d, gd_event,
+                                      gd_record, gd_wait, gd_sync, gpu_scratch_init, gpu_scratch_free, gd_free_bytes};

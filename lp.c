@@ -827,10 +827,17 @@ int lp_main(int argc, char **argv) {
  *   b = log2(4096/h)+; elsewhere the CPU's GEMV rate (decode attention is a GEMV per head over
  *   the cache's rows). Without cpu_attention the off-GPU cache is copied to the GPU every step,
  *   a case FlexGen's LP cannot express: it always assumed CPU attention.
- *   CPU-only mode (no GPU): no GPU tier (wg = cg = ag = 0), no PCIe, compute on the CPU with
- *   its rates (gemm roofline against cpu_gemv_bw, or cpu_gemv_q4_bw and 4-bit bytes for the
- *   fused 4-bit kernel; no dequantization term), attention always on the CPU; weights, cache
- *   and activations on disk are read into RAM through the disk channel.
+ *   CPU-only mode (no GPU): no GPU tier (wg = cg = ag = 0), no PCIe; the CPU computes and the
+ *   disk is the only other tier. Its step times are built apart (cost_cpu_steps, documented
+ *   there), from what was measured against the engine on a 2-vCPU machine (bench/
+ *   plan_validate.sh): the engine's GEMM paths (tiled under 64 rows, at the probe's 8-row rate
+ *   or the weights' streaming; the lane path's time per weight measured at 64 and 512 rows), its
+ *   own attention kernels (over a 4-bit cache ~3x
+ *   slower per cached value than over an f32 one), OpenMP parallel regions per layer and batch, the
+ *   CPU the I/O threads take for the buffered cache and activation files, the first layer's
+ *   weight read that nothing hides, and the logits computed once per block. The probe's figures
+ *   are means, not medians, so that a shared machine's slow moments count as they do in the
+ *   engine, and its GEMV streams 1 GiB, not a matrix that a large last-level cache holds.
  *
  * Peak memory (fix 5: FlexGen's LP counts one weight buffer and approximates the rest by
  * multiplying capacities by 0.8; we count our own buffers and keep a stated headroom, usable[]):
@@ -867,7 +874,10 @@ int lp_main(int argc, char **argv) {
  * of g beats g n / C(g): g's are visited best bound first, skipped when the bound cannot beat
  * the best found, and k stops once the bound is met. FlexGen's stop at the first throughput
  * drop in k, which can miss the optimum, is gone. Nothing fits: for the smallest block (1 x 1),
- * an LP per tier finds the least extra budget of that tier alone that makes it fit.
+ * an LP per tier finds the least extra budget of that tier alone that makes it fit. On the
+ * CPU-only path the search then takes the smallest block within 5% of the best throughput
+ * (PLAN_CPU_SLACK): the CPU's throughput curve is flat long before memory runs out, and the
+ * largest block would only add waiting (OPT-125m, 512 + 32: block 256 for 2% more than 8).
  *
  * Left out, stated: quantizing the new cache entries (small against attention), the logits'
  * copy (greedy sampling stays on the GPU), CPU memory bandwidth taken by staging copies, the
@@ -936,15 +946,15 @@ static const ProbeKey probe_keys[] = {
     PK(cpu_mem_bw, 0),
     PK(gpu_mem, 1), PK(h2d_bw, 1), PK(d2h_bw, 1), PK(gpu_mem_bw, 1), PK(gpu_gemm_flops_g, 1),
     PK(gpu_gemm_flops_p, 1), PK(gpu_bmm_flops_p, 1), PK(gpu_bmm_flops_g, 1), PK(gpu_dequant_bw, 1),
-    PKO(cpu_gemm_q4_flops_g), PKO(cpu_gemm_q4_flops_p), PKO(cpu_attn_bw), PKO(cpu_attn_q4_bw),
+    PKO(cpu_gemm_flops_8), PKO(cpu_gemm_q4_flops_8), PKO(cpu_gemm_q4_flops_g), PKO(cpu_gemm_q4_flops_p), PKO(cpu_attn_bw), PKO(cpu_attn_q4_bw),
     PKO(cpu_attn_flops_p), PKO(cpu_attn_q4_flops_p), PKO(cpu_region_s), PKO(io_req_cpu_s),
 };
 #define PROBE_FORMAT "opt-probe-1"
 
 /* What the probe does not measure separately: cache stores as fast as other copies. What older
  * probe files lack (and the built-in profiles leave at 0): decode attention on the CPU at the
- * GEMV rates (bytes/s), a GEMV per head over the cache's rows; prefill attention at the M = 64
- * GEMM rate; 4-bit GEMMs as fast as f16 ones; one parallel region per 16th of the layer
+ * GEMV rates (bytes/s), a GEMV per head over the cache's rows; prefill attention and the tiled
+ * GEMM path at the M = 64 GEMM rate; 4-bit GEMMs as fast as f16 ones; one parallel region per 16th of the layer
  * overhead (what earlier probes measured: 16 regions); 5 us of CPU per I/O request. */
 static void hw_derive(Hardware *hw) {
     hw->d2h_cache_bw = hw->d2h_bw;
@@ -953,7 +963,9 @@ static void hw_derive(Hardware *hw) {
     if (!(hw->cpu_attn_q4_bw > 0)) hw->cpu_attn_q4_bw = hw->cpu_gemv_q4_bw;
     if (!(hw->cpu_attn_flops_p > 0)) hw->cpu_attn_flops_p = hw->cpu_gemm_flops_g;
     if (!(hw->cpu_attn_q4_flops_p > 0)) hw->cpu_attn_q4_flops_p = hw->cpu_attn_flops_p;
+    if (!(hw->cpu_gemm_flops_8 > 0)) hw->cpu_gemm_flops_8 = hw->cpu_gemm_flops_g;
     if (!(hw->cpu_gemm_q4_flops_g > 0)) hw->cpu_gemm_q4_flops_g = hw->cpu_gemm_flops_g;
+    if (!(hw->cpu_gemm_q4_flops_8 > 0)) hw->cpu_gemm_q4_flops_8 = hw->cpu_gemm_q4_flops_g / 8;
     if (!(hw->cpu_gemm_q4_flops_p > 0)) hw->cpu_gemm_q4_flops_p = hw->cpu_gemm_flops_p;
     if (!(hw->cpu_region_s > 0) && !hw->has_gpu) hw->cpu_region_s = hw->layer_overhead / 16, hw->layer_overhead = 0;
     if (!(hw->io_req_cpu_s > 0)) hw->io_req_cpu_s = 5e-6;
@@ -1066,10 +1078,40 @@ static double cost_gemm_rate(double M, double r64, double r512) {
     return r64 * pow(r512 / r64, log2(M / 64) / 3);
 }
 
-/* Seconds of one GEMM of M rows against P weights stored in `bytes` (the roofline). */
-static double cost_gemm_time(const Hardware *hw, int gpu, int q4, double M, double P, double bytes) {
-    if (gpu) return fmax(2 * M * P / cost_gemm_rate(M, hw->gpu_gemm_flops_g, hw->gpu_gemm_flops_p), bytes / hw->gpu_mem_bw);
-    return fmax(2 * M * P / cost_gemm_rate(M, hw->cpu_gemm_flops_g, hw->cpu_gemm_flops_p), bytes / (q4 ? hw->cpu_gemv_q4_bw : hw->cpu_gemv_bw));
+/* Seconds of one GPU GEMM of M rows against P weights stored in `bytes` (the roofline). */
+static double cost_gemm_time(const Hardware *hw, double M, double P, double bytes) {
+    return fmax(2 * M * P / cost_gemm_rate(M, hw->gpu_gemm_flops_g, hw->gpu_gemm_flops_p), bytes / hw->gpu_mem_bw);
+}
+
+/* Seconds of one CPU GEMM of M rows against P weights stored in `bytes` (4-bit when q4), as
+ * opt.c's gemm() runs it. Under CPU_LANES_M rows (its `lanes` cut-off) the tiled path: each block
+ * of 48 weight rows is read from RAM once and kept in L2 while every 4-row tile of x passes over
+ * it, so T = max(bytes / GEMV rate, 2 M P / tile rate), the tile rate being the probe's GEMM at
+ * M = 8 (a cache-resident matrix: the kernel's own speed). From CPU_LANES_M rows on, the lane
+ * path: x is packed, each weight block widened to f32 and multiplied by outer-product micro-
+ * kernels whose efficiency grows with M; its time per weight is measured at M = 64 and 512 and
+ * taken linear in M between them, and beyond 512 the rate at 512 (the probe has not seen more).
+ * Never faster than streaming the weights. (Before: a geometric interpolation of the FLOP rate
+ * between 64 and 512, flat below 64, which put a decode GEMM of 8 rows at 8/64 of the time of
+ * 64 rows; the engine's lane path then started at 8 rows and cost a fifth to a half of it.) */
+#define CPU_LANES_M 64
+static double cost_cpu_gemm(const Hardware *hw, int q4, double M, double P, double bytes) {
+    double stream = bytes / (q4 ? hw->cpu_gemv_q4_bw : hw->cpu_gemv_bw);
+    double r8 = q4 ? hw->cpu_gemm_q4_flops_8 : hw->cpu_gemm_flops_8, r64 = q4 ? hw->cpu_gemm_q4_flops_g : hw->cpu_gemm_flops_g;
+    double r512 = q4 ? hw->cpu_gemm_q4_flops_p : hw->cpu_gemm_flops_p;
+    if (M < CPU_LANES_M) return fmax(stream, 2 * M * P / r8);
+    if (M >= 512) return fmax(2 * M * P / r512, stream);
+    double t0 = 128 / r64, t1 = 1024 / r512;                             /* seconds per weight at 64, 512 */
+    return fmax(P * fmax(0, t0 + (t1 - t0) * (M - 64) / 448), stream);
+}
+
+/* OpenMP parallel regions the CPU engine opens per layer and GPU batch of `rows` rows (opt.c's
+ * layer_forward): one per GEMM (6) and the attention; one more per GEMM to pack its input on
+ * the lane path; the two LayerNorms when rows > 4; the 4-bit cache's stores when rows x heads
+ * > 64. Each costs the probe's cpu_region_s: waking the other threads and joining them, from a
+ * few microseconds to tens (on a VM whose idle vCPUs halt) or more (a busy machine). */
+static double cost_cpu_regions(double rows, int nh, int cc) {
+    return 7 + (rows > 4 ? 2 : 0) + (rows >= CPU_LANES_M ? 6 : 0) + (cc && rows * nh > 64 ? 1 : 0);
 }
 
 typedef struct {
@@ -1078,6 +1120,103 @@ typedef struct {
     int pin;               /* CPU-resident weights pinned (no staging buffers) */
     int overlap;           /* channels overlap */
 } PlanShape;
+
+/* The CPU-only path (no GPU): the CPU computes and the disk is the only other tier. Per token
+ * step the engine (offload.c) runs: the embeddings; layer 1's weights read while nothing else
+ * overlaps them; then for each layer l, its GPU batches computed while layer l+1's weights (the
+ * output unit's after the last layer) and the next batch's cache and activations are read;
+ * then, after offload_forward, the logits of the block's rows, 64 rows at a time. So a step is
+ *   R(1) + sum_{l<L} max(C, R(l+1)) + max(C, R_out) + C_logits
+ * for R a layer's disk time and C its compute: l - 1 steps of the layer variable (Tp, Tg) plus
+ * the embedding variable (Ep, Eg) >= R(1) + C + C_logits and >= R(1) + R_out + C_logits.
+ * (FlexGen's shape, l x max(C, R) + max(C_logits, R_out), hid the first read and exposed all of
+ * the output unit's; with --overlap 0 every term is summed as before.)
+ * Compute of a layer and GPU batch of M rows (M = g s in prefill, g in decode):
+ *   cost_cpu_gemm(M) over its 6 matrices (f16, or 4-bit with --compress-weight: the fused kernel
+ *   reads the 4-bit bytes)
+ *   + attention: prefill 2 g s (s+1) h causal FLOPs / cpu_attn_flops_p (cpu_attn_q4_flops_p for
+ *     a 4-bit cache, whose new entries are quantized on the way in); decode kv(s+n/2) g /
+ *     cpu_attn_bw (cpu_attn_q4_bw): both measured on the engine's own attention. (Earlier: the
+ *     GEMV rates, here ~2x too fast for an f32 cache and ~20x for a 4-bit one, whose rows of
+ *     head_dim values dequantize far slower than a long weight row.)
+ *   + cost_cpu_regions(M) parallel regions x cpu_region_s, + layer_overhead (0 from the probe)
+ *   + the CPU that the I/O threads take from it: io_req_cpu_s per request and a copy through
+ *     the page cache (2 bytes of RAM traffic per byte at cpu_mem_bw) for the cache's and the
+ *     activations' disk share, which offload.c reads and writes with buffered I/O: per (sequence,
+ *     head) area on disk 2 reads and 2 writes per decode step (prefill: 2 writes), per GPU batch
+ *     with activations on disk 1 read and 1 write (counted as 2 an). The weights' disk share is
+ *     read with O_DIRECT in requests of up to 8 MiB: no copy, few requests; not counted.
+ *   Two vCPUs and two compute threads: the I/O threads' CPU delays the compute as much as it
+ *   takes.
+ * Disk channel of a layer (whole block): WL wn / read; decode: the cache's read kv(s+n/2) b cn
+ *   / read, its writes / write where, for an f32 cache, the engine writes the new position's
+ *   whole key block (16 positions, the keys are stored transposed in blocks) and its value row:
+ *   17 x 4 bytes x h per sequence, not kv(1); prefill: kv(s) b cn / write; activations A an each
+ *   way. (The files of the cache and the activations are buffered: while RAM has room their
+ *   reads come from the page cache, faster than this; the model keeps the device's rate, which
+ *   is what is left when RAM is short, the case the disk tier is for.)
+ * Logits: the output unit's disk share R_out = 2 (V e + proj_out) rw wn / read; C_logits =
+ *   cost_cpu_gemm over V x e for each group of up to 64 of the block's b rows (the engine
+ *   computes them after offload_forward, for the whole block at once, not per GPU batch). */
+static void cost_cpu_steps(CostModel *M, const Config *c, const Hardware *hw, const PlanReq *rq, const PlanShape *sh,
+                           double WL, double kv1, double ctx) {
+    double h = c->hidden, f = c->ffn, l = c->n_layer, nh = c->n_head, V = c->vocab, e = c->embed_dim;
+    double s = rq->prompt_len, n = rq->gen_len, g = sh->gbs, k = sh->ngb, b = g * k, G = rq->group_size;
+    int cw = rq->compress_weight, cc = rq->compress_cache, ov = sh->overlap;
+    double rw = cw ? (4 + 32 / G) / 16 : 1, PL = 4 * h * h + 2 * h * f, wbytes = 2 * PL * rw;
+    double rd = hw->disk_read_bw, wr = hw->disk_write_bw, copy = 2 / hw->cpu_mem_bw, req = hw->io_req_cpu_s;
+    double Ao = 2 * (V * e + (e != h ? e * h : 0)) * rw;                 /* the output unit's bytes */
+    if (ov) M->mult[T_P] = l - 1, M->mult[T_G] = (l - 1) * (n - 1);
+    CostLin layer[2] = {{0}}, disk[2] = {{0}};                          /* one layer's compute and disk */
+    for (int ph = 0; ph < 2; ph++) {
+        int pre = ph == 0, t = pre ? T_P : T_G, te = pre ? T_EP : T_EG;
+        double rows = pre ? g * s : g, A = 4 * h * g * (pre ? s : 1);  /* one batch's activations, f32 */
+        /* compute of one GPU batch, then k of them */
+        double att = pre ? 2 * g * s * (s + 1) * h / (cc ? hw->cpu_attn_q4_flops_p : hw->cpu_attn_flops_p)
+                         : kv1 * ctx * g / (cc ? hw->cpu_attn_q4_bw : hw->cpu_attn_bw);
+        double fixed = cost_cpu_gemm(hw, cw, rows, PL, wbytes) + att + cost_cpu_regions(rows, (int)nh, cc) * hw->cpu_region_s
+                     + hw->layer_overhead;
+        double kw = pre ? kv1 * s * g : cc ? kv1 * g : 17 * 4 * h * g;    /* cache bytes written per batch */
+        double kr = pre ? 0 : kv1 * ctx * g;                             /* and read */
+        double areas = g * nh, nreq = (pre ? 2 : 4) * areas;
+        CostLin cb = lin_c(fixed);
+        lin_add(&cb, 1, lin_x(nreq * req + (kr + kw) * copy, X_CN, -1));
+        lin_add(&cb, 1, lin_x(2 * req + 2 * A * copy, X_AN, -1));
+        lin_add(&layer[ph], k, cb);
+        if (!pre) lin_add(&M->cpu_attn[t], k, lin_c(att));
+        /* disk of one layer (k batches), counted as traffic too */
+        CostLin *dk = &disk[ph];
+        lin_add(dk, 1 / rd, lin_x(WL, X_WN, -1));
+        lin_add(&M->moved[t][MV_READ], 1, lin_x(WL, X_WN, -1));
+        lin_add(dk, 1 / rd + 1 / wr, lin_x(k * A, X_AN, -1));
+        lin_add(&M->moved[t][MV_READ], 1, lin_x(k * A, X_AN, -1));
+        lin_add(&M->moved[t][MV_WRITE], 1, lin_x(k * A, X_AN, -1));
+        lin_add(dk, k / rd, lin_x(kr, X_CN, -1));
+        lin_add(&M->moved[t][MV_READ], k, lin_x(kr, X_CN, -1));
+        lin_add(dk, k / wr, lin_x(kw, X_CN, -1));
+        lin_add(&M->moved[t][MV_WRITE], k, lin_x(kw, X_CN, -1));
+        lin_add(&M->time[t][CH_COMP], 1, layer[ph]);
+        lin_add(&M->time[t][CH_DISK], 1, *dk);
+        /* the embedding "layer": the first read, the last layer against the output unit, logits */
+        double logits = 0;
+        for (double r0 = 0; r0 < b; r0 += 64) logits += cost_cpu_gemm(hw, cw, fmin(64, b - r0), V * e, 2 * V * e * rw);
+        CostLin first = lin_x(WL / rd, X_WN, -1), out = lin_x(Ao / rd, X_WN, -1);
+        lin_add(&M->moved[te][MV_READ], 1, lin_x(Ao, X_WN, -1));
+        if (ov) { /* the first layer's read, then the last layer (its "next" read is the output unit) */
+            lin_add(&M->time[te][CH_COMP], 1, first);
+            lin_add(&M->time[te][CH_COMP], 1, layer[ph]);
+            lin_add(&M->time[te][CH_COMP], 1, lin_c(logits));
+            lin_add(&M->time[te][CH_DISK], 1, *dk);
+            lin_add(&M->time[te][CH_DISK], 1, out);
+            lin_add(&M->time[te][CH_DISK], 1, lin_c(logits));
+            for (int mv = 0; mv < NMV; mv++) lin_add(&M->moved[te][mv], 1, M->moved[t][mv]);
+            if (!pre) lin_add(&M->cpu_attn[te], k, lin_c(att));
+        } else {
+            lin_add(&M->time[te][CH_COMP], 1, lin_c(logits));
+            lin_add(&M->time[te][CH_DISK], 1, out);
+        }
+    }
+}
 
 static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const PlanReq *rq, const PlanShape *sh) {
     memset(M, 0, sizeof *M);
@@ -1099,6 +1238,10 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
     double Ap = x * s * h * b, Ag = x * h * b;
     M->mult[T_P] = l, M->mult[T_G] = l * (n - 1), M->mult[T_EP] = 1, M->mult[T_EG] = n - 1;
 
+    if (!gpu) {
+        cost_cpu_steps(M, c, hw, rq, sh, WL, kv1, ctx);
+        goto peaks;
+    }
     /* transfers */
     for (int t = 0; t < NT; t++) {
         int emb = t == T_EP || t == T_EG, pre = t == T_P;
@@ -1139,8 +1282,8 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
     double o = hw->layer_overhead;
     double dq = gpu && cw ? 2 * PL / hw->gpu_dequant_bw : 0, dqe = gpu && cw ? 2 * V * e / hw->gpu_dequant_bw : 0;
     double wbytes = gpu || !cw ? 2 * PL : 2 * PL * rw, ebytes = gpu || !cw ? 2 * V * e : 2 * V * e * rw;
-    double mm_p = cost_gemm_time(hw, gpu, cw, g * s, PL, wbytes), mm_g = cost_gemm_time(hw, gpu, cw, g, PL, wbytes);
-    double mm_e = cost_gemm_time(hw, gpu, cw, g, V * e, ebytes);
+    double mm_p = cost_gemm_time(hw, g * s, PL, wbytes), mm_g = cost_gemm_time(hw, g, PL, wbytes);
+    double mm_e = cost_gemm_time(hw, g, V * e, ebytes);
     double bmm_p = gpu ? hw->gpu_bmm_flops_p : hw->cpu_gemm_flops_g;     /* small per-head GEMMs */
     lin_add(&M->time[T_P][CH_COMP], k, lin_c(mm_p + 4 * g * s * s * h / bmm_p + dq + o));
     lin_add(&M->time[T_G][CH_COMP], k, lin_c(mm_g + dq + o));
@@ -1165,6 +1308,7 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
         lin_add(&M->cpu_attn[T_G], 1, lin_c(t_cpu));
     }
 
+peaks:
     /* memory peaks */
     /* one GPU batch's intermediates: the residual stream, LayerNorm output, q, k, v and the
      * attention output live through attention, the scores (nh s^2, not a fused kernel's tiles)
@@ -1507,6 +1651,8 @@ static int plan_better(const PlanResult *r, const Policy *p, const PlanResult *b
     return p->gpu_batch_size < bp->gpu_batch_size;
 }
 
+#define PLAN_CPU_SLACK 0.05 /* the CPU path takes the smallest block within 5% of the best */
+
 int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *out, PlanResult *res) {
     memset(res, 0, sizeof *res);
     /* Every term of a step's compute channel is >= 0 and its constant part grows linearly
@@ -1563,6 +1709,33 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
             if (!found || plan_better(&r, &p, &br, &best)) best = p, br = r, found = 1;
             if (r.tput_total >= cand[i].ub * (1 - 1e-9)) break; /* this g can do no better */
         }
+    }
+    /* The CPU path: the smallest block within PLAN_CPU_SLACK of the best throughput. The CPU's
+     * GEMMs stop gaining speed with rows after a few dozen (cost_cpu_gemm), so the throughput
+     * curve is flat long before the memory runs out: on this machine OPT-125m (512 + 32) gains 2%
+     * from a block of 8 to one of 256, for 31 times the wait and the memory. Blocks in order of
+     * size, GPU batch size ascending within one; stops at the first that qualifies. */
+    if (found && !hw->has_gpu) {
+        double want = br.tput_total * (1 - PLAN_CPU_SLACK);
+        int bb = best.gpu_batch_size * best.num_gpu_batches, done = 0;
+        for (int blk = 1; blk < bb && !done; blk++)
+            for (int g = 1; g <= blk && g <= rq->max_gpu_batch && !done; g = plan_gbs_next(g)) {
+                if (blk % g) continue;
+                PlanShape sh = {g, blk / g, 0, 1, 1};
+                CostModel M;
+                cost_build(&M, c, hw, rq, &sh);
+                double x[NF];
+                n_lp++;
+                if (cost_solve(&M, rq, x) != LP_OPTIMAL) continue;
+                Policy p = {.gpu_batch_size = g, .num_gpu_batches = blk / g, .pin_weights = 1, .overlap = 1,
+                            .compress_weight = rq->compress_weight, .compress_cache = rq->compress_cache, .group_size = rq->group_size};
+                plan_percents(x, &p);
+                PlanResult r;
+                plan_eval(c, hw, rq, &p, &r);
+                if (!r.feasible || r.tput_total < want) continue;
+                n_ok++;
+                best = p, br = r, done = 1;
+            }
     }
     if (found) {
         *out = best;
@@ -1902,21 +2075,18 @@ int plan_main(int argc, char **argv) {
 __attribute__((weak)) int gpu_probe_bandwidth(GpuProbe *p) { (void)p; return -1; }
 __attribute__((weak)) int gpu_probe_compute(GpuProbe *p) { (void)p; return -1; }
 
-static int double_cmp(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* Mean time of fn over at least 3 runs (and up to ~0.5 s of them), after one warm-up. The mean,
  * not the median: the engine's time is a sum of such operations, so the rare slow one (another
  * process took the CPU, a thread was descheduled while its partner waited at a barrier) costs
  * the engine as much as it costs here; on a machine shared with other jobs that is most of the
  * difference between a quiet minute and a busy one. */
+static double g_probe_window = 0.15; /* seconds per measurement: `opt probe` 0.5 (--quick 0.15),
+                                      * --policy auto's probe 0.15 */
 static double probe_time(void (*fn)(void *), void *ctx) {
     int r = 0;
     fn(ctx);
     double start = now_sec(), sum = 0;
-    while (r < 1000 && (r < 3 || now_sec() - start < 0.5)) {
+    while (r < 1000 && (r < 3 || now_sec() - start < g_probe_window)) {
         double t0 = now_sec();
         fn(ctx);
         sum += now_sec() - t0;
@@ -1994,9 +2164,11 @@ static void probe_cpu(Hardware *hw) {
     hw->cpu_gemv_bw = 2.0 * nw / probe_time(probe_gemm_run, &gc);
     fprintf(stderr, "probe: cpu gemv f16 (1 x %d x %d, %d copies) %.1f GB/s of weights\n", N1, K, nrot, hw->cpu_gemv_bw / 1e9);
     t.rows = N, gc.g.N = N, gc.g.ldy = N, gc.base = NULL;
+    gc.g.M = 8;
+    hw->cpu_gemm_flops_8 = 2.0 * 8 * N * K / probe_time(probe_gemm_run, &gc);
     gc.g.M = 64;
     hw->cpu_gemm_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemm f16 (64 x %d x %d)  %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_g / 1e9);
+    fprintf(stderr, "probe: cpu gemm f16 (8 / 64 x %d x %d) %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_8 / 1e9, hw->cpu_gemm_flops_g / 1e9);
     gc.g.M = 512;
     hw->cpu_gemm_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
     fprintf(stderr, "probe: cpu gemm f16 (512 x %d x %d) %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_p / 1e9);
@@ -2017,12 +2189,14 @@ static void probe_cpu(Hardware *hw) {
     hw->cpu_gemv_q4_bw = (double)qb / probe_time(probe_gemm_run, &gc);
     fprintf(stderr, "probe: cpu gemv 4-bit (1 x %d x %d, %d copies) %.1f GB/s of 4-bit weights\n", N1, K, nq, hw->cpu_gemv_q4_bw / 1e9);
     tq.rows = N, gc.g.N = N, gc.g.ldy = N, gc.base = NULL;
+    gc.g.M = 8;
+    hw->cpu_gemm_q4_flops_8 = 2.0 * 8 * N * K / probe_time(probe_gemm_run, &gc);
     gc.g.M = 64;
     hw->cpu_gemm_q4_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
     gc.g.M = 512;
     hw->cpu_gemm_q4_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemm 4-bit (64 / 512 x %d x %d) %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_q4_flops_g / 1e9,
-            hw->cpu_gemm_q4_flops_p / 1e9);
+    fprintf(stderr, "probe: cpu gemm 4-bit (8 / 64 / 512 x %d x %d) %.1f / %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_q4_flops_8 / 1e9,
+            hw->cpu_gemm_q4_flops_g / 1e9, hw->cpu_gemm_q4_flops_p / 1e9);
     /* one OpenMP parallel region: waking the other threads and joining them. On a VM whose idle
      * vCPUs halt this is tens of microseconds, and the engine runs ~7-16 of them per layer and
      * GPU batch (cost_cpu_regions) */
@@ -2268,16 +2442,19 @@ static void probe_io_requests(Hardware *hw, const char *dir) {
 }
 
 static const char probe_usage[] =
-    "usage: opt probe [--offload-dir DIR] [--disk-bytes SIZE] [--buffered] [-o FILE]\n"
+    "usage: opt probe [--offload-dir DIR] [--disk-bytes SIZE] [--buffered] [--quick] [-o FILE]\n"
     "  Measures this machine for `opt plan --hw FILE`:\n"
     "  - GPU (CUDA builds with a device): pinned host<->device bandwidth, GEMM and attention rates\n"
     "  - disk: write then read a temporary file of SIZE (default 1G) in DIR (default .), removed\n"
     "    afterwards; O_DIRECT where the filesystem allows it, else (or with --buffered) page-cache\n"
     "    I/O with the file's pages dropped (fdatasync + POSIX_FADV_DONTNEED) before the read\n"
-    "  - CPU: opt's own GEMM at M = 1 (f16 and 4-bit weights, bytes/s), M = 64 and 512 (FLOP/s),\n"
-    "    RAM streaming bandwidth, memory size\n"
-    "  Writes one JSON object (\"format\": \"" PROBE_FORMAT "\"; bytes, bytes/s, FLOP/s) to FILE\n"
-    "  or stdout; progress goes to stderr. Takes ~10 s.\n";
+    "  - CPU: opt's own GEMM at M = 1 over 1 GiB of weights (f16 and 4-bit, bytes/s), at M = 8, 64\n"
+    "    and 512 (FLOP/s); the engine's attention (decode and prefill, f32 and 4-bit cache); one\n"
+    "    OpenMP parallel region; the CPU cost of an I/O request; RAM streaming bandwidth and size\n"
+    "  Each figure is a mean over ~0.5 s (--quick: 0.15 s), so it includes what other processes on\n"
+    "  the machine take from the engine at the time.\n"
+    "  Writes one JSON object (\"format\": \"" PROBE_FORMAT "\"; bytes, bytes/s, FLOP/s, seconds) to\n"
+    "  FILE or stdout; progress goes to stderr. Takes ~15 s (--quick: ~6 s).\n";
 
 /* Measures this machine into hw (and gp when there is a GPU): what `opt probe`
  * writes, and what `--policy auto` uses when no --hw is given. */
@@ -2306,7 +2483,7 @@ void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, in
 int probe_main(int argc, char **argv) {
     const char *dir = ".", *out = NULL;
     double disk_bytes = GiB;
-    int direct = 1; /* try O_DIRECT first */
+    int direct = 1, quick = 0; /* try O_DIRECT first */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
 #define PROBE_VAL() (i + 1 < argc ? argv[++i] : (die("%s needs a value (see opt probe --help)", a), ""))
@@ -2315,10 +2492,12 @@ int probe_main(int argc, char **argv) {
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out = PROBE_VAL();
         else if (!strcmp(a, "--disk-bytes")) disk_bytes = size_parse(a, PROBE_VAL());
         else if (!strcmp(a, "--buffered")) direct = 0;
+        else if (!strcmp(a, "--quick")) quick = 1;
         else die("probe: unknown option '%s' (see opt probe --help)", a);
 #undef PROBE_VAL
     }
     if (disk_bytes < 4 << 20) die("--disk-bytes: at least 4M");
+    g_probe_window = quick ? 0.15 : 0.5;
     Hardware hw = {0};
     GpuProbe gp = {0};
     hw_probe(&hw, &gp, dir, disk_bytes, &direct);

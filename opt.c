@@ -1858,7 +1858,18 @@ static void layernorm(float *out, const float *x, const float *w, const float *b
  * positions for f32. */
 size_t kv_head_bytes(DType dt, int head_dim, int cap, int group) {
     int cap16 = (cap + KB - 1) / KB * KB;
-    return dt == DT_Q4 ? q4_row_bytes(head_dim, group) * (size_t)cap : sizeof(float) * (size_t)head_dim * cap16;
+    return dt == DT_Q4 ? q4_row_bytes(head_dim, group) * (size_t)cap : dt == DT_F16 ? 2 * (size_t)head_dim * cap : sizeof(float) * (size_t)head_dim * cap16;
+}
+
+void kv_span(DType dt, int head_dim, int group, int p0, int p1, int value, size_t *off, size_t *len) {
+    size_t a, b, hd = (size_t)head_dim;
+    if (p1 <= p0) { *off = *len = 0; return; }
+    if (dt == DT_Q4) { a = q4_row_bytes(head_dim, group) * (size_t)p0; b = q4_row_bytes(head_dim, group) * (size_t)p1; }
+    else if (dt == DT_F16) { a = 2 * hd * (size_t)p0; b = 2 * hd * (size_t)p1; }
+    else if (value) { a = 4 * hd * (size_t)p0; b = 4 * hd * (size_t)p1; }
+    else { a = 4 * hd * KB * (size_t)(p0 / KB); b = 4 * hd * KB * (size_t)((p1 + KB - 1) / KB); } /* whole key blocks */
+    *off = a;
+    *len = b - a;
 }
 
 /* The 4-bit cache's group: the chosen size, or head_dim rounded up to the
@@ -1889,9 +1900,13 @@ void kv_free(KVCache *kv) { free(kv->mem); free(kv->layer); free(kv->ptrs); }
 static char *kv_k(const KVLayer *kv, int slot, int head) { return kv->k[(size_t)slot * kv->n_head + head]; }
 static char *kv_v(const KVLayer *kv, int slot, int head) { return kv->v[(size_t)slot * kv->n_head + head]; }
 
-/* Stores one position's key and value rows (head_dim each) of one head. */
-static void kv_store(const KVLayer *kv, int slot, int head, int pos, const float *k, const float *v) {
+void kv_store(const KVLayer *kv, int slot, int head, int pos, const float *k, const float *v) {
     int D = kv->head_dim;
+    if (kv->dtype == DT_F16) { /* the GPU's layout, kept on the host by offloading */
+        uint16_t *K = (uint16_t *)kv_k(kv, slot, head) + (size_t)pos * D, *V = (uint16_t *)kv_v(kv, slot, head) + (size_t)pos * D;
+        for (int d = 0; d < D; d++) { K[d] = f32_to_f16(k[d]); V[d] = f32_to_f16(v[d]); }
+        return;
+    }
     if (kv->dtype == DT_Q4) {
         size_t rb = q4_row_bytes(D, kv->group);
         q4_quantize_row((uint8_t *)kv_k(kv, slot, head) + rb * (size_t)pos, k, D, kv->group, "the key cache");
@@ -1934,14 +1949,16 @@ static void cpu_linear(float *y, const float *x, const Tensor *w, const float *b
 }
 
 /* Writes the step's keys and values into the cache, then attends: row r sees
- * positions 0..pos[r] of its own slot. */
+ * positions 0..pos[r] of its own slot. Areas whose pointer is NULL belong to
+ * another device (offloading's split attention) and are skipped. */
 static void cpu_attention(const Config *c, const KVLayer *kv, const Step *st, Scratch *s) {
     int H = c->n_head, D = c->head_dim;
     float scale = 1.0f / sqrtf((float)D);
     #pragma omp parallel for collapse(2) if (kv->dtype == DT_Q4 && st->n * H > 64)
     for (int r = 0; r < st->n; r++)
         for (int hh = 0; hh < H; hh++)
-            kv_store(kv, st->slot[r], hh, st->pos[r], s->k + (size_t)r * c->hidden + hh * D, s->v + (size_t)r * c->hidden + hh * D);
+            if (kv_k(kv, st->slot[r], hh))
+                kv_store(kv, st->slot[r], hh, st->pos[r], s->k + (size_t)r * c->hidden + hh * D, s->v + (size_t)r * c->hidden + hh * D);
     /* groups of up to AQ consecutive rows of one sequence (positions ascend) */
     int ng = 0;
     for (int r = 0; r < st->n; ng++) {
@@ -1954,6 +1971,7 @@ static void cpu_attention(const Config *c, const KVLayer *kv, const Step *st, Sc
     #pragma omp parallel for collapse(2) schedule(dynamic, 2)
     for (int g = 0; g < ng; g++)
         for (int hh = 0; hh < H; hh++) {
+            if (!kv_k(kv, st->slot[s->grp[g]], hh)) continue;
             int r0 = s->grp[g], n = s->grp[g + 1] - r0, T[AQ];
             float *sc[AQ], *out[AQ];
             const float *q[AQ];
@@ -3559,7 +3577,8 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
                     idx[cnt++] = r0;
                 }
             if (!cnt) continue;
-            model_logits(e->m, logits, hid, cnt);
+            if (off) offload_logits(off, logits, hid, cnt);
+            else model_logits(e->m, logits, hid, cnt);
             for (int q = 0; q < cnt; q++) {
                 int r = idx[q];
                 Job *j = &jobs[need[r]];
@@ -4134,18 +4153,18 @@ static void gpu_note(void) {
 }
 
 /* --device: gpu when asked (or, for auto, when there is one and the model,
- * its cache and workspace fit in 90% of its free memory); otherwise cpu. A
- * placement policy runs the block schedule on the CPU. */
+ * its cache and workspace fit in 90% of its free memory, or a placement
+ * policy says what goes where); otherwise cpu. */
 static int device_pick(const Opts *o, const Model *m, int slots, int cap, int rows) {
     const char *d = o->device ? o->device : getenv("OPT_DEVICE") && *getenv("OPT_DEVICE") ? getenv("OPT_DEVICE") : "auto";
     if (strcmp(d, "cpu") && strcmp(d, "gpu") && strcmp(d, "auto")) die("OPT_DEVICE=%s: expected cpu, gpu or auto", d);
     if (!strcmp(d, "cpu")) return 0;
     if (!strcmp(d, "gpu")) {
         if (!gpu_available()) die("--device gpu: no usable GPU (%s)", gpu_describe());
-        if (o->offload) die("--device gpu with a placement policy: this build's offloading computes on the CPU; drop --device or the policy");
         return 1;
     }
-    if (o->offload || !gpu_available()) return 0;
+    if (!gpu_available()) return 0;
+    if (o->offload) return 1; /* a placement policy streams what does not fit */
     const Config *c = &m->cfg;
     double kv = 2.0 * c->n_layer * (double)slots * c->hidden * cap * (o->compress_cache ? 0.5625 / 2 : 2);
     double act = 4.0 * rows * (6.0 * c->hidden + c->ffn + c->embed_dim) + 4.0 * 64 * c->vocab;
@@ -4156,6 +4175,13 @@ static int device_pick(const Opts *o, const Model *m, int slots, int cap, int ro
         return 0;
     }
     return 1;
+}
+
+/* The device a placement policy computes on: the GPU, or the host standing
+ * in for one (OPT_HOST_DEVICE=1, tests), or none (the CPU). */
+static const Device *off_device(int gpu) {
+    const char *h = getenv("OPT_HOST_DEVICE");
+    return gpu ? &gpu_device : h && !strcmp(h, "1") ? &host_device : NULL;
 }
 
 static void cmd_run(const Opts *o) {
@@ -4179,6 +4205,7 @@ static void cmd_run(const Opts *o) {
     int longest = 1;
     for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
     int gpu = device_pick(o, &m, o->batch, longest + (score ? 0 : o->max_new), o->step_rows > o->batch ? o->step_rows : o->batch);
+    ((Opts *)o)->off.dev = off_device(gpu);
     Engine e = {.m = &m, .gpu = gpu, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
                 .step_rows = o->step_rows, .sc = o->sc, .emit = score ? emit_score : emit_generate,
                 .compress_cache = o->compress_cache, .group = o->group, .offcfg = o->offload ? &o->off : NULL,
@@ -4335,6 +4362,7 @@ static void cmd_bench(const Opts *o) {
     if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);
     int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;
     int gpu = device_pick(o, &m, B, P + G, B * P > o->step_rows ? B * P : o->step_rows);
+    ((Opts *)o)->off.dev = off_device(gpu);
     if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
     for (int pass = o->offload; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator; offloading reads for real */
         int n = pass ? B : 1, p = pass ? P : 8, g = pass ? G : 2;
@@ -4345,7 +4373,7 @@ static void cmd_bench(const Opts *o) {
             jobs[i].out = check_malloc(sizeof(int) * (size_t)g, "ids");
             jobs[i].n_ids = p;
             jobs[i].ids[0] = 2;
-            for (int t = 1; t < p; t++) jobs[i].ids[t] = 4 + (int)(splitmix64(&r) % 50000);
+            for (int t = 1; t < p; t++) jobs[i].ids[t] = 4 + (int)(splitmix64(&r) % (uint64_t)(m.cfg.vocab > 50004 ? 50000 : m.cfg.vocab - 4));
         }
         Engine e = {.m = &m, .gpu = gpu, .slots = n, .max_new = g, .ignore_eos = 1, .step_rows = o->step_rows > n * p ? o->step_rows : n * p,
                     .emit = bench_emit, .compress_cache = o->compress_cache, .group = o->group,
@@ -4368,11 +4396,11 @@ static void cmd_bench(const Opts *o) {
             double pm[2];
             if (gpu && gpu_profile(pm)) printf(", \"gpu_gemm_ms\": %.3f, \"gpu_other_ms\": %.3f", pm[0] - p0[0], pm[1] - p0[1]);
             if (o->offload)
-                printf(", \"peak_gpu_gib\": %.4f, \"peak_cpu_gib\": %.4f, \"peak_disk_gib\": %.4f, \"plan_cpu_gib\": %.4f, \"plan_disk_gib\": %.4f, "
-                       "\"disk_read_gib\": %.4f, \"disk_write_gib\": %.4f, \"disk_read_gibps\": %.4f, \"disk_write_gibps\": %.4f, "
+                printf(", \"peak_gpu_gib\": %.4f, \"peak_cpu_gib\": %.4f, \"peak_disk_gib\": %.4f, \"plan_gpu_gib\": %.4f, \"plan_cpu_gib\": %.4f, \"plan_disk_gib\": %.4f, "
+                       "\"h2d_gib\": %.4f, \"d2h_gib\": %.4f, \"disk_read_gib\": %.4f, \"disk_write_gib\": %.4f, \"disk_read_gibps\": %.4f, \"disk_write_gibps\": %.4f, "
                        "\"compute_s\": %.4f, \"io_wait_s\": %.4f, \"io_busy_s\": %.4f, \"overlap_fraction\": %.4f",
-                       os->peak[TIER_GPU] / G2, os->peak[TIER_CPU] / G2, os->peak[TIER_DISK] / G2, os->plan[TIER_CPU] / G2, os->plan[TIER_DISK] / G2,
-                       os->read_bytes / G2, os->write_bytes / G2, os->read_bw / G2, os->write_bw / G2, os->t_compute, os->t_wait, os->io_busy, overlap);
+                       os->peak[TIER_GPU] / G2, os->peak[TIER_CPU] / G2, os->peak[TIER_DISK] / G2, os->plan[TIER_GPU] / G2, os->plan[TIER_CPU] / G2, os->plan[TIER_DISK] / G2,
+                       os->h2d_bytes / G2, os->d2h_bytes / G2, os->read_bytes / G2, os->write_bytes / G2, os->read_bw / G2, os->write_bw / G2, os->t_compute, os->t_wait, os->io_busy, overlap);
             printf("}\n");
         } else {
             printf("model %s: prompt %d, generate %d, batch %d, %d threads, %s\n"
@@ -4387,11 +4415,14 @@ static void cmd_bench(const Opts *o) {
                 pm[0] -= p0[0], pm[1] -= p0[1];
                 printf("gpu      %.1f ms in GEMMs, %.1f ms in the other kernels (%.0f%% of kernel time)\n", pm[0], pm[1], 100 * pm[1] / (pm[0] + pm[1] + 1e-9));
             }
+            if (o->offload && o->off.dev)
+                printf("pcie     up %.3f GiB, down %.3f GiB: %.2f GiB/s over the run\n", os->h2d_bytes / G2, os->d2h_bytes / G2,
+                       (os->h2d_bytes + os->d2h_bytes) / G2 / (pre + dec + 1e-9));
             if (o->offload)
-                printf("tiers    accounted peak gpu %.3f / cpu %.3f / disk %.3f GiB (plan: cpu %.3f, disk %.3f)\n"
+                printf("tiers    accounted peak gpu %.3f / cpu %.3f / disk %.3f GiB (plan: gpu %.3f, cpu %.3f, disk %.3f)\n"
                        "disk     read %.3f GiB at %.2f GiB/s, wrote %.3f GiB at %.2f GiB/s\n"
                        "overlap  compute %.2f s, waiting for I/O %.2f s, I/O busy %.2f s: %.0f%% of the time both ran\n",
-                       os->peak[TIER_GPU] / G2, os->peak[TIER_CPU] / G2, os->peak[TIER_DISK] / G2, os->plan[TIER_CPU] / G2, os->plan[TIER_DISK] / G2,
+                       os->peak[TIER_GPU] / G2, os->peak[TIER_CPU] / G2, os->peak[TIER_DISK] / G2, os->plan[TIER_GPU] / G2, os->plan[TIER_CPU] / G2, os->plan[TIER_DISK] / G2,
                        os->read_bytes / G2, os->read_bw / G2, os->write_bytes / G2, os->write_bw / G2, os->t_compute, os->t_wait, os->io_busy, 100 * overlap);
         }
     }
@@ -4402,6 +4433,7 @@ static void cmd_bench(const Opts *o) {
 int gpu_available(void) { return 0; }
 const char *gpu_describe(void) { return "none (this binary was built without CUDA)"; }
 const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL};
+const Device gpu_device = {"gpu", 1, &gpu_backend, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
 #define NO_GPU die("this binary was built without CUDA")
 void gpu_model_upload(const Model *m, Model *dev) { (void)m; (void)dev; NO_GPU; }
 Tensor gpu_tensor_upload(const Tensor *t) { (void)t; NO_GPU; }

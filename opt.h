@@ -285,7 +285,7 @@ typedef struct {
     double cpu_mem_bw;         /* streaming read bandwidth of RAM */
     double layer_overhead;     /* fixed seconds per layer and GPU batch (launches, syncs) */
     /* CPU-only path (0 = derived from the fields above; see hw_load in lp.c) */
-    double cpu_gemm_flops_8;   /* CPU GEMM at M = 8 (the smallest of the lane path), f16 weights */
+    double cpu_gemm_flops_8;   /* CPU GEMM at M = 8 (the tiled path's own speed), f16 weights */
     double cpu_gemm_q4_flops_8;/* the same with 4-bit weights */
     double cpu_gemm_q4_flops_g;/* CPU GEMM at M = 64 with 4-bit weights */
     double cpu_gemm_q4_flops_p;/* CPU GEMM at M = 512 with 4-bit weights */
@@ -462,7 +462,11 @@ typedef struct {
     char **ptrs;           /* the pointer tables of every layer */
 } KVCache;
 
-size_t kv_head_bytes(DType dt, int head_dim, int cap, int group); /* one area */
+size_t kv_head_bytes(DType dt, int head_dim, int cap, int group); /* one area; DT_F16 is the GPU's (cap, head_dim) */
+/* Bytes [*off, *off + *len) of a key (value: 1) area that hold positions [p0, p1). */
+void kv_span(DType dt, int head_dim, int group, int p0, int p1, int value, size_t *off, size_t *len);
+/* Stores one position's key and value rows (head_dim each) of one head. */
+void kv_store(const KVLayer *kv, int slot, int head, int pos, const float *k, const float *v);
 int kv_group(int head_dim, int group);                           /* the 4-bit cache's group */
 
 typedef struct {
@@ -519,6 +523,35 @@ void model_final(const Model *m, const float *x, int n, float *out, Scratch *s);
 void model_logits(const Model *m, float *logits, const float *hid, int rows);
 
 /* ----------------------------------------------------------------------------
+ * The compute device of offloading: memory of its own and four in-order
+ * streams (compute, uploads, downloads, weight uploads) ordered by events. kernels.cu's GPU;
+ * or the host standing in for one (OPT_HOST_DEVICE=1), whose memory is RAM,
+ * copies memcpy and compute the CPU backend: it runs every GPU-tier path of
+ * the schedule bit-exactly where there is no GPU, for the tests (its copies
+ * run as late as the events allow, so a missing one shows). */
+typedef struct Device {
+    const char *name;      /* "gpu" or "host" */
+    int half;              /* computes on 16-bit weights and an f16 cache (the GPU); else as the CPU does */
+    const Backend *be;     /* compute on device buffers */
+    void *(*alloc)(size_t n, const char *what);  /* device memory; dies naming what */
+    void (*release)(void *p);
+    void (*pin)(void *host, size_t n);   /* page-lock host memory for asynchronous copies */
+    void (*unpin)(void *host);
+    /* rows of w bytes between pitched buffers, in stream order: 0 compute, 1
+     * uploads, 2 downloads, 3 weight uploads; kind 0 to the device, 1 from it, 2 within */
+    void (*copy2d)(void *dst, size_t dpitch, const void *src, size_t spitch, size_t w, size_t rows, int kind, int stream);
+    void *(*event)(void);                 /* a new event (never recorded: already complete) */
+    void (*record)(void *ev, int stream); /* ev marks the stream's work so far */
+    void (*wait)(int stream, void *ev);   /* the stream waits for ev */
+    void (*sync)(void *ev);               /* the host waits for ev */
+    void (*scratch)(Scratch *s, const Config *c, int rows, int cap); /* a workspace on the device */
+    void (*scratch_free)(Scratch *s);
+    double (*free_bytes)(void);           /* free device memory, 0 when unknown */
+} Device;
+extern const Device gpu_device;  /* kernels.cu (CUDA builds) */
+extern const Device host_device; /* offload.c */
+
+/* ----------------------------------------------------------------------------
  * offload.c: the policy's placement and FlexGen's block schedule. */
 
 typedef struct {
@@ -526,6 +559,7 @@ typedef struct {
     const char *dir;       /* --offload-dir for the cache's and activations' disk share */
     double mem[TIER_COUNT];/* --gpu-mem, --cpu-mem, --disk-mem budgets in bytes; 0 = no limit */
     int quiet;             /* do not print the memory plan */
+    const Device *dev;     /* the compute device (&gpu_device; &host_device in tests), or NULL: the CPU */
 } OffloadCfg;
 
 typedef struct {
@@ -535,6 +569,7 @@ typedef struct {
     double read_bw, write_bw;  /* achieved bandwidth, bytes/s of busy I/O time */
     double t_compute, t_wait;  /* seconds computing, and computing waited for I/O */
     double io_busy;            /* seconds with some I/O in flight */
+    double h2d_bytes, d2h_bytes; /* bytes copied to and from the compute device (0 on the CPU) */
 } OffloadStats;
 
 typedef struct Offload Offload;
@@ -546,6 +581,8 @@ Offload *offload_open(Model *m, const OffloadCfg *c, int rows_max, int cap, DTyp
  * final hidden states of the rows into out (n, embed_dim). The output unit
  * (lm_head) stays staged for model_logits until the next step. */
 void offload_forward(Offload *o, const Step *st, float *out);
+/* Logits (rows <= 64, vocab) of final hidden rows, on the compute device. */
+void offload_logits(Offload *o, float *logits, const float *hid, int rows);
 void offload_stats(const Offload *o, OffloadStats *s);
 void offload_close(Offload *o);
 int offload_block(const Offload *o);       /* sequences per block */

@@ -97,9 +97,13 @@ float q4_dot_scalar(const float *x, const uint8_t *w, int K, int group) {
  * fma'd with the block's scale and min); no f32 copy of the matrix exists.
  * Groups are multiples of 16, so a step stays inside one block. */
 
+/* Unaligned loads (4-bit rows are 36 or 68 bytes, say): memcpy compiles to one mov. */
+static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline long long ld64(const void *p) { long long v; memcpy(&v, p, 8); return v; }
+
 /* The block's scale and min, broadcast (F16C conversion: exact). */
 T_AVX2 static inline void q4_params_avx2(const uint8_t *blk, __m256 *s, __m256 *m) {
-    __m128 sm = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)blk));
+    __m128 sm = _mm_cvtph_ps(_mm_cvtsi32_si128(ld32(blk)));
     *s = _mm256_broadcastss_ps(sm);
     *m = _mm256_broadcastss_ps(_mm_shuffle_ps(sm, sm, 1));
 }
@@ -107,7 +111,7 @@ T_AVX2 static inline void q4_params_avx2(const uint8_t *blk, __m256 *s, __m256 *
 /* The 16 codes of a word as two vectors of 8 dword lanes: broadcast, shift
  * each lane to its element, mask (see the format). */
 T_AVX2 static inline void q4_codes_avx2(const uint8_t *p, __m256i *lo, __m256i *hi) {
-    __m256i w = _mm256_set1_epi64x(*(const long long *)p), m = _mm256_set1_epi32(15);
+    __m256i w = _mm256_set1_epi64x(ld64(p)), m = _mm256_set1_epi32(15);
     *lo = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12)), m);
     *hi = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28)), m);
 }
@@ -179,7 +183,7 @@ T_AVX512 static void q4_tile_avx512_##MR(const float *const *x, const char *cons
         for (int j = 0; j < NR; j++) {                                                                 \
             blk[j] = (const uint8_t *)w[j] + (size_t)(k0 / G) * bs;                                    \
             _mm_prefetch((const char *)blk[j] + pf, _MM_HINT_T0);                                      \
-            __m128 sm = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)blk[j]));                     \
+            __m128 sm = _mm_cvtph_ps(_mm_cvtsi32_si128(ld32(blk[j])));                     \
             lut[j] = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(sm), _mm512_broadcastss_ps(_mm_shuffle_ps(sm, sm, 1))); \
         }                                                                                              \
         for (int e = 0; e < G && k0 + e < K; e += 16) {                                                \
@@ -188,7 +192,7 @@ T_AVX512 static void q4_tile_avx512_##MR(const float *const *x, const char *cons
             __m512 xv[MR];                                                                             \
             for (int i = 0; i < MR; i++) xv[i] = _mm512_maskz_loadu_ps(mk, x[i] + k);                  \
             for (int j = 0; j < NR; j++) { /* codes to lanes: broadcast, shift; the table ignores high bits */ \
-                __m512i c = _mm512_srlv_epi32(_mm512_set1_epi64(*(const long long *)(blk[j] + 4 + e / 2)), shifts); \
+                __m512i c = _mm512_srlv_epi32(_mm512_set1_epi64(ld64(blk[j] + 4 + e / 2)), shifts); \
                 __m512 wv = _mm512_maskz_permutexvar_ps(mk, c, lut[j]);                                \
                 for (int i = 0; i < MR; i++) a[i][j] = _mm512_fmadd_ps(xv[i], wv, a[i][j]);            \
             }                                                                                          \
@@ -457,7 +461,6 @@ static void i8_pack_pairs(void *dst, const Tensor *t, int n0, int cnt, int Kp, i
 #define ACC4_STORE(i) _mm512_storeu_si512(out + i * 64, a##i##0); _mm512_storeu_si512(out + i * 64 + 16, a##i##1); \
                       _mm512_storeu_si512(out + i * 64 + 32, a##i##2); _mm512_storeu_si512(out + i * 64 + 48, a##i##3);
 /* 4 bytes (VNNI) or 2 int16 (vpmaddwd) of row i at k, for every lane */
-static inline int32_t ld32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
 #define X_BCAST512(i) _mm512_set1_epi32(ld32(x##i + k))
 #define X_BCAST256(i) _mm256_set1_epi32(ld32(x##i + k))
 

@@ -7,15 +7,16 @@
 # 3. measures this machine: `opt probe -o build/plan-validate/probe.json --offload-dir DIR`;
 # 4. runs a grid of policies with `opt bench ... --json` (CPU computes; weights, cache and
 #    activations on RAM and on the local disk in DIR; several GPU batch sizes and counts; 4-bit
-#    weights and cache), REPS times each, round robin, and the policy `opt plan` picks with the
-#    probe (limited to the grid's largest block; the larger model also under --cpu-mem 1G);
-# 5. predicts each with `opt plan --eval POLICY --hw probe.json` and writes the table to
-#    bench/plan_validation.md (a section for bench/RESULTS.md).
+#    weights and cache), REPS rounds of every case, and the policies `opt plan` picks with the
+#    probe (limited to the grid's largest block; the larger model also under --cpu-mem 640M);
+#    each round starts with a fresh probe, since other jobs change the machine's speed;
+# 5. predicts each run with `opt plan --eval POLICY --hw PROBE` (its round's probe) and writes the
+#    table to bench/plan_validation.md (a section for bench/RESULTS.md).
 # Raw measurements stay in build/plan-validate/raw.json: `sh bench/plan_validate.sh report`
 # recomputes the predictions (after a change to the cost model) without measuring again.
 #
 # Environment: OFFLOAD_DIR (default: a new directory under ${TMPDIR:-/tmp}, removed afterwards),
-# REPS (3), THREADS (default: opt's, all cores), PYTHON (/usr/bin/python3).
+# REPS (5), THREADS (default: opt's, all cores), PYTHON (/usr/bin/python3).
 # Takes ~15 minutes on 2 vCPUs.
 set -eu
 cd "$(dirname "$0")/.."
@@ -54,6 +55,6 @@ else
 fi
 # shellcheck disable=SC2086
 "$PY" bench/plan_validate.py run --opt "$OPT" --probe "$W/probe.json" --offload-dir "$OFF" --raw "$W/raw.json" \
-    --reps "${REPS:-3}" $THR
+    --reps "${REPS:-5}" $THR
 "$PY" bench/plan_validate.py report --opt "$OPT" --raw "$W/raw.json" --md bench/plan_validation.md
 echo "plan_validate: load average $(cut -d' ' -f1-3 /proc/loadavg); wrote bench/plan_validation.md"

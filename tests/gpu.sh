@@ -5,7 +5,8 @@
 # the CPU path on every variant: pre-LN and post-LN with projections, f16 and
 # bf16, several prompts of different lengths in one batch. Log-probs must
 # agree to 2e-2; greedy continuations must be identical wherever the CPU
-# reference's top-2 margin exceeds 0.05. Logs go to $OUT (or a temp dir).
+# reference's top-2 margin exceeds 0.05. Then offloading with the GPU
+# computing, across placement policies. Logs go to $OUT (or a temp dir).
 set -u
 cd "$(dirname "$0")/.."
 if ! command -v nvcc >/dev/null 2>&1; then echo "gpu.sh: skipped: no nvcc"; exit 0; fi
@@ -80,5 +81,36 @@ done
 ./opt score --device gpu -m "$T/pre16" --ids --compress-weight --compress-cache -b 8 <"$T/ids.txt" >"$T/q4.gpu" 2>>"$LOG/gpu.log" \
     && ./opt score --device cpu -m "$T/pre16" --ids --compress-weight --compress-cache -b 8 <"$T/ids.txt" >"$T/q4.cpu" 2>>"$LOG/gpu.log" \
     && note "ok: 4-bit weights and cache run on the GPU" || { note "FAIL: 4-bit on the GPU"; fail=1; }
+# 3. offloading with the GPU computing: every policy scores bitwise alike (the same kernels on
+# the same batches; only where the bytes sit changes), within 2e-2 of the CPU; --cpu-attention
+# (attention in f32 on the CPU for its areas) within 2e-2 too; a --gpu-mem too small is refused
+OFF="--offload-dir $T --gpu-batch-size 4 --num-gpu-batches 2"
+ref=""
+for pol in "100 0 100 0 100 0" "30 40 20 50 10 60" "0 0 0 0 0 0" "20 80 0 100 0 100" "0 100 0 100 0 100"; do
+    for ca in "" "--cpu-attention"; do
+        out="$T/off.$(echo "$pol$ca" | tr -c 'a-z0-9' _)"
+        ./opt score --device gpu -m "$T/pre16" --ids --percent $pol $OFF $ca <"$T/ids.txt" >"$out" 2>>"$LOG/gpu.log" \
+            || { note "FAIL: offloading --percent $pol $ca exited non-zero"; fail=1; continue; }
+        [ -z "$ca" ] && [ -z "$ref" ] && ref=$out
+        if [ -z "$ca" ]; then cmp -s "$ref" "$out" && note "ok: offloading --percent $pol scores bitwise as --percent 100 0 100 0 100 0" \
+            || { note "FAIL: offloading --percent $pol differs from --percent 100 0 100 0 100 0"; fail=1; }; fi
+        "$PY" - "$T/pre16.cpu" "$out" "offloading --percent $pol $ca" <<'PYEOF' | tee -a "$LOG/gpu.log" || fail=1
+import sys
+a = [[float(v) for v in l.split()] for l in open(sys.argv[1])]
+b = [[float(v) for v in l.split()] for l in open(sys.argv[2])]
+assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), "shape mismatch"
+d = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+print(("ok  " if d <= 2e-2 else "FAIL") + f" {sys.argv[3]}: max |gpu - cpu| = {d:.3g} (limit 2e-2)")
+sys.exit(d > 2e-2)
+PYEOF
+    done
+done
+"$SAN" --tool memcheck --error-exitcode 9 ./opt score --device gpu -m "$T/pre16" --ids --percent 30 40 20 50 10 60 $OFF --cpu-attention \
+    <"$T/ids.txt" >"$LOG/off.memcheck.log" 2>&1 && note "ok: offloading under memcheck" || { note "FAIL: offloading under memcheck"; fail=1; }
+./opt score --device gpu -m "$T/pre16" --ids --percent 30 40 20 50 10 60 $OFF --compress-weight --compress-cache <"$T/ids.txt" >"$T/off.q4" 2>>"$LOG/gpu.log" \
+    && note "ok: offloading with 4-bit weights and cache" || { note "FAIL: offloading with 4-bit weights and cache"; fail=1; }
+./opt score --device gpu -m "$T/pre16" --ids --percent 100 0 100 0 100 0 $OFF --gpu-mem 1M <"$T/ids.txt" >/dev/null 2>"$T/refuse.err"
+[ $? -ne 0 ] && grep -q "does not fit" "$T/refuse.err" && note "ok: --gpu-mem 1M refused before allocating" \
+    || { note "FAIL: --gpu-mem 1M not refused"; fail=1; }
 [ $fail = 0 ] && note "all GPU tests passed" || note "GPU tests FAILED"
 exit $fail

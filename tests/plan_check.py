@@ -307,6 +307,57 @@ for m, pol, comp, published in flexgen:
     if j and j["feasible"] and ours:
         check(ours["throughput"]["total"] >= tp * (1 - 1e-3), "plan %s %s: %g token/s < FlexGen's policy's %g in our model" % (m, comp, ours["throughput"]["total"], tp))
 
+# ---- 5b. the CPU-only path (no GPU): terms measured by the probe, on a fixed synthetic machine ----
+if probe and not probe["gpu"]:
+    for k in ("cpu_gemm_flops_8", "cpu_gemm_q4_flops_8", "cpu_gemm_q4_flops_g", "cpu_gemm_q4_flops_p", "cpu_attn_bw",
+              "cpu_attn_q4_bw", "cpu_attn_flops_p", "cpu_attn_q4_flops_p", "cpu_region_s", "io_req_cpu_s"):
+        v = probe.get(k)
+        check(isinstance(v, (int, float)) and v > 0 and math.isfinite(v), "probe: %s = %r" % (k, v))
+    check(probe.get("layer_overhead") == 0, "probe: a CPU-only probe counts regions, layer_overhead %r" % probe.get("layer_overhead"))
+OLD = {"format": "opt-probe-1", "gpu": False, "cpu_mem": 16 * GiB, "disk_mem": 100 * GiB, "disk_read_bw": 2e9,
+       "disk_write_bw": 2e9, "cpu_gemv_bw": 8e9, "cpu_gemv_q4_bw": 4e9, "cpu_gemm_flops_g": 50e9, "cpu_gemm_flops_p": 80e9,
+       "cpu_mem_bw": 8e9, "layer_overhead": 1e-4}  # a probe file of phase 1: the new keys are absent
+NEW = dict(OLD, layer_overhead=0, cpu_gemm_flops_8=20e9, cpu_gemm_q4_flops_8=15e9, cpu_gemm_q4_flops_g=30e9,
+           cpu_gemm_q4_flops_p=60e9, cpu_attn_bw=4e9, cpu_attn_q4_bw=0.2e9, cpu_attn_flops_p=15e9, cpu_attn_q4_flops_p=1e9,
+           cpu_region_s=20e-6, io_req_cpu_s=1e-6)
+hwfile = {}
+for name, d in (("old", OLD), ("new", NEW), ("fastdisk", dict(NEW, disk_read_bw=1e15, disk_write_bw=1e15))):
+    hwfile[name] = os.path.join(TMP, "cpu-%s.json" % name)
+    json.dump(d, open(hwfile[name], "w"))
+
+
+def cpu_eval(hw, pol, model="opt-125m", extra=()):
+    rc, j, err = plan(["-m", model, "--hw", hwfile[hw], "--prompt-len", "64", "--gen-len", "16", "--eval", pol] + list(extra))
+    check(rc == 0 and j is not None, "cpu eval %s %s: exit %d %s" % (hw, pol, rc, err[-200:]))
+    return j["throughput"] if j else {"prefill": 0, "decode": 0, "total": 0}
+
+
+RAM = "--percent 0 100 0 100 0 100"
+old = cpu_eval("old", RAM + " --gpu-batch-size 4 --num-gpu-batches 2")
+check(old["total"] > 0, "cpu: a phase-1 probe file (no CPU-path keys) still plans")
+rc, j, err = plan(["-m", "opt-1.3b", "--hw", hwfile["old"], "--prompt-len", "64", "--gen-len", "16"])
+check(rc == 0 and j and j["feasible"], "cpu: search with a phase-1 probe file: %s" % err[-200:])
+# 4-bit cache: the engine's attention over it is slow (the probe's 0.2 GB/s), so decode is slower
+f32c = cpu_eval("new", RAM + " --gpu-batch-size 4 --num-gpu-batches 2")
+q4c = cpu_eval("new", RAM + " --gpu-batch-size 4 --num-gpu-batches 2 --compress-cache")
+check(q4c["decode"] < f32c["decode"], "cpu: 4-bit cache decode %g >= f32 cache %g" % (q4c["decode"], f32c["decode"]))
+# the tiled path at its own rate: 8 rows at 20 GFLOP/s take longer per step than 4 rows (both above streaming)
+g4 = cpu_eval("new", RAM + " --gpu-batch-size 4 --num-gpu-batches 1")
+g8 = cpu_eval("new", RAM + " --gpu-batch-size 8 --num-gpu-batches 1")
+check(8 / g8["decode"] > 4 / g4["decode"], "cpu: an 8-row decode step is not slower than a 4-row one (%g, %g token/s)" % (g8["decode"], g4["decode"]))
+# the cache's disk share costs CPU (buffered copies, requests) even on an infinitely fast disk
+cdisk = cpu_eval("fastdisk", "--percent 0 100 0 0 0 100 --gpu-batch-size 4 --num-gpu-batches 2")
+cram = cpu_eval("fastdisk", RAM + " --gpu-batch-size 4 --num-gpu-batches 2")
+check(cdisk["decode"] < cram["decode"], "cpu: cache on disk costs no CPU (%g vs %g)" % (cdisk["decode"], cram["decode"]))
+# weights on disk: the first layer's read is not hidden, so even an infinitely fast compute pays it
+w0 = cpu_eval("new", "--percent 0 0 0 100 0 100 --gpu-batch-size 4 --num-gpu-batches 2")
+check(w0["decode"] < cram["decode"], "cpu: weights on disk cost nothing")
+# and --overlap 0 (every term summed) is never faster than overlapped
+for pol in (RAM, "--percent 0 50 0 50 0 50"):
+    a = cpu_eval("new", pol + " --gpu-batch-size 4 --num-gpu-batches 2")
+    b = cpu_eval("new", pol + " --gpu-batch-size 4 --num-gpu-batches 2 --overlap 0")
+    check(b["total"] <= a["total"] * (1 + 1e-9), "cpu: --overlap 0 faster than overlapped for %s" % pol)
+
 # ---- 6. bad input: one line on stderr, nothing on stdout, a non-zero exit ----
 corrupt = os.path.join(TMP, "corrupt.json")
 open(corrupt, "w").write('{"format": "opt-probe-1", "gpu": false, "cpu_mem": 1e10,')

@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 plan cuda gpu):
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 offload plan cuda gpu):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -11,6 +11,8 @@
 #            reference tests/ref_opt.py on synthetic checkpoints of every layout
 #   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
 #   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
+#   offload  tests/test_offload.py: every placement policy gives the plain run's output (the
+#            CPU computing, and the host standing in for a GPU), plans, budgets, the disk tier
 #   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
 #   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
 #   gpu      tests/gpu.sh: the GPU tests, where there is a GPU (skipped otherwise)
@@ -34,12 +36,12 @@ SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        kernels|tok|lp|model|bad|w8a8|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 plan cuda gpu)"; exit 2 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        kernels|tok|lp|model|bad|w8a8|offload|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 offload plan cuda gpu)"; exit 2 ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 plan cuda gpu"
+[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 offload plan cuda gpu"
 export OPT_DEVICE=cpu
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/opt-tests.XXXXXX") || exit 2
@@ -146,6 +148,16 @@ run_w8a8() {
         result w8a8 PASS "$(last_line "$log")" "$log"
     else
         result w8a8 FAIL "$(last_line "$log")" "$log"
+    fi
+}
+
+run_offload() {
+    need_bin offload "$OPT" || return
+    log=$TMP/offload.log
+    if "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload" >"$log" 2>&1; then
+        result offload PASS "$(last_line "$log")" "$log"
+    else
+        result offload FAIL "$(last_line "$log")" "$log"
     fi
 }
 

@@ -7,8 +7,11 @@
 # throughput never falls when a budget grows; compression never adds traffic; FlexGen's T4
 # scenarios give plausible policies and our model of FlexGen's own policies lands near its
 # published throughputs; bad input gives one line on stderr and a non-zero exit; `opt probe`
-# writes a probe file that `plan --hw` reads (O_DIRECT and buffered), and cleans up after itself.
-# Needs /usr/bin/python3 (standard library only). Takes ~20 s on 2 cores.
+# writes a probe file that `plan --hw` reads (O_DIRECT and buffered), and cleans up after itself;
+# the CPU-only path's terms (on fixed synthetic probe files): a phase-1 probe file without the
+# CPU-path keys still plans, a 4-bit cache's slow attention, the tiled GEMM's compute at 8 rows, the CPU
+# cost of a cache on disk, the first layer's exposed weight read, --overlap 0 never faster.
+# Needs /usr/bin/python3 (standard library only). Takes ~30 s on 2 cores.
 set -eu
 OPT=${1:-./opt}
 HERE=$(cd "$(dirname "$0")" && pwd)
