@@ -11,7 +11,7 @@
 #    probe (limited to the grid's largest block; the larger model also under --cpu-mem 640M);
 #    each round starts with a fresh probe, since other jobs change the machine's speed;
 # 5. predicts each run with `opt plan --eval POLICY --hw PROBE` (its round's probe) and writes the
-#    table to bench/plan_validation.md (a section for bench/RESULTS.md).
+#    table to bench/plan_validation.md and into its section of bench/RESULTS.md (bench/section.py).
 # Raw measurements stay in build/plan-validate/raw.json: `sh bench/plan_validate.sh report`
 # recomputes the predictions (after a change to the cost model) without measuring again.
 #
@@ -28,7 +28,8 @@ MODE=${1:-run}
 if [ "$MODE" = report ]; then
     [ -f "$W/raw.json" ] || { echo "plan_validate: no $W/raw.json; run without arguments first"; exit 1; }
     [ -x ./opt ] || make CUDA=0
-    exec "$PY" bench/plan_validate.py report --opt ./opt --raw "$W/raw.json" --md bench/plan_validation.md
+    "$PY" bench/plan_validate.py report --opt ./opt --raw "$W/raw.json" --md bench/plan_validation.md
+    exec "$PY" bench/section.py "plan-validation (issue 5)" <bench/plan_validation.md
 fi
 
 [ -x ./opt ] || make CUDA=0
@@ -57,4 +58,5 @@ fi
 "$PY" bench/plan_validate.py run --opt "$OPT" --probe "$W/probe.json" --offload-dir "$OFF" --raw "$W/raw.json" \
     --reps "${REPS:-5}" $THR
 "$PY" bench/plan_validate.py report --opt "$OPT" --raw "$W/raw.json" --md bench/plan_validation.md
+"$PY" bench/section.py "plan-validation (issue 5)" <bench/plan_validation.md
 echo "plan_validate: load average $(cut -d' ' -f1-3 /proc/loadavg); wrote bench/plan_validation.md"
