@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,8 +26,17 @@
 static const char *g_prog = "opt";
 static char g_partial[4096]; /* a file being written; removed if we die, so no partial output survives */
 
-void die(const char *fmt, ...) {
+/* The first thread to die reports and exits; any other (an OpenMP worker
+ * hitting the same bad value) waits for that exit instead of interleaving
+ * its message and racing exit(). */
+static void die_begin(void) {
+    static atomic_flag dying = ATOMIC_FLAG_INIT;
+    if (atomic_flag_test_and_set(&dying)) for (;;) pause();
     if (g_partial[0]) unlink(g_partial);
+}
+
+void die(const char *fmt, ...) {
+    die_begin();
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: ", g_prog);
@@ -37,7 +47,7 @@ void die(const char *fmt, ...) {
 }
 
 void die_at(const char *file, int line, const char *fmt, ...) {
-    if (g_partial[0]) unlink(g_partial);
+    die_begin();
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: %s:%d: ", g_prog, file, line);

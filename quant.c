@@ -16,8 +16,11 @@
  * 4-bit format (DT_Q4). Groups run along a row (the input dimension of a
  * weight, head_dim of a cache row), so a kernel's 16-wide step never crosses a
  * group and the row is one contiguous stream. A row of K values is ceil(K/G)
- * blocks of [f16 scale][f16 min][G/2 bytes of codes], element 2i in the low
- * nibble of byte i. A value is fmaf(code, scale, min): one rounding, the same
+ * blocks of [f16 scale][f16 min][G/2 bytes of codes]. The codes of each 16
+ * elements are a little-endian 64-bit word with element e at bit
+ * 4*(e/2) + 32*(e%2) (even elements in its low half, odd in its high), so one
+ * 64-bit broadcast and a variable shift per 32-bit lane put element e in lane
+ * e. A value is fmaf(code, scale, min): one rounding, the same
  * in every kernel. Quantizing: min and scale = (max - min)/15 are rounded to
  * f16 first, then code = clamp(rint((x - min) / scale), 0, 15) with those
  * rounded values; a constant group (scale 0) stores codes 0 and its value
@@ -240,11 +243,41 @@ void q4_attn_scores(float *const *s, const float *const *q, int n, const uint8_t
         }
 }
 
+/* The AVX-512 weighted sum: a value row dequantized 16 lanes at a time, then
+ * one FMA per lane and row: the scalar loop's roundings exactly. */
+T_AVX512 static void q4_mix_avx512(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1) {
+    size_t rb = q4_row_bytes(D, G);
+    const __m512i shifts = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0), m15 = _mm512_set1_epi32(15);
+    float row[512 + 16];
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *blk = v + rb * (size_t)t;
+        for (int g0 = 0; g0 < D; g0 += G, blk += 4 + G / 2) {
+            uint16_t hs, hm;
+            memcpy(&hs, blk, 2);
+            memcpy(&hm, blk + 2, 2);
+            __m512 s = _mm512_set1_ps(f16_to_f32(hs)), m = _mm512_set1_ps(f16_to_f32(hm));
+            for (int e = 0; e < G && g0 + e < D; e += 16) {
+                __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi64(ld64(blk + 4 + e / 2)), shifts), m15);
+                _mm512_storeu_ps(row + g0 + e, _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, m));
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            __m512 pt = _mm512_set1_ps(p[i][t]);
+            float *o = out[i];
+            for (int d = 0; d < D; d += 16) {
+                __mmask16 k = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+                _mm512_mask_storeu_ps(o + d, k, _mm512_fmadd_ps(pt, _mm512_maskz_loadu_ps(k, row + d), _mm512_maskz_loadu_ps(k, o + d)));
+            }
+        }
+    }
+}
+
 /* out[i][d] (+)= sum_{t0 <= t < t1} p[i][t] * value[t][d]; from zero when init. */
 void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1, int init) {
     size_t rb = q4_row_bytes(D, G);
     float row[512];
     for (int i = 0; i < n; i++) if (init) memset(out[i], 0, sizeof(float) * (size_t)D);
+    if (g_simd == SIMD_AVX512 && D <= 512) { q4_mix_avx512(out, p, n, v, D, G, t0, t1); return; }
     for (int t = t0; t < t1; t++) {
         q4_dequantize_row(row, v + rb * (size_t)t, D, G);
         for (int i = 0; i < n; i++) {

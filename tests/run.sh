@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 offload plan cuda gpu):
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload plan cuda gpu):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -11,6 +11,8 @@
 #            reference tests/ref_opt.py on synthetic checkpoints of every layout
 #   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
 #   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
+#   q4       tests/test_q4.py (+ tests/test_q4.c): the 4-bit format byte for byte against numpy,
+#            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
 #   offload  tests/test_offload.py: every placement policy gives the plain run's output (the
 #            CPU computing, and the host standing in for a GPU), plans, budgets, the disk tier
 #   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
@@ -36,13 +38,14 @@ SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        kernels|tok|lp|model|bad|w8a8|offload|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 offload plan cuda gpu)"; exit 2 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        kernels|tok|lp|model|bad|w8a8|q4|offload|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload plan cuda gpu)"; exit 2 ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 offload plan cuda gpu"
+[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload plan cuda gpu"
 export OPT_DEVICE=cpu
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} # test programs linking libgomp dynamically would spin otherwise
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/opt-tests.XXXXXX") || exit 2
 cleanup() {
@@ -111,65 +114,24 @@ run_tok() {
     fi
 }
 
-run_lp() {
-    need_bin lp "$OPT" || return
-    log=$TMP/lp.log
-    if sh tests/test_lp.sh "$OPT" >"$log" 2>&1; then
-        result lp PASS "$(tail -n 2 "$log" | tr '\n' ';' | sed 's/;$//; s/;/; /')" "$log"
-    else
-        result lp FAIL "$(last_line "$log")" "$log"
+# group NAME BINARY COMMAND...: runs a test script (its log's last line is its summary)
+group() {
+    name=$1 bin=$2
+    shift 2
+    need_bin "$name" "$bin" || return
+    log=$TMP/$name.log
+    if "$@" >"$log" 2>&1; then result "$name" PASS "$(last_line "$log")" "$log"
+    else result "$name" FAIL "$(last_line "$log")" "$log"
     fi
 }
 
-run_model() {
-    need_bin model "$OPT" || return
-    log=$TMP/model.log
-    if "$PYTHON" tests/test_model.py --opt "$OPT" --tmp "$TMP/model" >"$log" 2>&1; then
-        result model PASS "$(last_line "$log")" "$log"
-    else
-        result model FAIL "$(last_line "$log")" "$log"
-    fi
-}
-
-run_bad() {
-    need_bin bad "$OPT_ASAN" || return
-    log=$TMP/bad.log
-    if "$PYTHON" tests/test_bad_input.py --opt "$OPT_ASAN" --tmp "$TMP/bad" >"$log" 2>&1; then
-        result bad PASS "$(last_line "$log")" "$log"
-    else
-        result bad FAIL "$(last_line "$log")" "$log"
-    fi
-}
-
-run_w8a8() {
-    need_bin w8a8 "$OPT" || return
-    log=$TMP/w8a8.log
-    if "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8" >"$log" 2>&1; then
-        result w8a8 PASS "$(last_line "$log")" "$log"
-    else
-        result w8a8 FAIL "$(last_line "$log")" "$log"
-    fi
-}
-
-run_offload() {
-    need_bin offload "$OPT" || return
-    log=$TMP/offload.log
-    if "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload" >"$log" 2>&1; then
-        result offload PASS "$(last_line "$log")" "$log"
-    else
-        result offload FAIL "$(last_line "$log")" "$log"
-    fi
-}
-
-run_plan() {
-    need_bin plan "$OPT" || return
-    log=$TMP/plan.log
-    if sh tests/test_plan.sh "$OPT" >"$log" 2>&1; then
-        result plan PASS "$(last_line "$log")" "$log"
-    else
-        result plan FAIL "$(last_line "$log")" "$log"
-    fi
-}
+run_lp() { group lp "$OPT" sh tests/test_lp.sh "$OPT"; }
+run_model() { group model "$OPT" "$PYTHON" tests/test_model.py --opt "$OPT" --tmp "$TMP/model"; }
+run_bad() { group bad "$OPT_ASAN" "$PYTHON" tests/test_bad_input.py --opt "$OPT_ASAN" --tmp "$TMP/bad"; }
+run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8"; }
+run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
+run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
+run_plan() { group plan "$OPT" sh tests/test_plan.sh "$OPT"; }
 
 run_gpu() {
     log=$TMP/gpu.log

@@ -41,42 +41,16 @@ ROOT = os.path.dirname(HERE)
 PY = sys.executable or '/usr/bin/python3'
 TIMEOUT = 60
 
-passed = failed = skipped = 0
-
-
-def report(ok, what, detail=''):
-    global passed, failed
-    if ok:
-        passed += 1
-        print('  ok    %s' % what)
-    else:
-        failed += 1
-        print('  FAIL  %s' % what)
-        for line in detail.strip().split('\n')[:10]:
-            print('          %s' % line)
-    sys.stdout.flush()
-
-
-def skip(what, why):
-    global skipped
-    skipped += 1
-    print('  skip  %s: %s' % (what, why))
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
+from harness import check as report, skip  # noqa: E402
 
 
 def run(args, stdin=b'', stdout=subprocess.PIPE, env=None):
-    e = dict(os.environ, ASAN_OPTIONS='detect_leaks=0:abort_on_error=0', UBSAN_OPTIONS='print_stacktrace=1')
-    e.pop('OPT_SIMD', None)
-    if env:
-        e.update(env)
-    if isinstance(stdin, str):
-        stdin = stdin.encode('utf-8')
-    try:
-        p = subprocess.run([OPT] + args, input=stdin, stdout=stdout, stderr=subprocess.PIPE, env=e, timeout=TIMEOUT)
-        return p.returncode, p.stdout or b'', p.stderr
-    except OSError as x:  # e.g. the binary is being rebuilt
-        return 'could not run %s: %s' % (OPT, x), b'', b''
-    except subprocess.TimeoutExpired as x:
-        return 'hung (killed after %ds)' % TIMEOUT, x.stdout or b'', x.stderr or b''
+    e = {'ASAN_OPTIONS': 'detect_leaks=0:abort_on_error=0', 'UBSAN_OPTIONS': 'print_stacktrace=1'}
+    e.update(env or {})
+    r = harness.run([OPT] + args, stdin=stdin, env=e, timeout=TIMEOUT, stdout=stdout)
+    return r.rc, r.out, r.err
 
 
 def expect_error(what, args, stdin=b'', names=(), status=1, one_line=True, stdout=subprocess.PIPE, streams=False):
@@ -150,8 +124,7 @@ def main():
     finally:
         if not a.tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    print('test_bad_input: %d passed, %d failed, %d skipped' % (passed, failed, skipped))
-    return 1 if failed else 0
+    return harness.summary('test_bad_input')
 
 
 def cases(tmp):

@@ -64,7 +64,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -72,6 +71,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import ref_opt  # noqa: E402
+import harness  # noqa: E402
+from harness import check, section, skip  # noqa: E402
 
 PY = sys.executable or '/usr/bin/python3'
 TESTDATA = os.environ.get('OPT_TESTDATA') or os.path.join(ROOT, '..', 'shared', 'opt-testdata')
@@ -83,66 +84,6 @@ MARGIN = 0.05      # greedy steps with a smaller top-2 margin in the reference a
 SCORE_TOL = 1e-3   # absolute, on natural-log probabilities
 GPU_NOTE = 'opt: no usable GPU'  # a CUDA build's note on a machine without one: not an error line
 
-passed = failed = skipped = 0
-
-
-def check(ok, what, detail=''):
-    """One check: prints 'ok' or 'FAIL' (with detail lines) and counts it."""
-    global passed, failed
-    if ok:
-        passed += 1
-        print('  ok    %s' % what)
-    else:
-        failed += 1
-        print('  FAIL  %s' % what)
-        for line in str(detail).strip().split('\n')[:12]:
-            if line:
-                print('          %s' % line)
-    sys.stdout.flush()
-    return ok
-
-
-def skip(what, why):
-    global skipped
-    skipped += 1
-    print('  skip  %s: %s' % (what, why))
-    sys.stdout.flush()
-
-
-_times = []  # (section, seconds)
-
-
-def section(name):
-    """Starts a section; the time each one took is printed at the end."""
-    now = time.time()
-    if _times:
-        _times[-1][1] = now - _times[-1][1]
-    _times.append([name.split(':')[0], now])
-    print('[%s]' % name)
-    sys.stdout.flush()
-
-
-# ---------------------------------------------------------------------------------------
-# running opt
-# ---------------------------------------------------------------------------------------
-
-class Run:
-    """The result of one opt invocation."""
-
-    def __init__(self, args, rc, out, err):
-        self.args, self.rc, self.out, self.err = args, rc, out, err
-
-    @property
-    def lines(self):
-        """stdout as text lines (without the final newline)."""
-        t = self.out.decode('utf-8', 'replace')
-        return t.split('\n')[:-1] if t.endswith('\n') else t.split('\n') if t else []
-
-    def describe(self):
-        return 'opt %s -> exit %s\nstderr: %s' % (' '.join(self.args), self.rc,
-                                                  self.err.decode('utf-8', 'replace').strip()[:600])
-
-
 _hung = set()  # checkpoints an opt run hung on: later runs on them are not started
 
 
@@ -152,23 +93,11 @@ def opt(args, stdin=b'', env=None):
     so one hang costs one timeout, not one per check."""
     model = args[args.index('-m') + 1] if '-m' in args[:-1] else None
     if model in _hung:
-        return Run(args, 'not run: an earlier run on this checkpoint hung', b'', b'')
-    if isinstance(stdin, list):
-        stdin = ''.join(l + '\n' for l in stdin).encode('utf-8')
-    e = dict(os.environ)
-    e.pop('OPT_SIMD', None)
-    if env:
-        e.update(env)
-    try:
-        p = subprocess.run([OPT] + args, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env=e, timeout=HUNG_TIMEOUT if _hung else TIMEOUT)
-        return Run(args, p.returncode, p.stdout, p.stderr)
-    except OSError as x:  # e.g. the binary is being rebuilt
-        return Run(args, 'could not run %s: %s' % (OPT, x), b'', b'')
-    except subprocess.TimeoutExpired as x:
+        return harness.Run([OPT] + args, 'not run: an earlier run on this checkpoint hung', b'', b'')
+    r = harness.run([OPT] + args, stdin=stdin, env=env, timeout=HUNG_TIMEOUT if _hung else TIMEOUT)
+    if isinstance(r.rc, str) and r.rc.startswith('hung'):
         _hung.add(model)
-        return Run(args, 'killed after %ds (hung?); stdout was %r' % (x.timeout, (x.stdout or b'')[:120]),
-                   x.stdout or b'', x.stderr or b'')
+    return r
 
 
 def ok_run(r, what):
@@ -985,11 +914,7 @@ def main():
     finally:
         if not a.tmp and not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    if _times:
-        _times[-1][1] = time.time() - _times[-1][1]
-        print('seconds per section: ' + ', '.join('%s %.0f' % (n, t) for n, t in _times))
-    print('test_model: %d passed, %d failed, %d skipped' % (passed, failed, skipped))
-    return 1 if failed else 0
+    return harness.summary('test_model')
 
 
 OPT = None

@@ -71,64 +71,21 @@ ROOT = os.path.dirname(HERE)
 PY = '/usr/bin/python3' if os.path.exists('/usr/bin/python3') else sys.executable
 TIMEOUT = 60
 
-passed = failed = skipped = 0
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
+from harness import check as report, skip  # noqa: E402
+
 ONLY = None
 # independent opt runs go two at a time (the runs are short: start-up and I/O waits dominate)
 POOL = ThreadPoolExecutor(max_workers=2)
-
-
-def report(ok, what, detail=''):
-    global passed, failed
-    if ok:
-        passed += 1
-        print('  ok    %s' % what)
-    else:
-        failed += 1
-        print('  FAIL  %s' % what)
-        for line in str(detail).strip().split('\n')[:12]:
-            print('          %s' % line)
-    sys.stdout.flush()
-
-
-def skip(what, why):
-    global skipped
-    skipped += 1
-    print('  skip  %s: %s' % (what, why))
-    sys.stdout.flush()
 
 
 def want(group):
     return ONLY is None or ONLY in group
 
 
-class R:
-    """Result of one opt run."""
-    def __init__(self, rc, out, err, dt):
-        self.rc, self.out, self.err, self.dt = rc, out, err, dt
-
-    def errtext(self):
-        return self.err.decode('utf-8', 'replace')
-
-    def tail(self, n=6):
-        lines = self.errtext().strip().split('\n')
-        return 'exit %s; stderr: %s' % (self.rc, '\n'.join(lines[-n:]))
-
-
 def run(binary, args, stdin=None, env=None, timeout=TIMEOUT, stdout=subprocess.PIPE, preexec=None):
-    e = dict(os.environ)
-    e.pop('OPT_SIMD', None)
-    e['OPT_DEVICE'] = 'cpu'
-    if env:
-        e.update(env)
-    t0 = time.time()
-    try:
-        p = subprocess.run([binary] + args, input=stdin, stdout=stdout, stderr=subprocess.PIPE, env=e,
-                           timeout=timeout, preexec_fn=preexec)
-        return R(p.returncode, p.stdout or b'', p.stderr, time.time() - t0)
-    except OSError as x:
-        return R('could not run %s: %s' % (binary, x), b'', b'', time.time() - t0)
-    except subprocess.TimeoutExpired as x:
-        return R('hung (killed after %ds)' % timeout, x.stdout or b'', x.stderr or b'', time.time() - t0)
+    return harness.run([binary] + args, stdin=stdin, env=dict({'OPT_DEVICE': 'cpu'}, **(env or {})), timeout=timeout, stdout=stdout, preexec=preexec)
 
 
 def opt(args, **kw):
@@ -274,7 +231,7 @@ def test_equivalence(models):
                    'cpu_gemm_flops_p': 3e11, 'cpu_mem_bw': 2e10}, f)
     plain = opt(['score', '--ids', '-m', A, '-f', P7])
     r = opt(['score', '--ids', '-m', A, '-f', P7, '--policy', 'auto', '--hw', hw, '--offload-dir', OFFDIR])
-    chose = re.search(r'chose (--percent [0-9. ]+)', r.errtext())
+    chose = re.search(r'chose (--percent [0-9. ]+)', r.errtext)
     report(r.rc == 0 and r.out == plain.out, '--policy auto (CPU-only probe file, 32 MiB) scores as the plain run [%s]' % (
         chose.group(1).strip() if chose else 'no choice printed'), r.tail() if r.rc else first_diff(plain.out, r.out))
 
@@ -399,7 +356,7 @@ def test_device(models):
     # --gpu-mem: refused before allocating, with the plan
     r = opt(['score', '--ids', '-m', A, '-f', P7] + pol_args('100 0 100 0 100 0', 2, 2, ['--gpu-mem', '1M']), env=HOST)
     report(r.rc == 1 and not r.out and b'does not fit' in r.err and b'gpu needs' in r.err, '--gpu-mem 1M refused: "%s"' % (
-        r.errtext().strip().split('\n')[-1] if r.err else ''), r.tail())
+        r.errtext.strip().split('\n')[-1] if r.err else ''), r.tail())
     # without a device, GPU shares are refused
     r = opt(['score', '--ids', '-m', A, '-f', P7] + pol_args('30 40 20 50 10 60', 2, 2))
     report(r.rc == 1 and not r.out and b'no usable GPU' in r.err, 'GPU shares without a device are refused', r.tail())
@@ -492,7 +449,7 @@ def bench(model, pol, gbs, nb, extra=(), plen=32, glen=4, **kw):
 
 def refused_ok(r, flag):
     """exit 1, nothing on stdout, the plan then one reason line naming the flag."""
-    errs = r.errtext().strip().split('\n')
+    errs = r.errtext.strip().split('\n')
     plan, _ = parse_plan(r.err)
     problems = []
     if r.rc != 1:
@@ -586,7 +543,7 @@ def test_budgets(models):
 
 def one_error_line(r, must=()):
     """exit 1, empty stdout, exactly one 'opt: ' line besides the plan's header."""
-    errs = [l for l in r.errtext().strip().split('\n') if l.startswith('opt: ') and 'memory plan' not in l]
+    errs = [l for l in r.errtext.strip().split('\n') if l.startswith('opt: ') and 'memory plan' not in l]
     probs = []
     if r.rc != 1:
         probs.append('exit %s, wanted 1' % r.rc)
@@ -596,7 +553,7 @@ def one_error_line(r, must=()):
         probs.append('%d error lines: %r' % (len(errs), errs[:3]))
     elif any(m not in errs[0] for m in must):
         probs.append('error %r does not name %s' % (errs[0], must))
-    if 'runtime error' in r.errtext() or 'Sanitizer' in r.errtext():
+    if 'runtime error' in r.errtext or 'Sanitizer' in r.errtext:
         probs.append('sanitizer report')
     return probs
 
@@ -739,7 +696,7 @@ def test_asan(models):
         os.makedirs(d, exist_ok=True)
         r = run(ASAN, base + pol_args(pol, gbs, nb)[:-2] + ['--offload-dir', d], env=dict(env, **(HOST if host else {})), timeout=120)
         extra = extra + (['(host device)'] if host else [])
-        et = r.errtext()
+        et = r.errtext
         probs = []
         if r.rc != 0:
             probs.append('exit %s' % r.rc)
@@ -816,8 +773,7 @@ def main():
     finally:
         if own_tmp:
             shutil.rmtree(TMP, ignore_errors=True)
-    print('test_offload: %d passed, %d failed, %d skipped in %.0f s' % (passed, failed, skipped, time.time() - t0))
-    return 1 if failed else 0
+    return harness.summary('test_offload', t0)
 
 
 if __name__ == '__main__':

@@ -30,6 +30,10 @@
  *              f32 attn_mix over the dequantized values bit for bit (same order); both
  *              bitwise across levels; head_dim 16..512 (not multiples of 16 too).
  *
+ * Run it with OMP_WAIT_POLICY=passive (test_q4.py does): opt.c sets that default from a
+ * constructor, which a dynamically linked libgomp has already read by then, and spinning
+ * threads make this test 20x slower on a 2-vCPU machine.
+ *
  * Helper modes for test_q4.py's numpy comparison (raw little-endian files):
  *   ./a.out quant G COLS IN.f32 OUT.q4     rows of COLS floats -> q4_quantize_row
  *   ./a.out dequant G COLS IN.q4 OUT.f32   rows of q4_row_bytes(COLS, G) -> q4_dequantize_row
@@ -122,7 +126,7 @@ enum { N_KINDS = 10 };
  * roundtrip */
 
 static void test_roundtrip(void) {
-    double worst = 0; /* max |x - deq| / scale over non-constant groups */
+    double worst = 0, worst_sub = 0, worst_bound = 0; /* max |x - deq| / scale: normal f16 scales, subnormal ones */
     long constant = 0, groups = 0;
     for (int it = 0; it < 600; it++) {
         int G = GROUPS[it % 3], cols = it < 30 ? 1 + it : rnd_int(1, 600), kind = it % N_KINDS;
@@ -162,7 +166,6 @@ static void test_roundtrip(void) {
                     g_checks++;
                     if (!same_bits(d[g0 + i], fm)) { fail("cols %d G %d: constant group value %.9g != min %.9g", cols, G, d[g0 + i], fm); break; }
                 }
-                if (mx == mn && kind != 5 && !same_bits(fm, f16_to_f32(f32_to_f16(mn)))) fail("constant group min");
                 continue;
             }
             /* half a step, plus what the f16 rounding of min and scale moves the grid by */
@@ -172,13 +175,15 @@ static void test_roundtrip(void) {
                 double e = fabs((double)x[g0 + i] - d[g0 + i]);
                 g_checks++;
                 if (!(e <= bound)) { fail("cols %d G %d kind %d: |x - deq| = %.3g > bound %.3g (scale %.3g) at %d", cols, G, kind, e, bound, fs, g0 + i); break; }
-                if (e / fs > worst) worst = e / fs;
+                if (e / bound > worst_bound) worst_bound = e / bound;
+                if (fs >= 0x1p-14f && e / fs > worst) worst = e / fs; /* normal f16 scales */
+                if (fs < 0x1p-14f && e / fs > worst_sub) worst_sub = e / fs;
             }
         }
         free(x); free(d); free(q);
     }
-    char s[160];
-    snprintf(s, sizeof s, "600 rows, %ld groups (%ld constant); max |x - deq| = %.4f steps", groups, constant, worst);
+    char s[300];
+    snprintf(s, sizeof s, "600 rows, %ld groups (%ld constant); max |x - deq| = %.3f of the bound, %.3f steps (%.3f where the f16 scale is subnormal; beyond 0.5 only from the f16 min and scale)", groups, constant, worst_bound, worst, worst_sub);
     group_end("roundtrip", s);
 }
 
@@ -217,7 +222,6 @@ static void gcase_make(GCase *c, int N, int K, int G, int Mmax) {
     float *row = xmalloc(sizeof(float) * (size_t)K);
     for (int n = 0; n < N; n++) {
         int kind = rnd_u64() % 4 ? 0 : rnd_int(0, N_KINDS - 1);
-        if (kind == 7) kind = 0; /* keep sums far from overflow */
         fill_row(row, K, kind);
         q4_quantize_row(c->wq + rb * (size_t)n, row, K, G, "test weights");
         q4_dequantize_row(c->wf + (size_t)n * K, c->wq + rb * (size_t)n, K, G);
@@ -244,11 +248,15 @@ static void gcase_make(GCase *c, int N, int K, int G, int Mmax) {
 
 static void gcase_free(GCase *c) { free(c->x); free(c->b); free(c->y0); free(c->wq); free(c->wf); free(c->qa); free(c->qb); free(c->fa); free(c->fb); }
 
+static float *g_xm; /* x with the rows past M poisoned */
 static void gcase_run(const GCase *c, const Tensor *w, int M, float *y) {
     size_t ny = (size_t)(c->Mmax * c->ldy);
+    g_xm = realloc(g_xm, sizeof(float) * (size_t)(c->Mmax * c->ldx));
+    poison(g_xm, (size_t)(c->Mmax * c->ldx));
+    memcpy(g_xm, c->x, sizeof(float) * (size_t)(M * c->ldx));
     if (c->acc) memcpy(y, c->y0, sizeof(float) * ny);
     else poison(y, ny);
-    Gemm g = {.y = y, .x = c->x, .w = w, .bias = c->bias ? c->b : NULL, .ldy = c->ldy, .ldx = c->ldx,
+    Gemm g = {.y = y, .x = g_xm, .w = w, .bias = c->bias ? c->b : NULL, .ldy = c->ldy, .ldx = c->ldx,
               .M = M, .N = c->N, .K = c->K, .acc = c->acc, .relu = c->relu};
     gemm(&g);
 }
@@ -295,6 +303,8 @@ static void test_gemm(void) {
             for (int li = 0; li < g_nlevels; li++) {
                 g_simd = g_levels[li];
                 for (int M = 1; M <= 70; M++) {
+                    /* the scalar path is per row: a few batch sizes suffice there */
+                    if (g_levels[li] == SIMD_SCALAR && M != 1 && M != 2 && M != 5 && M != 63 && M != 64 && M != 70) continue;
                     gcase_run(&c, &c.tq, M, yq);
                     gcase_run(&c, &c.tf, M, yf);
                     gcase_cmp(&c, M, yq, yf, "q4 gemm vs dequantized f32 gemm", g_levels[li]);
@@ -327,8 +337,8 @@ static void test_gemm(void) {
         gcase_free(&c);
     }
     g_simd = g_simd_max;
-    char s[200];
-    snprintf(s, sizeof s, "%d shapes x M 1..70 at %s; bitwise = dequantized f32 GEMM, across levels and batch sizes (%d lane-path rows)",
+    char s[320];
+    snprintf(s, sizeof s, "%d shapes x M 1..70 at %s (scalar: M 1 2 5 63 64 70); bitwise = dequantized f32 GEMM, across levels and batch sizes (%d lane-path rows)",
              ncase, g_level_list, lanes_rows);
     group_end("gemm", s);
 }
@@ -390,8 +400,7 @@ static void test_attention(void) {
                     if (err / tol > worst_rel) worst_rel = err / tol;
                     if (!(err <= tol)) { fail("scores D %d G %d at %s: q4 %.9g vs f32 attention %.9g (tol %.3g)", D, G, level_names[g_levels[li]], s4[i][t], sf[i][t], tol); goto next; }
                 }
-            for (int i = n; i < n; i++) (void)0;
-            for (int i = 0; i < n; i++) for (int t = Tmax; t < cap16; t++) if (i < n && bits(s4[i][t]) != POISON) { fail("scores D %d: wrote s[%d][%d] past T = %d", D, i, t, Tmax); goto next; }
+            for (int i = 0; i < n; i++) for (int t = Tmax; t < cap16; t++) if (bits(s4[i][t]) != POISON) { fail("scores D %d: wrote s[%d][%d] past T = %d", D, i, t, Tmax); goto next; }
             /* softmax as cpu_attention does, over each row's own length */
             for (int i = 0; i < n; i++) { memcpy(p[i], s4[i], sizeof(float) * (size_t)T[i]); softmax(p[i], T[i]); }
             for (int i = 0; i < n; i++) {
@@ -420,7 +429,7 @@ static void test_attention(void) {
         free(kq); free(vq); free(kd); free(vd); free(kt);
     }
     g_simd = g_simd_max;
-    char s[200];
+    char s[320];
     snprintf(s, sizeof s, "%d caches (head_dim 16..512, 1-4 rows) at %s; scores vs f32 attention within %.2f of the bound", ncase, g_level_list, worst_rel);
     group_end("attention", s);
 }

@@ -53,69 +53,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import ref_opt  # noqa: E402
+import harness  # noqa: E402
+from harness import check, section, skip  # noqa: E402
 
 PY = sys.executable or '/usr/bin/python3'
 TIMEOUT = int(os.environ.get('OPT_TEST_TIMEOUT', '120'))  # seconds per run
 SHAPE = '256x2x4x1024'       # hidden x layers x heads x ffn of the test models
 
-passed = failed = skipped = 0
 ARGS = None
-
-
-def check(ok, what, detail=''):
-    global passed, failed
-    if ok:
-        passed += 1
-        print('  ok    %s' % what)
-    else:
-        failed += 1
-        print('  FAIL  %s' % what)
-        for line in str(detail).strip().split('\n')[:12]:
-            if line:
-                print('          %s' % line)
-    sys.stdout.flush()
-    return ok
-
-
-def skip(what, why):
-    global skipped
-    skipped += 1
-    print('  skip  %s: %s' % (what, why))
-    sys.stdout.flush()
-
-
-def section(name):
-    print('[%s]' % name)
-    sys.stdout.flush()
-
-
-class Run:
-    def __init__(self, args, rc, out, err):
-        self.args, self.rc, self.out, self.err = args, rc, out, err
-
-    @property
-    def text(self):
-        return self.out.decode('utf-8', 'replace')
-
-    @property
-    def errtext(self):
-        return self.err.decode('utf-8', 'replace')
-
-    def describe(self):
-        return '%s -> exit %s\nstderr: %s' % (' '.join(self.args), self.rc, self.errtext.strip()[:800])
+SQ_ENV = ('OPT_SIMD', 'OPT_SQ_NO_SMOOTH', 'OPT_SQ_NO_QUANT')  # knobs a caller's environment must not leak in
 
 
 def run(argv, env=None, stdin=b''):
-    e = dict(os.environ)
-    e.pop('OPT_SQ_NO_SMOOTH', None)
-    e.pop('OPT_SQ_NO_QUANT', None)
-    e.pop('OPT_SIMD', None)
-    e.update(env or {})
-    try:
-        p = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, timeout=TIMEOUT)
-        return Run(argv, p.returncode, p.stdout, p.stderr)
-    except subprocess.TimeoutExpired as x:
-        return Run(argv, 'timeout after %ds' % TIMEOUT, x.stdout or b'', x.stderr or b'')
+    return harness.run(argv, stdin=stdin, env=env, timeout=TIMEOUT, drop=SQ_ENV)
 
 
 def opt(args, env=None, binary=None, stdin=b''):
@@ -278,7 +228,7 @@ def test_calib(fx):
     section('calib')
     model = fx.synth('out32', outliers=True)
     ref = ref_opt.load_model(model)
-    L, H = ref.cfg.layers, ref.cfg.hidden
+    L = ref.cfg.layers
     alpha = 0.5
     for mode, calib, n, length in (('lines', fx.calib, 32, 64),
                                    ('text', fx.write('calib_text.txt', '\n'.join(sentences(3, 6, 60, 90)) + '\n'), 8, 48)):
@@ -538,8 +488,7 @@ def main():
         print('        (%.1f s)' % (time.time() - t1))
     if not ARGS.keep and not ARGS.tmp:
         shutil.rmtree(tmp, ignore_errors=True)
-    print('test_w8a8: %d passed, %d failed, %d skipped in %.0f s' % (passed, failed, skipped, time.time() - t0))
-    sys.exit(1 if failed else 0)
+    sys.exit(harness.summary('test_w8a8', t0))
 
 
 if __name__ == '__main__':

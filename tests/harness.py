@@ -1,0 +1,100 @@
+"""tests/harness.py: what the Python tests share. A check prints one line ("  ok    NAME",
+or "  FAIL  NAME" with its details indented under it, or "  skip  NAME: why") and is counted;
+summary() prints the last line, "NAME: N passed, M failed, K skipped", that tests/run.sh
+shows, and gives the exit status. run() runs a command with a time limit and never raises."""
+import os
+import subprocess
+import sys
+import time
+
+passed = failed = skipped = 0
+_sections = []  # [name, start, seconds]
+
+
+def check(ok, what, detail=''):
+    """One check; returns ok."""
+    global passed, failed
+    if ok:
+        passed += 1
+        print('  ok    %s' % what)
+    else:
+        failed += 1
+        print('  FAIL  %s' % what)
+        for line in str(detail).strip().split('\n')[:12]:
+            if line:
+                print('          %s' % line)
+    sys.stdout.flush()
+    return ok
+
+
+def skip(what, why):
+    global skipped
+    skipped += 1
+    print('  skip  %s: %s' % (what, why))
+    sys.stdout.flush()
+
+
+def section(name):
+    """Starts a section of checks; summary() prints the seconds each took."""
+    now = time.time()
+    if _sections:
+        _sections[-1][2] = now - _sections[-1][1]
+    _sections.append([name.split(':')[0], now, 0.0])
+    print('[%s]' % name)
+    sys.stdout.flush()
+
+
+def summary(name, t0=None):
+    """Prints the summary line; returns the exit status (1 when a check failed)."""
+    if _sections:
+        _sections[-1][2] = time.time() - _sections[-1][1]
+        print('seconds per section: ' + ', '.join('%s %.0f' % (n, s) for n, _, s in _sections))
+    took = ' in %.0f s' % (time.time() - t0) if t0 is not None else ''
+    print('%s: %d passed, %d failed, %d skipped%s' % (name, passed, failed, skipped, took))
+    sys.stdout.flush()
+    return 1 if failed else 0
+
+
+class Run:
+    """The result of one command: rc is its exit status, or a string saying why there is none."""
+
+    def __init__(self, args, rc, out, err, dt=0.0):
+        self.args, self.rc, self.out, self.err, self.dt = args, rc, out, err, dt
+
+    @property
+    def text(self):
+        return self.out.decode('utf-8', 'replace')
+
+    @property
+    def errtext(self):
+        return self.err.decode('utf-8', 'replace')
+
+    @property
+    def lines(self):
+        """stdout as text lines (without the final newline)."""
+        t = self.text
+        return t.split('\n')[:-1] if t.endswith('\n') else t.split('\n') if t else []
+
+    def describe(self):
+        return '%s -> exit %s\nstderr: %s' % (' '.join(self.args), self.rc, self.errtext.strip()[:800])
+
+    def tail(self, n=6):
+        return 'exit %s; stderr: %s' % (self.rc, '\n'.join(self.errtext.strip().split('\n')[-n:]))
+
+
+def run(argv, stdin=b'', env=None, timeout=60, stdout=subprocess.PIPE, preexec=None, drop=('OPT_SIMD',)):
+    """Runs argv (stdin: bytes, str or a list of lines) with os.environ less `drop`, plus env."""
+    if isinstance(stdin, list):
+        stdin = ''.join(l + '\n' for l in stdin)
+    if isinstance(stdin, str):
+        stdin = stdin.encode('utf-8')
+    e = {k: v for k, v in os.environ.items() if k not in drop}
+    e.update(env or {})
+    t0 = time.time()
+    try:
+        p = subprocess.run(argv, input=stdin, stdout=stdout, stderr=subprocess.PIPE, env=e, timeout=timeout, preexec_fn=preexec)
+        return Run(argv, p.returncode, p.stdout or b'', p.stderr, time.time() - t0)
+    except OSError as x:  # e.g. the binary is being rebuilt
+        return Run(argv, 'could not run %s: %s' % (argv[0], x), b'', b'', time.time() - t0)
+    except subprocess.TimeoutExpired as x:
+        return Run(argv, 'hung (killed after %ds)' % timeout, x.stdout or b'', x.stderr or b'', time.time() - t0)
