@@ -1311,11 +1311,19 @@ static int simd_detect(void) {
 }
 
 /* OpenMP threads that spin while waiting steal the issue slots of their
- * sibling hyperthread and made decode 6x slower on a 2-vCPU machine; sleeping
- * costs a few microseconds per parallel region instead. This runs before
- * libgomp reads its environment (constructors with a priority run first in a
- * static link, and libgomp is linked statically in every build). */
-__attribute__((constructor(101))) static void omp_env_default(void) { setenv("OMP_WAIT_POLICY", "passive", 0); }
+ * sibling hyperthread, and the CPU of other processes: unbounded spinning made
+ * decode 6x slower on a shared 2-vCPU machine. Sleeping at once costs a futex
+ * wake per parallel region instead, 30-100 us on a VM whose idle vCPU halts,
+ * and decode opens ~7 regions per layer. So: spin briefly (1000 rounds, ~10 us,
+ * most gaps between regions are shorter), then sleep: OPT-125m decode 1.35x on
+ * an idle 2-vCPU machine, 0.9x with a second job competing (bench/RESULTS.md).
+ * Both stay overridable. This runs before libgomp reads its environment
+ * (constructors with a priority run first in a static link, and libgomp is
+ * linked statically in every build). */
+__attribute__((constructor(101))) static void omp_env_default(void) {
+    setenv("OMP_WAIT_POLICY", "passive", 0);
+    setenv("GOMP_SPINCOUNT", "1000", 0);
+}
 
 static void tiles_init(void);
 
@@ -1666,7 +1674,10 @@ void gemm(const Gemm *g) {
         xp = check_malloc(sizeof(float) * (size_t)((g->M + LMR - 1) / LMR) * 16 * Kq * LMR, "packed activations");
         pack_x(xp, g, Kq);
     }
-    #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
+    /* the tiles stream: runs of consecutive blocks per thread, so a tile's prefetch of the
+     * next rows lands in the thread's own next block (a quarter of a thread's share each) */
+    int chunk = lanes ? 1 : nblk / (4 * omp_get_max_threads()) > 1 ? nblk / (4 * omp_get_max_threads()) : 1;
+    #pragma omp parallel for schedule(dynamic, chunk) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
     for (int b = 0; b < nblk; b++) {
         int n0 = b < nblk0 ? b * nb : split + (b - nblk0) * nb, end = b < nblk0 ? split : g->N, n1 = n0 + nb < end ? n0 + nb : end;
         const char *w = w_row(g->w, n0);

@@ -118,8 +118,8 @@ def main():
     L.append("Baselines: `bench/torch_opt.py` is a plain eager PyTorch fp32 OPT (fused QKV with the query scaling "
              "folded in, a preallocated KV cache, logits for the last position only, greedy), matching Hugging Face's "
              "logits to 1e-5 and opt's greedy tokens on the synthetic checkpoints; it sends single-row linears to BLAS "
-             "gemv (`torch.addmv`: OpenBLAS's sgemm with M = 1 is about 3× slower) and runs with OMP_WAIT_POLICY=passive "
-             "as opt does (spinning OpenMP threads made PyTorch prefill 4× slower on 2 vCPUs). The HF row is "
+             "gemv (`torch.addmv`: OpenBLAS's sgemm with M = 1 is about 3× slower) and runs with OMP_WAIT_POLICY=passive and GOMP_SPINCOUNT=1000 "
+             "as opt does (spinning OpenMP threads made PyTorch prefill 4× slower on 2 vCPUs; the brief spin changes nothing for it). The HF row is "
              "`OPTForCausalLM.generate` as a user would call it (same environment). Both read the f16 checkpoint and compute in fp32, so "
              "their weights are twice opt's bytes: the ≥ 2× decode target is what a bandwidth-bound f16 engine gets "
              "against an equally efficient fp32 one.")

@@ -8,8 +8,8 @@ index; F16/BF16/F32) with a small reader of its own, converts every tensor to fp
 greedy generation: one prefill step over the B prompts of P tokens (same synthetic ids as
 `opt bench`) and G-1 decode steps with a preallocated KV cache. Eager mode, inference_mode,
 torch.set_num_threads(T); fused QKV projection with the HF query scaling folded into it;
-single-row linears through BLAS gemv; OMP_WAIT_POLICY=passive (as opt sets for itself) unless
-the environment says otherwise.
+single-row linears through BLAS gemv; OMP_WAIT_POLICY=passive and GOMP_SPINCOUNT=1000 (as opt
+sets for itself) unless the environment says otherwise.
 
 Prints one JSON line per repetition (after an untimed warm-up) with `opt bench --json`'s keys,
 FlexGen's definitions: prefill latency = the prompt step including the first token's logits
@@ -50,6 +50,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 # and OpenBLAS's threads fight over two hyperthreads otherwise (prefill 4x and decode 1.3x
 # slower on the 2-vCPU machine of bench/RESULTS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # opt's brief spin before sleeping (no effect on torch here)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -18,6 +18,20 @@ T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 fail=0
 note() { echo "gpu.sh: $*" | tee -a "$LOG/gpu.log"; }
+# logged CMD...: runs CMD with its output into the log too; its own exit status (sh has no pipefail)
+logged() { "$@" >"$T/logged.out"; st=$?; tee -a "$LOG/gpu.log" <"$T/logged.out"; return $st; }
+# score_close CPU GPU LABEL: the two score outputs have the same shape and agree to 2e-2
+score_close() {
+    logged "$PY" - "$1" "$2" "$3" <<'PYEOF'
+import sys
+a = [[float(v) for v in l.split()] for l in open(sys.argv[1])]
+b = [[float(v) for v in l.split()] for l in open(sys.argv[2])]
+assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), "shape mismatch"
+d = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+print(("ok  " if d <= 2e-2 else "FAIL") + f" {sys.argv[3]}: max |gpu - cpu| = {d:.3g} (limit 2e-2)")
+sys.exit(d > 2e-2)
+PYEOF
+}
 nvidia-smi -L | tee -a "$LOG/gpu.log"
 
 make -s opt CUDA=1 >"$LOG/build.log" 2>&1 || { note "FAIL: CUDA build (see build.log)"; exit 1; }
@@ -49,19 +63,11 @@ PYEOF
 for m in pre16 pre-bf16 post; do
     ./opt score --device cpu -m "$T/$m" --ids -b 8 <"$T/ids.txt" >"$T/$m.cpu" 2>>"$LOG/gpu.log"
     ./opt score --device gpu -m "$T/$m" --ids -b 8 <"$T/ids.txt" >"$T/$m.gpu" 2>>"$LOG/gpu.log"
-    "$PY" - "$T/$m.cpu" "$T/$m.gpu" "$m" <<'PYEOF' | tee -a "$LOG/gpu.log" || fail=1
-import sys
-a = [[float(v) for v in l.split()] for l in open(sys.argv[1])]
-b = [[float(v) for v in l.split()] for l in open(sys.argv[2])]
-assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), "shape mismatch"
-d = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-print(("ok  " if d <= 2e-2 else "FAIL") + f" score {sys.argv[3]}: max |gpu - cpu| = {d:.3g} (limit 2e-2)")
-sys.exit(d > 2e-2)
-PYEOF
+    score_close "$T/$m.cpu" "$T/$m.gpu" "score $m" || fail=1
     # greedy: identical where the CPU reference is decisive (top-2 margin > 0.05)
     "$PY" tests/ref_opt.py greedy -m "$T/$m" -n 12 --margins <"$T/ids.txt" >"$T/$m.ref" 2>>"$LOG/gpu.log"
     ./opt generate --device gpu -m "$T/$m" --ids -n 12 --ignore-eos -b 8 <"$T/ids.txt" >"$T/$m.gen" 2>>"$LOG/gpu.log"
-    "$PY" - "$T/$m.ref" "$T/$m.gen" "$m" <<'PYEOF' | tee -a "$LOG/gpu.log" || fail=1
+    logged "$PY" - "$T/$m.ref" "$T/$m.gen" "$m" <<'PYEOF' || fail=1
 import sys
 ok = True
 for i, (r, g) in enumerate(zip(open(sys.argv[1]), open(sys.argv[2]))):
@@ -94,15 +100,7 @@ for pol in "100 0 100 0 100 0" "30 40 20 50 10 60" "0 0 0 0 0 0" "20 80 0 100 0 
         [ -z "$ca" ] && [ -z "$ref" ] && ref=$out
         if [ -z "$ca" ]; then cmp -s "$ref" "$out" && note "ok: offloading --percent $pol scores bitwise as --percent 100 0 100 0 100 0" \
             || { note "FAIL: offloading --percent $pol differs from --percent 100 0 100 0 100 0"; fail=1; }; fi
-        "$PY" - "$T/pre16.cpu" "$out" "offloading --percent $pol $ca" <<'PYEOF' | tee -a "$LOG/gpu.log" || fail=1
-import sys
-a = [[float(v) for v in l.split()] for l in open(sys.argv[1])]
-b = [[float(v) for v in l.split()] for l in open(sys.argv[2])]
-assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b)), "shape mismatch"
-d = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-print(("ok  " if d <= 2e-2 else "FAIL") + f" {sys.argv[3]}: max |gpu - cpu| = {d:.3g} (limit 2e-2)")
-sys.exit(d > 2e-2)
-PYEOF
+        score_close "$T/pre16.cpu" "$out" "offloading --percent $pol $ca" || fail=1
     done
 done
 "$SAN" --tool memcheck --error-exitcode 9 ./opt score --device gpu -m "$T/pre16" --ids --percent 30 40 20 50 10 60 $OFF --cpu-attention \

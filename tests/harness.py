@@ -55,6 +55,21 @@ def summary(name, t0=None):
     return 1 if failed else 0
 
 
+def run_sections(tests, only, *args):
+    """Runs [(name, fn)] (those named in the set only, when given) as fn(*args), each
+    timed; an exception in one is a failure of that section, not the end of the suite."""
+    for name, fn in tests:
+        if only and name not in only:
+            continue
+        t1 = time.time()
+        try:
+            fn(*args)
+        except Exception as x:
+            import traceback
+            check(False, '%s raised %s: %s' % (name, type(x).__name__, x), traceback.format_exc()[-1200:])
+        print('        (%.1f s)' % (time.time() - t1))
+
+
 class Run:
     """The result of one command: rc is its exit status, or a string saying why there is none."""
 

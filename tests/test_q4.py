@@ -868,16 +868,7 @@ def main():
     if not only or only & {'kernels', 'rows', 'format', 'constant'}:
         c_start(tmp)
     t0 = time.time()
-    for name, fn in tests:
-        if only and name not in only:
-            continue
-        t1 = time.time()
-        try:
-            fn(fx)
-        except Exception as x:  # a crash in a check is a failure of that section, not of the suite
-            import traceback
-            check(False, '%s raised %s: %s' % (name, type(x).__name__, x), traceback.format_exc()[-1200:])
-        print('        (%.1f s)' % (time.time() - t1))
+    harness.run_sections(tests, only, fx)
     if not ARGS.keep and not ARGS.tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(harness.summary('test_q4', t0))

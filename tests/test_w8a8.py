@@ -477,15 +477,7 @@ def main():
              ('file', test_file), ('postln', test_postln), ('errors', test_errors)]
     only = set(ARGS.only.split(',')) if ARGS.only else None
     t0 = time.time()
-    for name, fn in tests:
-        if only and name not in only:
-            continue
-        t1 = time.time()
-        try:
-            fn(fx)
-        except Exception as x:  # a crash in a check is a failure of that check, not of the suite
-            check(False, '%s raised %s: %s' % (name, type(x).__name__, x))
-        print('        (%.1f s)' % (time.time() - t1))
+    harness.run_sections(tests, only, fx)
     if not ARGS.keep and not ARGS.tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(harness.summary('test_w8a8', t0))
