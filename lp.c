@@ -1086,8 +1086,12 @@ static double cost_gemm_time(const Hardware *hw, double M, double P, double byte
 /* Seconds of one CPU GEMM of M rows against P weights stored in `bytes` (4-bit when q4), as
  * opt.c's gemm() runs it. Under CPU_LANES_M rows (its `lanes` cut-off) the tiled path: each block
  * of 48 weight rows is read from RAM once and kept in L2 while every 4-row tile of x passes over
- * it, so T = max(bytes / GEMV rate, 2 M P / tile rate), the tile rate being the probe's GEMM at
- * M = 8 (a cache-resident matrix: the kernel's own speed). From CPU_LANES_M rows on, the lane
+ * it, so T = bytes / GEMV rate + 2 (M - 1) P / tile rate, the tile rate being the probe's GEMM
+ * at M = 8 (a cache-resident matrix: the kernel's own speed): the GEMV streams the weights with
+ * one row's FMAs, and every further row adds its FMAs on top, since loads and FMAs share the
+ * core's issue slots (2 vCPUs = 2 hyperthreads). (Before: max(bytes / GEMV rate, 2 M P / tile
+ * rate), perfect overlap, which put OPT-125m's decode at 4 rows 1.4x faster than measured and
+ * had the planner pick 6-row batches at 0.83 of the best.) From CPU_LANES_M rows on, the lane
  * path: x is packed, each weight block widened to f32 and multiplied by outer-product micro-
  * kernels whose efficiency grows with M; its time per weight is measured at M = 64 and 512 and
  * taken linear in M between them, and beyond 512 the rate at 512 (the probe has not seen more).
@@ -1099,7 +1103,7 @@ static double cost_cpu_gemm(const Hardware *hw, int q4, double M, double P, doub
     double stream = bytes / (q4 ? hw->cpu_gemv_q4_bw : hw->cpu_gemv_bw);
     double r8 = q4 ? hw->cpu_gemm_q4_flops_8 : hw->cpu_gemm_flops_8, r64 = q4 ? hw->cpu_gemm_q4_flops_g : hw->cpu_gemm_flops_g;
     double r512 = q4 ? hw->cpu_gemm_q4_flops_p : hw->cpu_gemm_flops_p;
-    if (M < CPU_LANES_M) return fmax(stream, 2 * M * P / r8);
+    if (M < CPU_LANES_M) return stream + 2 * fmax(0, M - 1) * P / r8;
     if (M >= 512) return fmax(2 * M * P / r512, stream);
     double t0 = 128 / r64, t1 = 1024 / r512;                             /* seconds per weight at 64, 512 */
     return fmax(P * fmax(0, t0 + (t1 - t0) * (M - 64) / 448), stream);
