@@ -67,7 +67,7 @@ test: opt opt-asan
 
 MODEL ?=
 run: opt
-	@if [ -z "$(MODEL)" ]; then [ -f models/opt-125m-synth/config.json ] || ./opt synth --shape opt-125m --seed 1 -o models/opt-125m-synth; fi
+	@if [ -z "$(MODEL)" ]; then [ -f models/opt-125m-synth/config.json ] || { mkdir -p models && ./opt synth --shape opt-125m --seed 1 -o models/opt-125m-synth; }; fi
 	./opt generate -m $(if $(MODEL),$(MODEL),models/opt-125m-synth) -f tests/prompts.txt -n 24
 
 bench: opt

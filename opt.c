@@ -1676,7 +1676,7 @@ void gemm(const Gemm *g) {
     }
     /* the tiles stream: runs of consecutive blocks per thread, so a tile's prefetch of the
      * next rows lands in the thread's own next block (a quarter of a thread's share each) */
-    int chunk = lanes ? 1 : nblk / (4 * omp_get_max_threads()) > 1 ? nblk / (4 * omp_get_max_threads()) : 1;
+    int nt = omp_get_max_threads(), chunk = lanes || nblk < 8 * nt ? 1 : nblk / (4 * nt);
     #pragma omp parallel for schedule(dynamic, chunk) if (nblk > 1 && (int64_t)g->M * g->N * g->K > 100000)
     for (int b = 0; b < nblk; b++) {
         int n0 = b < nblk0 ? b * nb : split + (b - nblk0) * nb, end = b < nblk0 ? split : g->N, n1 = n0 + nb < end ? n0 + nb : end;
