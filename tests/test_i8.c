@@ -33,41 +33,7 @@
 
 #include <time.h>
 
-static int g_failed_groups, g_fail;
-static long g_checks;
-
-__attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...) {
-    if (g_fail++ < 10) {
-        va_list ap;
-        va_start(ap, fmt);
-        printf("  fail: ");
-        vprintf(fmt, ap);
-        printf("\n");
-        va_end(ap);
-    }
-}
-
-static void group_end(const char *name, const char *summary) {
-    printf("%-4s %-11s %ld checks; %s\n", g_fail ? "FAIL" : "PASS", name, g_checks, summary);
-    fflush(stdout);
-    if (g_fail) g_failed_groups++;
-    g_fail = 0;
-    g_checks = 0;
-}
-
-static uint64_t g_rng;
-static uint64_t rnd_u64(void) {
-    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static int rnd_int(int lo, int hi) { return lo + (int)(rnd_u64() % (uint64_t)(hi - lo + 1)); } /* [lo, hi] */
-static float rnd_sym(void) { return (float)((double)(rnd_u64() >> 11) * 0x1p-52 - 1.0); }     /* [-1, 1) */
-
-static const uint32_t POISON = 0x7FC0DEADu;
-static void poison(float *p, size_t n) { for (size_t i = 0; i < n; i++) memcpy(&p[i], &POISON, 4); }
-static bool same_bits(float a, float b) { return !memcmp(&a, &b, 4); }
+#include "check.h"
 
 /* The levels to run: (g_simd, g_vnni) pairs this CPU supports. */
 typedef struct { int simd, vnni; const char *name; } Level;
