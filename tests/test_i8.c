@@ -92,6 +92,13 @@ static void case_split(Case *c) {
     c->t.split = split;
 }
 
+/* x[m] . w[n] in int64: the exact integer product the int8 GEMM must give */
+static int64_t exact_dot(const Case *c, int m, int n, int K) {
+    int64_t d = 0;
+    for (int k = 0; k < K; k++) d += (int64_t)(int)c->x[(int64_t)m * c->ldx + k] * c->w[(size_t)n * K + k];
+    return d;
+}
+
 /* Rows [m0, m0 + M) of the case into y (whole (c->M, ldy) buffer, poisoned or y0 for acc). */
 static void run(const Case *c, float *y, int m0, int M, bool bias, bool acc, bool relu) {
     size_t ny = (size_t)(c->M * c->ldy);
@@ -161,8 +168,7 @@ static void test_exact(void) {
             run(&c, y, 0, M, false, false, false);
             for (int m = 0; m < M; m++)
                 for (int n = 0; n < N; n++) {
-                    int64_t d = 0;
-                    for (int k = 0; k < K; k++) d += (int64_t)(int)c.x[(int64_t)m * c.ldx + k] * c.w[(size_t)n * K + k];
+                    int64_t d = exact_dot(&c, m, n, K);
                     g_checks++;
                     if (y[(int64_t)m * c.ldy + n] != (float)d || fabs((double)d) >= 16777216.0)
                         fail("%s M=%d N=%d K=%d %s: y[%d][%d] = %.1f, exact %lld", g_levels[l].name, M, N, K, stat ? "static" : "dynamic", m, n,
@@ -192,8 +198,7 @@ static void test_exact(void) {
             run(&c, y, 0, M, false, false, false);
             for (int m = 0; m < M; m++)
                 for (int n = 0; n < N; n++) {
-                    int64_t d = 0;
-                    for (int k = 0; k < K; k++) d += (int64_t)(int)c.x[(int64_t)m * c.ldx + k] * c.w[(size_t)n * K + k];
+                    int64_t d = exact_dot(&c, m, n, K);
                     g_checks++;
                     if (!same_bits(y[(int64_t)m * c.ldy + n], (float)d))
                         fail("%s K=%d: y[%d][%d] = %.1f, exact %lld", g_levels[l].name, K, m, n, y[(int64_t)m * c.ldy + n], (long long)d);

@@ -40,50 +40,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* ---- test bookkeeping ---- */
-
-static int g_failed_groups = 0;
-static int g_group_fail = 0;      /* failures in the current group */
-static long g_group_checks = 0;   /* checks in the current group */
-
-static void group_begin(void) { g_group_fail = 0; g_group_checks = 0; }
-
-static void group_line(const char *name, long fails, long checks, const char *summary) {
-    printf("%-4s %-12s %ld checks%s%s\n", fails ? "FAIL" : "PASS", name, checks, *summary ? "; " : "", summary);
-    fflush(stdout);
-    if (fails) g_failed_groups++;
-}
-
-static void group_end(const char *name, const char *summary) { group_line(name, g_group_fail, g_group_checks, summary); }
-
-/* Reports a failed check (at most 10 messages per group, then counts silently). */
-__attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...) {
-    if (g_group_fail++ < 10) {
-        va_list ap;
-        va_start(ap, fmt);
-        printf("  fail: ");
-        vprintf(fmt, ap);
-        printf("\n");
-        va_end(ap);
-    } else if (g_group_fail == 11) printf("  (further failures in this group not shown)\n");
-}
-
-/* ---- random numbers: our own generator, so the test does not lean on opt's ---- */
-
-static uint64_t g_rng;
-static uint64_t rnd_u64(void) {
-    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static double rnd_unit(void) { return (double)(rnd_u64() >> 11) * 0x1p-53; } /* [0, 1) */
-/* Uniform in [-1, 1], never exactly zero, so no input vector is all zeros. */
-static float rnd_sym(void) {
-    float v;
-    do v = (float)(2 * rnd_unit() - 1); while (v == 0);
-    return v;
-}
+#include "check.h"
 
 /* ---- bit-exact reference conversions, written independently of opt.c ---- */
 
@@ -147,9 +104,7 @@ static bool same_float(float a, float b) {
 
 /* ---- the poison: a NaN whose bits we recognise ---- */
 
-static const uint32_t POISON_BITS = 0x7FC0DEADu;
-static void poison(float *p, size_t n) { for (size_t i = 0; i < n; i++) memcpy(&p[i], &POISON_BITS, 4); }
-static bool is_poison(float f) { return f2u(f) == POISON_BITS; }
+static bool is_poison(float f) { return f2u(f) == POISON; }
 
 
 /* ============================================================================
@@ -189,7 +144,7 @@ static void gemm_case_init(GemmCase *c, int M, int N, int K, DType dt) {
         else { uint16_t h = ref_float_to_bf16(v); ((uint16_t *)c->wdata)[i] = h; c->wref[i] = ref_bf16_to_double(h); }
     }
     for (size_t i = (size_t)N * K; i < (size_t)N * K + guard; i++) { /* NaN guard after the last row */
-        if (dt == DT_F32) memcpy((float *)c->wdata + i, &POISON_BITS, 4);
+        if (dt == DT_F32) memcpy((float *)c->wdata + i, &POISON, 4);
         else ((uint16_t *)c->wdata)[i] = dt == DT_F16 ? 0x7E00 : 0x7FC0;
     }
     c->bias = malloc(sizeof(float) * (size_t)N);
@@ -250,7 +205,7 @@ static double check_gemm_accuracy(const GemmCase *c, const float *y, const doubl
                 fail("gemm %s M=%d N=%d K=%d bias=%d acc=%d relu=%d simd=%s: y[%d][%d] = %.9g, reference %.9g (tolerance %.3g)",
                      dt_name(c->dt), c->M, c->N, c->K, bias, acc, relu, simd_names[g_simd], m, n, got, want, t);
             if (relu && got < 0) fail("gemm relu: y[%d][%d] = %g < 0", m, n, got);
-            g_group_checks++;
+            g_checks++;
             if (err / t > worst) worst = err / t;
             if (err > *max_abs) *max_abs = err;
         }
@@ -344,11 +299,11 @@ static void test_gemm(void) {
                     free(y); free(y_lvl); free(y_row); free(ref); free(tol);
                     gemm_case_free(&c);
                 }
-    long acc_fail = g_group_fail - simd_fail - m_fail - t_fail;
+    long acc_fail = g_fail - simd_fail - m_fail - t_fail;
     char buf[400];
     snprintf(buf, sizeof buf, "max error / tolerance f32 %.3f f16 %.3f bf16 %.3f; max abs error f32 %.2e f16 %.2e bf16 %.2e",
              worst_frac[0], worst_frac[1], worst_frac[2], worst_abs[0], worst_abs[1], worst_abs[2]);
-    group_line("gemm", acc_fail, g_group_checks, buf);
+    group_line("gemm", acc_fail, g_checks, buf);
     snprintf(buf, sizeof buf, "levels scalar..%s: %ld/%ld bitwise equal across levels, %ld/%ld batch-invariant, %ld/%ld thread-invariant",
              simd_names[g_simd_max], simd_checks - simd_fail, simd_checks, m_checks - m_fail, m_checks, t_checks - t_fail, t_checks);
     group_line("gemm-simd", simd_fail + m_fail + t_fail, simd_checks + m_checks + t_checks, buf);
@@ -375,7 +330,7 @@ static void test_gemm_conversions(void) {
             for (int i = 0; i < 65536; i++) {
                 double want = d ? ref_bf16_to_double((uint16_t)i) : ref_half_to_double((uint16_t)i);
                 bool ok = isnan(want) ? isnan(y[i]) : (double)y[i] == want;
-                g_group_checks++;
+                g_checks++;
                 if (!ok) { bad++; fail("%s weight 0x%04x through gemm at %s: %.9g, want %.9g", dt_name(dt), i, simd_names[lvl], y[i], want); }
             }
         }
@@ -492,7 +447,7 @@ static void test_attention(void) {
                         double ref = 0, mag = 0;
                         for (int d = 0; d < D; d++) { double x = (double)q[i][d] * kt[key_at(t, d, D)]; ref += x; mag += fabs(x); }
                         double tol = (D + 2) * (double)FLT_EPSILON * mag + 1e-30, err = fabs(sc[0][i][t] - ref);
-                        g_group_checks++;
+                        g_checks++;
                         if (!(err <= tol)) fail("attn_scores D=%d T=%d: s[%d][%d] = %.9g, reference %.9g", D, Tn, i, t, sc[0][i][t], ref);
                         if (err / tol > worst_s) worst_s = err / tol;
                     }
@@ -500,7 +455,7 @@ static void test_attention(void) {
                         double ref = 0, mag = 0;
                         for (int t = 0; t < T[i]; t++) { double x = (double)p[i][t] * v[t * ld2 + d]; ref += x; mag += fabs(x); }
                         double tol = (T[i] + 2) * (double)FLT_EPSILON * mag + 1e-30, err = fabs(out[0][i][d] - ref);
-                        g_group_checks++;
+                        g_checks++;
                         if (!(err <= tol)) fail("attn_mix D=%d T=%d: out[%d][%d] = %.9g, reference %.9g", D, T[i], i, d, out[0][i][d], ref);
                         if (err / tol > worst_m) worst_m = err / tol;
                     }
@@ -510,7 +465,7 @@ static void test_attention(void) {
             free(qb); free(kt); free(v); free(pb);
             for (int k = 0; k < 3; k++) { free(sb[k]); free(ob[k]); }
         }
-    g_group_checks += inv_checks;
+    g_checks += inv_checks;
     char buf[200];
     snprintf(buf, sizeof buf, "max error / tolerance scores %.3f mix %.3f; %ld/%ld bitwise (levels, groups vs rows alone, split mix)",
              worst_s, worst_m, inv_checks - inv_fail, inv_checks);
@@ -536,7 +491,7 @@ static void test_softmax(void) {
                 memcpy(out, in, sizeof(float) * T);
                 softmax(out, T);
                 for (int t = T; t < T + 8; t++) if (!is_poison(out[t])) fail("softmax T=%d wrote past T", T);
-                if (lvl) { if (memcmp(s, s2, sizeof(float) * T)) fail("softmax T=%d: %s differs from scalar", T, simd_names[lvl]); g_group_checks++; }
+                if (lvl) { if (memcmp(s, s2, sizeof(float) * T)) fail("softmax T=%d: %s differs from scalar", T, simd_names[lvl]); g_checks++; }
             }
             double mx = -INFINITY, sum = 0, got_sum = 0;
             for (int t = 0; t < T; t++) mx = in[t] > mx ? in[t] : mx;
@@ -544,12 +499,12 @@ static void test_softmax(void) {
             for (int t = 0; t < T; t++) {
                 double ref = exp((double)in[t] - mx) / sum, err = fabs(s[t] - ref);
                 double tol = 16 * (double)FLT_EPSILON * ref + 1e-12 + (double)T * FLT_EPSILON * ref;
-                g_group_checks++;
+                g_checks++;
                 got_sum += s[t];
                 if (!(err <= tol)) fail("softmax T=%d offset %g: p[%d] = %.9g, reference %.9g", T, off, t, s[t], ref);
                 if (err / tol > worst) worst = err / tol;
             }
-            g_group_checks++;
+            g_checks++;
             if (!(fabs(got_sum - 1) <= 1e-5)) fail("softmax T=%d offset %g: probabilities sum to %.9g", T, off, got_sum);
             free(in); free(s); free(s2);
         }
@@ -599,7 +554,7 @@ static void test_layernorm(void) {
                         double wi = affine ? fabs(w[i]) : 1, bi = affine ? fabs(bb[i]) : 0;
                         double tol = wi * (e * rowmag * rstd + e * fabs(xh) + 4 * FLT_EPSILON * fabs(xh)) + 2 * FLT_EPSILON * bi + 1e-30;
                         double err = fabs(y[(size_t)r * n + i] - ref);
-                        g_group_checks++;
+                        g_checks++;
                         if (!(err <= tol)) fail("layernorm n=%d rows=%d affine=%d: y[%d][%d] = %.9g, reference %.9g", n, rows, affine, r, i, y[(size_t)r * n + i], ref);
                         if (err / tol > worst) worst = err / tol;
                         if (err > worst_abs) worst_abs = err;
@@ -608,13 +563,13 @@ static void test_layernorm(void) {
                 /* in place */
                 memcpy(y2, x, sizeof(float) * tot);
                 layernorm(y2, y2, W, B, rows, n);
-                g_group_checks++;
+                g_checks++;
                 if (memcmp(y, y2, sizeof(float) * tot)) fail("layernorm n=%d rows=%d: in place differs from out of place", n, rows);
                 /* each row alone */
                 for (int r = 0; r < rows; r++) {
                     poison(y2, (size_t)n);
                     layernorm(y2, x + (size_t)r * n, W, B, 1, n);
-                    g_group_checks++;
+                    g_checks++;
                     if (memcmp(y + (size_t)r * n, y2, sizeof(float) * n)) fail("layernorm n=%d: row %d alone differs from in a batch of %d", n, r, rows);
                 }
                 /* levels (plain C; the claim is that nothing depends on the level) */
@@ -622,7 +577,7 @@ static void test_layernorm(void) {
                     g_simd = lvl;
                     poison(y2, tot);
                     layernorm(y2, x, W, B, rows, n);
-                    g_group_checks++;
+                    g_checks++;
                     if (memcmp(y, y2, sizeof(float) * tot)) fail("layernorm n=%d: %s differs from %s", n, simd_names[lvl], simd_names[g_simd_max]);
                 }
                 g_simd = g_simd_max;
@@ -642,12 +597,12 @@ static void test_f16(void) {
     /* every half to float, bit-exact (NaN: any NaN of the same sign) */
     for (int i = 0; i < 65536; i++) {
         float got = f16_to_f32((uint16_t)i), want = (float)ref_half_to_double((uint16_t)i);
-        g_group_checks++;
+        g_checks++;
         if (!same_float(got, want)) { bad_to++; fail("f16_to_f32(0x%04x) = %a, want %a", i, got, want); }
         else if (!isnan(want) && f2u(got) != f2u(want)) { bad_to++; fail("f16_to_f32(0x%04x) sign", i); }
         /* and back: every non-NaN half round-trips to itself */
         uint16_t back = f32_to_f16(got);
-        g_group_checks++;
+        g_checks++;
         if (isnan(got) ? !((back & 0x7C00) == 0x7C00 && (back & 0x3FF) && (back & 0x8000) == (i & 0x8000)) : back != i) {
             bad_rt++;
             fail("f32_to_f16(f16_to_f32(0x%04x)) = 0x%04x", i, back);
@@ -675,7 +630,7 @@ static void test_f16(void) {
         } else f = u2f((uint32_t)rnd_u64());
         uint16_t got = f32_to_f16(f), want = ref_float_to_half(f);
         n_from++;
-        g_group_checks++;
+        g_checks++;
         bool ok = isnan(f) ? ((got & 0x7C00) == 0x7C00 && (got & 0x3FF) && (got & 0x8000) == (want & 0x8000)) : got == want;
         if (!ok) { bad_from++; fail("f32_to_f16(%a) = 0x%04x, want 0x%04x", f, got, want); }
     }
@@ -689,10 +644,10 @@ static void test_bf16(void) {
     long bad_to = 0, bad_rt = 0, bad_from = 0, n_from = 0;
     for (int i = 0; i < 65536; i++) {
         float got = bf16_to_f32((uint16_t)i), want = (float)ref_bf16_to_double((uint16_t)i);
-        g_group_checks++;
+        g_checks++;
         if (!same_float(got, want)) { bad_to++; fail("bf16_to_f32(0x%04x) = %a, want %a", i, got, want); }
         uint16_t back = f32_to_bf16(got);
-        g_group_checks++;
+        g_checks++;
         if (isnan(got) ? !((back & 0x7F80) == 0x7F80 && (back & 0x7F) && (back & 0x8000) == (i & 0x8000)) : back != i) {
             bad_rt++;
             fail("f32_to_bf16(bf16_to_f32(0x%04x)) = 0x%04x", i, back);
@@ -715,7 +670,7 @@ static void test_bf16(void) {
         } else f = u2f((uint32_t)rnd_u64());
         uint16_t got = f32_to_bf16(f), want = ref_float_to_bf16(f);
         n_from++;
-        g_group_checks++;
+        g_checks++;
         bool ok = isnan(f) ? ((got & 0x7F80) == 0x7F80 && (got & 0x7F) && (got & 0x8000) == (want & 0x8000)) : got == want;
         if (!ok) { bad_from++; fail("f32_to_bf16(%a) = 0x%04x, want 0x%04x", f, got, want); }
     }
@@ -797,7 +752,7 @@ static void test_utf8(void) {
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         size_t got = utf8_valid_prefix(cases[i].s, cases[i].len), ref = ref_utf8_prefix((const unsigned char *)cases[i].s, cases[i].len);
-        g_group_checks += 2;
+        g_checks += 2;
         if (ref != cases[i].want) fail("the reference validator is wrong on %s: %zu, want %zu", cases[i].what, ref, cases[i].want);
         if (got != cases[i].want) fail("utf8_valid_prefix(%s) = %zu, want %zu", cases[i].what, got, cases[i].want);
     }
@@ -810,7 +765,7 @@ static void test_utf8(void) {
         else if (cp < 0x10000) { b[0] = (unsigned char)(0xE0 | cp >> 12); b[1] = (unsigned char)(0x80 | (cp >> 6 & 63)); b[2] = (unsigned char)(0x80 | (cp & 63)); n = 3; }
         else { b[0] = (unsigned char)(0xF0 | cp >> 18); b[1] = (unsigned char)(0x80 | (cp >> 12 & 63)); b[2] = (unsigned char)(0x80 | (cp >> 6 & 63)); b[3] = (unsigned char)(0x80 | (cp & 63)); n = 4; }
         size_t want = (cp >= 0xD800 && cp <= 0xDFFF) ? 0 : n, got = utf8_valid_prefix((const char *)b, n);
-        g_group_checks++;
+        g_checks++;
         if (got != want) fail("utf8_valid_prefix(U+%04X encoded) = %zu, want %zu", (unsigned)cp, got, want);
     }
     /* random strings over bytes that make interesting sequences */
@@ -822,7 +777,7 @@ static void test_utf8(void) {
         size_t n = rnd_u64() % 12;
         for (size_t i = 0; i < n; i++) b[i] = (rnd_u64() & 3) ? alphabet[rnd_u64() % sizeof alphabet] : (unsigned char)rnd_u64();
         size_t got = utf8_valid_prefix((const char *)b, n), want = ref_utf8_prefix(b, n);
-        g_group_checks++;
+        g_checks++;
         n_rand++;
         if (got != want) {
             char hex[40] = "";
