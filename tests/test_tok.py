@@ -412,6 +412,9 @@ def main():
     ap.add_argument('--seed', type=int, default=1)
     args = ap.parse_args()
     args.opt = args.opt.split()
+    for f in (args.tokenizer_json, args.vectors):
+        if not os.path.exists(f):
+            sys.exit('test_tok: %s not found: the test data is ../shared/opt-testdata beside the checkout, or OPT_TESTDATA' % f)
     ref = load_reference(args.tokenizer_json)
 
     test_vectors(args, ref)
