@@ -62,13 +62,22 @@ $(MI_OBJ):
 opt-asan: $(SRC) $(HDR)
 	$(CC) $(filter-out -DOPT_CUDA,$(CFLAGS)) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -o $@ $(SRC) -lm -lpthread
 
+# tests/deps.sh installs what the tests need (numpy, torch, tokenizers, GLPK) when it is missing
 test: opt opt-asan
-	@sh tests/run.sh
+	@PYTHON=$(PYTHON) sh tests/deps.sh
+	@PYTHON=$(PYTHON) sh tests/run.sh
 
+# Without MODEL=, a synthetic OPT-125m (random weights) made once; opt synth renames its
+# directory into place only when complete, so an interrupted run leaves nothing behind.
 MODEL ?=
+SYNTH  = models/opt-125m-synth
 run: opt
-	@if [ -z "$(MODEL)" ]; then [ -f models/opt-125m-synth/config.json ] || { mkdir -p models && ./opt synth --shape opt-125m --seed 1 -o models/opt-125m-synth; }; fi
-	./opt generate -m $(if $(MODEL),$(MODEL),models/opt-125m-synth) -f tests/prompts.txt -n 24
+ifeq ($(MODEL),)
+	@[ -d $(SYNTH) ] || { mkdir -p models && ./opt synth --shape opt-125m --seed 1 -o $(SYNTH); }
+	@echo "make run: $(SYNTH) has random weights, so its completions are noise; for real text give a" \
+	      "Hugging Face OPT checkpoint directory: make run MODEL=path/to/opt-125m" >&2
+endif
+	./opt generate -m $(if $(MODEL),$(MODEL),$(SYNTH)) -f tests/prompts.txt -n 24
 
 bench: opt
 	@sh bench/run.sh

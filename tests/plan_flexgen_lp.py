@@ -1,5 +1,5 @@
 """plan_flexgen_lp.py: FlexGen's own LP cost formulas (experimental/cost_model.py, as summarized in
-../shared/notes/flexgen.md section 4; written from those formulas, not from its code) evaluated
+the FlexGen paper (Sheng et al., ICML 2023), section 4; written from those formulas, not from its code) evaluated
 for a fixed policy, to put beside `opt plan --eval` in bench/plan_t4.md. Their LP models no cache
 compression and divides weight bytes by 4 for 4-bit weights; we follow it in both.
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload plan cuda gpu):
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -16,6 +16,7 @@
 #   offload  tests/test_offload.py: every placement policy gives the plain run's output (the
 #            CPU computing, and the host standing in for a GPU), plans, budgets, the disk tier
 #   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
+#   readme   tests/test_readme.py: every command of README.md's ```sh blocks, as written
 #   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
 #   gpu      tests/gpu.sh: the GPU tests, where there is a GPU (skipped otherwise)
 # The CPU groups run with OPT_DEVICE=cpu, so a CUDA build on a GPU machine tests its CPU path.
@@ -38,12 +39,12 @@ SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        kernels|tok|lp|model|bad|w8a8|q4|offload|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload plan cuda gpu)"; exit 2 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+        kernels|tok|lp|model|bad|w8a8|q4|offload|plan|readme|cuda|gpu) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu)"; exit 2 ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload plan cuda gpu"
+[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu"
 export OPT_DEVICE=cpu
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} # test programs linking libgomp dynamically would spin otherwise
 
@@ -132,6 +133,7 @@ run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan 
 run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
 run_plan() { group plan "$OPT" sh tests/test_plan.sh "$OPT"; }
+run_readme() { group readme "$OPT" "$PYTHON" tests/test_readme.py --opt "$OPT" --tmp "$TMP/readme"; }
 
 run_gpu() {
     log=$TMP/gpu.log
@@ -146,7 +148,7 @@ run_gpu() {
 # log-probabilities within 1e-3 (bitwise equality is not expected from cuBLAS).
 run_cuda() {
     if [ -z "$CUDA_BIN" ]; then
-        result cuda SKIP "no CUDA build given (--cuda PATH or OPT_CUDA=PATH); the lead builds and tests it in CI"
+        result cuda SKIP "no second build given (--cuda PATH or OPT_CUDA=PATH; where nvcc exists ./opt is the CUDA build, and the groups above ran it)"
         return
     fi
     if [ ! -x "$CUDA_BIN" ]; then

@@ -47,7 +47,7 @@ Checks, each printed as one "ok"/"FAIL" line (details indented under a failure):
   file         -f FILE and stdin give identical output.
   real         with $OPT_REAL_MODEL_DIR set to a facebook/opt-125m or opt-350m
                checkpoint: the published greedy outputs of transformers' tests in
-               ../shared/opt-testdata/vectors/hf_opt_expected.json ($OPT_TESTDATA),
+               tests/data/hf_opt_expected.json,
                including the left-padded batch (skipped, saying so, when unset).
 
 Exit status 0 only when every check passed.  Every opt run has a time limit, so a hang
@@ -75,7 +75,7 @@ import harness  # noqa: E402
 from harness import check, section, skip  # noqa: E402
 
 PY = sys.executable or '/usr/bin/python3'
-TESTDATA = os.environ.get('OPT_TESTDATA') or os.path.join(ROOT, '..', 'shared', 'opt-testdata')
+import hf_tok  # noqa: E402
 # Seconds per opt run: tiny models take well under one. After the first hang the limit
 # drops to HUNG_TIMEOUT, so a bug that hangs every run cannot stall the suite for long.
 TIMEOUT = int(os.environ.get('OPT_TEST_TIMEOUT', '20'))
@@ -133,9 +133,9 @@ def bytes_to_unicode():
 
 
 class Tok:
-    """Encode with the `tokenizers` library (OPT's tokenizer.json), decode via vocab.json."""
+    """Encode with the `tokenizers` library (OPT's tokenizer, tests/hf_tok.py), decode via vocab.json."""
 
-    def __init__(self, vocab_json, tokenizer_json):
+    def __init__(self, vocab_json):
         with open(vocab_json, encoding='utf-8') as f:
             vocab = json.load(f)
         inv = {c: b for b, c in bytes_to_unicode().items()}
@@ -145,22 +145,7 @@ class Tok:
                 self.raw[i] = s.encode('utf-8')
             else:
                 self.raw[i] = bytes(inv[c] for c in s)
-        self.hf = None
-        try:
-            from tokenizers import Tokenizer
-            if os.path.isfile(tokenizer_json):
-                with open(tokenizer_json, encoding='utf-8') as f:
-                    d = json.load(f)
-                merges = d['model']['merges']
-                if merges and isinstance(merges[0], list):
-                    d['model']['merges'] = [' '.join(m) for m in merges]
-                self.hf = Tokenizer.from_str(json.dumps(d))
-            else:  # the same BPE built from vocab.json + merges.txt (GPT2Tokenizer's files)
-                from tokenizers import ByteLevelBPETokenizer
-                self.hf = ByteLevelBPETokenizer(vocab_json, os.path.join(os.path.dirname(vocab_json), 'merges.txt'),
-                                                add_prefix_space=False, trim_offsets=False)
-        except Exception as x:  # the checks that need it say they skipped
-            self.error = str(x)
+        self.hf = hf_tok.opt_tokenizer(os.path.dirname(vocab_json))
 
     def encode(self, text):
         """ids with BOS 2 first, as OPT's tokenizer makes them."""
@@ -417,8 +402,8 @@ def test_text(models, tok):
     and escaped exactly as the id modes and an independent tokenizer say."""
     section('text: text prompts')
     d = models.get('mk-pre-f32')
-    if not d or tok.hf is None:
-        skip('text', 'no model or no tokenizers library')
+    if not d:
+        skip('text', 'no model')
         return
     prompts = ['Hello world', 'The\\tquick\\nbrown \\\\ fox', '', 'Ünïcödé ✓ 日本語 😀', 'a' * 40,
                'Paris is the capital of', '  two leading spaces', 'back\\\\slash at the end\\\\']
@@ -509,7 +494,7 @@ def test_eos(tmp, tok):
              ' this', ' not', ' you', ' their', ' or', ' they', ' we', ' but', ' who', ' more', ' had', ' been',
              ' were', ' about', ' which', ' up', ' its', '.', ',', ':']
     texts = [''.join(rng.choice(words) for _ in range(rng.randrange(1, 7))) for _ in range(300)]
-    cands = [(t, tok.encode(t)) for t in texts] if tok.hf else []
+    cands = [(t, tok.encode(t)) for t in texts]
     cands = [(t, i) for t, i in cands if max(i) < 64]
     hits = [(t, f) for t, i in cands for f in find_eos_prompts(m, rng, [i], n)][:4]
     if not hits:
@@ -623,8 +608,8 @@ def test_jsonl(models, tok):
     fields, and agree with the plain-text modes."""
     section('jsonl: --jsonl in and out')
     d = models.get('mk-pre-f32')
-    if not d or tok.hf is None:
-        skip('jsonl', 'no model or no tokenizers library')
+    if not d:
+        skip('jsonl', 'no model')
         return
     texts = ['Hello world', 'quote " and backslash \\ and\nnewline\ttab', '', 'ünï ✓ 😀', 'Paris is the capital of']
     ids = [tok.encode(t) for t in texts]
@@ -696,11 +681,10 @@ def test_escapes(models, tok):
     r = opt(['tokenize'], lines)
     if not ok_run(r, 'tokenize'):
         return
-    if tok.hf is not None:
-        want = [' '.join(map(str, tok.encode(unescape(l)))) for l in lines]
-        bad = ['%r: %s, expected %s' % (l, a, b) for l, a, b in zip(lines, r.lines, want) if a != b]
-        check(not bad and len(r.lines) == len(lines), 'escaped input lines tokenize as the text they stand for',
-              '\n'.join(bad))
+    want = [' '.join(map(str, tok.encode(unescape(l)))) for l in lines]
+    bad = ['%r: %s, expected %s' % (l, a, b) for l, a, b in zip(lines, r.lines, want) if a != b]
+    check(not bad and len(r.lines) == len(lines), 'escaped input lines tokenize as the text they stand for',
+          '\n'.join(bad))
     back = opt(['tokenize', '--decode'], [' '.join(l.split()[1:]) for l in r.lines])
     if ok_run(back, 'tokenize --decode'):
         bad = ['%r came back as %r' % (a, b) for a, b in zip(lines, back.lines) if a != b]
@@ -811,7 +795,7 @@ def test_real(tok):
     try:
         with open(os.path.join(d, 'config.json')) as f:
             cfg = json.load(f)
-        with open(os.path.join(TESTDATA, 'vectors', 'hf_opt_expected.json'), encoding='utf-8') as f:
+        with open(os.path.join(hf_tok.DATA, 'hf_opt_expected.json'), encoding='utf-8') as f:
             vec = json.load(f)
     except (OSError, ValueError) as x:
         check(False, 'read config.json and hf_opt_expected.json', str(x))
@@ -822,8 +806,7 @@ def test_real(tok):
     if not cases:
         skip('real model', 'no published greedy outputs for this checkpoint (hidden %s, embed %s)' % (hidden, proj))
         return
-    encode = (lambda t: tok.encode(t)) if tok.hf else \
-        (lambda t: [int(x) for x in opt(['tokenize'], [escape(t)]).lines[0].split()])
+    encode = tok.encode
     for g in cases:
         name = g.get('test', '')
         if 'Flax' in name or 'contrastive' in name:
@@ -868,8 +851,7 @@ def main():
     os.makedirs(tmp, exist_ok=True)
     only = set(a.only.split(',')) if a.only else None
     want = lambda s: only is None or s in only  # noqa: E731
-    tok = Tok(os.path.join(ROOT, 'tokenizer', 'vocab.json'),
-              os.path.join(TESTDATA, 'tokenizer', 'opt', 'tokenizer.json'))
+    tok = Tok(os.path.join(hf_tok.TOKDIR, 'vocab.json'))
     try:
         section('checkpoints: made with opt synth and mkckpt.py')
         models = {}

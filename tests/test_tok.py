@@ -7,7 +7,9 @@
 The tokenizer command is `OPT tokenize -m DIR` (text lines in, id lines out,
 BOS 2 first) and `OPT tokenize --decode -m DIR` (id lines in, text lines out);
 text lines use the escapes \\n, \\t and \\\\. The reference is the `tokenizers`
-library loading OPT's tokenizer.json, with the BOS its post-processor adds.
+library with OPT's tokenizer rebuilt from tokenizer/vocab.json and merges.txt
+(tests/hf_tok.py; --tokenizer-json takes the published tokenizer.json instead),
+with the BOS its post-processor adds.
 Checked: the published vectors of hf_opt_expected.json, every line of
 tests/tok_corpus.txt, seeded random strings from interesting Unicode ranges,
 decode(encode(x)) == x byte for byte, a shuffled merges.txt (merge order kept
@@ -28,7 +30,8 @@ import unicodedata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TESTDATA = os.environ.get('OPT_TESTDATA') or os.path.join(ROOT, '..', 'shared', 'opt-testdata')
+sys.path.insert(0, HERE)
+import hf_tok  # noqa: E402
 
 # The White_Space property: what \s means to Oniguruma (tokenizers) and to the
 # regex module (slow GPT2Tokenizer). Python's str.isspace differs (U+001C..1F).
@@ -59,11 +62,12 @@ def unescape(line):
 
 
 def load_reference(path):
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        sys.exit('test_tok.py: the Python package `tokenizers` is needed as the reference: '
-                 '%s -m pip install tokenizers' % sys.executable)
+    """tokenizer.json when one is given (--tokenizer-json), else the reference rebuilt from
+    the repository's vocab.json and merges.txt (tests/hf_tok.py)."""
+    if not path:
+        return hf_tok.opt_tokenizer()
+    hf_tok.need_tokenizers()
+    from tokenizers import Tokenizer
     with open(path, encoding='utf-8') as f:
         d = json.load(f)
     merges = d['model']['merges']
@@ -403,18 +407,18 @@ def main():
     global passed, failed
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--opt', default=os.path.join(ROOT, 'opt'), help='the opt binary (may be a command with arguments)')
-    ap.add_argument('--model-dir', default=os.path.join(TESTDATA, 'tokenizer', 'opt'),
-                    help='a directory with vocab.json and merges.txt')
-    ap.add_argument('--tokenizer-json', default=os.path.join(TESTDATA, 'tokenizer', 'opt', 'tokenizer.json'))
-    ap.add_argument('--vectors', default=os.path.join(TESTDATA, 'vectors', 'hf_opt_expected.json'))
+    ap.add_argument('--model-dir', default=hf_tok.TOKDIR, help='a directory with vocab.json and merges.txt')
+    ap.add_argument('--tokenizer-json', help="OPT's tokenizer.json as the reference (default: the same "
+                    'tokenizer rebuilt from the repository\'s vocab.json and merges.txt)')
+    ap.add_argument('--vectors', default=os.path.join(hf_tok.DATA, 'hf_opt_expected.json'))
     ap.add_argument('--corpus', default=os.path.join(HERE, 'tok_corpus.txt'))
     ap.add_argument('--random', type=int, default=3000, help='random strings')
     ap.add_argument('--seed', type=int, default=1)
     args = ap.parse_args()
     args.opt = args.opt.split()
     for f in (args.tokenizer_json, args.vectors):
-        if not os.path.exists(f):
-            sys.exit('test_tok: %s not found: the test data is ../shared/opt-testdata beside the checkout, or OPT_TESTDATA' % f)
+        if f and not os.path.exists(f):
+            sys.exit('test_tok: %s not found' % f)
     ref = load_reference(args.tokenizer_json)
 
     test_vectors(args, ref)
