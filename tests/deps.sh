@@ -41,28 +41,24 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
 fi
-apt_cmd="apt-get update -qq && apt-get install -y -qq --no-install-recommends$missing_apt"
 # PEP 668: Debian marks its Python as externally managed; tokenizers has no Debian package
-pip_cmd="$PYTHON -m pip install -q --break-system-packages$missing_pip"
+brk=""; [ $debian_py = 1 ] && brk=" --break-system-packages"
+cmd=""
+[ -z "$missing_apt" ] || cmd="apt-get update -qq && apt-get install -y -qq --no-install-recommends$missing_apt"
+[ -z "$missing_pip" ] || cmd="${cmd:+$cmd && }$PYTHON -m pip install -q$brk$missing_pip"
 if [ "$SUDO" = none ]; then
     echo "tests/deps.sh: the tests need:$missing_apt$missing_pip; install them as root with:" >&2
-    [ -n "$missing_apt" ] && echo "  sudo sh -c '$apt_cmd'" >&2
-    [ -n "$missing_pip" ] && echo "  sudo $pip_cmd" >&2
+    echo "  sudo sh -c '$cmd'" >&2
     exit 1
 fi
 echo "tests/deps.sh: installing what the tests need:$missing_apt$missing_pip" >&2
-export DEBIAN_FRONTEND=noninteractive
-export PIP_ROOT_USER_ACTION=ignore
 log=$(mktemp) || exit 1
 trap 'rm -f "$log"' EXIT
-# install LABEL COMMAND...: quiet unless it fails
-install() {
-    label=$1; shift
-    "$@" >"$log" 2>&1 && return 0
-    cat "$log" >&2; echo "tests/deps.sh: $label failed" >&2; exit 1
-}
-[ -z "$missing_apt" ] || install "apt-get install$missing_apt" $SUDO sh -c "$apt_cmd"
-[ -z "$missing_pip" ] || install "pip install$missing_pip" $SUDO $pip_cmd
+if ! $SUDO env DEBIAN_FRONTEND=noninteractive PIP_ROOT_USER_ACTION=ignore sh -c "$cmd" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "tests/deps.sh: failed: $cmd" >&2
+    exit 1
+fi
 for m in numpy torch tokenizers; do
     has_py $m || { echo "tests/deps.sh: $PYTHON still cannot import $m" >&2; exit 1; }
 done
