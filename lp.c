@@ -629,8 +629,8 @@ static void mps_bound_line(Mps *p, char **tok, int nt) {
     }
 }
 
-/* Reads the whole file into p; dies naming the file and line on any error. */
-/* path "-" reads stdin, named "<stdin>" in messages. */
+/* Reads the whole file (path "-": stdin, named "<stdin>") into p; dies naming the file and line
+ * on any error. */
 static void mps_read(Mps *p, const char *path) {
     enum { S_NONE, S_NAME, S_ROWS, S_COLUMNS, S_RHS, S_RANGES, S_BOUNDS, S_OBJSENSE } sec = S_NONE;
     static const char *const heads[] = {"", "NAME", "ROWS", "COLUMNS", "RHS", "RANGES", "BOUNDS", "OBJSENSE"};
@@ -806,7 +806,7 @@ int lp_main(int argc, char **argv) {
  *   T >= h2d, T >= d2h, T >= disk, T >= compute          (one constraint each)
  * FlexGen writes the prefill that way but, in decode, adds the CPU->GPU weight copy to every
  * other term (Tgen >= ctog + X): weight loading never overlapped compute. We overlap it (fix 1).
- * With --overlap 0 (eval only) the channels are summed instead. Disk reads and writes share one
+ * With --no-overlap (eval only) the channels are summed instead. Disk reads and writes share one
  * device, so they form one channel (FlexGen's LP lets them run in parallel).
  *   h2d   prefill: WL(wc+wn) + Ap(ac+an)                                     / h2d_bw
  *         decode:  WL(wc+wn) + Ag(ac+an) + [no cpu_attention: the off-GPU cache to the GPU]
@@ -1149,7 +1149,7 @@ typedef struct {
  * for R a layer's disk time and C its compute: l - 1 steps of the layer variable (Tp, Tg) plus
  * the embedding variable (Ep, Eg) >= R(1) + C + C_logits and >= R(1) + R_out + C_logits.
  * (FlexGen's shape, l x max(C, R) + max(C_logits, R_out), hid the first read and exposed all of
- * the output unit's; with --overlap 0 every term is summed as before.)
+ * the output unit's; with --no-overlap every term is summed as before.)
  * Compute of a layer and GPU batch of M rows (M = g s in prefill, g in decode):
  *   cost_cpu_gemm(M) over its 6 matrices (f16, or 4-bit with --compress-weight: the fused kernel
  *   reads the 4-bit bytes)
@@ -1774,8 +1774,8 @@ const char plan_usage[] =
     "  number of GPU batches and prints the best policy as the flags generate/bench take (the\n"
     "  first line, to paste as it is), its predicted throughput (prefill, decode, total = block *\n"
     "  gen-len / time) and peak memory.\n"
-    "  -m DIR|SHAPE        a checkpoint directory (config.json), opt-125m ... opt-175b, or HxLxAxF\n"
-    "                      (dummy:SHAPE as generate takes it is the same shape)\n"
+    "  -m DIR|SHAPE        a checkpoint directory (config.json), opt-125m ... opt-175b, or HxLxAxF;\n"
+    "                      dummy:SHAPE, generate's spelling, is the same as SHAPE\n"
     "  --prompt-len N      prompt tokens per sequence (512)\n"
     "  --gen-len N         generated tokens per sequence (32)\n"
     "  --gpu-mem SIZE      budgets; SIZE in binary units: 512M, 16G, 1.5T, 200GiB (G = GB = GiB =\n"
@@ -1945,7 +1945,7 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
         json_write_str(f, hw->name, strlen(hw->name));
         fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"%s\", \"feasible\": %s, ",
                 hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, eval ? "eval" : "search", r->feasible ? "true" : "false");
-        fprintf(f, " \"flags\": ");
+        fprintf(f, "\"flags\": ");
         json_write_str(f, flags, strlen(flags));
         fprintf(f, ", \"policy\": {\"gpu_batch_size\": %d, \"num_gpu_batches\": %d, \"block\": %d, \"percent\": [%.4g, %.4g, %.4g, %.4g, %.4g, %.4g], "
                    "\"cpu_attention\": %s, \"compress_weight\": %s, \"compress_cache\": %s, \"pin_weights\": %s, \"overlap\": %s}, ",
@@ -1978,7 +1978,7 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
     printf("model       %s: %d layers, hidden %d, %d heads, ffn %d, %.2fB parameters\n", c->name, c->n_layer, c->hidden,
            c->n_head, c->ffn, (double)config_params(c) / 1e9);
     printf("hardware    %s%s; budgets gpu %s, cpu %s, disk %s (%.0f%%, %.0f%%, %.0f%% usable)\n", hw->name,
-           hw->has_gpu ? "" : " (no GPU: the CPU computes)", bud[0], bud[1], bud[2], 100 * rq->usable[0], 100 * rq->usable[1], 100 * rq->usable[2]);
+           hw->has_gpu ? "" : ": no GPU, the CPU computes", bud[0], bud[1], bud[2], 100 * rq->usable[0], 100 * rq->usable[1], 100 * rq->usable[2]);
     printf("workload    prompt %d, generate %d, block %d = %d x %d sequences\n", rq->prompt_len, rq->gen_len, block,
            p->gpu_batch_size, p->num_gpu_batches);
     printf("throughput  prefill %.4g token/s   decode %.4g token/s   total %.4g token/s\n", r->tput_prefill, r->tput_decode, r->tput_total);
@@ -2248,7 +2248,7 @@ static void probe_cpu(Hardware *hw) {
     gc.g.M = 512;
     hw->cpu_gemm_q4_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
     probe_note("cpu gemm 4-bit (8 / 64 / 512 x %d x %d) %.1f / %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_q4_flops_8 / 1e9,
-            hw->cpu_gemm_q4_flops_g / 1e9, hw->cpu_gemm_q4_flops_p / 1e9);
+               hw->cpu_gemm_q4_flops_g / 1e9, hw->cpu_gemm_q4_flops_p / 1e9);
     /* one OpenMP parallel region: waking the other threads and joining them. On a VM whose idle
      * vCPUs halt this is tens of microseconds, and the engine runs ~7-16 of them per layer and
      * GPU batch (cost_cpu_regions) */
@@ -2299,7 +2299,7 @@ static void probe_attention(Hardware *hw) {
         if (q4) hw->cpu_attn_q4_bw = bw, hw->cpu_attn_q4_flops_p = fl;
         else hw->cpu_attn_bw = bw, hw->cpu_attn_flops_p = fl;
         probe_note("cpu attention, %s cache: decode %.1f GB/s of cache, prefill %.1f GFLOP/s\n", q4 ? "4-bit" : "f32  ",
-                bw / 1e9, fl / 1e9);
+                   bw / 1e9, fl / 1e9);
         kv_free(&kv);
     }
     scratch_free(&s);
@@ -2410,7 +2410,7 @@ static void probe_disk(Hardware *hw, const char *dir, double bytes, int *direct)
     }
     signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
     probe_note("disk write (%s, %.0f MiB, %s) %.2f GB/s\n", dir, bytes / 1048576, *direct ? "O_DIRECT" : "buffered + fadvise",
-            hw->disk_write_bw / 1e9);
+               hw->disk_write_bw / 1e9);
     probe_note("disk read                      %.2f GB/s\n", hw->disk_read_bw / 1e9);
 }
 
@@ -2490,7 +2490,7 @@ static void probe_io_requests(Hardware *hw, const char *dir) {
     free(blk);
     hw->io_req_cpu_s = cpu / (groups * per);
     probe_note("I/O request (4 KiB, page cache) %.1f us of CPU (%.1f us of wall time)\n", hw->io_req_cpu_s * 1e6,
-            wall / (groups * per) * 1e6);
+               wall / (groups * per) * 1e6);
 }
 
 const char probe_usage[] =
@@ -2518,7 +2518,7 @@ void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, in
         hw->gpu_gemm_flops_g = gp->gemm_flops_g, hw->gpu_gemm_flops_p = gp->gemm_flops_p;
         hw->gpu_bmm_flops_p = gp->bmm_flops_p, hw->gpu_bmm_flops_g = gp->bmm_flops_g, hw->gpu_dequant_bw = gp->dequant_bw;
         probe_note("gpu %s: h2d %.1f GB/s, d2h %.1f GB/s, gemm %.0f / %.0f TFLOP/s\n", gp->name, gp->h2d_bw / 1e9,
-                gp->d2h_bw / 1e9, gp->gemm_flops_g / 1e12, gp->gemm_flops_p / 1e12);
+                   gp->d2h_bw / 1e9, gp->gemm_flops_g / 1e12, gp->gemm_flops_p / 1e12);
     } else {
         probe_note("no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
     }
