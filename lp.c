@@ -629,11 +629,14 @@ static void mps_bound_line(Mps *p, char **tok, int nt) {
     }
 }
 
-/* Reads the whole file into p; dies naming the file and line on any error. */
+/* Reads the whole file (path "-": stdin, named "<stdin>") into p; dies naming the file and line
+ * on any error. */
 static void mps_read(Mps *p, const char *path) {
     enum { S_NONE, S_NAME, S_ROWS, S_COLUMNS, S_RHS, S_RANGES, S_BOUNDS, S_OBJSENSE } sec = S_NONE;
     static const char *const heads[] = {"", "NAME", "ROWS", "COLUMNS", "RHS", "RANGES", "BOUNDS", "OBJSENSE"};
-    FILE *f = fopen(path, "r");
+    int in = !strcmp(path, "-");
+    if (in) path = "<stdin>";
+    FILE *f = in ? stdin : fopen(path, "r");
     if (!f) die("%s: %s", path, strerror(errno));
     p->path = path, p->obj = -1;
     char *buf = NULL, *tok[8];
@@ -687,7 +690,7 @@ static void mps_read(Mps *p, const char *path) {
     if (ferror(f)) die("%s: %s", path, strerror(errno));
     if (!ended) mps_fail(p, "missing ENDATA (truncated file?)");
     free(buf);
-    fclose(f);
+    if (!in) fclose(f);
 }
 
 static void mps_free(Mps *p) {
@@ -698,8 +701,18 @@ static void mps_free(Mps *p) {
 
 /* ---- opt lp ---- */
 
+const char lp_usage[] =
+    "usage: opt lp FILE.mps|-\n"
+    "  Solves a linear program in free MPS (- reads it from stdin) with opt's own simplex solver:\n"
+    "  minimizes (OBJSENSE MAX: maximizes) the first N row over the ROWS, RHS, RANGES and BOUNDS.\n"
+    "  Prints \"status optimal|infeasible|unbounded|iterlimit\"; when optimal, then\n"
+    "  \"objective Z\" and one \"COLUMN VALUE\" line per column. Exit status 0 for optimal,\n"
+    "  infeasible and unbounded alike (answers, not failures); 1 for iterlimit or bad input.\n";
+
 int lp_main(int argc, char **argv) {
-    if (argc != 2) die("usage: opt lp FILE.mps (free MPS; prints status, objective and x)");
+    if (argc == 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { fputs(lp_usage, stdout); return 0; }
+    if (argc == 2 && argv[1][0] == '-' && argv[1][1]) die("lp: unknown option '%s' (usage: opt lp FILE.mps|-)", argv[1]);
+    if (argc != 2) die("usage: opt lp FILE.mps|- (free MPS, - for stdin; prints status, objective and x; see opt lp --help)");
     Mps p = {0};
     mps_read(&p, argv[1]);
     int nr = p.rows.n, n = p.cols.n;
@@ -793,7 +806,7 @@ int lp_main(int argc, char **argv) {
  *   T >= h2d, T >= d2h, T >= disk, T >= compute          (one constraint each)
  * FlexGen writes the prefill that way but, in decode, adds the CPU->GPU weight copy to every
  * other term (Tgen >= ctog + X): weight loading never overlapped compute. We overlap it (fix 1).
- * With --overlap 0 (eval only) the channels are summed instead. Disk reads and writes share one
+ * With --no-overlap (eval only) the channels are summed instead. Disk reads and writes share one
  * device, so they form one channel (FlexGen's LP lets them run in parallel).
  *   h2d   prefill: WL(wc+wn) + Ap(ac+an)                                     / h2d_bw
  *         decode:  WL(wc+wn) + Ag(ac+an) + [no cpu_attention: the off-GPU cache to the GPU]
@@ -974,7 +987,9 @@ static void hw_derive(Hardware *hw) {
 void hw_load(Hardware *hw, const char *spec) {
     if (!strcmp(spec, "t4")) { *hw = hw_t4; return; }
     if (!strcmp(spec, "h100")) { *hw = hw_h100; return; }
-    FILE *f = fopen(spec, "rb");
+    int in = !strcmp(spec, "-"); /* `opt probe | opt plan --hw -` */
+    if (in) spec = "<stdin>";
+    FILE *f = in ? stdin : fopen(spec, "rb");
     if (!f) {
         if (errno == ENOENT && !strchr(spec, '/') && !strchr(spec, '.'))
             die("unknown --hw '%s': use t4, h100 or a probe file written by `opt probe -o FILE`", spec);
@@ -988,7 +1003,7 @@ void hw_load(Hardware *hw, const char *spec) {
         len += got;
     } while (got > 0 && len < (1 << 20));
     int bad = ferror(f) ? errno : 0;
-    fclose(f);
+    if (!in) fclose(f);
     if (bad) die("%s: %s (--hw wants t4, h100 or a probe file)", spec, strerror(bad));
     if (len >= (1 << 20)) die("%s: not a probe file (over 1 MiB)", spec);
     char err[128];
@@ -1134,7 +1149,7 @@ typedef struct {
  * for R a layer's disk time and C its compute: l - 1 steps of the layer variable (Tp, Tg) plus
  * the embedding variable (Ep, Eg) >= R(1) + C + C_logits and >= R(1) + R_out + C_logits.
  * (FlexGen's shape, l x max(C, R) + max(C_logits, R_out), hid the first read and exposed all of
- * the output unit's; with --overlap 0 every term is summed as before.)
+ * the output unit's; with --no-overlap every term is summed as before.)
  * Compute of a layer and GPU batch of M rows (M = g s in prefill, g in decode):
  *   cost_cpu_gemm(M) over its 6 matrices (f16, or 4-bit with --compress-weight: the fused kernel
  *   reads the 4-bit bytes)
@@ -1701,7 +1716,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
                 break;
             }
             if (st != LP_OPTIMAL) continue;
-            Policy p = {.gpu_batch_size = g, .num_gpu_batches = k, .cpu_attention = ca, .pin_weights = 1,
+            Policy p = {.gpu_batch_size = g, .num_gpu_batches = k, .cpu_attention = ca, .pin_weights = hw->has_gpu,
                         .overlap = 1, .compress_weight = rq->compress_weight, .compress_cache = rq->compress_cache,
                         .group_size = rq->group_size};
             plan_percents(x, &p);
@@ -1731,7 +1746,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
                 double x[NF];
                 n_lp++;
                 if (cost_solve(&M, rq, x) != LP_OPTIMAL) continue;
-                Policy p = {.gpu_batch_size = g, .num_gpu_batches = blk / g, .pin_weights = 1, .overlap = 1,
+                Policy p = {.gpu_batch_size = g, .num_gpu_batches = blk / g, .overlap = 1,
                             .compress_weight = rq->compress_weight, .compress_cache = rq->compress_cache, .group_size = rq->group_size};
                 plan_percents(x, &p);
                 PlanResult r;
@@ -1753,27 +1768,32 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
 
 /* ---- opt plan ---- */
 
-static const char plan_usage[] =
-    "usage: opt plan -m DIR|SHAPE [options]\n"
+const char plan_usage[] =
+    "usage: opt plan -m DIR|SHAPE|dummy:SHAPE [options]\n"
     "  Chooses an offloading policy: solves the cost model's LP for every GPU batch size and\n"
-    "  number of GPU batches and prints the best policy as the flags generate/bench take, its\n"
-    "  predicted throughput (prefill, decode, total = block * gen-len / time) and peak memory.\n"
-    "  -m DIR|SHAPE        a checkpoint directory (config.json), opt-125m ... opt-175b, or HxLxAxF\n"
+    "  number of GPU batches and prints the best policy as the flags generate/bench take (the\n"
+    "  first line, to paste as it is), its predicted throughput (prefill, decode, total = block *\n"
+    "  gen-len / time) and peak memory.\n"
+    "  -m DIR|SHAPE        a checkpoint directory (config.json), opt-125m ... opt-175b, or HxLxAxF;\n"
+    "                      dummy:SHAPE, generate's spelling, is the same as SHAPE\n"
     "  --prompt-len N      prompt tokens per sequence (512)\n"
     "  --gen-len N         generated tokens per sequence (32)\n"
     "  --gpu-mem SIZE      budgets; SIZE in binary units: 512M, 16G, 1.5T, 200GiB (G = GB = GiB =\n"
     "  --cpu-mem SIZE        2^30 bytes). Defaults come from the hardware profile. The plan fills\n"
     "  --disk-mem SIZE       90%, 90% and 95% of them (headroom for the CUDA context and the OS)\n"
     "  --hw t4|h100|FILE   hardware: FlexGen's fitted T4, an H100 PCIe host, or a file written by\n"
-    "                      `opt probe -o FILE` (default t4)\n"
+    "                      `opt probe -o FILE` (- reads it from stdin). Default: this machine,\n"
+    "                      measured now (~6 s, disk in $TMPDIR or /tmp); stderr says which\n"
     "  --compress-weight   4-bit group-wise weights\n"
     "  --compress-cache    4-bit group-wise KV cache\n"
     "  --no-cpu-attention  never attend on the CPU (default: the search tries both)\n"
     "  --max-gpu-batch N   largest GPU batch tried (512); --max-block N: largest block (4096)\n"
     "  --eval \"POLICY\"     predict a given policy instead of searching, e.g. --eval \"--percent\n"
     "                      20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu-attention\"\n"
-    "                      (also --compress-weight, --compress-cache, --pin-weight 0|1, --overlap 0|1)\n"
-    "  --json              one JSON object on stdout\n"
+    "                      POLICY is generate's flags, with generate's defaults: --percent (0 100 0\n"
+    "                      100 0 100), --gpu-batch-size (16), --num-gpu-batches (1), --cpu-attention,\n"
+    "                      --compress-weight, --compress-cache, --pin-weights, --no-overlap\n"
+    "  --json              one JSON object on one line on stdout (also when nothing fits)\n"
     "  Exit status 1 when nothing fits; the message names the smallest budgets that would.\n";
 
 /* "16G", "1.5T", "512M", "200GiB", "4096" (bytes) -> bytes; dies with one line otherwise. */
@@ -1829,29 +1849,29 @@ static void percent_format(char *out, size_t cap, double v) {
     if (z == d) *z = 0;
 }
 
-/* The policy as the flags generate/bench take. */
+/* The policy as the flags generate/bench take, so that the line runs as printed. */
 static void plan_policy_flags(char *out, size_t cap, const Policy *p) {
     double v[6] = {p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu};
     char num[6][16];
     for (int i = 0; i < 6; i++) percent_format(num[i], sizeof num[i], v[i]);
-    snprintf(out, cap, "--percent %s %s %s %s %s %s --gpu-batch-size %d --num-gpu-batches %d%s%s%s%s",
+    snprintf(out, cap, "--percent %s %s %s %s %s %s --gpu-batch-size %d --num-gpu-batches %d%s%s%s%s%s",
              num[0], num[1], num[2], num[3], num[4], num[5], p->gpu_batch_size, p->num_gpu_batches,
              p->cpu_attention && p->c_gpu < 100 ? " --cpu-attention" : "", p->compress_weight ? " --compress-weight" : "",
-             p->compress_cache ? " --compress-cache" : "", p->pin_weights ? "" : " --pin-weight 0");
+             p->compress_cache ? " --compress-cache" : "", p->pin_weights ? " --pin-weights" : "",
+             p->overlap ? "" : " --no-overlap");
 }
 
-/* Parses the policy flags of --eval (FlexGen's spellings accepted: --cpu, --cpu-cache-compute,
- * --pin-weight, --overlap True/False). */
-static void plan_policy_parse(Policy *p, const char *text, int has_gpu) {
+/* Parses the policy of --eval: generate's flags and defaults, so that a policy means here what
+ * it means there. FlexGen's spellings, which generate rejects, are refused naming opt's. */
+static void plan_policy_parse(Policy *p, const char *text) {
     char *buf = check_strdup(text), *tok[64];
     int nt = 0;
     for (char *q = strtok(buf, " \t\n"); q; q = strtok(NULL, " \t\n")) {
         if (nt == 64) die("--eval: too many words");
         tok[nt++] = q;
     }
-    *p = (Policy){.gpu_batch_size = 4, .num_gpu_batches = 1, .pin_weights = 1, .overlap = 1, .group_size = 64,
-                  .w_gpu = has_gpu ? 100 : 0, .w_cpu = has_gpu ? 0 : 100, .c_gpu = has_gpu ? 100 : 0,
-                  .c_cpu = has_gpu ? 0 : 100, .a_gpu = has_gpu ? 100 : 0, .a_cpu = has_gpu ? 0 : 100};
+    *p = (Policy){.gpu_batch_size = 16, .num_gpu_batches = 1, .overlap = 1, .group_size = 64,
+                  .w_cpu = 100, .c_cpu = 100, .a_cpu = 100};
     for (int i = 0; i < nt; i++) {
         const char *a = tok[i];
 #define EVAL_VAL() (i + 1 < nt ? tok[++i] : (die("--eval: %s needs a value", a), ""))
@@ -1868,24 +1888,29 @@ static void plan_policy_parse(Policy *p, const char *text, int has_gpu) {
             p->gpu_batch_size = (int)count_parse(a, EVAL_VAL(), 1, 1 << 20);
         } else if (!strcmp(a, "--num-gpu-batches")) {
             p->num_gpu_batches = (int)count_parse(a, EVAL_VAL(), 1, 1 << 20);
-        } else if (!strcmp(a, "--cpu-attention") || !strcmp(a, "--cpu") || !strcmp(a, "--cpu-cache-compute")) {
+        } else if (!strcmp(a, "--cpu-attention")) {
             p->cpu_attention = 1;
         } else if (!strcmp(a, "--compress-weight")) {
             p->compress_weight = 1;
         } else if (!strcmp(a, "--compress-cache")) {
             p->compress_cache = 1;
-        } else if (!strcmp(a, "--pin-weight") || !strcmp(a, "--overlap")) {
-            const char *w = EVAL_VAL();
-            int on = !strcmp(w, "1") || !strcasecmp(w, "true");
-            if (!on && strcmp(w, "0") && strcasecmp(w, "false")) die("--eval: %s wants 0 or 1, got '%s'", a, w);
-            if (!strcmp(a, "--pin-weight")) p->pin_weights = on;
-            else p->overlap = on;
+        } else if (!strcmp(a, "--pin-weights")) {
+            p->pin_weights = 1;
+        } else if (!strcmp(a, "--no-overlap")) {
+            p->overlap = 0;
+        } else if (!strcmp(a, "--cpu") || !strcmp(a, "--cpu-cache-compute")) {
+            die("--eval: '%s' is FlexGen's spelling; opt's is --cpu-attention", a);
+        } else if (!strcmp(a, "--pin-weight")) {
+            die("--eval: '--pin-weight' is FlexGen's spelling; opt's is --pin-weights (no value; without it weights are not pinned)");
+        } else if (!strcmp(a, "--overlap")) {
+            die("--eval: '--overlap' is FlexGen's spelling; opt's is --no-overlap (no value; without it I/O overlaps compute)");
         } else {
-            die("--eval: unknown policy flag '%s' (want --percent, --gpu-batch-size, --num-gpu-batches, --cpu-attention, --compress-weight, --compress-cache, --pin-weight, --overlap)", a);
+            die("--eval: unknown policy flag '%s' (want --percent, --gpu-batch-size, --num-gpu-batches, --cpu-attention, --compress-weight, --compress-cache, --pin-weights, --no-overlap)", a);
         }
 #undef EVAL_VAL
     }
     free(buf);
+    plan_policy_check(p, 1); /* now, before any measuring; the GPU shares once the hardware is known */
 }
 
 static void plan_json_num(FILE *f, const char *k, double v, int comma) {
@@ -1918,12 +1943,12 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
         json_write_str(f, c->name, strlen(c->name));
         fprintf(f, ", \"hardware\": ");
         json_write_str(f, hw->name, strlen(hw->name));
-        fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"%s\", \"feasible\": %s,\n",
+        fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"%s\", \"feasible\": %s, ",
                 hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, eval ? "eval" : "search", r->feasible ? "true" : "false");
-        fprintf(f, " \"flags\": ");
+        fprintf(f, "\"flags\": ");
         json_write_str(f, flags, strlen(flags));
-        fprintf(f, ",\n \"policy\": {\"gpu_batch_size\": %d, \"num_gpu_batches\": %d, \"block\": %d, \"percent\": [%.4g, %.4g, %.4g, %.4g, %.4g, %.4g], "
-                   "\"cpu_attention\": %s, \"compress_weight\": %s, \"compress_cache\": %s, \"pin_weights\": %s, \"overlap\": %s},\n",
+        fprintf(f, ", \"policy\": {\"gpu_batch_size\": %d, \"num_gpu_batches\": %d, \"block\": %d, \"percent\": [%.4g, %.4g, %.4g, %.4g, %.4g, %.4g], "
+                   "\"cpu_attention\": %s, \"compress_weight\": %s, \"compress_cache\": %s, \"pin_weights\": %s, \"overlap\": %s}, ",
                 p->gpu_batch_size, p->num_gpu_batches, block, p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu,
                 p->cpu_attention && p->c_gpu < 100 ? "true" : "false", p->compress_weight ? "true" : "false",
                 p->compress_cache ? "true" : "false", p->pin_weights ? "true" : "false", p->overlap ? "true" : "false");
@@ -1931,29 +1956,29 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
         plan_json_num(f, "prefill", r->tput_prefill, 1);
         plan_json_num(f, "decode", r->tput_decode, 1);
         plan_json_num(f, "total", r->tput_total, 0);
-        fprintf(f, "},\n \"time\": {");
+        fprintf(f, "}, \"time\": {");
         plan_json_num(f, "prefill", r->t_prefill, 1);
         plan_json_num(f, "decode", r->t_decode, 1);
         plan_json_num(f, "total", r->t_prefill + r->t_decode, 0);
-        fprintf(f, "},\n \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"},\n ", r->bound_prefill, r->bound_decode);
+        fprintf(f, "}, \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"}, ", r->bound_prefill, r->bound_decode);
         plan_json_tiers(f, "peak_bytes", r->peak);
-        fprintf(f, ",\n ");
+        fprintf(f, ", ");
         plan_json_tiers(f, "budget_bytes", rq->budget);
-        fprintf(f, ",\n ");
+        fprintf(f, ", ");
         plan_json_tiers(f, "usable_bytes", usable);
-        fprintf(f, ",\n \"moved_bytes\": {");
+        fprintf(f, ", \"moved_bytes\": {");
         plan_json_num(f, "h2d", r->moved[MV_H2D], 1);
         plan_json_num(f, "d2h", r->moved[MV_D2H], 1);
         plan_json_num(f, "disk_read", r->moved[MV_READ], 1);
         plan_json_num(f, "disk_write", r->moved[MV_WRITE], 0);
-        fprintf(f, "},\n \"search\": {\"lps\": %d, \"feasible_lps\": %d, \"seconds\": %.3f}}\n", r->n_lp, r->n_feasible, secs);
+        fprintf(f, "}, \"search\": {\"lps\": %d, \"feasible_lps\": %d, \"seconds\": %.3f}}\n", r->n_lp, r->n_feasible, secs);
         return;
     }
     printf("%s\n", flags);
     printf("model       %s: %d layers, hidden %d, %d heads, ffn %d, %.2fB parameters\n", c->name, c->n_layer, c->hidden,
            c->n_head, c->ffn, (double)config_params(c) / 1e9);
     printf("hardware    %s%s; budgets gpu %s, cpu %s, disk %s (%.0f%%, %.0f%%, %.0f%% usable)\n", hw->name,
-           hw->has_gpu ? "" : " (no GPU: the CPU computes)", bud[0], bud[1], bud[2], 100 * rq->usable[0], 100 * rq->usable[1], 100 * rq->usable[2]);
+           hw->has_gpu ? "" : ": no GPU, the CPU computes", bud[0], bud[1], bud[2], 100 * rq->usable[0], 100 * rq->usable[1], 100 * rq->usable[2]);
     printf("workload    prompt %d, generate %d, block %d = %d x %d sequences\n", rq->prompt_len, rq->gen_len, block,
            p->gpu_batch_size, p->num_gpu_batches);
     printf("throughput  prefill %.4g token/s   decode %.4g token/s   total %.4g token/s\n", r->tput_prefill, r->tput_decode, r->tput_total);
@@ -1973,6 +1998,8 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
             }
     if (!eval) printf("search      %d LPs (%d feasible) in %.2f s\n", r->n_lp, r->n_feasible, secs);
 }
+
+static int g_probe_quiet; /* hw_probe without progress lines: `opt plan` sums them up in one */
 
 int plan_main(int argc, char **argv) {
     const char *model = NULL, *hwspec = NULL, *eval = NULL;
@@ -2006,12 +2033,28 @@ int plan_main(int argc, char **argv) {
     if (!model) die("plan: -m DIR|SHAPE is required (e.g. -m opt-30b; see opt plan --help)");
     Config c;
     struct stat st;
-    if (strchr(model, '/') || stat(model, &st) == 0) config_load(&c, model);
+    if (!strncmp(model, "dummy:", 6)) shape_config(&c, model + 6);
+    else if (strchr(model, '/') || stat(model, &st) == 0) config_load(&c, model);
     else shape_config(&c, model);
     if (s + n > c.max_pos)
         die("plan: --prompt-len %ld + --gen-len %ld exceeds %s's %d positions", s, n, c.name, c.max_pos);
+    Policy p;
+    if (eval) { /* before the hardware: a mistyped policy costs no measuring */
+        char *full = check_malloc(strlen(eval) + 40, "eval policy");
+        sprintf(full, "%s%s%s", eval, cw ? " --compress-weight" : "", cc ? " --compress-cache" : "");
+        plan_policy_parse(&p, full);
+        free(full);
+    }
     Hardware hw;
-    hw_load(&hw, hwspec ? hwspec : "t4");
+    if (hwspec) hw_load(&hw, hwspec);
+    else { /* the machine it runs on, as --policy auto measures it: a plan it can run */
+        GpuProbe gp = {0};
+        int direct = 1;
+        g_probe_quiet = 1;
+        hw_probe(&hw, &gp, getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", 256.0 * (1 << 20), &direct);
+        g_probe_quiet = 0;
+        fprintf(stderr, "opt plan: planning for %s; --hw t4|h100|FILE plans for another\n", hw.name);
+    }
     PlanReq rq;
     plan_req_default(&rq, &hw);
     rq.prompt_len = (int)s, rq.gen_len = (int)n, rq.compress_weight = cw, rq.compress_cache = cc;
@@ -2026,14 +2069,9 @@ int plan_main(int argc, char **argv) {
         rq.budget[TIER_GPU] = 0;
     }
 
-    Policy p;
     PlanResult r;
     double t0 = now_sec();
     if (eval) {
-        char *full = check_malloc(strlen(eval) + 40, "eval policy");
-        sprintf(full, "%s%s%s", eval, cw ? " --compress-weight" : "", cc ? " --compress-cache" : "");
-        plan_policy_parse(&p, full, hw.has_gpu);
-        free(full);
         plan_eval(&c, &hw, &rq, &p, &r);
         plan_print(&c, &hw, &rq, &p, &r, json, 1, now_sec() - t0);
         return 0;
@@ -2051,8 +2089,8 @@ int plan_main(int argc, char **argv) {
         size_t len = strlen(alt);
         snprintf(alt + len, sizeof alt - len, "%s%s %.1fG", na++ ? (r.need_joint ? " " : ", or ") : "", mem_flags[t], r.need[t] / GiB);
     }
-    snprintf(msg, sizeof msg, "no policy fits %s (prompt %ld, generate %ld%s%s) in gpu %s, cpu %s, disk %s (%.0f%%/%.0f%%/%.0f%% usable): %s%s%s",
-             c.name, s, n, cw ? ", 4-bit weights" : "", cc ? ", 4-bit cache" : "", b[0], b[1], b[2], 100 * rq.usable[0],
+    snprintf(msg, sizeof msg, "no policy fits %s (prompt %ld, generate %ld%s%s) on %s in gpu %s, cpu %s, disk %s (%.0f%%/%.0f%%/%.0f%% usable): %s%s%s",
+             c.name, s, n, cw ? ", 4-bit weights" : "", cc ? ", 4-bit cache" : "", hw.name, b[0], b[1], b[2], 100 * rq.usable[0],
              100 * rq.usable[1], 100 * rq.usable[2], na ? "the smallest block needs " : "no budget makes the smallest block fit",
              alt, !na ? "" : r.need_joint ? " together (no single budget suffices)" : na > 1 ? " (each with the other budgets as given)" : "");
     if (json) {
@@ -2086,6 +2124,16 @@ __attribute__((weak)) int gpu_probe_compute(GpuProbe *p) { (void)p; return -1; }
  * difference between a quiet minute and a busy one. */
 static double g_probe_window = 0.15; /* seconds per measurement: `opt probe` 0.5 (--quick 0.15),
                                       * --policy auto's probe 0.15 */
+
+__attribute__((format(printf, 1, 2))) static void probe_note(const char *fmt, ...) {
+    if (g_probe_quiet) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("probe: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+}
+
 static double probe_time(void (*fn)(void *), void *ctx) {
     int r = 0;
     fn(ctx);
@@ -2166,16 +2214,16 @@ static void probe_cpu(Hardware *hw) {
     GemmCtx gc = {.g = {.y = y, .x = x, .w = &t, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K},
                   .base = (const char *)w, .stride = nw * 2, .n_w = nrot};
     hw->cpu_gemv_bw = 2.0 * nw / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemv f16 (1 x %d x %d, %d copies) %.1f GB/s of weights\n", N1, K, nrot, hw->cpu_gemv_bw / 1e9);
+    probe_note("cpu gemv f16 (1 x %d x %d, %d copies) %.1f GB/s of weights\n", N1, K, nrot, hw->cpu_gemv_bw / 1e9);
     t.rows = N, gc.g.N = N, gc.g.ldy = N, gc.base = NULL;
     gc.g.M = 8;
     hw->cpu_gemm_flops_8 = 2.0 * 8 * N * K / probe_time(probe_gemm_run, &gc);
     gc.g.M = 64;
     hw->cpu_gemm_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemm f16 (8 / 64 x %d x %d) %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_8 / 1e9, hw->cpu_gemm_flops_g / 1e9);
+    probe_note("cpu gemm f16 (8 / 64 x %d x %d) %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_8 / 1e9, hw->cpu_gemm_flops_g / 1e9);
     gc.g.M = 512;
     hw->cpu_gemm_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemm f16 (512 x %d x %d) %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_p / 1e9);
+    probe_note("cpu gemm f16 (512 x %d x %d) %.1f GFLOP/s\n", N, K, hw->cpu_gemm_flops_p / 1e9);
     free(w);
 
     /* 4-bit: one quantized row copied to every row (the rate does not depend on the values) */
@@ -2191,7 +2239,7 @@ static void probe_cpu(Hardware *hw) {
     gc = (GemmCtx){.g = {.y = y, .x = x, .w = &tq, .ldy = N1, .ldx = K, .M = 1, .N = N1, .K = K},
                    .base = (const char *)q, .stride = qb, .n_w = nq};
     hw->cpu_gemv_q4_bw = (double)qb / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemv 4-bit (1 x %d x %d, %d copies) %.1f GB/s of 4-bit weights\n", N1, K, nq, hw->cpu_gemv_q4_bw / 1e9);
+    probe_note("cpu gemv 4-bit (1 x %d x %d, %d copies) %.1f GB/s of 4-bit weights\n", N1, K, nq, hw->cpu_gemv_q4_bw / 1e9);
     tq.rows = N, gc.g.N = N, gc.g.ldy = N, gc.base = NULL;
     gc.g.M = 8;
     hw->cpu_gemm_q4_flops_8 = 2.0 * 8 * N * K / probe_time(probe_gemm_run, &gc);
@@ -2199,13 +2247,13 @@ static void probe_cpu(Hardware *hw) {
     hw->cpu_gemm_q4_flops_g = 2.0 * 64 * N * K / probe_time(probe_gemm_run, &gc);
     gc.g.M = 512;
     hw->cpu_gemm_q4_flops_p = 2.0 * 512 * N * K / probe_time(probe_gemm_run, &gc);
-    fprintf(stderr, "probe: cpu gemm 4-bit (8 / 64 / 512 x %d x %d) %.1f / %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_q4_flops_8 / 1e9,
-            hw->cpu_gemm_q4_flops_g / 1e9, hw->cpu_gemm_q4_flops_p / 1e9);
+    probe_note("cpu gemm 4-bit (8 / 64 / 512 x %d x %d) %.1f / %.1f / %.1f GFLOP/s\n", N, K, hw->cpu_gemm_q4_flops_8 / 1e9,
+               hw->cpu_gemm_q4_flops_g / 1e9, hw->cpu_gemm_q4_flops_p / 1e9);
     /* one OpenMP parallel region: waking the other threads and joining them. On a VM whose idle
      * vCPUs halt this is tens of microseconds, and the engine runs ~7-16 of them per layer and
      * GPU batch (cost_cpu_regions) */
     hw->cpu_region_s = probe_time(probe_omp_empty, NULL);
-    fprintf(stderr, "probe: cpu parallel region             %.1f us\n", hw->cpu_region_s * 1e6);
+    probe_note("cpu parallel region             %.1f us\n", hw->cpu_region_s * 1e6);
     hw->layer_overhead = 0; /* the CPU path counts its regions instead */
     free(row), free(q), free(x), free(y);
 }
@@ -2250,8 +2298,8 @@ static void probe_attention(Hardware *hw) {
         double fl = 2.0 * c.hidden * pseq * plen * (plen + 1.0) / t;
         if (q4) hw->cpu_attn_q4_bw = bw, hw->cpu_attn_q4_flops_p = fl;
         else hw->cpu_attn_bw = bw, hw->cpu_attn_flops_p = fl;
-        fprintf(stderr, "probe: cpu attention, %s cache: decode %.1f GB/s of cache, prefill %.1f GFLOP/s\n", q4 ? "4-bit" : "f32  ",
-                bw / 1e9, fl / 1e9);
+        probe_note("cpu attention, %s cache: decode %.1f GB/s of cache, prefill %.1f GFLOP/s\n", q4 ? "4-bit" : "f32  ",
+                   bw / 1e9, fl / 1e9);
         kv_free(&kv);
     }
     scratch_free(&s);
@@ -2267,7 +2315,7 @@ static void probe_memory(Hardware *hw) {
     for (size_t i = 0; i < s.n; i++) buf[i] = i; /* touches every page */
     s.buf = buf;
     hw->cpu_mem_bw = (double)bytes / probe_time(probe_stream, &s);
-    fprintf(stderr, "probe: cpu memory read (%.0f MiB)    %.1f GB/s\n", bytes / 1048576.0, hw->cpu_mem_bw / 1e9);
+    probe_note("cpu memory read (%.0f MiB)    %.1f GB/s\n", bytes / 1048576.0, hw->cpu_mem_bw / 1e9);
     free(buf);
 }
 
@@ -2361,9 +2409,9 @@ static void probe_disk(Hardware *hw, const char *dir, double bytes, int *direct)
         probe_disk_try(dir, bytes, 0, &hw->disk_write_bw, &hw->disk_read_bw);
     }
     signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
-    fprintf(stderr, "probe: disk write (%s, %.0f MiB, %s) %.2f GB/s\n", dir, bytes / 1048576, *direct ? "O_DIRECT" : "buffered + fadvise",
-            hw->disk_write_bw / 1e9);
-    fprintf(stderr, "probe: disk read                      %.2f GB/s\n", hw->disk_read_bw / 1e9);
+    probe_note("disk write (%s, %.0f MiB, %s) %.2f GB/s\n", dir, bytes / 1048576, *direct ? "O_DIRECT" : "buffered + fadvise",
+               hw->disk_write_bw / 1e9);
+    probe_note("disk read                      %.2f GB/s\n", hw->disk_read_bw / 1e9);
 }
 
 /* CPU cost of one request of the engine's I/O threads (offload.c's pool): a queue under a mutex,
@@ -2441,11 +2489,11 @@ static void probe_io_requests(Hardware *hw, const char *dir) {
     close(fd);
     free(blk);
     hw->io_req_cpu_s = cpu / (groups * per);
-    fprintf(stderr, "probe: I/O request (4 KiB, page cache) %.1f us of CPU (%.1f us of wall time)\n", hw->io_req_cpu_s * 1e6,
-            wall / (groups * per) * 1e6);
+    probe_note("I/O request (4 KiB, page cache) %.1f us of CPU (%.1f us of wall time)\n", hw->io_req_cpu_s * 1e6,
+               wall / (groups * per) * 1e6);
 }
 
-static const char probe_usage[] =
+const char probe_usage[] =
     "usage: opt probe [--offload-dir DIR] [--disk-bytes SIZE] [--buffered] [--quick] [-o FILE]\n"
     "  Measures this machine for `opt plan --hw FILE`:\n"
     "  - GPU (CUDA builds with a device): pinned host<->device bandwidth, GEMM and attention rates\n"
@@ -2458,10 +2506,10 @@ static const char probe_usage[] =
     "  Each figure is a mean over ~0.5 s (--quick: 0.15 s), so it includes what other processes on\n"
     "  the machine take from the engine at the time.\n"
     "  Writes one JSON object (\"format\": \"" PROBE_FORMAT "\"; bytes, bytes/s, FLOP/s, seconds) to\n"
-    "  FILE or stdout; progress goes to stderr. Takes ~15 s (--quick: ~6 s).\n";
+    "  FILE or stdout (also -o -); progress goes to stderr. Takes ~15 s (--quick: ~6 s).\n";
 
 /* Measures this machine into hw (and gp when there is a GPU): what `opt probe`
- * writes, and what `--policy auto` uses when no --hw is given. */
+ * writes, and what `--policy auto` and `opt plan` use when no --hw is given. */
 void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, int *direct) {
     probe_disk_check(hw, dir, disk_bytes);
     hw->has_gpu = gpu_probe_bandwidth(gp) == 0 && gpu_probe_compute(gp) == 0;
@@ -2469,10 +2517,10 @@ void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, in
         hw->gpu_mem = gp->mem_bytes, hw->h2d_bw = gp->h2d_bw, hw->d2h_bw = gp->d2h_bw, hw->gpu_mem_bw = gp->mem_bw;
         hw->gpu_gemm_flops_g = gp->gemm_flops_g, hw->gpu_gemm_flops_p = gp->gemm_flops_p;
         hw->gpu_bmm_flops_p = gp->bmm_flops_p, hw->gpu_bmm_flops_g = gp->bmm_flops_g, hw->gpu_dequant_bw = gp->dequant_bw;
-        fprintf(stderr, "probe: gpu %s: h2d %.1f GB/s, d2h %.1f GB/s, gemm %.0f / %.0f TFLOP/s\n", gp->name, gp->h2d_bw / 1e9,
-                gp->d2h_bw / 1e9, gp->gemm_flops_g / 1e12, gp->gemm_flops_p / 1e12);
+        probe_note("gpu %s: h2d %.1f GB/s, d2h %.1f GB/s, gemm %.0f / %.0f TFLOP/s\n", gp->name, gp->h2d_bw / 1e9,
+                   gp->d2h_bw / 1e9, gp->gemm_flops_g / 1e12, gp->gemm_flops_p / 1e12);
     } else {
-        fprintf(stderr, "probe: no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
+        probe_note("no GPU (%s): the plan will compute on the CPU\n", gpu_describe());
     }
     probe_disk(hw, dir, disk_bytes, direct);
     probe_io_requests(hw, dir);
@@ -2480,7 +2528,8 @@ void hw_probe(Hardware *hw, GpuProbe *gp, const char *dir, double disk_bytes, in
     probe_cpu(hw);
     probe_attention(hw);
     if (hw->has_gpu) hw->layer_overhead = 20e-6; /* launches and a sync; kernels.cu may measure it */
-    snprintf(hw->name, sizeof hw->name, "this machine (measured now)");
+    snprintf(hw->name, sizeof hw->name, "this machine (measured now: %.60s, %d threads, %.0f GiB RAM)",
+             hw->has_gpu ? gp->name : "no GPU", omp_get_max_threads(), hw->cpu_mem / GiB);
     hw_derive(hw);
 }
 
@@ -2501,6 +2550,7 @@ int probe_main(int argc, char **argv) {
 #undef PROBE_VAL
     }
     if (disk_bytes < 4 << 20) die("--disk-bytes: at least 4M");
+    if (out && !strcmp(out, "-")) out = NULL; /* -o -: stdout, as without -o */
     g_probe_window = quick ? 0.15 : 0.5;
     Hardware hw = {0};
     GpuProbe gp = {0};
@@ -2530,6 +2580,6 @@ int probe_main(int argc, char **argv) {
     }
     fprintf(f, " \"layer_overhead\": %.3g}\n", hw.layer_overhead);
     if (ferror(f) || (f != stdout && fclose(f))) die("%s: write error", out ? out : "stdout");
-    if (out) fprintf(stderr, "probe: wrote %s\n", out);
+    if (out) probe_note("wrote %s\n", out);
     return 0;
 }

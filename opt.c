@@ -3746,7 +3746,7 @@ static const char *help_text[][2] = {
      "  (FlexGen's definitions: total = B*G / (prefill + decode)) and peak memory; with a policy\n"
      "  also the accounted peak per tier, the disk bandwidth achieved and the I/O-compute overlap.\n"
      DEVICE_HELP OFFLOAD_HELP},
-    {"lp", "usage: opt lp FILE.mps\n  Solves a linear program (free MPS) with opt's own simplex solver.\n"},
+    {"lp", lp_usage}, {"plan", plan_usage}, {"probe", probe_usage},
     {"convert",
      "usage: opt convert -m DIR -o FILE [--int4-weights [--group-size N] | --w8a8 --calib FILE [...]]\n"
      "  Writes the native packed file (a safetensors container with opt's tensor names, the\n"

@@ -255,6 +255,8 @@ LpStatus lp_solve(const Lp *lp, double *x, double *obj);
  * optimal, "objective Z" and one "name value" line per column. Malformed input dies naming the
  * file and line. Returns the exit status: 0 for optimal, infeasible and unbounded alike. */
 int lp_main(int argc, char **argv);
+/* The --help texts of lp, plan and probe (lp.c), which `opt help COMMAND` prints too. */
+extern const char lp_usage[], plan_usage[], probe_usage[];
 
 /* The cost model and the policy search (FlexGen's LP with its omissions fixed; the terms are
  * documented at the top of lp.c's cost-model section). All sizes are bytes, bandwidths bytes/s,

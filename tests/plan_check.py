@@ -26,7 +26,7 @@ def check(ok, what):
 
 
 def run(args, timeout=120):
-    return subprocess.run([OPT] + args, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([OPT] + args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 def plan(args):
@@ -82,7 +82,7 @@ if probe:
     check(1e6 < probe.get("disk_read_bw", 0) < 1e12, "probe: disk_read_bw %r" % probe.get("disk_read_bw"))
     check(1e8 < probe.get("cpu_gemm_flops_p", 0) < 1e15, "probe: cpu_gemm_flops_p %r" % probe.get("cpu_gemm_flops_p"))
     check(os.listdir(probe_dir) == [], "probe: left files in the offload dir: %s" % os.listdir(probe_dir))
-r = run(["probe", "--offload-dir", probe_dir, "--disk-bytes", "8M", "--buffered"], timeout=300)
+r = run(["probe", "--offload-dir", probe_dir, "--disk-bytes", "8M", "--buffered", "-o", "-"], timeout=300)  # -o -: stdout
 if check(r.returncode == 0, "probe --buffered: exit %d: %s" % (r.returncode, r.stderr[-300:])):
     try:
         pb = json.loads(r.stdout)
@@ -244,13 +244,14 @@ for m, a, flag, vals in sweeps:
     check(prev > 0, "monotone %s %s: nothing fits at any %s" % (m, " ".join(a), flag))
 
 # ---- 4. compression never increases the bytes moved (nor the disk footprint) ----
-flexgen = [  # FlexGen's published T4 policies (flexgen.md section 8) and throughputs (section 9)
-    ("opt-6.7b", "--percent 100 0 100 0 100 0 --gpu-batch-size 2 --overlap 0", "", 25.26),
-    ("opt-6.7b", "--percent 100 0 100 0 100 0 --gpu-batch-size 72", "--compress-weight --compress-cache", 29.12),
-    ("opt-30b", "--percent 20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu", "", 7.32),
-    ("opt-30b", "--percent 0 100 0 100 0 100 --gpu-batch-size 64 --num-gpu-batches 8 --cpu", "--compress-cache", 8.38),
-    ("opt-175b", "--pin-weight 0 --percent 0 50 0 0 0 100 --gpu-batch-size 32 --num-gpu-batches 8 --cpu", "", 0.69),
-    ("opt-175b", "--pin-weight 0 --percent 0 100 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu",
+flexgen = [  # FlexGen's published T4 policies (flexgen.md section 8; its weights are pinned unless
+    # --pin-weight 0) and throughputs (section 9), in opt's spellings
+    ("opt-6.7b", "--percent 100 0 100 0 100 0 --gpu-batch-size 2 --num-gpu-batches 1 --pin-weights --no-overlap", "", 25.26),
+    ("opt-6.7b", "--percent 100 0 100 0 100 0 --gpu-batch-size 72 --num-gpu-batches 1 --pin-weights", "--compress-weight --compress-cache", 29.12),
+    ("opt-30b", "--percent 20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu-attention --pin-weights", "", 7.32),
+    ("opt-30b", "--percent 0 100 0 100 0 100 --gpu-batch-size 64 --num-gpu-batches 8 --cpu-attention --pin-weights", "--compress-cache", 8.38),
+    ("opt-175b", "--percent 0 50 0 0 0 100 --gpu-batch-size 32 --num-gpu-batches 8 --cpu-attention", "", 0.69),
+    ("opt-175b", "--percent 0 100 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu-attention",
      "--compress-weight --compress-cache", 1.12),
 ]
 variants = ["", "--compress-weight", "--compress-cache", "--compress-weight --compress-cache"]
@@ -352,11 +353,11 @@ check(cdisk["decode"] < cram["decode"], "cpu: cache on disk costs no CPU (%g vs 
 # weights on disk: the first layer's read is not hidden, so even an infinitely fast compute pays it
 w0 = cpu_eval("new", "--percent 0 0 0 100 0 100 --gpu-batch-size 4 --num-gpu-batches 2")
 check(w0["decode"] < cram["decode"], "cpu: weights on disk cost nothing")
-# and --overlap 0 (every term summed) is never faster than overlapped
+# and --no-overlap (every term summed) is never faster than overlapped
 for pol in (RAM, "--percent 0 50 0 50 0 50"):
     a = cpu_eval("new", pol + " --gpu-batch-size 4 --num-gpu-batches 2")
-    b = cpu_eval("new", pol + " --gpu-batch-size 4 --num-gpu-batches 2 --overlap 0")
-    check(b["total"] <= a["total"] * (1 + 1e-9), "cpu: --overlap 0 faster than overlapped for %s" % pol)
+    b = cpu_eval("new", pol + " --gpu-batch-size 4 --num-gpu-batches 2 --no-overlap")
+    check(b["total"] <= a["total"] * (1 + 1e-9), "cpu: --no-overlap faster than overlapped for %s" % pol)
 
 # ---- 6. bad input: one line on stderr, nothing on stdout, a non-zero exit ----
 corrupt = os.path.join(TMP, "corrupt.json")
@@ -396,17 +397,23 @@ bad = [  # (argv, text the message must contain)
     (["plan", "-m", "opt-30b", "--prompt-len", "0"], "--prompt-len"),
     (["plan", "-m", "opt-30b", "--prompt-len", "2040", "--gen-len", "32"], "2048"),
     (["plan", "-m", "opt-30b", "--bogus"], "--bogus"),
-    (["plan", "-m", "opt-30b", "--eval", "--percent 50 60 0 0 0 0"], "110"),
+    (["plan", "-m", "opt-30b", "--hw", "t4", "--eval", "--percent 50 60 0 0 0 0"], "110"),
     (["plan", "-m", "opt-30b", "--eval", "--percent 50 40 0 0 0"], "--percent"),
     (["plan", "-m", "opt-30b", "--eval", "--gpu-batch-size 0"], "--gpu-batch-size"),
     (["plan", "-m", "opt-30b", "--eval", "--frobnicate"], "--frobnicate"),
     (["plan", "-m", "opt-30b", "--hw", probe_file, "--eval", "--percent 10 90 0 100 0 100"] if probe and not probe["gpu"] else
-     ["plan", "-m", "opt-30b", "--eval", "--percent 10 90 0 100 0 100 --overlap maybe"], "--"),
+     ["plan", "-m", "opt-30b", "--hw", "t4", "--eval", "--percent 10 90 0 100 0 100 --overlap maybe"], "--"),
     (["probe", "--offload-dir", os.path.join(TMP, "nonexistent")], "nonexistent"),
     (["probe", "--offload-dir", afile], afile),
     (["probe", "--offload-dir", probe_dir, "--disk-bytes", "100P"], probe_dir),
     (["probe", "--disk-bytes", "1X"], "1X"),
     (["probe", "--frob"], "--frob"),
+    # FlexGen's spellings, which generate rejects: refused, naming opt's
+    (["plan", "-m", "opt-30b", "--hw", "t4", "--eval", "--percent 0 100 0 100 0 100 --pin-weight 0"], "--pin-weights"),
+    (["plan", "-m", "opt-30b", "--hw", "t4", "--eval", "--percent 0 100 0 100 0 100 --overlap 0"], "--no-overlap"),
+    (["plan", "-m", "opt-30b", "--hw", "t4", "--eval", "--percent 0 100 0 100 0 100 --cpu"], "--cpu-attention"),
+    (["plan", "-m", "opt-30b", "--hw", "t4", "--eval", "--percent 0 100 0 100 0 100 --cpu-cache-compute"], "--cpu-attention"),
+    (["plan", "-m", "opt-30b", "--hw", "-"], "<stdin>"),  # stdin is empty here
 ]
 
 
@@ -428,9 +435,94 @@ def bad_one(case):
 
 for e in pmap(bad_one, bad):
     check(e is None, e)
-for argv in (["plan", "--help"], ["probe", "--help"]):
+for argv in (["plan", "--help"], ["probe", "--help"], ["help", "plan"], ["help", "probe"]):
     r = run(argv)
-    check(r.returncode == 0 and "usage: opt " + argv[0] in r.stdout, "%s: exit %d" % (" ".join(argv), r.returncode))
+    check(r.returncode == 0 and "usage: opt " + argv[-1 if argv[0] == "help" else 0] in r.stdout, "%s: exit %d" % (" ".join(argv), r.returncode))
+
+# ---- 7. the flags line runs as printed: generate's spellings, and generate and bench take it ----
+GENERATE_FLAGS = {"--percent", "--gpu-batch-size", "--num-gpu-batches", "--cpu-attention", "--compress-weight",
+                  "--compress-cache", "--pin-weights", "--no-overlap"}  # opt generate --help's policy flags
+for (model, args), j in plans.items():
+    if j:
+        words = set(w for w in j["flags"].split() if w.startswith("--"))
+        check(words <= GENERATE_FLAGS, "plan %s %s: flags %r are not generate's" % (model, " ".join(args), sorted(words - GENERATE_FLAGS)))
+        check(("--pin-weights" in words) == j["policy"]["pin_weights"], "plan %s: --pin-weights printed %s, policy says %s"
+              % (model, "--pin-weights" in words, j["policy"]["pin_weights"]))
+for pol, on in (("--pin-weights --no-overlap", ("--pin-weights", "--no-overlap")), ("", ())):
+    rc, j, err = plan(["-m", "opt-30b", "--hw", "t4", "--eval", "--percent 20 80 0 100 0 100 --cpu-attention " + pol])
+    if check(rc == 0 and j, "eval %r: exit %d %s" % (pol, rc, err[-200:])):
+        check(all(w in j["flags"].split() for w in on) and j["policy"]["overlap"] == ("--no-overlap" not in on) and
+              j["policy"]["pin_weights"] == ("--pin-weights" in on) and ("--pin-weights" in on or "pin" not in j["flags"]),
+              "eval %r: flags %r, policy %r" % (pol, j["flags"], j["policy"]))
+SHAPE = "128x4x4x512"  # 4 MiB of layers, 13 MiB of embeddings: --cpu-mem 16M sends shares to disk
+runs = [[], ["--compress-weight", "--compress-cache"], ["--cpu-mem", "16M"], ["--cpu-mem", "16M", "--no-cpu-attention"],
+        ["--cpu-mem", "20M", "--compress-cache"], ["--max-block", "6"]]
+runs = [(a, None) for a in runs] + [  # and generate's every policy flag, through --eval
+    ([], "--percent 0 60 0 50 0 80 --gpu-batch-size 2 --num-gpu-batches 3 --cpu-attention --no-overlap --pin-weights"),
+    (["--compress-weight"], "--percent 0 30 0 0 0 100 --gpu-batch-size 3 --cpu-attention")]
+disk_seen = False
+work = os.path.join(TMP, "run-as-printed")
+os.mkdir(work)
+for args, pol in runs:
+    name = "%s %s" % (" ".join(args), pol or "")
+    rc, j, err = plan(["-m", SHAPE, "--hw", hwfile["new"], "--prompt-len", "8", "--gen-len", "2"] + args +
+                      (["--eval", pol] if pol else []))
+    if not check(rc == 0 and j and j["feasible"], "run as printed %s: plan exit %d %s" % (name, rc, err[-200:])):
+        continue
+    r = run(["plan", "-m", SHAPE, "--hw", hwfile["new"], "--prompt-len", "8", "--gen-len", "2"] + args + (["--eval", pol] if pol else []))
+    flags = r.stdout.splitlines()[0] if r.stdout else ""
+    check(flags == j["flags"], "run as printed %s: text and JSON flags differ" % name)
+    p = flag_percents(flags) or [0] * 6
+    disk_seen |= p[0] + p[1] < 100 or p[2] + p[3] < 100
+    check(not pol or all(w in flags.split() for w in pol.split() if w.startswith("--")), "run as printed: %r lost flags of %r" % (flags, pol))
+    for cmd in (["bench", "--prompt-len", "8", "--gen-len", "2"], ["generate", "-n", "2", "--ignore-eos"]):
+        r2 = subprocess.run([OPT] + cmd + ["-m", "dummy:" + SHAPE, "--offload-dir", work] + shlex.split(flags),
+                            input="Hello\nworld\n", capture_output=True, text=True, timeout=300)
+        lines = r2.stdout.splitlines()
+        check(r2.returncode == 0 and (cmd[0] == "bench" or len(lines) == 2),
+              "run as printed: opt %s ... %s: exit %d, %d lines: %s" % (cmd[0], flags, r2.returncode, len(lines), r2.stderr[-300:]))
+check(disk_seen, "run as printed: no plan put a share on disk")
+
+# ---- 8. -m takes dummy:SHAPE and a directory like the other commands; --hw - reads stdin ----
+mdir = os.path.join(TMP, "model")
+r = run(["synth", "--shape", SHAPE, "-o", mdir])
+base = ["--hw", hwfile["new"], "--prompt-len", "8", "--gen-len", "2", "--max-block", "6"]
+got = {}
+for m in (SHAPE, "dummy:" + SHAPE, mdir):
+    rc, j, err = plan(["-m", m] + base)
+    check(rc == 0 and j, "plan -m %s: exit %d %s" % (m, rc, err[-200:]))
+    got[m] = j and (j["flags"], j["throughput"]["total"])
+check(got[SHAPE] and got[SHAPE] == got["dummy:" + SHAPE] == got[mdir], "plan -m SHAPE, dummy:SHAPE, DIR differ: %s" % got)
+r = subprocess.run([OPT, "plan", "--json", "-m", SHAPE, "--hw", "-"] + base[2:], stdin=open(hwfile["new"]),
+                   capture_output=True, text=True, timeout=120)
+check(r.returncode == 0 and json.loads(r.stdout or "{}").get("flags") == (got[SHAPE] or [""])[0],
+      "plan --hw - (stdin): exit %d %s" % (r.returncode, r.stderr[-200:]))
+
+# ---- 9. --json is one line: a search, an evaluation, and nothing fits ----
+for args in (["-m", "opt-30b", "--hw", "t4"], ["-m", "opt-30b", "--hw", "t4", "--eval", "--percent 20 80 0 100 0 100"],
+             ["-m", "opt-175b", "--hw", "t4", "--gpu-mem", "1G", "--cpu-mem", "1G", "--disk-mem", "1G"]):
+    r = run(["plan", "--json"] + args)
+    ok = r.stdout.count("\n") == 1 and r.stdout.endswith("}\n")
+    try:
+        json.loads(r.stdout)
+    except ValueError:
+        ok = False
+    check(ok, "plan --json %s: not one line of JSON: %r" % (" ".join(args), r.stdout[:200]))
+
+# ---- 10. without --hw: this machine, measured, named in one line on stderr; its flags run ----
+r = run(["plan", "--json", "-m", "64x2x4x256", "--prompt-len", "8", "--gen-len", "2", "--max-block", "4"], timeout=300)
+err = r.stderr.strip().splitlines()
+try:
+    j = json.loads(r.stdout)
+except ValueError:
+    j = None
+if check(r.returncode == 0 and j, "plan without --hw: exit %d %s" % (r.returncode, r.stderr[-300:])):
+    check(len(err) == 1 and "this machine" in err[0] and "--hw t4|h100|FILE" in err[0], "plan without --hw: stderr %r" % err)
+    check(j["hardware"].startswith("this machine") and (probe is None or j["gpu"] == probe["gpu"]),
+          "plan without --hw: planned for %r (gpu %s)" % (j["hardware"], j["gpu"]))
+    if not j["gpu"]:  # a CPU-only machine: the plan must run here
+        r2 = run(["bench", "-m", "dummy:64x2x4x256", "--prompt-len", "8", "--gen-len", "2", "--offload-dir", work] + j["flags"].split(), timeout=300)
+        check(r2.returncode == 0, "plan without --hw: its flags do not run here: %s" % r2.stderr[-300:])
 
 for f in fails[:40]:
     print("FAIL " + f)

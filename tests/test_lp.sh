@@ -6,9 +6,11 @@
 # with the construction, objectives to 1e-7 relative (|a-b| <= 1e-7 max(1,|a|,|b|)), and OPT's x
 # must satisfy every bound to 1e-9 and every row to 1e-8, relative to the row's largest term.
 # Then malformed inputs (and 200 seeded mutations of suite files) must give a one-line error
-# naming the file (and line), a non-zero exit and no crash. Needs /usr/bin/python3 with numpy
-# and glpsol (Debian: python3-numpy, glpk-utils); without glpsol the GLPK comparison is skipped,
-# loudly. Takes a few seconds on 2 cores.
+# naming the file (and line), a non-zero exit and no crash; an unknown option likewise. `lp -h`
+# and `lp --help` print the usage and exit 0; `lp -` reads the MPS from stdin (named <stdin> in
+# messages) and answers as `lp FILE` does. Needs /usr/bin/python3 with numpy and glpsol
+# (Debian: python3-numpy, glpk-utils); without glpsol the GLPK comparison is skipped, loudly.
+# Takes a few seconds on 2 cores.
 set -eu
 OPT=${1:-./opt}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -258,12 +260,33 @@ for name, (text, line) in bad_inputs.items():
 for name, argv, must in [("missing_file", [opt, "lp", os.path.join(tmp, "nonexistent.mps")], "nonexistent.mps"),
                          ("directory", [opt, "lp", tmp], tmp),
                          ("no_argument", [opt, "lp"], "usage"),
-                         ("two_arguments", [opt, "lp", "a.mps", "b.mps"], "usage")]:
-    r = subprocess.run(argv, capture_output=True, timeout=60)
+                         ("two_arguments", [opt, "lp", "a.mps", "b.mps"], "usage"),
+                         ("unknown_option", [opt, "lp", "--bogus"], "unknown option '--bogus'"),
+                         ("empty_stdin", [opt, "lp", "-"], "<stdin>:0:")]:
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     err = r.stderr.decode(errors="replace").strip()
     if not 0 < r.returncode < 128 or r.stdout or len(err.splitlines()) != 1 or must not in err:
         fails += 1
         print("FAIL bad input %s: exit %d, stderr %r" % (name, r.returncode, err[:300]))
+
+# ---- lp -h / --help: the usage on stdout, exit 0; lp - reads the MPS from stdin ----
+for flag in ("-h", "--help"):
+    r = subprocess.run([opt, "lp", flag], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 or not r.stdout.startswith("usage: opt lp") or r.stderr:
+        fails += 1
+        print("FAIL lp %s: exit %d, stdout %r, stderr %r" % (flag, r.returncode, r.stdout[:80], r.stderr[:200]))
+for name in ("planted_small_01", "objsense_max_crlf"):
+    path = os.path.join(suite if name.startswith("planted") else tmp, name + ".mps")
+    want = subprocess.run([opt, "lp", path], capture_output=True, timeout=60)
+    got = subprocess.run([opt, "lp", "-"], stdin=open(path, "rb"), capture_output=True, timeout=60)
+    if got.returncode != 0 or got.stdout != want.stdout or not got.stdout.startswith(b"status optimal") or got.stderr:
+        fails += 1
+        print("FAIL lp - < %s: exit %d, stdout differs from lp FILE's: %r" % (name, got.returncode, got.stdout[:120]))
+r = subprocess.run([opt, "lp", "-"], input=(hdr + " y z 1.2.3\nENDATA\n").encode(), capture_output=True, timeout=60)
+err = r.stderr.decode(errors="replace").strip()
+if r.returncode != 1 or r.stdout or len(err.splitlines()) != 1 or "<stdin>:7:" not in err:
+    fails += 1
+    print("FAIL lp - with bad input: exit %d, stderr %r (want one line naming <stdin>:7:)" % (r.returncode, err[:200]))
 
 # ---- fuzz: mutated copies of suite files either solve or fail cleanly, never crash ----
 import random
@@ -292,7 +315,7 @@ for k in range(n_fuzz):
         fails += 1
         print("FAIL fuzz %s: exit %d, stderr %r" % (path, r.returncode, err[:300]))
 
-n_io = len(good) + len(bad_inputs) + 4 + n_fuzz
+n_io = len(good) + len(bad_inputs) + 6 + 2 + 2 + 1 + n_fuzz
 print("lp reader, bad input and fuzz: %d passed / %d total" % (n_io - fails, n_io))
 sys.exit(1 if bad or fails else 0)
 EOF

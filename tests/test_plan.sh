@@ -10,8 +10,14 @@
 # writes a probe file that `plan --hw` reads (O_DIRECT and buffered), and cleans up after itself;
 # the CPU-only path's terms (on fixed synthetic probe files): a phase-1 probe file without the
 # CPU-path keys still plans, a 4-bit cache's slow attention, the tiled GEMM's compute at 8 rows, the CPU
-# cost of a cache on disk, the first layer's exposed weight read, --overlap 0 never faster.
-# Needs /usr/bin/python3 (standard library only). Takes ~30 s on 2 cores.
+# cost of a cache on disk, the first layer's exposed weight read, --no-overlap never faster.
+# One spelling of the policy flags: --eval takes generate's (FlexGen's are refused, naming opt's),
+# and plan's flags line runs as printed: `opt bench` and `opt generate -m dummy:SHAPE ... FLAGS`
+# exit 0 for CPU-only plans with and without compression, CPU attention, disk shares (a tiny
+# --cpu-mem), --pin-weights and --no-overlap. -m takes SHAPE, dummy:SHAPE and a directory alike;
+# --hw - reads the probe file from stdin, probe -o - writes it to stdout; --json is one line
+# (nothing fitting too); without --hw, plan measures this machine, says so in one stderr line, and
+# its plan runs here. Needs /usr/bin/python3 (standard library only). Takes ~40 s on 2 cores.
 set -eu
 OPT=${1:-./opt}
 HERE=$(cd "$(dirname "$0")" && pwd)
