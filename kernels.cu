@@ -96,18 +96,30 @@ static void gpu_probe_state(void) {
     g_gpu_state = 1;
 }
 
-/* Starts the device side once: stream, cuBLASLt handle, workspace. */
-static void gpu_start(void) {
+/* Starts the device side once: context, streams, cuBLASLt handle,
+ * workspace. A context that cannot be created (a busy or exclusive device,
+ * no memory left) makes the GPU unusable, so auto mode runs on the CPU. */
+static bool gpu_try_start(void) {
     static bool started;
-    if (started) return;
+    if (started) return true;
     gpu_probe_state();
-    if (g_gpu_state != 1) die("no usable GPU: %s", g_gpu_desc);
-    checkCuda(cudaSetDevice(0));
-    checkCuda(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+    if (g_gpu_state != 1) return false;
+    cudaError_t e = cudaSetDevice(0);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        snprintf(g_gpu_desc, sizeof g_gpu_desc, "cannot create a CUDA context: %s", cudaGetErrorString(e));
+        g_gpu_state = 0;
+        return false;
+    }
     for (int i = 0; i < 3; i++) checkCuda(cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking));
     checkCublas(lt_create(&g_lt));
     checkCuda(cudaMalloc(&g_workspace, WORKSPACE));
     started = true;
+    return true;
+}
+
+static void gpu_start(void) {
+    if (!gpu_try_start()) die("no usable GPU: %s", g_gpu_desc);
 }
 
 extern "C" int gpu_available(void) { gpu_probe_state(); return g_gpu_state == 1; }
@@ -131,9 +143,17 @@ static void *dev_alloc(size_t bytes, const char *what) {
     return p;
 }
 
+/* Host to device, complete on return. On g_stream like everything else: a
+ * legacy-stream cudaMemcpy does not order with the non-blocking g_stream,
+ * and from pageable memory it may return before its last DMA lands. */
+static void dev_put(void *d, const void *src, size_t bytes) {
+    checkCuda(cudaMemcpyAsync(d, src, bytes, cudaMemcpyHostToDevice, g_stream));
+    checkCuda(cudaStreamSynchronize(g_stream));
+}
+
 static void *dev_upload(const void *src, size_t bytes, const char *what) {
     void *d = dev_alloc(bytes, what);
-    checkCuda(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+    dev_put(d, src, bytes);
     return d;
 }
 
@@ -162,8 +182,8 @@ static Tensor dev_matrix(const Tensor *t) {
     if (t->dtype == DT_F32) {
         size_t n = (size_t)t->rows * t->cols;
         float *tmp = (float *)dev_alloc(n * 4, "an f32 weight being narrowed");
-        checkCuda(cudaMemcpy(tmp, t->data, n1 * rb, cudaMemcpyHostToDevice));
-        if (n1 < (size_t)t->rows) checkCuda(cudaMemcpy((char *)tmp + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb, cudaMemcpyHostToDevice));
+        dev_put(tmp, t->data, n1 * rb);
+        if (n1 < (size_t)t->rows) dev_put((char *)tmp + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb);
         __half *h = (__half *)dev_alloc(n * 2, t->name ? t->name : "a weight");
         k_f32_to_f16<<<grid_for(n, 256), 256, 0, g_stream>>>(tmp, h, n);
         checkCuda(cudaStreamSynchronize(g_stream));
@@ -173,8 +193,8 @@ static Tensor dev_matrix(const Tensor *t) {
         d.data = h;
     } else {
         char *p = (char *)dev_alloc(rb * (size_t)t->rows, t->name ? t->name : "a weight");
-        checkCuda(cudaMemcpy(p, t->data, n1 * rb, cudaMemcpyHostToDevice));
-        if (n1 < (size_t)t->rows) checkCuda(cudaMemcpy(p + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb, cudaMemcpyHostToDevice));
+        dev_put(p, t->data, n1 * rb);
+        if (n1 < (size_t)t->rows) dev_put(p + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb);
         d.data = p;
     }
     d.data2 = NULL;
@@ -227,8 +247,9 @@ extern "C" double gpu_model_bytes(const Model *m) {
     return b + 4.0 * c->n_layer * (9.0 * c->hidden + c->ffn);
 }
 
+/* Free device memory; 0 when no context can be made (gpu_available() then says so). */
 extern "C" double gpu_free_bytes(void) {
-    gpu_start();
+    if (!gpu_try_start()) return 0;
     size_t fr = 0, tot = 0;
     checkCuda(cudaMemGetInfo(&fr, &tot));
     return (double)fr;
@@ -357,8 +378,8 @@ __global__ void k_q4_gemv(const float *x, int ldx, int M, const uint8_t *w, size
 __global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
                           const float *bias, float *y, int ldy, int N, int acc, int relu) {
     using namespace nvcuda;
-    __shared__ __half xs[QT][QK + 8], ws[QT][QK + 8];
-    __shared__ float cs[QT][QT + 4];
+    __shared__ __align__(32) __half xs[QT][QK + 8], ws[QT][QK + 8]; /* WMMA pointers are 256-bit aligned */
+    __shared__ __align__(32) float cs[QT][QT + 4];
     int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5; /* 4 warps: 2 x 2 of 32 x 32 */
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
     for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.0f);
@@ -434,23 +455,25 @@ __global__ void k_i8_gemv(const int8_t *q, const float *sx, int M, const int8_t 
 __global__ void k_i8_gemm(const int8_t *q, const float *sx, int M, const int8_t *w, const float *sw, int K, int N,
                           const float *bias, float *y, int ldy, int acc, int relu) {
     using namespace nvcuda;
-    __shared__ __align__(32) int8_t xs[QT][QK + 16], ws[QT][QK + 16];
-    __shared__ int cs[QT][QT + 4];
+    /* a 16-wide slice of K per plane: every WMMA pointer 256-bit aligned (a
+     * row of QK + 16 put the second slice 16 bytes off) */
+    __shared__ __align__(32) int8_t xs[QK / 16][QT][16], ws[QK / 16][QT][16];
+    __shared__ __align__(32) int cs[QT][QT + 4];
     int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5;
     wmma::fragment<wmma::accumulator, 16, 16, 16, int> c[2][2];
     for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0);
     for (int k0 = 0; k0 < K; k0 += QK) {
         for (int e = threadIdx.x; e < QT * QK; e += blockDim.x) {
             int r = e / QK, k = e % QK, m = m0 + r, n = n0 + r;
-            xs[r][k] = m < M && k0 + k < K ? q[(size_t)m * K + k0 + k] : 0;
-            ws[r][k] = n < N && k0 + k < K ? w[(size_t)n * K + k0 + k] : 0;
+            xs[k / 16][r][k % 16] = m < M && k0 + k < K ? q[(size_t)m * K + k0 + k] : 0;
+            ws[k / 16][r][k % 16] = n < N && k0 + k < K ? w[(size_t)n * K + k0 + k] : 0;
         }
         __syncthreads();
         for (int kk = 0; kk < QK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, signed char, wmma::col_major> fb[2];
-            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], &xs[(warp >> 1) * 32 + 16 * i][kk], QK + 16);
-            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], &ws[(warp & 1) * 32 + 16 * j][kk], QK + 16);
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], &xs[kk / 16][(warp >> 1) * 32 + 16 * i][0], 16);
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], &ws[kk / 16][(warp & 1) * 32 + 16 * j][0], 16);
             for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
         }
         __syncthreads();
@@ -586,15 +609,39 @@ static LtPlan *lt_plan(int N, int K, int rows, DType dt, int epi, int acc) {
     checkCublas(lt_pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
     cublasLtMatmulHeuristicResult_t res;
     int got = 0;
-    checkCublas(lt_heuristic(g_lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &got));
+    cublasStatus_t st = lt_heuristic(g_lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &got);
     lt_pref_destroy(pref);
-    if (!got) die("cuBLASLt has no algorithm for a %d x %d x %d GEMM", rows, N, K);
+    if (st != CUBLAS_STATUS_SUCCESS || !got) /* NOT_SUPPORTED is how it says none */
+        die("cuBLASLt has no algorithm for a %d x %d x %d %s GEMM (%s)", rows, N, K, dtype_names[dt], lt_status_name(st));
     p->algo = res.algo;
     return p;
 }
 
-static void *g_x16;          /* x narrowed to 16 bits for the tensor cores */
-static size_t g_x16_cap;
+static void *g_x16;          /* x narrowed to 16 bits for the tensor cores, or quantized to int8 */
+static size_t g_x16_cap;     /* its bytes */
+
+extern "C" void gpu_graphs_reset(void);
+
+/* g_x16 of at least `need` bytes. Captured graphs hold its address, so a
+ * growth drops them; gpu_scratch_init reserves a run's maximum up front, so
+ * the engine never grows it between a capture and a replay. */
+static void x16_reserve(size_t need) {
+    if (need <= g_x16_cap) return;
+    cudaStreamCaptureStatus cs;
+    checkCuda(cudaStreamIsCapturing(g_stream, &cs));
+    if (cs != cudaStreamCaptureStatusNone) die("internal: activation scratch grows during a graph capture");
+    checkCuda(cudaStreamSynchronize(g_stream));
+    gpu_graphs_reset();
+    if (g_x16) { checkCuda(cudaFree(g_x16)); g_gpu_used -= (double)g_x16_cap; }
+    g_x16 = dev_alloc(need, "activations narrowed to 16 or 8 bits");
+    g_x16_cap = need;
+}
+
+/* g_x16's bytes for `rows` rows of K: 16-bit, or int8 rows then their scales */
+static size_t x16_bytes(int rows, int K) {
+    size_t a = (size_t)rows * K * 2, b = ((size_t)rows * K + 15) / 16 * 16 + 4 * (size_t)rows;
+    return a > b ? a : b;
+}
 
 static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
     int N = (int)w->rows, K = (int)w->cols;
@@ -607,12 +654,7 @@ static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b
         return;
     }
     if (w->dtype == DT_I8) {
-        size_t need = (size_t)rows * K + 4 * (size_t)rows + 16;
-        if (need > g_x16_cap) {
-            if (g_x16) checkCuda(cudaFree(g_x16));
-            g_x16 = dev_alloc(need, "activations quantized to int8");
-            g_x16_cap = need;
-        }
+        x16_reserve(x16_bytes(rows, K));
         int8_t *q = (int8_t *)g_x16;
         float *sx = (float *)((char *)g_x16 + ((size_t)rows * K + 15) / 16 * 16);
         k_quant_rows<<<rows, 256, 0, g_stream>>>(x, K, K, w->act_scale, q, sx);
@@ -622,12 +664,7 @@ static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b
         return;
     }
     if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16, 4-bit or int8 weights", w->name ? w->name : "a weight");
-    size_t need = (size_t)rows * K * 2;
-    if (need > g_x16_cap) { /* grows before any graph capture: the first step of a shape runs uncaptured */
-        if (g_x16) checkCuda(cudaFree(g_x16));
-        g_x16 = dev_alloc(need, "activations narrowed to 16 bits");
-        g_x16_cap = need;
-    }
+    x16_reserve(x16_bytes(rows, K));
     size_t n = (size_t)rows * K;
     if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__nv_bfloat16 *)g_x16, rows, K);
     else k_narrow<__half><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__half *)g_x16, rows, K);
@@ -649,7 +686,17 @@ static void gpu_attention(const Config *c, const KVLayer *kv, const Step *st, Sc
     int n = st->n, H = c->n_head, D = c->head_dim, q4 = kv->dtype == DT_Q4;
     const int *slot = st->dev + n, *pos = st->dev + 2 * n;
     k_kv_store<<<dim3(n, H), 64, 0, g_stream>>>(s->k, s->v, slot, pos, kv->k, kv->v, H, D, c->hidden, q4, kv->group);
-    size_t smem = sizeof(float) * (size_t)(D + kv->cap);
+    /* a score per position in shared memory: past 48 KB only on request, made
+     * on a run's first step, which is never captured (the cache's cap is fixed) */
+    static int allowed = 48 << 10;
+    int smem = (int)sizeof(float) * (D + kv->cap);
+    if (smem > allowed) {
+        int most = 0;
+        checkCuda(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        if (smem > most) die("attention over %d cached positions needs %d KB of shared memory; this GPU has %d KB (shorten the prompts or -n)", kv->cap, smem >> 10, most >> 10);
+        checkCuda(cudaFuncSetAttribute(k_attention, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        allowed = smem;
+    }
     k_attention<<<dim3(n, H), 128, smem, g_stream>>>(s->q, slot, pos, kv->k, kv->v, H, D, c->hidden, 1.0f / sqrtf((float)D), s->att, q4, kv->group);
     checkCuda(cudaGetLastError());
 }
@@ -721,6 +768,7 @@ extern "C" void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap)
     s->f = (float *)dev_alloc(4 * r * c->ffn, "activations");
     s->e = (float *)dev_alloc(4 * r * e, "activations");
     s->grp = (int *)dev_alloc(sizeof(int) * 3 * r, "step indices"); /* the step's tok, slot, pos */
+    x16_reserve(x16_bytes(rows, (size_t)c->ffn > big ? c->ffn : (int)big)); /* the widest GEMM input */
 }
 
 extern "C" void gpu_scratch_free(Scratch *s) {
@@ -745,7 +793,7 @@ extern "C" void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, D
     kv->n_layer = c->n_layer;
     kv->layer = (KVLayer *)check_calloc(sizeof(KVLayer) * (size_t)c->n_layer, "the KV cache");
     kv->mem = (char *)dev_alloc(2 * per * (size_t)c->n_layer, "the KV cache (lower -b, or --compress-cache)");
-    checkCuda(cudaMemset(kv->mem, 0, 2 * per * (size_t)c->n_layer));
+    checkCuda(cudaMemsetAsync(kv->mem, 0, 2 * per * (size_t)c->n_layer, g_stream));
     char **host = (char **)check_malloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "cache tables");
     char **dev = (char **)dev_alloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "cache tables");
     for (int l = 0; l < c->n_layer; l++) {
@@ -757,7 +805,7 @@ extern "C" void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, D
         kv->layer[l] = (KVLayer){q4 ? DT_Q4 : DT_F16, n_slot, c->n_head, c->head_dim, cap, g, hb,
                                  dev + 2 * (size_t)areas * l, dev + 2 * (size_t)areas * l + areas};
     }
-    checkCuda(cudaMemcpy(dev, host, sizeof(char *) * 2 * (size_t)areas * c->n_layer, cudaMemcpyHostToDevice));
+    dev_put(dev, host, sizeof(char *) * 2 * (size_t)areas * c->n_layer);
     free(host);
     kv->ptrs = dev;
 }
@@ -809,7 +857,7 @@ __global__ void k_sample(const float *logits, int V, float temp, int topk, float
             if (tid < o && (part[tid + o] > part[tid] || (part[tid + o] == part[tid] && ish[tid + o] < ish[tid]))) { part[tid] = part[tid + o]; ish[tid] = ish[tid + o]; }
             __syncthreads();
         }
-        if (!tid) out[blockIdx.x] = ish[0];
+        if (!tid) out[blockIdx.x] = ish[0] < V ? ish[0] : 0; /* all NaN or -inf: 0, as the CPU's argmax */
         return;
     }
     float mx = -INFINITY, mn = INFINITY;
@@ -985,10 +1033,10 @@ extern "C" int gpu_probe_compute(GpuProbe *p) {
     g.w.rows = N;
     g.w.cols = K;
     g.w.data = dev_alloc((size_t)N * K * 2, "the GEMM probe");
-    checkCuda(cudaMemset((void *)g.w.data, 0, (size_t)N * K * 2));
+    checkCuda(cudaMemsetAsync((void *)g.w.data, 0, (size_t)N * K * 2, g_stream));
     g.x = (float *)dev_alloc(4 * (size_t)M[1] * K, "the GEMM probe");
     g.y = (float *)dev_alloc(4 * (size_t)M[1] * N, "the GEMM probe");
-    checkCuda(cudaMemset(g.x, 0, 4 * (size_t)M[1] * K));
+    checkCuda(cudaMemsetAsync(g.x, 0, 4 * (size_t)M[1] * K, g_stream));
     double r[2];
     for (int i = 0; i < 2; i++) { g.rows = M[i]; r[i] = 2.0 * M[i] * N * K / (time_ms(gemm_fn, &g, 10) / 1e3); }
     p->gemm_flops_g = r[0];
@@ -1020,7 +1068,11 @@ static cudaStream_t gd_stream(int s) { return s ? g_copies[s - 1] : g_stream; }
 static void gd_copy2d(void *dst, size_t dp, const void *src, size_t sp, size_t w, size_t rows, int kind, int stream) {
     if (!w || !rows) return;
     cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
-    checkCuda(cudaMemcpy2DAsync(dst, dp ? dp : w, src, sp ? sp : w, w, rows, k, gd_stream(stream)));
+    dp = dp ? dp : w;
+    sp = sp ? sp : w;
+    if (rows == 1 || (dp == w && sp == w)) /* one span: a 2-D copy's pitch could pass memPitch (2^31 - 1) */
+        checkCuda(cudaMemcpyAsync(dst, src, w * rows, k, gd_stream(stream)));
+    else checkCuda(cudaMemcpy2DAsync(dst, dp, src, sp, w, rows, k, gd_stream(stream)));
 }
 static void *gd_event(void) {
     cudaEvent_t e;
