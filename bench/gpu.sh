@@ -7,6 +7,7 @@
 #   OPT_GPU_PROFILE=1 for the GEMM / other-kernel split; PyTorch fp16 eager
 #   (transformers) on the same checkpoints for the ratio.
 # Writes $OUT/gpu-bench.md (or bench/gpu-bench.md) and the raw JSON beside it.
+# BENCH_SHAPES picks the models (default "opt-1.3b opt-6.7b"); Python is $PYTHON or python3.
 set -eu
 cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then echo "bench/gpu.sh: skipped: no GPU"; exit 0; fi
@@ -19,7 +20,7 @@ CARD=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohe
 MEMBW=$($PY -c "import json;print(json.load(open('$OUTD/probe.json'))['gpu_mem_bw'])")
 R=$OUTD/gpu-bench.json
 : >"$R"
-for shape in opt-1.3b opt-6.7b; do
+for shape in ${BENCH_SHAPES:-opt-1.3b opt-6.7b}; do
     M=bench/models/$shape-f16
     [ -f "$M/config.json" ] || ./opt synth --shape $shape --seed 1 -o "$M" >/dev/null
     for case in "1 128 64" "64 128 32" "1 512 1"; do
