@@ -842,10 +842,36 @@ __global__ void k_logprob(const float *logits, int V, const int *target, float *
 }
 
 #define SB 256 /* threads of the sampling kernel */
-__global__ void k_sample(const float *logits, int V, float temp, int topk, float topp, const float *uniform, int *out) {
+
+/* Over a row of probabilities p >= 0, compared by their bits (which order
+ * non-negative floats as unsigned integers): the largest bit pattern t such
+ * that the count (or the mass) of the p at or above t reaches `need` (or,
+ * strict, exceeds it). Exact, in at most 30 passes; every thread gets it. */
+__device__ unsigned p_select(const float *p, int V, bool mass, float need, bool strict, float *sh) {
+    unsigned lo = 0, hi = 0x3f800000u; /* p <= 1 */
+    while (lo < hi) {
+        unsigned mid = lo + (hi - lo + 1) / 2;
+        float s = 0;
+        for (int i = threadIdx.x; i < V; i += blockDim.x)
+            if (__float_as_uint(p[i]) >= mid) s += mass ? p[i] : 1.0f;
+        s = block_sum(s, sh);
+        if (strict ? s > need : s >= need) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* One row per block. Greedy: the first maximum. Otherwise the CPU sampler's
+ * draw (opt.c sample()): p = exp((x - max) / T); top-k keeps the k largest,
+ * top-p the smallest prefix of the rest (largest first) with that share of
+ * its mass; then the token where the cumulative sum passes u * total, summed
+ * in the CPU's order: vocabulary order without top-k and top-p, else largest
+ * p first, ties by id. The p overwrite the logits. They differ from the
+ * CPU's only where rounding decides (a tie at the k-th largest keeps every
+ * tied token here). */
+__global__ void k_sample(float *logits, int V, float temp, int topk, float topp, const float *uniform, int *out) {
     __shared__ float sh[32], part[SB];
     __shared__ int ish[SB];
-    const float *x = logits + (size_t)blockIdx.x * V;
+    float *x = logits + (size_t)blockIdx.x * V, *p = x;
     int tid = threadIdx.x;
     if (temp <= 0) { /* greedy: the first maximum, as torch.argmax */
         float best = -INFINITY;
@@ -860,50 +886,53 @@ __global__ void k_sample(const float *logits, int V, float temp, int topk, float
         if (!tid) out[blockIdx.x] = ish[0] < V ? ish[0] : 0; /* all NaN or -inf: 0, as the CPU's argmax */
         return;
     }
-    float mx = -INFINITY, mn = INFINITY;
-    for (int i = tid; i < V; i += SB) { mx = fmaxf(mx, x[i]); mn = fminf(mn, x[i]); }
+    float mx = -INFINITY;
+    for (int i = tid; i < V; i += SB) mx = fmaxf(mx, x[i]);
     mx = block_max(mx, sh);
-    mn = -block_max(-mn, sh);
-    float lo = mn; /* the kept set: x >= lo */
-    if (topk > 0 && topk < V) { /* largest threshold keeping at least k tokens */
-        float a = mn, b = mx;
-        for (int it = 0; it < 48; it++) {
-            float mid = 0.5f * (a + b), cnt = 0;
-            for (int i = tid; i < V; i += SB) cnt += x[i] >= mid;
-            if (block_sum(cnt, sh) >= (float)topk) a = mid; else b = mid;
-        }
-        lo = a;
+    for (int i = tid; i < V; i += SB) { float e = expf((x[i] - mx) / temp); p[i] = e >= 0 ? e : 0; } /* NaN: never drawn */
+    bool sorted = (topk > 0 && topk < V) || topp < 1;
+    if (topk > 0 && topk < V) {
+        unsigned t = p_select(p, V, false, (float)topk, false, sh);
+        for (int i = tid; i < V; i += SB) if (__float_as_uint(p[i]) < t) p[i] = 0;
     }
     float total = 0;
-    for (int i = tid; i < V; i += SB) if (x[i] >= lo) total += __expf((x[i] - mx) / temp);
+    for (int i = tid; i < V; i += SB) total += p[i];
     total = block_sum(total, sh);
-    if (topp < 1) { /* largest threshold whose mass reaches top_p */
-        float a = lo, b = mx;
-        for (int it = 0; it < 48; it++) {
-            float mid = 0.5f * (a + b), m = 0;
-            for (int i = tid; i < V; i += SB) if (x[i] >= mid) m += __expf((x[i] - mx) / temp);
-            if (block_sum(m, sh) >= topp * total) a = mid; else b = mid;
-        }
-        lo = a;
+    if (topp < 1) {
+        unsigned t = p_select(p, V, true, topp * total, false, sh);
         total = 0;
-        for (int i = tid; i < V; i += SB) if (x[i] >= lo) total += __expf((x[i] - mx) / temp);
+        for (int i = tid; i < V; i += SB) { if (__float_as_uint(p[i]) < t) p[i] = 0; total += p[i]; }
         total = block_sum(total, sh);
     }
-    /* inverse CDF in vocabulary order: each thread a contiguous chunk */
+    float target = uniform[blockIdx.x] * total;
+    unsigned only = 0; /* sorted: the draw lies among the p with these bits, in id order */
+    if (sorted) {
+        only = p_select(p, V, true, target, true, sh);
+        float before = 0;
+        for (int i = tid; i < V; i += SB) if (__float_as_uint(p[i]) > only) before += p[i];
+        target -= block_sum(before, sh);
+    }
+    /* the walk in id order (over all p, or those with bits `only`): each thread a contiguous chunk */
     int chunk = (V + SB - 1) / SB, c0 = tid * chunk, c1 = c0 + chunk < V ? c0 + chunk : V;
     float mine = 0;
-    for (int i = c0; i < c1; i++) if (x[i] >= lo) mine += __expf((x[i] - mx) / temp);
+    for (int i = c0; i < c1; i++) if (!sorted || __float_as_uint(p[i]) == only) mine += p[i];
     part[tid] = mine;
     __syncthreads();
     if (!tid) { float acc = 0; for (int t = 0; t < SB; t++) { float v = part[t]; part[t] = acc; acc += v; } }
     __syncthreads();
-    float target = uniform[blockIdx.x] * total, acc = part[tid];
+    float acc = part[tid];
     ish[tid] = -1;
-    if (target >= acc && (tid == SB - 1 || target < part[tid + 1] || c0 >= V))
+    if (target >= acc && (tid == SB - 1 || target < part[tid + 1]))
         for (int i = c0; i < c1; i++)
-            if (x[i] >= lo) { acc += __expf((x[i] - mx) / temp); ish[tid] = i; if (target < acc) break; }
+            if ((!sorted || __float_as_uint(p[i]) == only) && p[i] > 0) { acc += p[i]; ish[tid] = i; if (target < acc) break; }
     __syncthreads();
-    if (!tid) { int pick = -1; for (int t = 0; t < SB; t++) if (ish[t] >= 0) { pick = ish[t]; break; } out[blockIdx.x] = pick >= 0 ? pick : 0; }
+    if (!tid) {
+        int pick = -1;
+        for (int t = 0; t < SB && pick < 0; t++) pick = ish[t];
+        if (pick < 0) /* rounding put the target past the end: the last token in that order */
+            for (int i = 0; i < V; i++) if (p[i] > 0 && (pick < 0 || !sorted || p[i] <= p[pick])) pick = i;
+        out[blockIdx.x] = pick >= 0 ? pick : 0;
+    }
 }
 
 /* Rows `rows` (cnt, host indices) of the final hidden states fin (device,
