@@ -331,11 +331,21 @@ template <typename T> __device__ T to16(float v);
 template <> __device__ __half to16<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __nv_bfloat16 to16<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+template <typename T> struct __align__(8) Quad { T v[4]; }; /* four 16-bit values, one 8-byte store */
+
+/* n contiguous floats to 16 bits: a 16-byte load and an 8-byte store per four
+ * where x is 16-byte aligned (cudaMalloc's and our scratch rows are) */
 template <typename T>
-__global__ void k_narrow(const float *x, int ldx, T *out, int rows, int cols) {
-    size_t n = (size_t)rows * cols;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = to16<T>(x[(i / cols) * ldx + i % cols]);
+__global__ void k_narrow(const float *x, T *out, size_t n) {
+    size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, step = (size_t)gridDim.x * blockDim.x;
+    if (!((uintptr_t)x & 15) && !(n & 3)) {
+        for (size_t i = i0; i < n / 4; i += step) {
+            float4 v = ((const float4 *)x)[i];
+            Quad<T> q = {{to16<T>(v.x), to16<T>(v.y), to16<T>(v.z), to16<T>(v.w)}};
+            ((Quad<T> *)out)[i] = q;
+        }
+    } else
+        for (size_t i = i0; i < n; i += step) out[i] = to16<T>(x[i]);
 }
 
 /* Epilogue for our own GEMM kernels: + bias, + y (residual), ReLU. */
@@ -666,8 +676,8 @@ static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b
     if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16, 4-bit or int8 weights", w->name ? w->name : "a weight");
     x16_reserve(x16_bytes(rows, K));
     size_t n = (size_t)rows * K;
-    if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__nv_bfloat16 *)g_x16, rows, K);
-    else k_narrow<__half><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__half *)g_x16, rows, K);
+    if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__nv_bfloat16 *)g_x16, n);
+    else k_narrow<__half><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__half *)g_x16, n);
     int epi = b ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS) : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
     LtPlan *p = lt_plan(N, K, rows, w->dtype, epi, acc);
     if (b) checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b, sizeof b));
@@ -710,25 +720,39 @@ static void gpu_add(float *y, const float *x, size_t n) { k_add<<<grid_for(n, 25
 static void gpu_copy(float *y, const float *x, size_t n) { checkCuda(cudaMemcpyAsync(y, x, n * 4, cudaMemcpyDeviceToDevice, g_stream)); }
 
 /* OPT_GPU_PROFILE=1: each op between two events, GEMMs apart from the rest,
- * for `opt bench`'s breakdown (graphs are off then: timing needs the ops). */
+ * for `opt bench`'s breakdown (graphs are off then: timing needs the ops),
+ * and per kind of op in one line on stderr at exit (bench/gpu.sh's table). */
+enum { PK_LINEAR16, PK_LINEAR4, PK_LINEAR8, PK_ATTENTION, PK_LAYERNORM, PK_EMBED, PK_ADD, PK_COPY, PK_LOGITS, PK_COUNT };
+static const char *const prof_names[PK_COUNT] = {"linear-16bit", "linear-4bit", "linear-int8", "attention", "layernorm",
+                                                 "embed", "add", "copy", "logits+sampling"};
 static int g_profile = -1;
-static double g_prof_ms[2]; /* GEMM, everything else */
+static double g_prof_ms[2];         /* GEMM, everything else but the logits (gpu_profile) */
+static double g_prof_op[PK_COUNT];  /* ms per kind */
+static long g_prof_n[PK_COUNT];     /* calls per kind */
 static cudaEvent_t g_ev[2];
+
+static void prof_report(void) {
+    fprintf(stderr, "opt: GPU time by op:");
+    for (int k = 0; k < PK_COUNT; k++) if (g_prof_n[k]) fprintf(stderr, " %s %.3f ms / %ld,", prof_names[k], g_prof_op[k], g_prof_n[k]);
+    fputc('\n', stderr);
+}
 
 static void prof_begin(void) {
     if (g_profile < 0) g_profile = getenv("OPT_GPU_PROFILE") && atoi(getenv("OPT_GPU_PROFILE")) > 0;
     if (!g_profile) return;
-    if (!g_ev[0]) { checkCuda(cudaEventCreate(&g_ev[0])); checkCuda(cudaEventCreate(&g_ev[1])); }
+    if (!g_ev[0]) { checkCuda(cudaEventCreate(&g_ev[0])); checkCuda(cudaEventCreate(&g_ev[1])); atexit(prof_report); }
     checkCuda(cudaEventRecord(g_ev[0], g_stream));
 }
 
-static void prof_end(int gemm) {
+static void prof_end(int kind) {
     if (!g_profile) return;
     checkCuda(cudaEventRecord(g_ev[1], g_stream));
     checkCuda(cudaEventSynchronize(g_ev[1]));
     float ms = 0;
     checkCuda(cudaEventElapsedTime(&ms, g_ev[0], g_ev[1]));
-    g_prof_ms[gemm ? 0 : 1] += ms;
+    g_prof_op[kind] += ms;
+    g_prof_n[kind]++;
+    if (kind != PK_LOGITS) g_prof_ms[kind <= PK_LINEAR8 ? 0 : 1] += ms;
 }
 
 extern "C" int gpu_profile(double ms[2]) {
@@ -738,17 +762,17 @@ extern "C" int gpu_profile(double ms[2]) {
 }
 
 static void p_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
-    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(1);
+    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(w->dtype == DT_Q4 ? PK_LINEAR4 : w->dtype == DT_I8 ? PK_LINEAR8 : PK_LINEAR16);
 }
 static void p_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int n) {
-    prof_begin(); gpu_layernorm(out, x, w, b, rows, n); prof_end(0);
+    prof_begin(); gpu_layernorm(out, x, w, b, rows, n); prof_end(PK_LAYERNORM);
 }
 static void p_attention(const Config *c, const KVLayer *kv, const Step *st, Scratch *s) {
-    prof_begin(); gpu_attention(c, kv, st, s); prof_end(0);
+    prof_begin(); gpu_attention(c, kv, st, s); prof_end(PK_ATTENTION);
 }
-static void p_embed(const Tensor *t, const Step *st, int offset, float *out) { prof_begin(); gpu_embed(t, st, offset, out); prof_end(0); }
-static void p_add(float *y, const float *x, size_t n) { prof_begin(); gpu_add(y, x, n); prof_end(0); }
-static void p_copy(float *y, const float *x, size_t n) { prof_begin(); gpu_copy(y, x, n); prof_end(0); }
+static void p_embed(const Tensor *t, const Step *st, int offset, float *out) { prof_begin(); gpu_embed(t, st, offset, out); prof_end(PK_EMBED); }
+static void p_add(float *y, const float *x, size_t n) { prof_begin(); gpu_add(y, x, n); prof_end(PK_ADD); }
+static void p_copy(float *y, const float *x, size_t n) { prof_begin(); gpu_copy(y, x, n); prof_end(PK_COPY); }
 
 extern "C" const Backend gpu_backend = {"gpu", p_linear, p_layernorm, p_attention, p_embed, p_add, p_copy};
 
@@ -952,6 +976,7 @@ extern "C" void gpu_logits(const Model *dm, const float *fin, int ld, const int 
         idx = (int *)dev_alloc(4 * (size_t)cap, "sampling");
         ti = (int *)dev_alloc(4 * (size_t)cap, "sampling");
     }
+    prof_begin();
     checkCuda(cudaMemcpyAsync(idx, rows, 4 * (size_t)cnt, cudaMemcpyHostToDevice, g_stream));
     k_gather<<<cnt, 256, 0, g_stream>>>(fin, ld, idx, hid, c->embed_dim);
     gpu_linear(logits, hid, &dm->lm_head, NULL, cnt, 0, 0);
@@ -964,6 +989,7 @@ extern "C" void gpu_logits(const Model *dm, const float *fin, int ld, const int 
         k_sample<<<cnt, SB, 0, g_stream>>>(logits, c->vocab, temp, topk, topp, fl, ti);
         checkCuda(cudaMemcpyAsync(tok, ti, 4 * (size_t)cnt, cudaMemcpyDeviceToHost, g_stream));
     }
+    prof_end(PK_LOGITS);
     checkCuda(cudaStreamSynchronize(g_stream));
     checkCuda(cudaGetLastError());
 }
@@ -1027,8 +1053,7 @@ typedef struct { void *dst; const void *src; size_t n; cudaMemcpyKind kind; } Co
 static void copy_fn(void *p) { CopyArg *c = (CopyArg *)p; checkCuda(cudaMemcpyAsync(c->dst, c->src, c->n, c->kind, g_stream)); }
 
 extern "C" int gpu_probe_bandwidth(GpuProbe *p) {
-    if (!gpu_available()) return -1;
-    gpu_start();
+    if (!gpu_available() || !gpu_try_start()) return -1;
     cudaDeviceProp prop;
     checkCuda(cudaGetDeviceProperties(&prop, 0));
     snprintf(p->name, sizeof p->name, "%.120s", prop.name);
@@ -1053,8 +1078,7 @@ typedef struct { Tensor w; float *x, *y; int rows; } GemmArg;
 static void gemm_fn(void *p) { GemmArg *g = (GemmArg *)p; gpu_linear(g->y, g->x, &g->w, NULL, g->rows, 0, 0); }
 
 extern "C" int gpu_probe_compute(GpuProbe *p) {
-    if (!gpu_available()) return -1;
-    gpu_start();
+    if (!gpu_available() || !gpu_try_start()) return -1;
     int N = 8192, K = 8192, M[2] = {64, 4096};
     GemmArg g;
     memset(&g, 0, sizeof g);

@@ -4,7 +4,8 @@
 # fp16 GEMM rates), then `opt bench` on synthetic OPT-1.3b and OPT-6.7b:
 #   decode at batch 1 against the HBM bound (weight bytes per token over the
 #   measured copy bandwidth); decode at batch 64 and a 512-token prefill with
-#   OPT_GPU_PROFILE=1 for the GEMM / other-kernel split; PyTorch fp16 eager
+#   OPT_GPU_PROFILE=1 for the GEMM / other-kernel split and the time per kind of op
+#   (attention, LayerNorm, logits and sampling, ...); PyTorch fp16 eager
 #   (transformers) on the same checkpoints for the ratio.
 # Writes $OUT/gpu-bench.md (or bench/gpu-bench.md) and the raw JSON beside it.
 # BENCH_SHAPES picks the models (default "opt-1.3b opt-6.7b"); Python is $PYTHON or python3.
@@ -26,7 +27,8 @@ for shape in ${BENCH_SHAPES:-opt-1.3b opt-6.7b}; do
     for case in "1 128 64" "64 128 32" "1 512 1"; do
         set -- $case
         ./opt bench --device gpu -m "$M" -b $1 --prompt-len $2 --gen-len $3 --json | sed "s/^{/{\"engine\": \"opt\", \"shape\": \"$shape\", /" >>"$R"
-        OPT_GPU_PROFILE=1 ./opt bench --device gpu -m "$M" -b $1 --prompt-len $2 --gen-len $3 --json | sed "s/^{/{\"engine\": \"opt-profiled\", \"shape\": \"$shape\", /" >>"$R"
+        OPT_GPU_PROFILE=1 ./opt bench --device gpu -m "$M" -b $1 --prompt-len $2 --gen-len $3 --json 2>"$OUTD/profile-$shape-b$1-p$2-g$3.log" \
+            | sed "s/^{/{\"engine\": \"opt-profiled\", \"shape\": \"$shape\", /" >>"$R"
         $PY bench/torch_gpu.py -m "$M" -b $1 --prompt-len $2 --gen-len $3 | sed "s/^{/{\"shape\": \"$shape\", /" >>"$R" || echo "torch failed for $shape $case" >&2
     done
 done
@@ -57,4 +59,7 @@ for shape in wbytes:
               f"({bound:.1f} tok/s at {probe['gpu_mem_bw']/2e9:.0f} GB/s of reads)"
               + (f"; {o[0]['decode_throughput']/t[0]['decode_throughput']:.2f}x PyTorch fp16 eager" if t else ""))
 PYEOF
+{ echo; echo "GPU time by kind of op (OPT_GPU_PROFILE=1, each op timed alone; ms / calls):"; echo
+  for f in "$OUTD"/profile-*.log; do echo "- $(basename "$f" .log | sed 's/^profile-//'): $(grep -h 'GPU time by op' "$f" | sed 's/^opt: GPU time by op: //')"; done
+} >>"$OUTD/gpu-bench.md"
 cat "$OUTD/gpu-bench.md"
