@@ -8,7 +8,8 @@
  * narrowed to f16 on upload; 4-bit stays 4-bit), activations in f32 like the
  * CPU path, GEMMs on tensor cores (16-bit inputs, f32 accumulation and
  * output, bias and ReLU in cuBLASLt's epilogue), the KV cache in f16 (or
- * 4-bit), attention fused per (row, head) in f32, sampling on the device.
+ * 4-bit), attention in f32 split over positions (flash-decoding), sampling
+ * on the device.
  *
  * Sections: runtime and errors, cuBLASLt, memory and upload, kernels, the
  * backend ops, logits and sampling, probes. */
@@ -46,6 +47,7 @@ static int g_gpu_state = -1;      /* -1 unknown, 0 none, 1 usable */
 static char g_gpu_desc[256];      /* what gpu_describe() reports */
 static cudaStream_t g_stream;     /* every kernel and the engine's copies */
 static cudaStream_t g_copies[3]; /* offloading's uploads, downloads and weight uploads, overlapping g_stream */
+static int g_sms;                 /* the GPU's multiprocessors: how finely attention splits */
 
 static void *lt_lib;              /* dlopen'd cuBLASLt */
 static decltype(&cublasLtCreate) lt_create;
@@ -112,6 +114,7 @@ static bool gpu_try_start(void) {
         return false;
     }
     for (int i = 0; i < 3; i++) checkCuda(cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking));
+    checkCuda(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
     checkCublas(lt_create(&g_lt));
     checkCuda(cudaMalloc(&g_workspace, WORKSPACE));
     started = true;
@@ -173,10 +176,10 @@ static Tensor dev_matrix(const Tensor *t) {
     if (!t->data) return d;
     size_t rb = tensor_row_bytes(t), n1 = (size_t)(t->data2 ? t->split : t->rows);
     if (t->dtype == DT_I8) { /* int8 rows and their per-row scales */
+        if (t->data2) die("%s: int8 weights split across tiers are not supported on the GPU", t->name); /* before reading past data */
         d.data = dev_upload(t->data, (size_t)t->rows * t->cols, t->name ? t->name : "int8 weights");
         d.scale = (const float *)dev_upload(t->scale, sizeof(float) * (size_t)t->rows, "int8 weight scales");
         d.tier = TIER_GPU;
-        if (t->data2) die("%s: int8 weights split across tiers are not supported on the GPU", t->name);
         return d;
     }
     if (t->dtype == DT_F32) {
@@ -534,43 +537,82 @@ __global__ void k_kv_store(const float *k, const float *v, const int *slot, cons
     }
 }
 
-/* Attention for one (row, head): scores over positions 0..pos, softmax and
- * the weighted sum, all in f32 in shared memory: nothing of size
+/* Attention, flash-decoding style: the positions of a (row, head) are split
+ * across gridDim.z blocks (so a decode step at batch 1 still fills the GPU),
+ * each walking its span ACH positions at a time with an online softmax (so
+ * shared memory does not grow with the context); every block leaves its
+ * running max m, sum l of exp(score - m) and exp-weighted value sum o (D) in
+ * part, and k_attention_combine merges them. All in f32: nothing of size
  * (batch x heads x seq x seq) ever reaches global memory. */
-__global__ void k_attention(const float *q, const int *slot, const int *pos, char *const *kp, char *const *vp,
-                            int H, int D, int hidden, float scale, float *out, int q4, int G) {
-    extern __shared__ float sm[];
+#define ACH 256
+
+/* Element (t, d) of a cache area: f16 rows, or 4-bit rows of rb bytes. */
+__device__ __forceinline__ float kv_at(const char *area, int q4, size_t rb, int G, int D, int t, int d) {
+    return q4 ? q4_at((const uint8_t *)area + rb * t, G, d) : __half2float(((const __half *)area)[(size_t)t * D + d]);
+}
+
+/* Block (r, h, z): positions [z * span, min(T, (z + 1) * span)) of row r, head h. */
+__global__ void k_attention_part(const float *q, const int *slot, const int *pos, char *const *kp, char *const *vp,
+                                 int H, int D, int hidden, float scale, int span, float *part, int q4, int G) {
+    extern __shared__ float sm[]; /* q (D), a chunk's scores (ACH), value sums (ng x D) */
     __shared__ float red[32];
-    int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, T = pos[r] + 1;
-    if (!kp[area]) return; /* the CPU's area */
+    int r = blockIdx.x, h = blockIdx.y, z = blockIdx.z, area = slot[r] * H + h, T = pos[r] + 1;
+    int t0 = z * span, t1 = T < t0 + span ? T : t0 + span;
+    if (!kp[area] || t0 >= T) return; /* the CPU's area, or past this row's positions */
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    float *qs = sm, *sc = sm + D;
+    int ng = (int)blockDim.x / D > 0 ? (int)blockDim.x / D : 1; /* positions whose values are summed at once */
+    float *qs = sm, *sc = sm + D, *acc = sc + ACH;
     size_t rb = (size_t)((D + G - 1) / G) * (4 + G / 2);
+    const char *K = kp[area], *V = vp[area];
     for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(size_t)r * hidden + h * D + d] * scale; /* HF scales q */
-    __syncthreads();
-    for (int t = warp; t < T; t += nw) {
-        float s = 0;
-        if (q4) for (int d = lane; d < D; d += 32) s += qs[d] * q4_at((const uint8_t *)kp[area] + rb * t, G, d);
-        else {
-            const __half *K = (const __half *)kp[area] + (size_t)t * D;
-            for (int d = lane; d < D; d += 32) s += qs[d] * __half2float(K[d]);
+    for (int e = threadIdx.x; e < ng * D; e += blockDim.x) acc[e] = 0;
+    float m = -INFINITY, l = 0; /* the same in every thread */
+    for (int c0 = t0; c0 < t1; c0 += ACH) {
+        int n = t1 - c0 < ACH ? t1 - c0 : ACH;
+        __syncthreads(); /* qs written; the last chunk's sc read */
+        for (int t = warp; t < n; t += nw) {
+            float s = 0;
+            for (int d = lane; d < D; d += 32) s += qs[d] * kv_at(K, q4, rb, G, D, c0 + t, d);
+            s = warp_sum(s);
+            if (!lane) sc[t] = s;
         }
-        s = warp_sum(s);
-        if (!lane) sc[t] = s;
+        __syncthreads();
+        float cm = -INFINITY;
+        for (int t = threadIdx.x; t < n; t += blockDim.x) cm = fmaxf(cm, sc[t]);
+        float m2 = fmaxf(m, block_max(cm, red)), alpha = __expf(m - m2), ps = 0;
+        for (int t = threadIdx.x; t < n; t += blockDim.x) { float e = __expf(sc[t] - m2); sc[t] = e; ps += e; }
+        l = l * alpha + block_sum(ps, red); /* its barriers also publish sc */
+        for (int e = threadIdx.x; e < ng * D; e += blockDim.x) { /* item (g, d): positions g, g + ng, ... of the chunk */
+            int g = e / D, d = e % D;
+            float o = acc[e] * alpha;
+            for (int t = g; t < n; t += ng) o += sc[t] * kv_at(V, q4, rb, G, D, c0 + t, d);
+            acc[e] = o;
+        }
+        m = m2;
     }
     __syncthreads();
-    float mx = -INFINITY;
-    for (int t = threadIdx.x; t < T; t += blockDim.x) mx = fmaxf(mx, sc[t]);
-    mx = block_max(mx, red);
-    float sum = 0;
-    for (int t = threadIdx.x; t < T; t += blockDim.x) { float e = __expf(sc[t] - mx); sc[t] = e; sum += e; }
-    sum = block_sum(sum, red);
-    __syncthreads();
+    float *pr = part + (((size_t)r * H + h) * gridDim.z + z) * (D + 2);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float o = 0;
-        if (q4) for (int t = 0; t < T; t++) o += sc[t] * q4_at((const uint8_t *)vp[area] + rb * t, G, d);
-        else for (int t = 0; t < T; t++) o += sc[t] * __half2float(((const __half *)vp[area])[(size_t)t * D + d]);
-        out[(size_t)r * hidden + h * D + d] = o / sum;
+        for (int g = 0; g < ng; g++) o += acc[g * D + d];
+        pr[2 + d] = o;
+    }
+    if (!threadIdx.x) { pr[0] = m; pr[1] = l; }
+}
+
+/* The splits of (row, head) merged: out = sum_z o_z e^(m_z - M) / sum_z l_z e^(m_z - M). */
+__global__ void k_attention_combine(const float *part, const int *slot, const int *pos, char *const *kp, int H, int D, int hidden,
+                                    int S, int span, float *out) {
+    int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, nz = (pos[r] + span) / span; /* splits holding 0..pos */
+    if (!kp[area]) return;
+    const float *pr = part + ((size_t)r * H + h) * S * (D + 2);
+    float M = -INFINITY, L = 0;
+    for (int z = 0; z < nz; z++) M = fmaxf(M, pr[z * (D + 2)]);
+    for (int z = 0; z < nz; z++) L += pr[z * (D + 2) + 1] * __expf(pr[z * (D + 2)] - M);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0;
+        for (int z = 0; z < nz; z++) o += pr[z * (D + 2) + 2 + d] * __expf(pr[z * (D + 2)] - M);
+        out[(size_t)r * hidden + h * D + d] = o / L;
     }
 }
 
@@ -632,20 +674,25 @@ static size_t g_x16_cap;     /* its bytes */
 
 extern "C" void gpu_graphs_reset(void);
 
-/* g_x16 of at least `need` bytes. Captured graphs hold its address, so a
- * growth drops them; gpu_scratch_init reserves a run's maximum up front, so
- * the engine never grows it between a capture and a replay. */
-static void x16_reserve(size_t need) {
-    if (need <= g_x16_cap) return;
+static void *g_part;         /* attention's partial sums per (row, head, split) */
+static size_t g_part_cap;    /* its bytes */
+
+/* A scratch buffer (*p, *cap bytes) of at least `need` bytes. Captured graphs
+ * hold its address, so a growth drops them; gpu_scratch_init reserves a
+ * run's maximum up front, so the engine never grows one between a capture
+ * and a replay. */
+static void scratch_reserve(void **p, size_t *cap, size_t need, const char *what) {
+    if (need <= *cap) return;
     cudaStreamCaptureStatus cs;
     checkCuda(cudaStreamIsCapturing(g_stream, &cs));
-    if (cs != cudaStreamCaptureStatusNone) die("internal: activation scratch grows during a graph capture");
+    if (cs != cudaStreamCaptureStatusNone) die("internal: %s grow during a graph capture", what);
     checkCuda(cudaStreamSynchronize(g_stream));
     gpu_graphs_reset();
-    if (g_x16) { checkCuda(cudaFree(g_x16)); g_gpu_used -= (double)g_x16_cap; }
-    g_x16 = dev_alloc(need, "activations narrowed to 16 or 8 bits");
-    g_x16_cap = need;
+    if (*p) { checkCuda(cudaFree(*p)); g_gpu_used -= (double)*cap; }
+    *p = dev_alloc(need, what);
+    *cap = need;
 }
+#define x16_reserve(need) scratch_reserve(&g_x16, &g_x16_cap, (need), "activations narrowed to 16 or 8 bits")
 
 /* g_x16's bytes for `rows` rows of K: 16-bit, or int8 rows then their scales */
 static size_t x16_bytes(int rows, int K) {
@@ -696,18 +743,15 @@ static void gpu_attention(const Config *c, const KVLayer *kv, const Step *st, Sc
     int n = st->n, H = c->n_head, D = c->head_dim, q4 = kv->dtype == DT_Q4;
     const int *slot = st->dev + n, *pos = st->dev + 2 * n;
     k_kv_store<<<dim3(n, H), 64, 0, g_stream>>>(s->k, s->v, slot, pos, kv->k, kv->v, H, D, c->hidden, q4, kv->group);
-    /* a score per position in shared memory: past 48 KB only on request, made
-     * on a run's first step, which is never captured (the cache's cap is fixed) */
-    static int allowed = 48 << 10;
-    int smem = (int)sizeof(float) * (D + kv->cap);
-    if (smem > allowed) {
-        int most = 0;
-        checkCuda(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
-        if (smem > most) die("attention over %d cached positions needs %d KB of shared memory; this GPU has %d KB (shorten the prompts or -n)", kv->cap, smem >> 10, most >> 10);
-        checkCuda(cudaFuncSetAttribute(k_attention, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        allowed = smem;
-    }
-    k_attention<<<dim3(n, H), 128, smem, g_stream>>>(s->q, slot, pos, kv->k, kv->v, H, D, c->hidden, 1.0f / sqrtf((float)D), s->att, q4, kv->group);
+    /* splits of the positions: enough blocks for 8 per SM, spans of at least 64 positions */
+    int ng = 128 / D > 0 ? 128 / D : 1, most = (kv->cap + 63) / 64, S = 8 * g_sms / (n * H);
+    S = S < 1 ? 1 : S > most ? most : S;
+    int span = (kv->cap + S - 1) / S;
+    scratch_reserve(&g_part, &g_part_cap, sizeof(float) * (size_t)n * H * S * (D + 2), "attention's partial sums");
+    size_t smem = sizeof(float) * (size_t)(D + ACH + ng * D);
+    k_attention_part<<<dim3(n, H, S), 128, smem, g_stream>>>(s->q, slot, pos, kv->k, kv->v, H, D, c->hidden, 1.0f / sqrtf((float)D), span,
+                                                            (float *)g_part, q4, kv->group);
+    k_attention_combine<<<dim3(n, H), 128, 0, g_stream>>>((const float *)g_part, slot, pos, kv->k, H, D, c->hidden, S, span, s->att);
     checkCuda(cudaGetLastError());
 }
 
@@ -793,6 +837,7 @@ extern "C" void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap)
     s->e = (float *)dev_alloc(4 * r * e, "activations");
     s->grp = (int *)dev_alloc(sizeof(int) * 3 * r, "step indices"); /* the step's tok, slot, pos */
     x16_reserve(x16_bytes(rows, (size_t)c->ffn > big ? c->ffn : (int)big)); /* the widest GEMM input */
+    scratch_reserve(&g_part, &g_part_cap, sizeof(float) * ((size_t)rows * c->n_head + 8 * g_sms) * (c->head_dim + 2), "attention's partial sums");
 }
 
 extern "C" void gpu_scratch_free(Scratch *s) {
