@@ -360,22 +360,35 @@ __device__ __forceinline__ void store_out(float *y, const float *bias, int n, fl
 }
 
 /* 4-bit GEMV for up to 8 rows: a warp per weight row, each lane a 16-code
- * word at a time, dequantized in registers; no 16-bit copy of the matrix. */
+ * word at a time, dequantized in registers, x read 16 bytes at a time; no
+ * 16-bit copy of the matrix. */
 __global__ void k_q4_gemv(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
                           const float *bias, float *y, int ldy, int N, int acc, int relu) {
     int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint8_t *row = w + rb * (size_t)n;
     float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    bool vec = !(K & 15) && !(ldx & 3) && !((uintptr_t)x & 15); /* whole words, rows 16-byte aligned */
     for (int k0 = lane * 16; k0 < K; k0 += 32 * 16) {
         const uint8_t *blk = row + (size_t)(k0 / G) * (4 + G / 2);
         float s = __half2float(*(const __half *)blk), m = __half2float(*(const __half *)(blk + 2));
         const uint32_t *wp = (const uint32_t *)(blk + 4 + (k0 % G) / 2); /* 4-byte aligned: blocks are 4 + G/2 bytes */
         unsigned long long word = wp[0] | (unsigned long long)wp[1] << 32;
-        for (int e = 0; e < 16 && k0 + e < K; e++) {
-            float wv = fmaf((float)((word >> (4 * (e / 2) + 32 * (e & 1))) & 15), s, m);
-            for (int i = 0; i < 8; i++) if (i < M) a[i] = fmaf(x[(size_t)i * ldx + k0 + e], wv, a[i]);
-        }
+        float wv[16];
+        for (int e = 0; e < 16; e++) wv[e] = fmaf((float)((word >> (4 * (e / 2) + 32 * (e & 1))) & 15), s, m);
+        if (vec) /* the same sums in the same order, x four at a time */
+            for (int i = 0; i < 8; i++) {
+                if (i >= M) break;
+                const float4 *xp = (const float4 *)(x + (size_t)i * ldx + k0);
+                for (int j = 0; j < 4; j++) {
+                    float4 v = xp[j];
+                    a[i] = fmaf(v.x, wv[4 * j], a[i]); a[i] = fmaf(v.y, wv[4 * j + 1], a[i]);
+                    a[i] = fmaf(v.z, wv[4 * j + 2], a[i]); a[i] = fmaf(v.w, wv[4 * j + 3], a[i]);
+                }
+            }
+        else
+            for (int e = 0; e < 16 && k0 + e < K; e++)
+                for (int i = 0; i < 8; i++) if (i < M) a[i] = fmaf(x[(size_t)i * ldx + k0 + e], wv[e], a[i]);
     }
     for (int i = 0; i < M; i++) {
         float v = warp_sum(a[i]);
