@@ -9,8 +9,8 @@
 #              left-padded batch, continuous batching with long prompts arriving after decode
 #              graphs were captured, seeded sampling. Log-probs agree to 2e-2; greedy ids are
 #              identical wherever the CPU reference's top-2 margin exceeds 0.05.
-#   memcheck   compute-sanitizer memcheck on test_gpu and one small generate
-#   racecheck  racecheck on test_gpu
+#   memcheck   compute-sanitizer memcheck on test_gpu --quick and one small generate
+#   racecheck  racecheck on test_gpu --quick
 #   offload    offloading with the GPU computing, across placement policies (GPU, CPU and
 #              disk tiers), against the CPU run
 # Without a GPU (nvidia-smi sees none) it skips, saying so, unless GPU_REQUIRED=1
@@ -95,11 +95,11 @@ part_build() {
     arch=""
     cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     [ -n "$cc" ] && arch="CUDA_ARCH=-gencode arch=compute_$cc,code=sm_$cc" # this card only: the build is faster
-    if [ -n "$arch" ]; then make -s -j"$(nproc)" opt CUDA=1 "$arch" >"$LOG/build.log" 2>&1; else make -s -j"$(nproc)" opt CUDA=1 >"$LOG/build.log" 2>&1; fi \
-        || { note "FAIL: CUDA build: $(grep -m1 -i 'error' "$LOG/build.log" || tail -n 1 "$LOG/build.log")"; return 1; }
+    if [ -n "$arch" ]; then make -s -j"$(nproc)" opt CUDA=1 "$arch" >"$LOG/make.log" 2>&1; else make -s -j"$(nproc)" opt CUDA=1 >"$LOG/make.log" 2>&1; fi \
+        || { note "FAIL: CUDA build: $(grep -m1 -i 'error' "$LOG/make.log" || tail -n 1 "$LOG/make.log")"; return 1; }
     cc -std=c11 -O2 -fopenmp -ffp-contract=off -D_GNU_SOURCE -DOPT_NO_MAIN -DOPT_CUDA -I. -I"$CUDA/include" tests/test_gpu.c quant.c offload.c lp.c \
-       build/cuda/kernels.o -L"$CUDA/lib64" -lcudart_static -ldl -lpthread -lrt -lstdc++ -lm -o "$W/test_gpu" >>"$LOG/build.log" 2>&1 \
-       || { note "FAIL: test_gpu build: $(grep -m1 -i 'error' "$LOG/build.log")"; return 1; }
+       build/cuda/kernels.o -L"$CUDA/lib64" -lcudart_static -ldl -lpthread -lrt -lstdc++ -lm -o "$W/test_gpu" >>"$LOG/make.log" 2>&1 \
+       || { note "FAIL: test_gpu build: $(grep -m1 -i 'error' "$LOG/make.log")"; return 1; }
     note "ok: CUDA build and test_gpu"
 }
 
@@ -110,7 +110,7 @@ part_unit() {
 
 part_sanitizer() { # part_sanitizer TOOL: test_gpu (and for memcheck one small generate) under it
     st=0
-    "$SAN" --tool "$1" --error-exitcode 9 "$W/test_gpu" >"$LOG/test_gpu.$1.log" 2>&1 \
+    "$SAN" --tool "$1" --error-exitcode 9 "$W/test_gpu" --quick >"$LOG/test_gpu.$1.log" 2>&1 \
         && note "ok: kernel unit tests under $1" || { note "FAIL: kernel unit tests under $1 (test_gpu.$1.log)"; st=1; }
     if [ "$1" = memcheck ]; then
         models || { note "FAIL: making the test models"; return 1; }
