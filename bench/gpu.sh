@@ -42,13 +42,20 @@ print(f"## GPU ({card})\n")
 print(f"Ceilings (opt probe): device copy {probe['gpu_mem_bw']/1e9:.0f} GB/s (read + write), "
       f"h2d {probe['h2d_bw']/1e9:.1f} GB/s, fp16 GEMM {probe['gpu_gemm_flops_g']/1e12:.0f} TFLOP/s at M=64, "
       f"{probe['gpu_gemm_flops_p']/1e12:.0f} at M=4096.\n")
-print("| shape | B x P + G | engine | prefill tok/s | decode tok/s | total tok/s | GEMM ms | other ms | other % |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+def gemm_bound_ms(r):
+    """The GEMMs' floor for the run at the probe's rates: the prefill at cuBLAS's M=4096 rate,
+    each decode step at the slower of reading the weights once and cuBLAS's M=64 rate."""
+    if r["shape"] not in wbytes: return None
+    w = wbytes[r["shape"]]; params = w / 2; B, P, G = r["batch"], r["prompt_len"], r["gen_len"]
+    step = max(w / (probe["gpu_mem_bw"] / 2), 2 * params * B / probe["gpu_gemm_flops_g"])
+    return 1e3 * (2 * params * B * P / probe["gpu_gemm_flops_p"] + (G - 1) * step)
+print("| shape | B x P + G | engine | prefill tok/s | decode tok/s | total tok/s | GEMM ms | GEMM bound ms | other ms | other % |")
+print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    other = r.get("gpu_other_ms"); gemm = r.get("gpu_gemm_ms")
+    other = r.get("gpu_other_ms"); gemm = r.get("gpu_gemm_ms"); bound = gemm_bound_ms(r) if gemm else None
     frac = f"{100*other/(other+gemm):.0f}" if other is not None and gemm else ""
     print(f"| {r['shape']} | {r['batch']} x {r['prompt_len']} + {r['gen_len']} | {r['engine']} | {r['prefill_throughput']:.1f} | "
-          f"{r['decode_throughput']:.2f} | {r['total_throughput']:.2f} | {gemm or ''} | {other or ''} | {frac} |")
+          f"{r['decode_throughput']:.2f} | {r['total_throughput']:.2f} | {gemm or ''} | {f'{bound:.1f}' if bound else ''} | {other or ''} | {frac} |")
 print()
 for shape in wbytes:
     o = [r for r in rows if r["shape"] == shape and r["engine"] == "opt" and r["batch"] == 1 and r["gen_len"] > 1]
