@@ -99,8 +99,9 @@ static void gpu_probe_state(void) {
 }
 
 /* Starts the device side once: context, streams, cuBLASLt handle,
- * workspace. A context that cannot be created (a busy or exclusive device,
- * no memory left) makes the GPU unusable, so auto mode runs on the CPU. */
+ * workspace. One that cannot start (a busy or exclusive device, no memory
+ * left) is unusable, with the reason in g_gpu_desc: auto mode then runs on
+ * the CPU, --device gpu dies saying why. */
 static bool gpu_try_start(void) {
     static bool started;
     if (started) return true;
@@ -108,15 +109,15 @@ static bool gpu_try_start(void) {
     if (g_gpu_state != 1) return false;
     cudaError_t e = cudaSetDevice(0);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking);
-    if (e != cudaSuccess) {
-        snprintf(g_gpu_desc, sizeof g_gpu_desc, "cannot create a CUDA context: %s", cudaGetErrorString(e));
+    for (int i = 0; i < 3 && e == cudaSuccess; i++) e = cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0);
+    if (e == cudaSuccess) e = cudaMalloc(&g_workspace, WORKSPACE);
+    cublasStatus_t ls = e == cudaSuccess ? lt_create(&g_lt) : CUBLAS_STATUS_SUCCESS;
+    if (e != cudaSuccess || ls != CUBLAS_STATUS_SUCCESS) {
+        snprintf(g_gpu_desc, sizeof g_gpu_desc, "cannot start it: %s", e != cudaSuccess ? cudaGetErrorString(e) : lt_status_name(ls));
         g_gpu_state = 0;
         return false;
     }
-    for (int i = 0; i < 3; i++) checkCuda(cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking));
-    checkCuda(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
-    checkCublas(lt_create(&g_lt));
-    checkCuda(cudaMalloc(&g_workspace, WORKSPACE));
     started = true;
     return true;
 }
