@@ -580,16 +580,36 @@ __global__ void k_attention_part(const float *q, const int *slot, const int *pos
     const char *K = kp[area], *V = vp[area];
     for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(size_t)r * hidden + h * D + d] * scale; /* HF scales q */
     for (int e = threadIdx.x; e < ng * D; e += blockDim.x) acc[e] = 0;
+    /* f16 keys with D a power-of-two multiple of 8, 16-byte aligned: lpp lanes
+     * per position, 8 halves (16 bytes) each, 32 / lpp positions per warp step */
+    int lpp = D / 8, sub = lane / (lpp ? lpp : 1), j = lane % (lpp ? lpp : 1);
+    bool vec = !q4 && !(D & 7) && lpp <= 32 && !(lpp & (lpp - 1)) && !((uintptr_t)K & 15);
     float m = -INFINITY, l = 0; /* the same in every thread */
     for (int c0 = t0; c0 < t1; c0 += ACH) {
         int n = t1 - c0 < ACH ? t1 - c0 : ACH;
         __syncthreads(); /* qs written; the last chunk's sc read */
-        for (int t = warp; t < n; t += nw) {
-            float s = 0;
-            for (int d = lane; d < D; d += 32) s += qs[d] * kv_at(K, q4, rb, G, D, c0 + t, d);
-            s = warp_sum(s);
-            if (!lane) sc[t] = s;
-        }
+        if (vec)
+            for (int tb = warp * (32 / lpp); tb < n; tb += nw * (32 / lpp)) { /* the whole warp, for the shuffles */
+                int t = tb + sub;
+                float s = 0;
+                if (t < n) {
+                    uint4 raw = *(const uint4 *)((const __half *)K + (size_t)(c0 + t) * D + 8 * j);
+                    const __half2 *h2 = (const __half2 *)&raw;
+                    for (int u = 0; u < 4; u++) {
+                        float2 f = __half22float2(h2[u]);
+                        s += qs[8 * j + 2 * u] * f.x + qs[8 * j + 2 * u + 1] * f.y;
+                    }
+                }
+                for (int o = lpp / 2; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o); /* within the lpp lanes */
+                if (!j && t < n) sc[t] = s;
+            }
+        else
+            for (int t = warp; t < n; t += nw) {
+                float s = 0;
+                for (int d = lane; d < D; d += 32) s += qs[d] * kv_at(K, q4, rb, G, D, c0 + t, d);
+                s = warp_sum(s);
+                if (!lane) sc[t] = s;
+            }
         __syncthreads();
         float cm = -INFINITY;
         for (int t = threadIdx.x; t < n; t += blockDim.x) cm = fmaxf(cm, sc[t]);
