@@ -2,7 +2,7 @@
 # tests/gpu.sh [PART ...]: the GPU tests, in parts (default: all, in this order):
 #   build      the CUDA binary and tests/test_gpu.c (into build/gpu-tests/)
 #   unit       test_gpu: every kernel against the CPU backend (GEMMs f16/bf16/4-bit/int8,
-#              LayerNorm, attention up to 600 positions and head_dim 64/80/128, sampling)
+#              LayerNorm, attention up to 1031 positions and head_dim 64/80/128, sampling)
 #   models     GPU against the CPU and the numpy reference on every variant: pre-LN and
 #              post-LN with projections, f16 and bf16, 4-bit weights and cache, W8A8 (dynamic
 #              and static), one batch of prompts of different lengths against ref_opt's
