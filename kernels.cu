@@ -8,7 +8,8 @@
  * narrowed to f16 on upload; 4-bit stays 4-bit), activations in f32 like the
  * CPU path, GEMMs on tensor cores (16-bit inputs, f32 accumulation and
  * output, bias and ReLU in cuBLASLt's epilogue), the KV cache in f16 (or
- * 4-bit), attention fused per (row, head) in f32, sampling on the device.
+ * 4-bit), attention in f32 split over positions (flash-decoding), sampling
+ * on the device.
  *
  * Sections: runtime and errors, cuBLASLt, memory and upload, kernels, the
  * backend ops, logits and sampling, probes. */
@@ -46,6 +47,7 @@ static int g_gpu_state = -1;      /* -1 unknown, 0 none, 1 usable */
 static char g_gpu_desc[256];      /* what gpu_describe() reports */
 static cudaStream_t g_stream;     /* every kernel and the engine's copies */
 static cudaStream_t g_copies[3]; /* offloading's uploads, downloads and weight uploads, overlapping g_stream */
+static int g_sms;                 /* the GPU's multiprocessors: how finely attention splits */
 
 static void *lt_lib;              /* dlopen'd cuBLASLt */
 static decltype(&cublasLtCreate) lt_create;
@@ -96,18 +98,32 @@ static void gpu_probe_state(void) {
     g_gpu_state = 1;
 }
 
-/* Starts the device side once: stream, cuBLASLt handle, workspace. */
-static void gpu_start(void) {
+/* Starts the device side once: context, streams, cuBLASLt handle,
+ * workspace. One that cannot start (a busy or exclusive device, no memory
+ * left) is unusable, with the reason in g_gpu_desc: auto mode then runs on
+ * the CPU, --device gpu dies saying why. */
+static bool gpu_try_start(void) {
     static bool started;
-    if (started) return;
+    if (started) return true;
     gpu_probe_state();
-    if (g_gpu_state != 1) die("no usable GPU: %s", g_gpu_desc);
-    checkCuda(cudaSetDevice(0));
-    checkCuda(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
-    for (int i = 0; i < 3; i++) checkCuda(cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking));
-    checkCublas(lt_create(&g_lt));
-    checkCuda(cudaMalloc(&g_workspace, WORKSPACE));
+    if (g_gpu_state != 1) return false;
+    cudaError_t e = cudaSetDevice(0);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking);
+    for (int i = 0; i < 3 && e == cudaSuccess; i++) e = cudaStreamCreateWithFlags(&g_copies[i], cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0);
+    if (e == cudaSuccess) e = cudaMalloc(&g_workspace, WORKSPACE);
+    cublasStatus_t ls = e == cudaSuccess ? lt_create(&g_lt) : CUBLAS_STATUS_SUCCESS;
+    if (e != cudaSuccess || ls != CUBLAS_STATUS_SUCCESS) {
+        snprintf(g_gpu_desc, sizeof g_gpu_desc, "cannot start it: %s", e != cudaSuccess ? cudaGetErrorString(e) : lt_status_name(ls));
+        g_gpu_state = 0;
+        return false;
+    }
     started = true;
+    return true;
+}
+
+static void gpu_start(void) {
+    if (!gpu_try_start()) die("no usable GPU: %s", g_gpu_desc);
 }
 
 extern "C" int gpu_available(void) { gpu_probe_state(); return g_gpu_state == 1; }
@@ -131,9 +147,17 @@ static void *dev_alloc(size_t bytes, const char *what) {
     return p;
 }
 
+/* Host to device, complete on return. On g_stream like everything else: a
+ * legacy-stream cudaMemcpy does not order with the non-blocking g_stream,
+ * and from pageable memory it may return before its last DMA lands. */
+static void dev_put(void *d, const void *src, size_t bytes) {
+    checkCuda(cudaMemcpyAsync(d, src, bytes, cudaMemcpyHostToDevice, g_stream));
+    checkCuda(cudaStreamSynchronize(g_stream));
+}
+
 static void *dev_upload(const void *src, size_t bytes, const char *what) {
     void *d = dev_alloc(bytes, what);
-    checkCuda(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+    dev_put(d, src, bytes);
     return d;
 }
 
@@ -153,17 +177,17 @@ static Tensor dev_matrix(const Tensor *t) {
     if (!t->data) return d;
     size_t rb = tensor_row_bytes(t), n1 = (size_t)(t->data2 ? t->split : t->rows);
     if (t->dtype == DT_I8) { /* int8 rows and their per-row scales */
+        if (t->data2) die("%s: int8 weights split across tiers are not supported on the GPU", t->name); /* before reading past data */
         d.data = dev_upload(t->data, (size_t)t->rows * t->cols, t->name ? t->name : "int8 weights");
         d.scale = (const float *)dev_upload(t->scale, sizeof(float) * (size_t)t->rows, "int8 weight scales");
         d.tier = TIER_GPU;
-        if (t->data2) die("%s: int8 weights split across tiers are not supported on the GPU", t->name);
         return d;
     }
     if (t->dtype == DT_F32) {
         size_t n = (size_t)t->rows * t->cols;
         float *tmp = (float *)dev_alloc(n * 4, "an f32 weight being narrowed");
-        checkCuda(cudaMemcpy(tmp, t->data, n1 * rb, cudaMemcpyHostToDevice));
-        if (n1 < (size_t)t->rows) checkCuda(cudaMemcpy((char *)tmp + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb, cudaMemcpyHostToDevice));
+        dev_put(tmp, t->data, n1 * rb);
+        if (n1 < (size_t)t->rows) dev_put((char *)tmp + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb);
         __half *h = (__half *)dev_alloc(n * 2, t->name ? t->name : "a weight");
         k_f32_to_f16<<<grid_for(n, 256), 256, 0, g_stream>>>(tmp, h, n);
         checkCuda(cudaStreamSynchronize(g_stream));
@@ -173,8 +197,8 @@ static Tensor dev_matrix(const Tensor *t) {
         d.data = h;
     } else {
         char *p = (char *)dev_alloc(rb * (size_t)t->rows, t->name ? t->name : "a weight");
-        checkCuda(cudaMemcpy(p, t->data, n1 * rb, cudaMemcpyHostToDevice));
-        if (n1 < (size_t)t->rows) checkCuda(cudaMemcpy(p + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb, cudaMemcpyHostToDevice));
+        dev_put(p, t->data, n1 * rb);
+        if (n1 < (size_t)t->rows) dev_put(p + n1 * rb, t->data2, ((size_t)t->rows - n1) * rb);
         d.data = p;
     }
     d.data2 = NULL;
@@ -227,8 +251,9 @@ extern "C" double gpu_model_bytes(const Model *m) {
     return b + 4.0 * c->n_layer * (9.0 * c->hidden + c->ffn);
 }
 
+/* Free device memory; 0 when no context can be made (gpu_available() then says so). */
 extern "C" double gpu_free_bytes(void) {
-    gpu_start();
+    if (!gpu_try_start()) return 0;
     size_t fr = 0, tot = 0;
     checkCuda(cudaMemGetInfo(&fr, &tot));
     return (double)fr;
@@ -310,11 +335,21 @@ template <typename T> __device__ T to16(float v);
 template <> __device__ __half to16<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __nv_bfloat16 to16<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+template <typename T> struct __align__(8) Quad { T v[4]; }; /* four 16-bit values, one 8-byte store */
+
+/* n contiguous floats to 16 bits: a 16-byte load and an 8-byte store per four
+ * where x is 16-byte aligned (cudaMalloc's and our scratch rows are) */
 template <typename T>
-__global__ void k_narrow(const float *x, int ldx, T *out, int rows, int cols) {
-    size_t n = (size_t)rows * cols;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = to16<T>(x[(i / cols) * ldx + i % cols]);
+__global__ void k_narrow(const float *x, T *out, size_t n) {
+    size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, step = (size_t)gridDim.x * blockDim.x;
+    if (!((uintptr_t)x & 15) && !(n & 3)) {
+        for (size_t i = i0; i < n / 4; i += step) {
+            float4 v = ((const float4 *)x)[i];
+            Quad<T> q = {{to16<T>(v.x), to16<T>(v.y), to16<T>(v.z), to16<T>(v.w)}};
+            ((Quad<T> *)out)[i] = q;
+        }
+    } else
+        for (size_t i = i0; i < n; i += step) out[i] = to16<T>(x[i]);
 }
 
 /* Epilogue for our own GEMM kernels: + bias, + y (residual), ReLU. */
@@ -326,22 +361,35 @@ __device__ __forceinline__ void store_out(float *y, const float *bias, int n, fl
 }
 
 /* 4-bit GEMV for up to 8 rows: a warp per weight row, each lane a 16-code
- * word at a time, dequantized in registers; no 16-bit copy of the matrix. */
+ * word at a time, dequantized in registers, x read 16 bytes at a time; no
+ * 16-bit copy of the matrix. */
 __global__ void k_q4_gemv(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
                           const float *bias, float *y, int ldy, int N, int acc, int relu) {
     int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint8_t *row = w + rb * (size_t)n;
     float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    bool vec = !(K & 15) && !(ldx & 3) && !((uintptr_t)x & 15); /* whole words, rows 16-byte aligned */
     for (int k0 = lane * 16; k0 < K; k0 += 32 * 16) {
         const uint8_t *blk = row + (size_t)(k0 / G) * (4 + G / 2);
         float s = __half2float(*(const __half *)blk), m = __half2float(*(const __half *)(blk + 2));
         const uint32_t *wp = (const uint32_t *)(blk + 4 + (k0 % G) / 2); /* 4-byte aligned: blocks are 4 + G/2 bytes */
         unsigned long long word = wp[0] | (unsigned long long)wp[1] << 32;
-        for (int e = 0; e < 16 && k0 + e < K; e++) {
-            float wv = fmaf((float)((word >> (4 * (e / 2) + 32 * (e & 1))) & 15), s, m);
-            for (int i = 0; i < 8; i++) if (i < M) a[i] = fmaf(x[(size_t)i * ldx + k0 + e], wv, a[i]);
-        }
+        float wv[16];
+        for (int e = 0; e < 16; e++) wv[e] = fmaf((float)((word >> (4 * (e / 2) + 32 * (e & 1))) & 15), s, m);
+        if (vec) /* the same sums in the same order, x four at a time */
+            for (int i = 0; i < 8; i++) {
+                if (i >= M) break;
+                const float4 *xp = (const float4 *)(x + (size_t)i * ldx + k0);
+                for (int j = 0; j < 4; j++) {
+                    float4 v = xp[j];
+                    a[i] = fmaf(v.x, wv[4 * j], a[i]); a[i] = fmaf(v.y, wv[4 * j + 1], a[i]);
+                    a[i] = fmaf(v.z, wv[4 * j + 2], a[i]); a[i] = fmaf(v.w, wv[4 * j + 3], a[i]);
+                }
+            }
+        else
+            for (int e = 0; e < 16 && k0 + e < K; e++)
+                for (int i = 0; i < 8; i++) if (i < M) a[i] = fmaf(x[(size_t)i * ldx + k0 + e], wv[e], a[i]);
     }
     for (int i = 0; i < M; i++) {
         float v = warp_sum(a[i]);
@@ -357,8 +405,8 @@ __global__ void k_q4_gemv(const float *x, int ldx, int M, const uint8_t *w, size
 __global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
                           const float *bias, float *y, int ldy, int N, int acc, int relu) {
     using namespace nvcuda;
-    __shared__ __half xs[QT][QK + 8], ws[QT][QK + 8];
-    __shared__ float cs[QT][QT + 4];
+    __shared__ __align__(32) __half xs[QT][QK + 8], ws[QT][QK + 8]; /* WMMA pointers are 256-bit aligned */
+    __shared__ __align__(32) float cs[QT][QT + 4];
     int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5; /* 4 warps: 2 x 2 of 32 x 32 */
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
     for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.0f);
@@ -434,23 +482,25 @@ __global__ void k_i8_gemv(const int8_t *q, const float *sx, int M, const int8_t 
 __global__ void k_i8_gemm(const int8_t *q, const float *sx, int M, const int8_t *w, const float *sw, int K, int N,
                           const float *bias, float *y, int ldy, int acc, int relu) {
     using namespace nvcuda;
-    __shared__ __align__(32) int8_t xs[QT][QK + 16], ws[QT][QK + 16];
-    __shared__ int cs[QT][QT + 4];
+    /* a 16-wide slice of K per plane: every WMMA pointer 256-bit aligned (a
+     * row of QK + 16 put the second slice 16 bytes off) */
+    __shared__ __align__(32) int8_t xs[QK / 16][QT][16], ws[QK / 16][QT][16];
+    __shared__ __align__(32) int cs[QT][QT + 4];
     int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5;
     wmma::fragment<wmma::accumulator, 16, 16, 16, int> c[2][2];
     for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0);
     for (int k0 = 0; k0 < K; k0 += QK) {
         for (int e = threadIdx.x; e < QT * QK; e += blockDim.x) {
             int r = e / QK, k = e % QK, m = m0 + r, n = n0 + r;
-            xs[r][k] = m < M && k0 + k < K ? q[(size_t)m * K + k0 + k] : 0;
-            ws[r][k] = n < N && k0 + k < K ? w[(size_t)n * K + k0 + k] : 0;
+            xs[k / 16][r][k % 16] = m < M && k0 + k < K ? q[(size_t)m * K + k0 + k] : 0;
+            ws[k / 16][r][k % 16] = n < N && k0 + k < K ? w[(size_t)n * K + k0 + k] : 0;
         }
         __syncthreads();
         for (int kk = 0; kk < QK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, signed char, wmma::col_major> fb[2];
-            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], &xs[(warp >> 1) * 32 + 16 * i][kk], QK + 16);
-            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], &ws[(warp & 1) * 32 + 16 * j][kk], QK + 16);
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], &xs[kk / 16][(warp >> 1) * 32 + 16 * i][0], 16);
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], &ws[kk / 16][(warp & 1) * 32 + 16 * j][0], 16);
             for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
         }
         __syncthreads();
@@ -501,43 +551,102 @@ __global__ void k_kv_store(const float *k, const float *v, const int *slot, cons
     }
 }
 
-/* Attention for one (row, head): scores over positions 0..pos, softmax and
- * the weighted sum, all in f32 in shared memory: nothing of size
+/* Attention, flash-decoding style: the positions of a (row, head) are split
+ * across gridDim.z blocks (so a decode step at batch 1 still fills the GPU),
+ * each walking its span ACH positions at a time with an online softmax (so
+ * shared memory does not grow with the context); every block leaves its
+ * running max m, sum l of exp(score - m) and exp-weighted value sum o (D) in
+ * part, and k_attention_combine merges them. All in f32: nothing of size
  * (batch x heads x seq x seq) ever reaches global memory. */
-__global__ void k_attention(const float *q, const int *slot, const int *pos, char *const *kp, char *const *vp,
-                            int H, int D, int hidden, float scale, float *out, int q4, int G) {
-    extern __shared__ float sm[];
+#define ACH 256
+
+/* Element (t, d) of a cache area: f16 rows, or 4-bit rows of rb bytes. */
+__device__ __forceinline__ float kv_at(const char *area, int q4, size_t rb, int G, int D, int t, int d) {
+    return q4 ? q4_at((const uint8_t *)area + rb * t, G, d) : __half2float(((const __half *)area)[(size_t)t * D + d]);
+}
+
+/* Block (r, h, z): positions [z * span, min(T, (z + 1) * span)) of row r, head h. */
+__global__ void k_attention_part(const float *q, const int *slot, const int *pos, char *const *kp, char *const *vp,
+                                 int H, int D, int hidden, float scale, int span, float *part, int q4, int G) {
+    extern __shared__ float sm[]; /* q (D), a chunk's scores (ACH), value sums (ng x D) */
     __shared__ float red[32];
-    int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, T = pos[r] + 1;
-    if (!kp[area]) return; /* the CPU's area */
+    int r = blockIdx.x, h = blockIdx.y, z = blockIdx.z, area = slot[r] * H + h, T = pos[r] + 1;
+    int t0 = z * span, t1 = T < t0 + span ? T : t0 + span;
+    if (!kp[area] || t0 >= T) return; /* the CPU's area, or past this row's positions */
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    float *qs = sm, *sc = sm + D;
+    int ng = (int)blockDim.x / D > 0 ? (int)blockDim.x / D : 1; /* positions whose values are summed at once */
+    float *qs = sm, *sc = sm + D, *acc = sc + ACH;
     size_t rb = (size_t)((D + G - 1) / G) * (4 + G / 2);
+    const char *K = kp[area], *V = vp[area];
     for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(size_t)r * hidden + h * D + d] * scale; /* HF scales q */
-    __syncthreads();
-    for (int t = warp; t < T; t += nw) {
-        float s = 0;
-        if (q4) for (int d = lane; d < D; d += 32) s += qs[d] * q4_at((const uint8_t *)kp[area] + rb * t, G, d);
-        else {
-            const __half *K = (const __half *)kp[area] + (size_t)t * D;
-            for (int d = lane; d < D; d += 32) s += qs[d] * __half2float(K[d]);
+    for (int e = threadIdx.x; e < ng * D; e += blockDim.x) acc[e] = 0;
+    /* f16 keys with D a power-of-two multiple of 8, 16-byte aligned: lpp lanes
+     * per position, 8 halves (16 bytes) each, 32 / lpp positions per warp step */
+    int lpp = D / 8, sub = lane / (lpp ? lpp : 1), j = lane % (lpp ? lpp : 1);
+    bool vec = !q4 && !(D & 7) && lpp <= 32 && !(lpp & (lpp - 1)) && !((uintptr_t)K & 15);
+    float m = -INFINITY, l = 0; /* the same in every thread */
+    for (int c0 = t0; c0 < t1; c0 += ACH) {
+        int n = t1 - c0 < ACH ? t1 - c0 : ACH;
+        __syncthreads(); /* qs written; the last chunk's sc read */
+        if (vec)
+            for (int tb = warp * (32 / lpp); tb < n; tb += nw * (32 / lpp)) { /* the whole warp, for the shuffles */
+                int t = tb + sub;
+                float s = 0;
+                if (t < n) {
+                    uint4 raw = *(const uint4 *)((const __half *)K + (size_t)(c0 + t) * D + 8 * j);
+                    const __half2 *h2 = (const __half2 *)&raw;
+                    for (int u = 0; u < 4; u++) {
+                        float2 f = __half22float2(h2[u]);
+                        s += qs[8 * j + 2 * u] * f.x + qs[8 * j + 2 * u + 1] * f.y;
+                    }
+                }
+                for (int o = lpp / 2; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o); /* within the lpp lanes */
+                if (!j && t < n) sc[t] = s;
+            }
+        else
+            for (int t = warp; t < n; t += nw) {
+                float s = 0;
+                for (int d = lane; d < D; d += 32) s += qs[d] * kv_at(K, q4, rb, G, D, c0 + t, d);
+                s = warp_sum(s);
+                if (!lane) sc[t] = s;
+            }
+        __syncthreads();
+        float cm = -INFINITY;
+        for (int t = threadIdx.x; t < n; t += blockDim.x) cm = fmaxf(cm, sc[t]);
+        float m2 = fmaxf(m, block_max(cm, red)), alpha = __expf(m - m2), ps = 0;
+        for (int t = threadIdx.x; t < n; t += blockDim.x) { float e = __expf(sc[t] - m2); sc[t] = e; ps += e; }
+        l = l * alpha + block_sum(ps, red); /* its barriers also publish sc */
+        for (int e = threadIdx.x; e < ng * D; e += blockDim.x) { /* item (g, d): positions g, g + ng, ... of the chunk */
+            int g = e / D, d = e % D;
+            float o = acc[e] * alpha;
+            for (int t = g; t < n; t += ng) o += sc[t] * kv_at(V, q4, rb, G, D, c0 + t, d);
+            acc[e] = o;
         }
-        s = warp_sum(s);
-        if (!lane) sc[t] = s;
+        m = m2;
     }
     __syncthreads();
-    float mx = -INFINITY;
-    for (int t = threadIdx.x; t < T; t += blockDim.x) mx = fmaxf(mx, sc[t]);
-    mx = block_max(mx, red);
-    float sum = 0;
-    for (int t = threadIdx.x; t < T; t += blockDim.x) { float e = __expf(sc[t] - mx); sc[t] = e; sum += e; }
-    sum = block_sum(sum, red);
-    __syncthreads();
+    float *pr = part + (((size_t)r * H + h) * gridDim.z + z) * (D + 2);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float o = 0;
-        if (q4) for (int t = 0; t < T; t++) o += sc[t] * q4_at((const uint8_t *)vp[area] + rb * t, G, d);
-        else for (int t = 0; t < T; t++) o += sc[t] * __half2float(((const __half *)vp[area])[(size_t)t * D + d]);
-        out[(size_t)r * hidden + h * D + d] = o / sum;
+        for (int g = 0; g < ng; g++) o += acc[g * D + d];
+        pr[2 + d] = o;
+    }
+    if (!threadIdx.x) { pr[0] = m; pr[1] = l; }
+}
+
+/* The splits of (row, head) merged: out = sum_z o_z e^(m_z - M) / sum_z l_z e^(m_z - M). */
+__global__ void k_attention_combine(const float *part, const int *slot, const int *pos, char *const *kp, int H, int D, int hidden,
+                                    int S, int span, float *out) {
+    int r = blockIdx.x, h = blockIdx.y, area = slot[r] * H + h, nz = (pos[r] + span) / span; /* splits holding 0..pos */
+    if (!kp[area]) return;
+    const float *pr = part + ((size_t)r * H + h) * S * (D + 2);
+    float M = -INFINITY, L = 0;
+    for (int z = 0; z < nz; z++) M = fmaxf(M, pr[z * (D + 2)]);
+    for (int z = 0; z < nz; z++) L += pr[z * (D + 2) + 1] * __expf(pr[z * (D + 2)] - M);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0;
+        for (int z = 0; z < nz; z++) o += pr[z * (D + 2) + 2 + d] * __expf(pr[z * (D + 2)] - M);
+        out[(size_t)r * hidden + h * D + d] = o / L;
     }
 }
 
@@ -586,15 +695,44 @@ static LtPlan *lt_plan(int N, int K, int rows, DType dt, int epi, int acc) {
     checkCublas(lt_pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
     cublasLtMatmulHeuristicResult_t res;
     int got = 0;
-    checkCublas(lt_heuristic(g_lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &got));
+    cublasStatus_t st = lt_heuristic(g_lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &got);
     lt_pref_destroy(pref);
-    if (!got) die("cuBLASLt has no algorithm for a %d x %d x %d GEMM", rows, N, K);
+    if (st != CUBLAS_STATUS_SUCCESS || !got) /* NOT_SUPPORTED is how it says none */
+        die("cuBLASLt has no algorithm for a %d x %d x %d %s GEMM (%s)", rows, N, K, dtype_names[dt], lt_status_name(st));
     p->algo = res.algo;
     return p;
 }
 
-static void *g_x16;          /* x narrowed to 16 bits for the tensor cores */
-static size_t g_x16_cap;
+static void *g_x16;          /* x narrowed to 16 bits for the tensor cores, or quantized to int8 */
+static size_t g_x16_cap;     /* its bytes */
+
+extern "C" void gpu_graphs_reset(void);
+
+static void *g_part;         /* attention's partial sums per (row, head, split) */
+static size_t g_part_cap;    /* its bytes */
+
+/* A scratch buffer (*p, *cap bytes) of at least `need` bytes. Captured graphs
+ * hold its address, so a growth drops them; gpu_scratch_init reserves a
+ * run's maximum up front, so the engine never grows one between a capture
+ * and a replay. */
+static void scratch_reserve(void **p, size_t *cap, size_t need, const char *what) {
+    if (need <= *cap) return;
+    cudaStreamCaptureStatus cs;
+    checkCuda(cudaStreamIsCapturing(g_stream, &cs));
+    if (cs != cudaStreamCaptureStatusNone) die("internal: %s grow during a graph capture", what);
+    checkCuda(cudaStreamSynchronize(g_stream));
+    gpu_graphs_reset();
+    if (*p) { checkCuda(cudaFree(*p)); g_gpu_used -= (double)*cap; }
+    *p = dev_alloc(need, what);
+    *cap = need;
+}
+#define x16_reserve(need) scratch_reserve(&g_x16, &g_x16_cap, (need), "activations narrowed to 16 or 8 bits")
+
+/* g_x16's bytes for `rows` rows of K: 16-bit, or int8 rows then their scales */
+static size_t x16_bytes(int rows, int K) {
+    size_t a = (size_t)rows * K * 2, b = ((size_t)rows * K + 15) / 16 * 16 + 4 * (size_t)rows;
+    return a > b ? a : b;
+}
 
 static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
     int N = (int)w->rows, K = (int)w->cols;
@@ -607,12 +745,7 @@ static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b
         return;
     }
     if (w->dtype == DT_I8) {
-        size_t need = (size_t)rows * K + 4 * (size_t)rows + 16;
-        if (need > g_x16_cap) {
-            if (g_x16) checkCuda(cudaFree(g_x16));
-            g_x16 = dev_alloc(need, "activations quantized to int8");
-            g_x16_cap = need;
-        }
+        x16_reserve(x16_bytes(rows, K));
         int8_t *q = (int8_t *)g_x16;
         float *sx = (float *)((char *)g_x16 + ((size_t)rows * K + 15) / 16 * 16);
         k_quant_rows<<<rows, 256, 0, g_stream>>>(x, K, K, w->act_scale, q, sx);
@@ -622,15 +755,10 @@ static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b
         return;
     }
     if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16, 4-bit or int8 weights", w->name ? w->name : "a weight");
-    size_t need = (size_t)rows * K * 2;
-    if (need > g_x16_cap) { /* grows before any graph capture: the first step of a shape runs uncaptured */
-        if (g_x16) checkCuda(cudaFree(g_x16));
-        g_x16 = dev_alloc(need, "activations narrowed to 16 bits");
-        g_x16_cap = need;
-    }
+    x16_reserve(x16_bytes(rows, K));
     size_t n = (size_t)rows * K;
-    if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__nv_bfloat16 *)g_x16, rows, K);
-    else k_narrow<__half><<<grid_for(n, 256), 256, 0, g_stream>>>(x, K, (__half *)g_x16, rows, K);
+    if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__nv_bfloat16 *)g_x16, n);
+    else k_narrow<__half><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__half *)g_x16, n);
     int epi = b ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS) : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
     LtPlan *p = lt_plan(N, K, rows, w->dtype, epi, acc);
     if (b) checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b, sizeof b));
@@ -649,8 +777,15 @@ static void gpu_attention(const Config *c, const KVLayer *kv, const Step *st, Sc
     int n = st->n, H = c->n_head, D = c->head_dim, q4 = kv->dtype == DT_Q4;
     const int *slot = st->dev + n, *pos = st->dev + 2 * n;
     k_kv_store<<<dim3(n, H), 64, 0, g_stream>>>(s->k, s->v, slot, pos, kv->k, kv->v, H, D, c->hidden, q4, kv->group);
-    size_t smem = sizeof(float) * (size_t)(D + kv->cap);
-    k_attention<<<dim3(n, H), 128, smem, g_stream>>>(s->q, slot, pos, kv->k, kv->v, H, D, c->hidden, 1.0f / sqrtf((float)D), s->att, q4, kv->group);
+    /* splits of the positions: enough blocks for 8 per SM, spans of at least 64 positions */
+    int ng = 128 / D > 0 ? 128 / D : 1, most = (kv->cap + 63) / 64, S = 8 * g_sms / (n * H);
+    S = S < 1 ? 1 : S > most ? most : S;
+    int span = (kv->cap + S - 1) / S;
+    scratch_reserve(&g_part, &g_part_cap, sizeof(float) * (size_t)n * H * S * (D + 2), "attention's partial sums");
+    size_t smem = sizeof(float) * (size_t)(D + ACH + ng * D);
+    k_attention_part<<<dim3(n, H, S), 128, smem, g_stream>>>(s->q, slot, pos, kv->k, kv->v, H, D, c->hidden, 1.0f / sqrtf((float)D), span,
+                                                            (float *)g_part, q4, kv->group);
+    k_attention_combine<<<dim3(n, H), 128, 0, g_stream>>>((const float *)g_part, slot, pos, kv->k, H, D, c->hidden, S, span, s->att);
     checkCuda(cudaGetLastError());
 }
 
@@ -663,25 +798,39 @@ static void gpu_add(float *y, const float *x, size_t n) { k_add<<<grid_for(n, 25
 static void gpu_copy(float *y, const float *x, size_t n) { checkCuda(cudaMemcpyAsync(y, x, n * 4, cudaMemcpyDeviceToDevice, g_stream)); }
 
 /* OPT_GPU_PROFILE=1: each op between two events, GEMMs apart from the rest,
- * for `opt bench`'s breakdown (graphs are off then: timing needs the ops). */
+ * for `opt bench`'s breakdown (graphs are off then: timing needs the ops),
+ * and per kind of op in one line on stderr at exit (bench/gpu.sh's table). */
+enum { PK_LINEAR16, PK_LINEAR4, PK_LINEAR8, PK_ATTENTION, PK_LAYERNORM, PK_EMBED, PK_ADD, PK_COPY, PK_LOGITS, PK_COUNT };
+static const char *const prof_names[PK_COUNT] = {"linear-16bit", "linear-4bit", "linear-int8", "attention", "layernorm",
+                                                 "embed", "add", "copy", "logits+sampling"};
 static int g_profile = -1;
-static double g_prof_ms[2]; /* GEMM, everything else */
+static double g_prof_ms[2];         /* GEMM, everything else but the logits (gpu_profile) */
+static double g_prof_op[PK_COUNT];  /* ms per kind */
+static long g_prof_n[PK_COUNT];     /* calls per kind */
 static cudaEvent_t g_ev[2];
+
+static void prof_report(void) {
+    fprintf(stderr, "opt: GPU time by op:");
+    for (int k = 0; k < PK_COUNT; k++) if (g_prof_n[k]) fprintf(stderr, " %s %.3f ms / %ld,", prof_names[k], g_prof_op[k], g_prof_n[k]);
+    fputc('\n', stderr);
+}
 
 static void prof_begin(void) {
     if (g_profile < 0) g_profile = getenv("OPT_GPU_PROFILE") && atoi(getenv("OPT_GPU_PROFILE")) > 0;
     if (!g_profile) return;
-    if (!g_ev[0]) { checkCuda(cudaEventCreate(&g_ev[0])); checkCuda(cudaEventCreate(&g_ev[1])); }
+    if (!g_ev[0]) { checkCuda(cudaEventCreate(&g_ev[0])); checkCuda(cudaEventCreate(&g_ev[1])); atexit(prof_report); }
     checkCuda(cudaEventRecord(g_ev[0], g_stream));
 }
 
-static void prof_end(int gemm) {
+static void prof_end(int kind) {
     if (!g_profile) return;
     checkCuda(cudaEventRecord(g_ev[1], g_stream));
     checkCuda(cudaEventSynchronize(g_ev[1]));
     float ms = 0;
     checkCuda(cudaEventElapsedTime(&ms, g_ev[0], g_ev[1]));
-    g_prof_ms[gemm ? 0 : 1] += ms;
+    g_prof_op[kind] += ms;
+    g_prof_n[kind]++;
+    if (kind != PK_LOGITS) g_prof_ms[kind <= PK_LINEAR8 ? 0 : 1] += ms;
 }
 
 extern "C" int gpu_profile(double ms[2]) {
@@ -691,17 +840,17 @@ extern "C" int gpu_profile(double ms[2]) {
 }
 
 static void p_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
-    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(1);
+    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(w->dtype == DT_Q4 ? PK_LINEAR4 : w->dtype == DT_I8 ? PK_LINEAR8 : PK_LINEAR16);
 }
 static void p_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int n) {
-    prof_begin(); gpu_layernorm(out, x, w, b, rows, n); prof_end(0);
+    prof_begin(); gpu_layernorm(out, x, w, b, rows, n); prof_end(PK_LAYERNORM);
 }
 static void p_attention(const Config *c, const KVLayer *kv, const Step *st, Scratch *s) {
-    prof_begin(); gpu_attention(c, kv, st, s); prof_end(0);
+    prof_begin(); gpu_attention(c, kv, st, s); prof_end(PK_ATTENTION);
 }
-static void p_embed(const Tensor *t, const Step *st, int offset, float *out) { prof_begin(); gpu_embed(t, st, offset, out); prof_end(0); }
-static void p_add(float *y, const float *x, size_t n) { prof_begin(); gpu_add(y, x, n); prof_end(0); }
-static void p_copy(float *y, const float *x, size_t n) { prof_begin(); gpu_copy(y, x, n); prof_end(0); }
+static void p_embed(const Tensor *t, const Step *st, int offset, float *out) { prof_begin(); gpu_embed(t, st, offset, out); prof_end(PK_EMBED); }
+static void p_add(float *y, const float *x, size_t n) { prof_begin(); gpu_add(y, x, n); prof_end(PK_ADD); }
+static void p_copy(float *y, const float *x, size_t n) { prof_begin(); gpu_copy(y, x, n); prof_end(PK_COPY); }
 
 extern "C" const Backend gpu_backend = {"gpu", p_linear, p_layernorm, p_attention, p_embed, p_add, p_copy};
 
@@ -721,6 +870,8 @@ extern "C" void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap)
     s->f = (float *)dev_alloc(4 * r * c->ffn, "activations");
     s->e = (float *)dev_alloc(4 * r * e, "activations");
     s->grp = (int *)dev_alloc(sizeof(int) * 3 * r, "step indices"); /* the step's tok, slot, pos */
+    x16_reserve(x16_bytes(rows, (size_t)c->ffn > big ? c->ffn : (int)big)); /* the widest GEMM input */
+    scratch_reserve(&g_part, &g_part_cap, sizeof(float) * ((size_t)rows * c->n_head + 8 * g_sms) * (c->head_dim + 2), "attention's partial sums");
 }
 
 extern "C" void gpu_scratch_free(Scratch *s) {
@@ -745,7 +896,7 @@ extern "C" void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, D
     kv->n_layer = c->n_layer;
     kv->layer = (KVLayer *)check_calloc(sizeof(KVLayer) * (size_t)c->n_layer, "the KV cache");
     kv->mem = (char *)dev_alloc(2 * per * (size_t)c->n_layer, "the KV cache (lower -b, or --compress-cache)");
-    checkCuda(cudaMemset(kv->mem, 0, 2 * per * (size_t)c->n_layer));
+    checkCuda(cudaMemsetAsync(kv->mem, 0, 2 * per * (size_t)c->n_layer, g_stream));
     char **host = (char **)check_malloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "cache tables");
     char **dev = (char **)dev_alloc(sizeof(char *) * 2 * (size_t)areas * c->n_layer, "cache tables");
     for (int l = 0; l < c->n_layer; l++) {
@@ -757,7 +908,7 @@ extern "C" void gpu_kv_init(KVCache *kv, const Config *c, int n_slot, int cap, D
         kv->layer[l] = (KVLayer){q4 ? DT_Q4 : DT_F16, n_slot, c->n_head, c->head_dim, cap, g, hb,
                                  dev + 2 * (size_t)areas * l, dev + 2 * (size_t)areas * l + areas};
     }
-    checkCuda(cudaMemcpy(dev, host, sizeof(char *) * 2 * (size_t)areas * c->n_layer, cudaMemcpyHostToDevice));
+    dev_put(dev, host, sizeof(char *) * 2 * (size_t)areas * c->n_layer);
     free(host);
     kv->ptrs = dev;
 }
@@ -794,10 +945,36 @@ __global__ void k_logprob(const float *logits, int V, const int *target, float *
 }
 
 #define SB 256 /* threads of the sampling kernel */
-__global__ void k_sample(const float *logits, int V, float temp, int topk, float topp, const float *uniform, int *out) {
+
+/* Over a row of probabilities p >= 0, compared by their bits (which order
+ * non-negative floats as unsigned integers): the largest bit pattern t such
+ * that the count (or the mass) of the p at or above t reaches `need` (or,
+ * strict, exceeds it). Exact, in at most 30 passes; every thread gets it. */
+__device__ unsigned p_select(const float *p, int V, bool mass, float need, bool strict, float *sh) {
+    unsigned lo = 0, hi = 0x3f800000u; /* p <= 1 */
+    while (lo < hi) {
+        unsigned mid = lo + (hi - lo + 1) / 2;
+        float s = 0;
+        for (int i = threadIdx.x; i < V; i += blockDim.x)
+            if (__float_as_uint(p[i]) >= mid) s += mass ? p[i] : 1.0f;
+        s = block_sum(s, sh);
+        if (strict ? s > need : s >= need) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* One row per block. Greedy: the first maximum. Otherwise the CPU sampler's
+ * draw (opt.c sample()): p = exp((x - max) / T); top-k keeps the k largest,
+ * top-p the smallest prefix of the rest (largest first) with that share of
+ * its mass; then the token where the cumulative sum passes u * total, summed
+ * in the CPU's order: vocabulary order without top-k and top-p, else largest
+ * p first, ties by id. The p overwrite the logits. They differ from the
+ * CPU's only where rounding decides (a tie at the k-th largest keeps every
+ * tied token here). */
+__global__ void k_sample(float *logits, int V, float temp, int topk, float topp, const float *uniform, int *out) {
     __shared__ float sh[32], part[SB];
     __shared__ int ish[SB];
-    const float *x = logits + (size_t)blockIdx.x * V;
+    float *x = logits + (size_t)blockIdx.x * V, *p = x;
     int tid = threadIdx.x;
     if (temp <= 0) { /* greedy: the first maximum, as torch.argmax */
         float best = -INFINITY;
@@ -809,53 +986,56 @@ __global__ void k_sample(const float *logits, int V, float temp, int topk, float
             if (tid < o && (part[tid + o] > part[tid] || (part[tid + o] == part[tid] && ish[tid + o] < ish[tid]))) { part[tid] = part[tid + o]; ish[tid] = ish[tid + o]; }
             __syncthreads();
         }
-        if (!tid) out[blockIdx.x] = ish[0];
+        if (!tid) out[blockIdx.x] = ish[0] < V ? ish[0] : 0; /* all NaN or -inf: 0, as the CPU's argmax */
         return;
     }
-    float mx = -INFINITY, mn = INFINITY;
-    for (int i = tid; i < V; i += SB) { mx = fmaxf(mx, x[i]); mn = fminf(mn, x[i]); }
+    float mx = -INFINITY;
+    for (int i = tid; i < V; i += SB) mx = fmaxf(mx, x[i]);
     mx = block_max(mx, sh);
-    mn = -block_max(-mn, sh);
-    float lo = mn; /* the kept set: x >= lo */
-    if (topk > 0 && topk < V) { /* largest threshold keeping at least k tokens */
-        float a = mn, b = mx;
-        for (int it = 0; it < 48; it++) {
-            float mid = 0.5f * (a + b), cnt = 0;
-            for (int i = tid; i < V; i += SB) cnt += x[i] >= mid;
-            if (block_sum(cnt, sh) >= (float)topk) a = mid; else b = mid;
-        }
-        lo = a;
+    for (int i = tid; i < V; i += SB) { float e = expf((x[i] - mx) / temp); p[i] = e >= 0 ? e : 0; } /* NaN: never drawn */
+    bool sorted = (topk > 0 && topk < V) || topp < 1;
+    if (topk > 0 && topk < V) {
+        unsigned t = p_select(p, V, false, (float)topk, false, sh);
+        for (int i = tid; i < V; i += SB) if (__float_as_uint(p[i]) < t) p[i] = 0;
     }
     float total = 0;
-    for (int i = tid; i < V; i += SB) if (x[i] >= lo) total += __expf((x[i] - mx) / temp);
+    for (int i = tid; i < V; i += SB) total += p[i];
     total = block_sum(total, sh);
-    if (topp < 1) { /* largest threshold whose mass reaches top_p */
-        float a = lo, b = mx;
-        for (int it = 0; it < 48; it++) {
-            float mid = 0.5f * (a + b), m = 0;
-            for (int i = tid; i < V; i += SB) if (x[i] >= mid) m += __expf((x[i] - mx) / temp);
-            if (block_sum(m, sh) >= topp * total) a = mid; else b = mid;
-        }
-        lo = a;
+    if (topp < 1) {
+        unsigned t = p_select(p, V, true, topp * total, false, sh);
         total = 0;
-        for (int i = tid; i < V; i += SB) if (x[i] >= lo) total += __expf((x[i] - mx) / temp);
+        for (int i = tid; i < V; i += SB) { if (__float_as_uint(p[i]) < t) p[i] = 0; total += p[i]; }
         total = block_sum(total, sh);
     }
-    /* inverse CDF in vocabulary order: each thread a contiguous chunk */
+    float target = uniform[blockIdx.x] * total;
+    unsigned only = 0; /* sorted: the draw lies among the p with these bits, in id order */
+    if (sorted) {
+        only = p_select(p, V, true, target, true, sh);
+        float before = 0;
+        for (int i = tid; i < V; i += SB) if (__float_as_uint(p[i]) > only) before += p[i];
+        target -= block_sum(before, sh);
+    }
+    /* the walk in id order (over all p, or those with bits `only`): each thread a contiguous chunk */
     int chunk = (V + SB - 1) / SB, c0 = tid * chunk, c1 = c0 + chunk < V ? c0 + chunk : V;
     float mine = 0;
-    for (int i = c0; i < c1; i++) if (x[i] >= lo) mine += __expf((x[i] - mx) / temp);
+    for (int i = c0; i < c1; i++) if (!sorted || __float_as_uint(p[i]) == only) mine += p[i];
     part[tid] = mine;
     __syncthreads();
     if (!tid) { float acc = 0; for (int t = 0; t < SB; t++) { float v = part[t]; part[t] = acc; acc += v; } }
     __syncthreads();
-    float target = uniform[blockIdx.x] * total, acc = part[tid];
+    float acc = part[tid];
     ish[tid] = -1;
-    if (target >= acc && (tid == SB - 1 || target < part[tid + 1] || c0 >= V))
+    if (target >= acc && (tid == SB - 1 || target < part[tid + 1]))
         for (int i = c0; i < c1; i++)
-            if (x[i] >= lo) { acc += __expf((x[i] - mx) / temp); ish[tid] = i; if (target < acc) break; }
+            if ((!sorted || __float_as_uint(p[i]) == only) && p[i] > 0) { acc += p[i]; ish[tid] = i; if (target < acc) break; }
     __syncthreads();
-    if (!tid) { int pick = -1; for (int t = 0; t < SB; t++) if (ish[t] >= 0) { pick = ish[t]; break; } out[blockIdx.x] = pick >= 0 ? pick : 0; }
+    if (!tid) {
+        int pick = -1;
+        for (int t = 0; t < SB && pick < 0; t++) pick = ish[t];
+        if (pick < 0) /* rounding put the target past the end: the last token in that order */
+            for (int i = 0; i < V; i++) if (p[i] > 0 && (pick < 0 || !sorted || p[i] <= p[pick])) pick = i;
+        out[blockIdx.x] = pick >= 0 ? pick : 0;
+    }
 }
 
 /* Rows `rows` (cnt, host indices) of the final hidden states fin (device,
@@ -875,6 +1055,7 @@ extern "C" void gpu_logits(const Model *dm, const float *fin, int ld, const int 
         idx = (int *)dev_alloc(4 * (size_t)cap, "sampling");
         ti = (int *)dev_alloc(4 * (size_t)cap, "sampling");
     }
+    prof_begin();
     checkCuda(cudaMemcpyAsync(idx, rows, 4 * (size_t)cnt, cudaMemcpyHostToDevice, g_stream));
     k_gather<<<cnt, 256, 0, g_stream>>>(fin, ld, idx, hid, c->embed_dim);
     gpu_linear(logits, hid, &dm->lm_head, NULL, cnt, 0, 0);
@@ -887,6 +1068,7 @@ extern "C" void gpu_logits(const Model *dm, const float *fin, int ld, const int 
         k_sample<<<cnt, SB, 0, g_stream>>>(logits, c->vocab, temp, topk, topp, fl, ti);
         checkCuda(cudaMemcpyAsync(tok, ti, 4 * (size_t)cnt, cudaMemcpyDeviceToHost, g_stream));
     }
+    prof_end(PK_LOGITS);
     checkCuda(cudaStreamSynchronize(g_stream));
     checkCuda(cudaGetLastError());
 }
@@ -950,8 +1132,7 @@ typedef struct { void *dst; const void *src; size_t n; cudaMemcpyKind kind; } Co
 static void copy_fn(void *p) { CopyArg *c = (CopyArg *)p; checkCuda(cudaMemcpyAsync(c->dst, c->src, c->n, c->kind, g_stream)); }
 
 extern "C" int gpu_probe_bandwidth(GpuProbe *p) {
-    if (!gpu_available()) return -1;
-    gpu_start();
+    if (!gpu_available() || !gpu_try_start()) return -1;
     cudaDeviceProp prop;
     checkCuda(cudaGetDeviceProperties(&prop, 0));
     snprintf(p->name, sizeof p->name, "%.120s", prop.name);
@@ -976,8 +1157,7 @@ typedef struct { Tensor w; float *x, *y; int rows; } GemmArg;
 static void gemm_fn(void *p) { GemmArg *g = (GemmArg *)p; gpu_linear(g->y, g->x, &g->w, NULL, g->rows, 0, 0); }
 
 extern "C" int gpu_probe_compute(GpuProbe *p) {
-    if (!gpu_available()) return -1;
-    gpu_start();
+    if (!gpu_available() || !gpu_try_start()) return -1;
     int N = 8192, K = 8192, M[2] = {64, 4096};
     GemmArg g;
     memset(&g, 0, sizeof g);
@@ -985,10 +1165,10 @@ extern "C" int gpu_probe_compute(GpuProbe *p) {
     g.w.rows = N;
     g.w.cols = K;
     g.w.data = dev_alloc((size_t)N * K * 2, "the GEMM probe");
-    checkCuda(cudaMemset((void *)g.w.data, 0, (size_t)N * K * 2));
+    checkCuda(cudaMemsetAsync((void *)g.w.data, 0, (size_t)N * K * 2, g_stream));
     g.x = (float *)dev_alloc(4 * (size_t)M[1] * K, "the GEMM probe");
     g.y = (float *)dev_alloc(4 * (size_t)M[1] * N, "the GEMM probe");
-    checkCuda(cudaMemset(g.x, 0, 4 * (size_t)M[1] * K));
+    checkCuda(cudaMemsetAsync(g.x, 0, 4 * (size_t)M[1] * K, g_stream));
     double r[2];
     for (int i = 0; i < 2; i++) { g.rows = M[i]; r[i] = 2.0 * M[i] * N * K / (time_ms(gemm_fn, &g, 10) / 1e3); }
     p->gemm_flops_g = r[0];
@@ -1020,7 +1200,11 @@ static cudaStream_t gd_stream(int s) { return s ? g_copies[s - 1] : g_stream; }
 static void gd_copy2d(void *dst, size_t dp, const void *src, size_t sp, size_t w, size_t rows, int kind, int stream) {
     if (!w || !rows) return;
     cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
-    checkCuda(cudaMemcpy2DAsync(dst, dp ? dp : w, src, sp ? sp : w, w, rows, k, gd_stream(stream)));
+    dp = dp ? dp : w;
+    sp = sp ? sp : w;
+    if (rows == 1 || (dp == w && sp == w)) /* one span: a 2-D copy's pitch could pass memPitch (2^31 - 1) */
+        checkCuda(cudaMemcpyAsync(dst, src, w * rows, k, gd_stream(stream)));
+    else checkCuda(cudaMemcpy2DAsync(dst, dp, src, sp, w, rows, k, gd_stream(stream)));
 }
 static void *gd_event(void) {
     cudaEvent_t e;

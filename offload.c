@@ -391,10 +391,24 @@ static void *off_alloc(Offload *o, Tier t, size_t bytes, const char *what) {
     return p;
 }
 
+/* Whole pages: two buffers sharing a page could not both be page-locked. */
+void *host_pinned(const Device *d, size_t bytes, const char *what) {
+    void *p = NULL;
+    size_t n = (bytes + IO_ALIGN - 1) / IO_ALIGN * IO_ALIGN;
+    if (posix_memalign(&p, IO_ALIGN, n ? n : IO_ALIGN) || !p) die("out of memory allocating %zu bytes for %s", bytes, what);
+    if (d) d->pin(p, n ? n : IO_ALIGN);
+    return p;
+}
+
+void host_pinned_free(const Device *d, void *p) {
+    if (d && p) d->unpin(p);
+    free(p);
+}
+
 /* Host staging the device copies from: page-locked, so copies overlap. */
 static void *off_staging(Offload *o, size_t bytes, const char *what) {
     void *p = off_alloc(o, TIER_CPU, bytes, what);
-    if (o->dev) o->dev->pin(p, bytes);
+    if (o->dev) o->dev->pin(p, (bytes + IO_ALIGN - 1) / IO_ALIGN * IO_ALIGN); /* off_alloc's are whole pages apart */
     return p;
 }
 
@@ -813,6 +827,8 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
         off_account(o, TIER_GPU, ws);
         D->scratch(&o->s, c, o->xs_rows, cap);
         scratch_init(&o->hs, c, o->xs_rows, cap);
+        float **hp[] = {&o->hs.x, &o->hs.q, &o->hs.k, &o->hs.v, &o->hs.att}; /* these cross PCIe */
+        for (int i = 0; i < 5; i++) { free(*hp[i]); *hp[i] = host_pinned(D, sizeof(float) * (size_t)o->xs_rows * h, "activations"); }
         off_account(o, TIER_CPU, ws);
         for (int b = 0; b < 3; b++) {
             o->dwstage[b] = off_alloc(o, TIER_GPU, o->dwstage_cap[b], "weight staging");
@@ -1431,7 +1447,12 @@ void offload_close(Offload *o) {
     if (o->kv_fd >= 0) close(o->kv_fd);
     if (o->act_fd >= 0) close(o->act_fd);
     munmap(o->egather, o->egather_len);
-    if (o->dev) { o->dev->scratch_free(&o->s); scratch_free(&o->hs); }
+    if (o->dev) {
+        o->dev->scratch_free(&o->s);
+        float **hp[] = {&o->hs.x, &o->hs.q, &o->hs.k, &o->hs.v, &o->hs.att};
+        for (int i = 0; i < 5; i++) { host_pinned_free(o->dev, *hp[i]); *hp[i] = NULL; }
+        scratch_free(&o->hs);
+    }
     else scratch_free(&o->s);
     g_off = NULL;
     /* resident weights and buffers live until exit: the model's tensors point into them */

@@ -3506,9 +3506,10 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     Model dm; /* the device copy of the model, on the GPU */
     const Model *fm = e->m; /* the model the forward pass reads */
     float *final = NULL; /* (rows_max, embed_dim) final hidden states */
+    const Device *pd = blocks ? e->offcfg->dev : NULL; /* offloading's device: final, hid and logits cross PCIe */
     if (blocks) {
         off = offload_open((Model *)e->m, e->offcfg, rows_max, cap, kv_dt, e->group);
-        final = check_malloc(sizeof(float) * (size_t)rows_max * c->embed_dim, "final hidden states");
+        final = host_pinned(pd, sizeof(float) * (size_t)rows_max * c->embed_dim, "final hidden states");
     } else if (e->gpu) {
         gpu_model_upload(e->m, &dm);
         fm = &dm;
@@ -3525,8 +3526,8 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     int *gtok = check_malloc(sizeof(int) * (size_t)rows_max, "tokens");
     char *seen = check_calloc((size_t)rows_max + 1, "graph shapes"); /* GPU: decode shapes run once */
     int lrows = 64; /* logits are computed 64 rows at a time */
-    float *logits = check_malloc(sizeof(float) * (size_t)lrows * c->vocab, "logits");
-    float *hid = check_malloc(sizeof(float) * (size_t)lrows * c->embed_dim, "logits input");
+    float *logits = host_pinned(pd, sizeof(float) * (size_t)lrows * c->vocab, "logits");
+    float *hid = host_pinned(pd, sizeof(float) * (size_t)lrows * c->embed_dim, "logits input");
     ProbId *work = check_malloc(sizeof(ProbId) * (size_t)c->vocab, "sampler");
     int *tok = check_malloc(sizeof(int) * 3 * (size_t)rows_max, "step"), *slot = tok + rows_max, *pos = slot + rows_max;
     int *need = check_malloc(sizeof(int) * (size_t)rows_max, "step"); /* row -> job needing its logits, or -1 */
@@ -3584,6 +3585,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
                 int r = gidx[q];
                 Job *j = &jobs[need[r]];
                 if (e->score) { j->lp[pos[r]] = glp[q]; continue; }
+                if (gtok[q] < 0 || gtok[q] >= c->vocab) die("internal: the GPU sampled token %d of a %d-token vocabulary", gtok[q], c->vocab);
                 j->out[j->n_out++] = gtok[q];
                 e->n_gen_tok++;
                 if (e->on_token) e->on_token(e->ctx, j, need[r]);
@@ -3625,7 +3627,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     if (off) {
         offload_stats(off, &e->ostats);
         offload_close(off);
-        free(final);
+        host_pinned_free(pd, final);
     } else if (e->gpu) {
         gpu_sync();
         gpu_graphs_reset();
@@ -3636,7 +3638,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
         scratch_free(&s);
     }
     free(gidx); free(gu); free(glp); free(gtok); free(seen);
-    free(logits); free(hid); free(work); free(tok); free(need); free(job_of); free(fed);
+    host_pinned_free(pd, logits); host_pinned_free(pd, hid); free(work); free(tok); free(need); free(job_of); free(fed);
 }
 
 /* ----------------------------------------------------------------------------
@@ -4185,11 +4187,15 @@ static int device_pick(const Opts *o, const Model *m, int slots, int cap, int ro
         return 1;
     }
     if (!gpu_available()) return 0;
+    double fr = gpu_free_bytes(); /* creates the context, which can fail too */
+    if (!gpu_available()) { fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe()); return 0; }
     if (o->offload) return 1; /* a placement policy streams what does not fit */
     const Config *c = &m->cfg;
     double kv = 2.0 * c->n_layer * (double)slots * c->hidden * cap * (o->compress_cache ? 0.5625 / 2 : 2);
-    double act = 4.0 * rows * (6.0 * c->hidden + c->ffn + c->embed_dim) + 4.0 * 64 * c->vocab;
-    double need = gpu_model_bytes(m) + kv + act, fr = gpu_free_bytes();
+    int wide = c->ffn > c->hidden ? c->ffn : c->hidden, lrows = strcmp(o->cmd, "score") ? slots : rows; /* rows needing logits */
+    double act = 4.0 * rows * (6.0 * c->hidden + c->ffn + c->embed_dim) + 2.0 * rows * (wide > c->embed_dim ? wide : c->embed_dim)
+                 + 4.0 * lrows * ((double)c->vocab + c->embed_dim) + (32 << 20); /* scratch, narrowed inputs, logits, cuBLASLt */
+    double need = gpu_model_bytes(m) + kv + act;
     if (need > 0.9 * fr) {
         fprintf(stderr, "opt: the model needs %.1f GiB on the GPU, %.1f GiB are free; running on the CPU (see --percent to offload)\n",
                 need / (1 << 30), fr / (1 << 30));

@@ -588,6 +588,10 @@ void offload_logits(Offload *o, float *logits, const float *hid, int rows);
 void offload_stats(const Offload *o, OffloadStats *s);
 void offload_close(Offload *o);
 int offload_block(const Offload *o);       /* sequences per block */
+/* A host buffer device d copies to and from: whole pages, page-locked on d
+ * (a plain allocation when d is NULL); host_pinned_free releases it. */
+void *host_pinned(const Device *d, size_t bytes, const char *what);
+void host_pinned_free(const Device *d, void *p);
 
 /* ----------------------------------------------------------------------------
  * quant.c: SmoothQuant conversion. */

@@ -5,7 +5,8 @@ P random tokens and G-1 cached decode steps (greedy), timed with CUDA syncs.
 Prints one JSON object with opt bench's field names.
 
 usage: torch_gpu.py -m DIR --prompt-len P --gen-len G -b B [--reps N]"""
-import argparse, json, time
+import argparse, json, os, time
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the device machine has no network; the checkpoint is local
 import torch
 from transformers import OPTForCausalLM
 
