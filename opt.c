@@ -3684,7 +3684,7 @@ typedef struct {
      "      --device D         cpu, gpu or auto (default: the GPU when there is one and the model fits)\n" \
      "      --compress-weight  4-bit group-wise weights, quantized at load time\n" \
      "      --compress-cache   4-bit group-wise KV cache\n" \
-     "      --group-size N     4-bit group size: 32, 64 (default) or 128 (with --compress-*)\n"
+     "      --group-size N     4-bit group size: 32, 64 (default) or 128\n"
 #define OFFLOAD_HELP \
      "  Offloading (FlexGen's block schedule; any of these turns it on):\n" \
      "      --percent WG WC CG CC AG AC  percent of weights, KV cache and activations on GPU and CPU;\n" \
