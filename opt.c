@@ -3849,10 +3849,10 @@ static double parse_num(const char *flag, const char *v, double lo, double hi) {
  * nothing to it instead of ignoring them --- */
 
 enum { /* the commands opts_parse serves, as bits */
-    C_GEN = 1, C_SCORE = 2, C_TOK = 4, C_SYNTH = 8, C_INFO = 16, C_BENCH = 32, C_CONV = 64,
+    C_GEN = 1, C_SCORE = 2, C_TOK = 4, C_SYNTH = 8, C_INFO = 16, C_BENCH = 32, C_CONV = 64, C_VERSION = 128,
     C_RUN = C_GEN | C_SCORE, C_MODEL = C_RUN | C_BENCH,
 };
-static const char *const cmd_names[] = {"generate", "score", "tokenize", "synth", "info", "bench", "convert"};
+static const char *const cmd_names[] = {"generate", "score", "tokenize", "synth", "info", "bench", "convert", "version"};
 
 enum { /* what an option needs alongside it to mean anything */
     N_W8A8 = 1, N_Q4 = 2, N_AUTO = 4,
@@ -4649,15 +4649,11 @@ int main(int argc, char **argv) {
     Opts o = {.cmd = "generate", .batch = 16, .group = 64, .sq = {.alpha = 0.5f, .samples = 512, .len = 512},
               .off = {.pol = {.gpu_batch_size = 16, .num_gpu_batches = 1, .w_cpu = 100, .c_cpu = 100, .a_cpu = 100, .overlap = 1, .group_size = 64}}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
     int first = 1, rc = 0;
-    if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
     const char *a1 = argc > 1 ? argv[1] : "";
+    if (argc > 1 && (a1[0] != '-' || !strcmp(a1, "--version"))) { o.cmd = a1[0] != '-' ? a1 : "version"; first = 2; }
     bool known = false;
     for (size_t i = 0; i < sizeof cmd_names / sizeof *cmd_names; i++) known |= !strcmp(o.cmd, cmd_names[i]);
     if (!strcmp(a1, "-h") || !strcmp(a1, "--help")) usage(stdout);
-    else if (!strcmp(a1, "--version") || !strcmp(o.cmd, "version")) {
-        if (argc > 2) die("%s does not apply to opt version", argv[2]);
-        cmd_version();
-    }
     else if (!strcmp(o.cmd, "help")) cmd_help(argc > 2 ? argv[2] : NULL);
     else if (!strcmp(o.cmd, "lp")) rc = lp_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "plan")) rc = plan_main(argc - 1, argv + 1);
@@ -4673,6 +4669,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(o.cmd, "info")) cmd_info(&o);
         else if (!strcmp(o.cmd, "bench")) cmd_bench(&o);
         else if (!strcmp(o.cmd, "convert")) cmd_convert(&o);
+        else if (!strcmp(o.cmd, "version")) cmd_version();
     }
     /* data on stdout is complete only if it reached its file: a full disk is an error */
     int bad = fflush(stdout), err = errno;
