@@ -3814,7 +3814,12 @@ static void usage(FILE *f) {
                "forces a SIMD level.\n");
 }
 
+static bool is_help(const char *a) { return !strcmp(a, "-h") || !strcmp(a, "--help"); }
+
 static void cmd_help(const char *cmd) {
+    static char plan[] = "plan", probe[] = "probe", help[] = "--help"; /* lp.c keeps these two helps */
+    if (cmd && !strcmp(cmd, plan)) { plan_main(2, (char *[]){plan, help}); return; }
+    if (cmd && !strcmp(cmd, probe)) { probe_main(2, (char *[]){probe, help}); return; }
     for (size_t i = 0; i < sizeof help_text / sizeof *help_text; i++)
         if (cmd && !strcmp(cmd, help_text[i][0])) { fputs(help_text[i][1], stdout); return; }
     usage(stdout);
@@ -3965,7 +3970,7 @@ static void opts_parse(Opts *o, int argc, char **argv) {
     bool given[N_SPECS] = {0};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { o->help = 1; return; }
+        if (is_help(a)) { o->help = 1; return; }
         int k = spec_find(a);
         if (k < 0) die("unknown option '%s' for opt %s (see opt %s --help)", a, o->cmd, o->cmd);
         const OptSpec *s = &opt_specs[k];
@@ -4653,8 +4658,9 @@ int main(int argc, char **argv) {
     if (argc > 1 && (a1[0] != '-' || !strcmp(a1, "--version"))) { o.cmd = a1[0] != '-' ? a1 : "version"; first = 2; }
     bool known = false;
     for (size_t i = 0; i < sizeof cmd_names / sizeof *cmd_names; i++) known |= !strcmp(o.cmd, cmd_names[i]);
-    if (!strcmp(a1, "-h") || !strcmp(a1, "--help")) usage(stdout);
+    if (is_help(a1)) usage(stdout);
     else if (!strcmp(o.cmd, "help")) cmd_help(argc > 2 ? argv[2] : NULL);
+    else if (!strcmp(o.cmd, "lp") && argc == 3 && is_help(argv[2])) cmd_help("lp");
     else if (!strcmp(o.cmd, "lp")) rc = lp_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "plan")) rc = plan_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "probe")) rc = probe_main(argc - 1, argv + 1);

@@ -106,6 +106,10 @@ def test_options():
         check(r.rc == 0 and r.out and not r.err, 'opt %s --help: exit 0, text on stdout only' % cmd, r.describe())
         # an option is a word starting with - or -- and a letter, not inside another word
         helps[cmd] = set(re.findall(r'(?<![\w.-])(--?[a-z][a-z0-9-]*)', r.text)) - {'-h', '--help', '--version'}
+    for cmd in ('lp', 'plan', 'probe', 'generate'):
+        a, b = opt(['help', cmd]), opt([cmd, '--help'])
+        check(a.rc == 0 and b.rc == 0 and a.out == b.out and a.text.startswith('usage: opt %s' % cmd),
+              'opt help %s is opt %s --help' % (cmd, cmd), a.describe() + '\n' + b.describe())
     every = sorted(set().union(*helps.values()))
     check(len(every) > 40, 'the help texts list %d options' % len(every))
     wrong = []
@@ -287,7 +291,7 @@ def test_stdout():
     cases = ((['info', '-m', MODEL], ''), (['plan', '-m', 'opt-30b'], ''), (['lp', mps], ''),
              (['bench', '-m', 'dummy:64x2x4x256', '--json', '--prompt-len', '8', '--gen-len', '2', '-b', '1'], ''),
              (['tokenize'], 'hello\n'), (['tokenize', '-f', '-'], 'hello\n'), (['--version'], ''), (['version'], ''),
-             (['--help'], ''), (['score', '--help'], ''), (['help', 'plan'], ''),
+             (['--help'], ''), (['score', '--help'], ''), (['help', 'plan'], ''), (['lp', '--help'], ''),
              (['probe', '--quick', '--disk-bytes', '4M', '--offload-dir', TMP], ''))
     with open('/dev/full', 'wb') as full:
         for args, stdin in cases:
