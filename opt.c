@@ -4664,7 +4664,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(o.cmd, "lp")) rc = lp_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "plan")) rc = plan_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "probe")) rc = probe_main(argc - 1, argv + 1);
-    else if (!known) { fprintf(stderr, "opt: unknown command '%s'\n\n", o.cmd); usage(stderr); return 2; }
+    else if (!known) { fprintf(stderr, "opt: unknown command '%s' (see opt --help)\n", o.cmd); return 2; }
     else {
         opts_parse(&o, argc - first, argv + first);
         if (o.threads) omp_set_num_threads(o.threads);

@@ -148,6 +148,9 @@ def test_options():
                        (['version', '-m', 'x'], '-m does not apply to opt version'),
                        (['--version', '-t', '2'], '-t does not apply to opt version')):
         refused('opt %s' % ' '.join(args), opt(args, 'hi\n'), name)
+    r = opt(['bogus', '-m', 'x'])
+    check(r.rc == 2 and not r.out and err_lines(r) == ["opt: unknown command 'bogus' (see opt --help)"],
+          'an unknown command: exit 2, one line naming it', r.describe())
     r = opt(['score', '-m', MODEL, '--stream'], 'hi\n')
     refused('score --stream says streaming is for generate', r, '--stream does not apply to opt score', 'generate')
 
