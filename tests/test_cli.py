@@ -28,7 +28,6 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +68,7 @@ def refused(what, r, *names):
     return check(not problems, what, '; '.join(problems) + '\n' + r.describe())
 
 
-def ran(what, r, binary=None):
+def ran(what, r):
     """r exited 0 without a sanitizer report."""
     ok = r.rc == 0 and 'Sanitizer' not in r.errtext and 'runtime error' not in r.errtext
     return check(ok, what, r.describe())
