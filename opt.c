@@ -3648,14 +3648,15 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
 typedef struct {
     const char *cmd;       /* subcommand */
     const char *model;     /* -m */
-    const char *file;      /* -f, NULL = stdin */
-    const char *out;       /* -o (synth) */
+    const char *file;      /* -f, NULL or "-" = stdin */
+    const char *out;       /* -o (synth, convert) */
     int batch;             /* -b */
     int threads;           /* -t, 0 = all cores */
     int max_new;           /* -n */
     SamplerCfg sc;         /* --temperature --top-k --top-p */
     uint64_t seed;         /* --seed */
     int ignore_eos, jsonl, ids, stream, no_bos, decode, json; /* flags */
+    const char *truncate;  /* --truncate error|left: what a too-long prompt does (NULL = error) */
     int prompt_len, gen_len; /* bench */
     const char *shape;     /* synth --shape */
     const char *format;    /* synth --format */
@@ -3669,13 +3670,15 @@ typedef struct {
     int group;             /* --group-size for 4-bit formats */
     int int4;              /* convert --int4-weights */
     int outliers;          /* synth --outliers */
-    int w8a8;              /* convert --w8a8 */
+    int w8a8;              /* convert --w8a8 (or --w8a8-static) */
     SqOpts sq;             /* its calibration */
-    int offload;           /* a placement policy was given (any of the flags below) */
+    int offload;           /* a placement policy was given (any option marked so in opt_specs) */
+    const char *policy;    /* --policy: "auto" or NULL */
     int policy_auto;       /* --policy auto: lp.c chooses it */
     const char *device;    /* --device cpu|gpu|auto */
     const char *hw;        /* --hw for --policy auto: t4, h100 or a probe file */
     OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
+    int help;              /* -h: print the command's help instead of running it */
 } Opts;
 
 #define DEVICE_HELP \
@@ -3698,61 +3701,91 @@ typedef struct {
      "      --cpu-attention    attention where the cache lives (always so when the CPU computes)\n" \
      "      --pin-weights      lock the CPU-resident weights in RAM (mlock)\n" \
      "      --no-overlap       synchronous I/O, for debugging\n"
+#define INPUT_HELP \
+     "  Input: a UTF-8 byte order mark at its start and the CR of CRLF line ends are dropped.\n"
 
 static const char *help_text[][2] = {
     {"generate",
      "usage: opt generate -m DIR [-f FILE] [options]\n"
      "  One prompt per input line (stdin without -f); escapes \\n \\t \\\\ are decoded.\n"
      "  One completion per output line, in input order, escaped the same way.\n"
-     "  -m, --model DIR        Hugging Face OPT checkpoint directory\n"
-     "  -f, --file FILE        read prompts from FILE instead of stdin\n"
+     INPUT_HELP
+     "  An empty line is a prompt too (BOS alone); in --jsonl input blank lines are skipped.\n"
+     "  -m, --model DIR        Hugging Face OPT checkpoint directory (or a file from opt convert)\n"
+     "  -f, --file FILE        read prompts from FILE instead of stdin (- is stdin)\n"
      "  -n, --max-new-tokens N tokens to generate per prompt (default 32)\n"
      "  -b, --batch-size N     sequences in flight (default 16)\n"
      "  -t, --threads N        CPU threads (default: all cores)\n"
-     "      --temperature T    0 = greedy (default 0)\n"
+     "      --temperature T    0 = greedy (default 0, or 1 when --top-k or --top-p is given)\n"
      "      --top-k K          sample among the K most likely tokens (0 = off)\n"
      "      --top-p P          nucleus sampling mass (default 1 = off)\n"
      "      --seed S           sampling seed (default 0); same seed, same output\n"
      "      --ignore-eos       do not stop at </s> (otherwise </s> is printed and ends the line)\n"
-     "      --jsonl            JSON lines in ({\"prompt\": ...}) and out ({\"index\", \"prompt\", \"completion\", \"ids\"})\n"
+     "      --jsonl            JSON lines in ({\"prompt\": ...} or {\"ids\": [...]}) and out ({\"index\",\n"
+     "                         \"prompt\", \"completion\", \"ids\"}); \"index\" counts prompts from 0\n"
      "      --ids              input lines are token ids (no BOS added); output lines are the new ids\n"
-     "      --stream           print tokens as they come (a single prompt; raw text)\n"
+     "      --stream           print tokens as they come (a single prompt; raw text, so not with\n"
+     "                         --jsonl or --ids)\n"
+     "      --truncate M       a prompt longer than the model's positions less -n: error (default,\n"
+     "                         before any output) or left (keep BOS and the last tokens that fit)\n"
      "      --step-rows N      tokens per forward step (default 1024; bounds activation memory)\n"
      DEVICE_HELP OFFLOAD_HELP},
     {"score",
      "usage: opt score -m DIR [-f FILE] [options]\n"
      "  For each input line, the natural-log probability of every token after the first\n"
-     "  (BOS for text) given the ones before it, space-separated, one line per input.\n"
-     "  -m, --model DIR   -f, --file FILE   -b, --batch-size N   -t, --threads N\n"
+     "  (BOS for text) given the ones before it, space-separated, one line per input, each\n"
+     "  printed as soon as it is complete.\n"
+     INPUT_HELP
+     "  An empty line is a prompt too (BOS alone: an empty result); in --jsonl input blank lines\n"
+     "  are skipped.\n"
+     "  -m, --model DIR        Hugging Face OPT checkpoint directory (or a file from opt convert)\n"
+     "  -f, --file FILE        read the lines from FILE instead of stdin (- is stdin)\n"
+     "  -b, --batch-size N     sequences in flight (default 16)\n"
+     "  -t, --threads N        CPU threads (default: all cores)\n"
      "      --ids              input lines are token ids, used as given\n"
-     "      --jsonl            JSON lines in ({\"prompt\": ...}) and out ({\"index\", \"tokens\", \"ids\", \"logprobs\", \"perplexity\"})\n"
+     "      --jsonl            JSON lines in ({\"prompt\": ...} or {\"ids\": [...]}) and out ({\"index\",\n"
+     "                         \"tokens\", \"ids\", \"logprobs\", \"perplexity\"}); \"index\" counts lines scored\n"
+     "      --truncate M       a line longer than the model's positions: error (default, before any\n"
+     "                         output) or left (keep the first token and the last ones that fit)\n"
      "      --step-rows N      tokens per forward step (default 1024)\n"
      DEVICE_HELP OFFLOAD_HELP},
     {"tokenize",
-     "usage: opt tokenize [-m DIR] [-f FILE] [--no-bos] [--decode]\n"
+     "usage: opt tokenize [-m DIR] [-f FILE] [--no-bos | --decode]\n"
      "  Text lines to token ids (BOS 2 first unless --no-bos); with --decode, id lines to text.\n"
-     "  Without -m the built-in OPT tokenizer is used (all OPT sizes share it).\n"},
+     INPUT_HELP
+     "  -m, --model DIR        a checkpoint directory whose vocab.json and merges.txt to use; without\n"
+     "                         them (or without -m) the built-in OPT tokenizer (all OPT sizes share it)\n"
+     "  -f, --file FILE        read lines from FILE instead of stdin (- is stdin)\n"
+     "      --no-bos           no BOS before each line's ids\n"
+     "      --decode           id lines to text, escaped as generate escapes it\n"},
     {"synth",
      "usage: opt synth --shape SHAPE -o DIR [--seed S] [--format safetensors|bin] [--dtype f16|f32|bf16]\n"
      "                 [--shards N] [--prefix model.decoder.|decoder.] [--tie|--no-tie] [--outliers]\n"
      "  Writes a random-weight OPT checkpoint in Hugging Face layout (config, tokenizer, weights).\n"
      "  SHAPE: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b,\n"
      "         or HIDDENxLAYERSxHEADSxFFN (e.g. 256x2x4x1024). Defaults: f16, safetensors, tied, seed 0.\n"
+     "  -o, --output DIR: the directory to write.\n"
      "  --outliers: 4 fixed channels of the LayerNorms feeding q/k/v and fc1 are 50-100x the rest\n"
      "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"},
-    {"info", "usage: opt info -m DIR\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
+    {"info", "usage: opt info -m DIR (-m, --model)\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
     {"bench",
      "usage: opt bench -m DIR|dummy:SHAPE [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json] [options]\n"
      "  Synthetic prompts of P (512) tokens, G (32) generated each, B at once (a policy's block\n"
      "  when one is given). Prints prefill and decode latency and throughput, total throughput\n"
      "  (FlexGen's definitions: total = B*G / (prefill + decode)) and peak memory; with a policy\n"
      "  also the accounted peak per tier, the disk bandwidth achieved and the I/O-compute overlap.\n"
+     "  -m, --model DIR   -b, --batch-size B (16)   -t, --threads T (all cores)\n"
+     "      --json             one JSON object instead of the table\n"
+     "      --step-rows N      tokens per forward step (default 1024, at least B*P)\n"
      DEVICE_HELP OFFLOAD_HELP},
     {"lp", lp_usage}, {"plan", plan_usage}, {"probe", probe_usage},
     {"convert",
      "usage: opt convert -m DIR -o FILE [--int4-weights [--group-size N] | --w8a8 --calib FILE [...]]\n"
      "  Writes the native packed file (a safetensors container with opt's tensor names, the\n"
      "  config and each tensor's format in its metadata) that -m accepts and the disk tier maps.\n"
+     "  -m, --model DIR        the checkpoint to convert\n"
+     "  -o, --output FILE      the file to write\n"
+     "  -t, --threads N        CPU threads for the calibration (default: all cores)\n"
      "      --int4-weights     4-bit group-wise weights (asymmetric, f16 scale and minimum per group)\n"
      "      --group-size N     values per group along each row: 32, 64 (default) or 128\n"
      "      --w8a8             SmoothQuant: int8 weights (per output channel) and int8 activations\n"
@@ -3761,6 +3794,7 @@ static const char *help_text[][2] = {
      "      --calib FILE       calibration text: one sample per line, or plain text cut into samples\n"
      "      --alpha A          migration strength in [0, 1] (default 0.5)\n"
      "      --calib-samples N  samples (default 512)    --calib-len N  tokens per sample (default 512)\n"},
+    {"version", "usage: opt version (or opt --version)\n  One line: opt's version, whether it was built with CUDA, and the SIMD level in use.\n"},
 };
 
 static void usage(FILE *f) {
@@ -3776,16 +3810,30 @@ static void usage(FILE *f) {
                "  convert    write the native packed file (4-bit or SmoothQuant W8A8 weights)\n"
                "  plan       choose an offloading policy with the cost model (lp.c)\n"
                "  probe      measure this machine for plan\n"
-               "  lp         solve a linear program (MPS) with the built-in simplex\n\n"
+               "  lp         solve a linear program (MPS) with the built-in simplex\n"
+               "  version    the version and build (also opt --version)\n\n"
                "`opt COMMAND --help` documents each command's options. OPT_SIMD=scalar|avx2|avx512\n"
                "forces a SIMD level.\n");
 }
 
+static bool is_help(const char *a) { return !strcmp(a, "-h") || !strcmp(a, "--help"); }
+
 static void cmd_help(const char *cmd) {
+    static char plan[] = "plan", probe[] = "probe", help[] = "--help"; /* lp.c keeps these two helps */
+    if (cmd && !strcmp(cmd, plan)) { plan_main(2, (char *[]){plan, help}); return; }
+    if (cmd && !strcmp(cmd, probe)) { probe_main(2, (char *[]){probe, help}); return; }
     for (size_t i = 0; i < sizeof help_text / sizeof *help_text; i++)
-        if (!strcmp(cmd, help_text[i][0])) { fputs(help_text[i][1], stdout); exit(0); }
+        if (cmd && !strcmp(cmd, help_text[i][0])) { fputs(help_text[i][1], stdout); return; }
     usage(stdout);
-    exit(0);
+}
+
+static void cmd_version(void) {
+#ifdef OPT_CUDA
+    const char *cuda = "with CUDA";
+#else
+    const char *cuda = "without CUDA";
+#endif
+    printf("opt %s (%s, SIMD %s of %s)\n", OPT_VERSION, cuda, simd_names[g_simd], simd_names[g_simd_max]);
 }
 
 static long parse_int(const char *flag, const char *v, long lo, long hi) {
@@ -3803,83 +3851,179 @@ static double parse_num(const char *flag, const char *v, double lo, double hi) {
     return x;
 }
 
+/* --- options: one table says what each one is, where it goes and which
+ * commands it applies to, so every command refuses the options that mean
+ * nothing to it instead of ignoring them --- */
+
+enum { /* the commands opts_parse serves, as bits */
+    C_GEN = 1, C_SCORE = 2, C_TOK = 4, C_SYNTH = 8, C_INFO = 16, C_BENCH = 32, C_CONV = 64, C_VERSION = 128,
+    C_RUN = C_GEN | C_SCORE, C_MODEL = C_RUN | C_BENCH,
+};
+static const char *const cmd_names[] = {"generate", "score", "tokenize", "synth", "info", "bench", "convert", "version"};
+
+enum { /* what an option needs alongside it to mean anything */
+    N_W8A8 = 1, N_Q4 = 2, N_AUTO = 4,
+};
+static const char *const need_names[] = {"--w8a8 or --w8a8-static", "--int4-weights, --compress-weight or --compress-cache",
+                                         "--policy auto"};
+
+typedef enum { A_SET, A_CLEAR, A_INT, A_FLOAT, A_U64, A_STR, A_SIZE, A_PERCENT } ArgKind;
+
+typedef struct {
+    const char *name;      /* long spelling */
+    const char *brief;     /* short spelling, or NULL */
+    unsigned cmds;         /* the commands it applies to (C_ bits) */
+    ArgKind kind;          /* its value's type: how it is parsed and stored */
+    size_t at;             /* where in Opts it is stored */
+    double lo, hi;         /* a number's accepted range */
+    const char *choices;   /* the accepted values, '|'-separated, or NULL for any */
+    unsigned needs;        /* meaningful only with one of these (N_ bits), or 0 */
+    bool offload;          /* giving it asks for a placement policy */
+    const char *why;       /* said when it does not apply, or NULL */
+} OptSpec;
+
+#define O(name, brief, cmds, kind, field, lo, hi, choices, needs, offload) \
+    {name, brief, cmds, kind, offsetof(Opts, field), lo, hi, choices, needs, offload, NULL}
+static const OptSpec opt_specs[] = {
+    O("--model", "-m", C_MODEL | C_TOK | C_INFO | C_CONV, A_STR, model, 0, 0, NULL, 0, 0),
+    O("--file", "-f", C_RUN | C_TOK, A_STR, file, 0, 0, NULL, 0, 0),
+    O("--output", "-o", C_SYNTH | C_CONV, A_STR, out, 0, 0, NULL, 0, 0),
+    O("--batch-size", "-b", C_MODEL, A_INT, batch, 1, 1 << 20, NULL, 0, 0),
+    O("--threads", "-t", C_MODEL | C_CONV, A_INT, threads, 1, 4096, NULL, 0, 0),
+    O("--max-new-tokens", "-n", C_GEN, A_INT, max_new, 0, 1 << 20, NULL, 0, 0),
+    O("--temperature", NULL, C_GEN, A_FLOAT, sc.temperature, 0, 1e6, NULL, 0, 0),
+    O("--top-k", NULL, C_GEN, A_INT, sc.top_k, 0, 1 << 30, NULL, 0, 0),
+    O("--top-p", NULL, C_GEN, A_FLOAT, sc.top_p, 1e-9, 1, NULL, 0, 0),
+    O("--seed", NULL, C_GEN | C_SYNTH, A_U64, seed, 0, 1.8e19, NULL, 0, 0),
+    O("--ignore-eos", NULL, C_GEN, A_SET, ignore_eos, 0, 0, NULL, 0, 0),
+    O("--jsonl", NULL, C_RUN, A_SET, jsonl, 0, 0, NULL, 0, 0),
+    O("--ids", NULL, C_RUN, A_SET, ids, 0, 0, NULL, 0, 0),
+    {"--stream", NULL, C_GEN, A_SET, offsetof(Opts, stream), 0, 0, NULL, 0, 0,
+     "streaming is for generate; score and tokenize print each line as soon as it is complete"},
+    O("--truncate", NULL, C_RUN, A_STR, truncate, 0, 0, "error|left", 0, 0),
+    O("--step-rows", NULL, C_MODEL, A_INT, step_rows, 1, 1 << 20, NULL, 0, 0),
+    O("--no-bos", NULL, C_TOK, A_SET, no_bos, 0, 0, NULL, 0, 0),
+    O("--decode", NULL, C_TOK, A_SET, decode, 0, 0, NULL, 0, 0),
+    O("--json", NULL, C_BENCH, A_SET, json, 0, 0, NULL, 0, 0),
+    O("--prompt-len", NULL, C_BENCH, A_INT, prompt_len, 1, 1 << 20, NULL, 0, 0),
+    O("--gen-len", NULL, C_BENCH, A_INT, gen_len, 1, 1 << 20, NULL, 0, 0),
+    O("--shape", NULL, C_SYNTH, A_STR, shape, 0, 0, NULL, 0, 0),
+    O("--format", NULL, C_SYNTH, A_STR, format, 0, 0, NULL, 0, 0),
+    O("--dtype", NULL, C_SYNTH, A_STR, dtype, 0, 0, NULL, 0, 0),
+    O("--shards", NULL, C_SYNTH, A_INT, shards, 1, 100000, NULL, 0, 0),
+    O("--prefix", NULL, C_SYNTH, A_STR, prefix, 0, 0, NULL, 0, 0),
+    O("--tie", NULL, C_SYNTH, A_SET, tie, 0, 0, NULL, 0, 0),
+    O("--no-tie", NULL, C_SYNTH, A_CLEAR, tie, 0, 0, NULL, 0, 0),
+    O("--outliers", NULL, C_SYNTH, A_SET, outliers, 0, 0, NULL, 0, 0),
+    O("--device", NULL, C_MODEL, A_STR, device, 0, 0, "cpu|gpu|auto", 0, 0),
+    O("--compress-weight", NULL, C_MODEL, A_SET, compress_weight, 0, 0, NULL, 0, 0),
+    O("--compress-cache", NULL, C_MODEL, A_SET, compress_cache, 0, 0, NULL, 0, 0),
+    O("--group-size", NULL, C_MODEL | C_CONV, A_INT, group, 32, 128, "32|64|128", N_Q4, 0),
+    O("--percent", NULL, C_MODEL, A_PERCENT, off.pol, 0, 100, NULL, 0, 1),
+    O("--gpu-batch-size", NULL, C_MODEL, A_INT, off.pol.gpu_batch_size, 1, 1 << 16, NULL, 0, 1),
+    O("--num-gpu-batches", NULL, C_MODEL, A_INT, off.pol.num_gpu_batches, 1, 64, NULL, 0, 1),
+    O("--policy", NULL, C_MODEL, A_STR, policy, 0, 0, "auto", 0, 1),
+    O("--hw", NULL, C_MODEL, A_STR, hw, 0, 0, NULL, N_AUTO, 0),
+    O("--offload-dir", NULL, C_MODEL, A_STR, off.dir, 0, 0, NULL, 0, 1),
+    O("--gpu-mem", NULL, C_MODEL, A_SIZE, off.mem[TIER_GPU], 0, 0, NULL, 0, 0),
+    O("--cpu-mem", NULL, C_MODEL, A_SIZE, off.mem[TIER_CPU], 0, 0, NULL, 0, 1),
+    O("--disk-mem", NULL, C_MODEL, A_SIZE, off.mem[TIER_DISK], 0, 0, NULL, 0, 1),
+    O("--cpu-attention", NULL, C_MODEL, A_SET, off.pol.cpu_attention, 0, 0, NULL, 0, 0),
+    O("--pin-weights", NULL, C_MODEL, A_SET, off.pol.pin_weights, 0, 0, NULL, 0, 0),
+    O("--no-overlap", NULL, C_MODEL, A_CLEAR, off.pol.overlap, 0, 0, NULL, 0, 0),
+    O("--int4-weights", NULL, C_CONV, A_SET, int4, 0, 0, NULL, 0, 0),
+    O("--w8a8", NULL, C_CONV, A_SET, w8a8, 0, 0, NULL, 0, 0),
+    O("--w8a8-static", NULL, C_CONV, A_SET, sq.static_act, 0, 0, NULL, 0, 0),
+    O("--calib", NULL, C_CONV, A_STR, sq.calib, 0, 0, NULL, N_W8A8, 0),
+    O("--alpha", NULL, C_CONV, A_FLOAT, sq.alpha, 0, 1, NULL, N_W8A8, 0),
+    O("--calib-samples", NULL, C_CONV, A_INT, sq.samples, 1, 1 << 20, NULL, N_W8A8, 0),
+    O("--calib-len", NULL, C_CONV, A_INT, sq.len, 2, 1 << 20, NULL, N_W8A8, 0),
+};
+#undef O
+#define N_SPECS (sizeof opt_specs / sizeof *opt_specs)
+
+/* Pairs that contradict each other: the first named is refused beside the second. */
+static const char *const opt_conflicts[][2] = {
+    {"--stream", "--jsonl"}, {"--stream", "--ids"}, {"--no-bos", "--decode"},
+    {"--w8a8", "--int4-weights"}, {"--w8a8-static", "--int4-weights"},
+};
+
+static int spec_find(const char *a) {
+    for (size_t k = 0; k < N_SPECS; k++)
+        if (!strcmp(a, opt_specs[k].name) || (opt_specs[k].brief && !strcmp(a, opt_specs[k].brief))) return (int)k;
+    return -1;
+}
+
+/* Is v one of the '|'-separated choices? */
+static bool choice_ok(const char *choices, const char *v) {
+    size_t n = strlen(v);
+    for (const char *p = choices; *p;) {
+        size_t k = strcspn(p, "|");
+        if (k == n && !strncmp(p, v, n)) return true;
+        p += k + (p[k] == '|');
+    }
+    return false;
+}
+
 static void opts_parse(Opts *o, int argc, char **argv) {
+    unsigned cmd = 0;
+    for (size_t c = 0; c < sizeof cmd_names / sizeof *cmd_names; c++)
+        if (!strcmp(o->cmd, cmd_names[c])) cmd = 1u << c;
+    bool given[N_SPECS] = {0};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) cmd_help(o->cmd);
-#define FLAG(s, l) (!strcmp(a, s) || !strcmp(a, l))
-#define VAL() (i + 1 < argc ? argv[++i] : (die("%s needs a value (see opt %s --help)", a, o->cmd), ""))
-        if (FLAG("-m", "--model")) o->model = VAL();
-        else if (FLAG("-f", "--file")) o->file = VAL();
-        else if (FLAG("-o", "--output")) o->out = VAL();
-        else if (FLAG("-b", "--batch-size")) o->batch = (int)parse_int(a, VAL(), 1, 1 << 20);
-        else if (FLAG("-t", "--threads")) o->threads = (int)parse_int(a, VAL(), 1, 4096);
-        else if (FLAG("-n", "--max-new-tokens")) o->max_new = (int)parse_int(a, VAL(), 0, 1 << 20);
-        else if (!strcmp(a, "--temperature")) o->sc.temperature = (float)parse_num(a, VAL(), 0, 1e6);
-        else if (!strcmp(a, "--top-k")) o->sc.top_k = (int)parse_int(a, VAL(), 0, 1 << 30);
-        else if (!strcmp(a, "--top-p")) o->sc.top_p = (float)parse_num(a, VAL(), 1e-9, 1);
-        else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_num(a, VAL(), 0, 1.8e19);
-        else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
-        else if (!strcmp(a, "--jsonl")) o->jsonl = 1;
-        else if (!strcmp(a, "--ids")) o->ids = 1;
-        else if (!strcmp(a, "--stream")) o->stream = 1;
-        else if (!strcmp(a, "--no-bos")) o->no_bos = 1;
-        else if (!strcmp(a, "--decode")) o->decode = 1;
-        else if (!strcmp(a, "--json")) o->json = 1;
-        else if (!strcmp(a, "--prompt-len")) o->prompt_len = (int)parse_int(a, VAL(), 1, 1 << 20);
-        else if (!strcmp(a, "--gen-len")) o->gen_len = (int)parse_int(a, VAL(), 1, 1 << 20);
-        else if (!strcmp(a, "--shape")) o->shape = VAL();
-        else if (!strcmp(a, "--format")) o->format = VAL();
-        else if (!strcmp(a, "--dtype")) o->dtype = VAL();
-        else if (!strcmp(a, "--shards")) o->shards = (int)parse_int(a, VAL(), 1, 100000);
-        else if (!strcmp(a, "--prefix")) o->prefix = VAL();
-        else if (!strcmp(a, "--tie")) o->tie = 1;
-        else if (!strcmp(a, "--no-tie")) o->tie = 0;
-        else if (!strcmp(a, "--step-rows")) o->step_rows = (int)parse_int(a, VAL(), 1, 1 << 20);
-        else if (!strcmp(a, "--compress-weight")) o->compress_weight = 1;
-        else if (!strcmp(a, "--compress-cache")) o->compress_cache = 1;
-        else if (!strcmp(a, "--int4-weights")) o->int4 = 1;
-        else if (!strcmp(a, "--outliers")) o->outliers = 1;
-        else if (!strcmp(a, "--percent")) {
-            double *pc[6] = {&o->off.pol.w_gpu, &o->off.pol.w_cpu, &o->off.pol.c_gpu, &o->off.pol.c_cpu, &o->off.pol.a_gpu, &o->off.pol.a_cpu};
-            for (int k = 0; k < 6; k++) *pc[k] = parse_num("--percent", VAL(), 0, 100);
-            for (int k = 0; k < 6; k += 2)
-                if (*pc[k] + *pc[k + 1] > 100) die("--percent: %s on GPU and CPU add up to more than 100", k == 0 ? "weights" : k == 2 ? "cache" : "activations");
-            o->offload = 1;
+        if (is_help(a)) { o->help = 1; return; }
+        int k = spec_find(a);
+        if (k < 0) die("unknown option '%s' for opt %s (see opt %s --help)", a, o->cmd, o->cmd);
+        const OptSpec *s = &opt_specs[k];
+        if (!(s->cmds & cmd) && s->why) die("%s does not apply to opt %s: %s", a, o->cmd, s->why);
+        if (!(s->cmds & cmd)) die("%s does not apply to opt %s (see opt %s --help)", a, o->cmd, o->cmd);
+        given[k] = true;
+        void *at = (char *)o + s->at;
+        if (s->kind == A_SET || s->kind == A_CLEAR) { *(int *)at = s->kind == A_SET; continue; }
+        if (s->kind == A_PERCENT) { /* six values: weights, cache, activations on GPU and CPU */
+            Policy *p = at;
+            double *pc[6] = {&p->w_gpu, &p->w_cpu, &p->c_gpu, &p->c_cpu, &p->a_gpu, &p->a_cpu};
+            for (int q = 0; q < 6; q++) {
+                if (i + 1 >= argc) die("%s needs 6 values (see opt %s --help)", a, o->cmd);
+                *pc[q] = parse_num(a, argv[++i], s->lo, s->hi);
+            }
+            for (int q = 0; q < 6; q += 2)
+                if (*pc[q] + *pc[q + 1] > 100) die("%s: %s on GPU and CPU add up to more than 100", a, q == 0 ? "weights" : q == 2 ? "cache" : "activations");
+            continue;
         }
-        else if (!strcmp(a, "--gpu-batch-size")) o->off.pol.gpu_batch_size = (int)parse_int(a, VAL(), 1, 1 << 16), o->offload = 1;
-        else if (!strcmp(a, "--num-gpu-batches")) o->off.pol.num_gpu_batches = (int)parse_int(a, VAL(), 1, 64), o->offload = 1;
-        else if (!strcmp(a, "--cpu-attention")) o->off.pol.cpu_attention = 1;
-        else if (!strcmp(a, "--policy")) {
-            const char *v = VAL();
-            if (strcmp(v, "auto")) die("--policy: only \"auto\" is a policy name (or give --percent and the batch flags)");
-            o->policy_auto = o->offload = 1;
+        if (i + 1 >= argc) die("%s needs a value (see opt %s --help)", a, o->cmd);
+        const char *v = argv[++i];
+        if (s->choices && !choice_ok(s->choices, v)) die("%s: expected %s, got '%s'", a, s->choices, v);
+        switch (s->kind) {
+        case A_INT: *(int *)at = (int)parse_int(a, v, (long)s->lo, (long)s->hi); break;
+        case A_FLOAT: *(float *)at = (float)parse_num(a, v, s->lo, s->hi); break;
+        case A_U64: *(uint64_t *)at = (uint64_t)parse_num(a, v, s->lo, s->hi); break;
+        case A_SIZE: *(double *)at = size_parse(a, v); break;
+        default: *(const char **)at = v; break;
         }
-        else if (!strcmp(a, "--hw")) o->hw = VAL();
-        else if (!strcmp(a, "--device")) {
-            o->device = VAL();
-            if (strcmp(o->device, "cpu") && strcmp(o->device, "gpu") && strcmp(o->device, "auto")) die("--device: expected cpu, gpu or auto");
-        }
-        else if (!strcmp(a, "--pin-weights")) o->off.pol.pin_weights = 1;
-        else if (!strcmp(a, "--no-overlap")) o->off.pol.overlap = 0;
-        else if (!strcmp(a, "--offload-dir")) o->off.dir = VAL(), o->offload = 1;
-        else if (!strcmp(a, "--gpu-mem")) o->off.mem[TIER_GPU] = size_parse(a, VAL());
-        else if (!strcmp(a, "--cpu-mem")) o->off.mem[TIER_CPU] = size_parse(a, VAL()), o->offload = 1;
-        else if (!strcmp(a, "--disk-mem")) o->off.mem[TIER_DISK] = size_parse(a, VAL()), o->offload = 1;
-        else if (!strcmp(a, "--w8a8")) o->w8a8 = 1;
-        else if (!strcmp(a, "--w8a8-static")) o->w8a8 = o->sq.static_act = 1;
-        else if (!strcmp(a, "--calib")) o->sq.calib = VAL();
-        else if (!strcmp(a, "--alpha")) o->sq.alpha = (float)parse_num(a, VAL(), 0, 1);
-        else if (!strcmp(a, "--calib-samples")) o->sq.samples = (int)parse_int(a, VAL(), 1, 1 << 20);
-        else if (!strcmp(a, "--calib-len")) o->sq.len = (int)parse_int(a, VAL(), 2, 1 << 20);
-        else if (!strcmp(a, "--group-size")) {
-            o->group = (int)parse_int(a, VAL(), 32, 128);
-            if (o->group != 32 && o->group != 64 && o->group != 128) die("--group-size: expected 32, 64 or 128");
-        }
-        else die("unknown option '%s' for opt %s (see opt %s --help)", a, o->cmd, o->cmd);
-#undef FLAG
-#undef VAL
     }
+    o->w8a8 |= o->sq.static_act;
+    o->policy_auto = o->policy != NULL;
+    unsigned have = (o->w8a8 ? N_W8A8 : 0) | (o->int4 || o->compress_weight || o->compress_cache ? N_Q4 : 0) | (o->policy_auto ? N_AUTO : 0);
+    for (size_t k = 0; k < N_SPECS; k++) {
+        if (!given[k]) continue;
+        o->offload |= opt_specs[k].offload;
+        unsigned need = opt_specs[k].needs;
+        if (need && !(need & have))
+            for (int b = 0; b < 3; b++)
+                if (need & 1u << b) die("%s applies only with %s (see opt %s --help)", opt_specs[k].name, need_names[b], o->cmd);
+    }
+    for (size_t q = 0; q < sizeof opt_conflicts / sizeof *opt_conflicts; q++)
+        if (given[spec_find(opt_conflicts[q][0])] && given[spec_find(opt_conflicts[q][1])])
+            die("%s and %s cannot be used together (see opt %s --help)", opt_conflicts[q][0], opt_conflicts[q][1], o->cmd);
+    /* asking for top-k or top-p is asking to sample; greedy would ignore them */
+    bool filter = o->sc.top_k > 0 || o->sc.top_p < 1;
+    int t = spec_find("--temperature");
+    if (filter && given[t] && o->sc.temperature == 0)
+        die("%s needs sampling: --temperature 0 is greedy and would ignore it (leave --temperature out to sample at 1)",
+            o->sc.top_k > 0 ? "--top-k" : "--top-p");
+    if (filter && !given[t]) o->sc.temperature = 1;
 }
 
 /* --- input: one item per line, escapes decoded, UTF-8 checked --- */
@@ -3893,24 +4037,37 @@ typedef struct {
 
 static void input_open(Input *in, const char *file) {
     memset(in, 0, sizeof *in);
-    in->name = file ? file : "<stdin>";
-    in->f = file ? fopen(file, "rb") : stdin;
+    bool std = !file || !strcmp(file, "-");
+    in->name = std ? "<stdin>" : file;
+    in->f = std ? stdin : fopen(file, "rb");
     if (!in->f) die("%s: %s", file, strerror(errno));
 }
 
-/* Next line without its newline, escapes decoded in place; false at EOF. */
+static void input_close(Input *in) {
+    if (in->f != stdin) fclose(in->f);
+    free(in->buf);
+}
+
+/* Next line without its newline, escapes decoded in place; false at EOF.
+ * Editors' artifacts are not text: a byte order mark opening the input and
+ * the CR of a CRLF line end are dropped, so they never become tokens. */
 static bool input_line(Input *in, char **text, size_t *len, bool unescape) {
-    ssize_t n = getline(&in->buf, &in->cap, in->f);
-    if (n < 0) {
+    ssize_t got = getline(&in->buf, &in->cap, in->f);
+    if (got < 0) {
         if (ferror(in->f)) die("%s: read error: %s", in->name, strerror(errno));
         return false;
     }
     in->line++;
-    if (n && in->buf[n - 1] == '\n') n--;
-    size_t ok = utf8_valid_prefix(in->buf, (size_t)n);
-    if (ok < (size_t)n) die("%s:%d: invalid UTF-8 at byte %zu", in->name, in->line, ok + 1);
+    size_t n = (size_t)got, r = 0;
+    if (n && in->buf[n - 1] == '\n') {
+        n--;
+        if (n && in->buf[n - 1] == '\r') n--;
+    }
+    if (in->line == 1 && n >= 3 && !memcmp(in->buf, "\xEF\xBB\xBF", 3)) r = 3;
+    size_t ok = r + utf8_valid_prefix(in->buf + r, n - r);
+    if (ok < n) die("%s:%d: invalid UTF-8 at byte %zu", in->name, in->line, ok + 1);
     size_t w = 0;
-    for (ssize_t r = 0; r < n; r++) {
+    for (; r < n; r++) {
         char c = in->buf[r];
         if (unescape && c == '\\' && r + 1 < n && strchr("nt\\", in->buf[r + 1])) {
             c = in->buf[++r];
@@ -4075,8 +4232,12 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
     Job *jobs = check_malloc(sizeof(Job) * (size_t)cap, "jobs");
     char *text;
     size_t len;
-    bool score = !strcmp(o->cmd, "score");
+    bool score = !strcmp(o->cmd, "score"), left = o->truncate && !strcmp(o->truncate, "left");
+    int limit = c->max_pos - (score ? 0 : o->max_new), n_cut = 0; /* prompt tokens that fit */
+    char less[32] = "";
+    if (!score) snprintf(less, sizeof less, " less -n %d", o->max_new);
     while (input_line(&in, &text, &len, !o->jsonl)) {
+        if (o->jsonl && strspn(text, " \t") == len) continue; /* blank: no prompt; "index" counts prompts */
         if (n == cap) jobs = check_realloc(jobs, sizeof(Job) * (size_t)(cap *= 2), "jobs");
         Job *j = &jobs[n];
         memset(j, 0, sizeof *j);
@@ -4106,7 +4267,7 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
                 int *tmp = NULL, tcap = 0, k = tok_encode(tok, src, srclen, &tmp, &tcap);
                 j->ids = check_malloc(sizeof(int) * (size_t)(k + 1), "ids");
                 j->ids[0] = c->bos; /* OPT's tokenizer prepends </s> */
-                memcpy(j->ids + 1, tmp, sizeof(int) * (size_t)k);
+                if (k) memcpy(j->ids + 1, tmp, sizeof(int) * (size_t)k); /* an empty line is BOS alone, and tmp NULL */
                 j->n_ids = k + 1;
                 free(tmp);
             }
@@ -4116,17 +4277,24 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
         if (j->n_ids == 0) die("%s:%d: no tokens", in.name, in.line);
         for (int i = 0; i < j->n_ids; i++) /* a small model's vocabulary may not hold every tokenizer id */
             if (j->ids[i] >= c->vocab) die("%s:%d: token %d is outside the model's vocabulary of %d", in.name, in.line, j->ids[i], c->vocab);
-        int total = j->n_ids + (score ? 0 : o->max_new);
-        if (total > c->max_pos)
-            die("%s:%d: %d prompt tokens%s exceed the model's %d positions", in.name, in.line, j->n_ids,
-                score ? "" : (o->max_new ? " plus --max-new-tokens" : ""), c->max_pos);
+        if (j->n_ids > limit) {
+            if (limit < 1) die("%s:%d: -n %d leaves no room for a prompt in the model's %d positions", in.name, in.line, o->max_new, c->max_pos);
+            if (!left)
+                die("%s:%d: %d prompt tokens, more than the %d that fit (the model's %d positions%s; see --truncate)", in.name, in.line,
+                    j->n_ids, limit, c->max_pos, less);
+            memmove(j->ids + 1, j->ids + j->n_ids - (limit - 1), sizeof(int) * (size_t)(limit - 1)); /* BOS and the last tokens */
+            j->n_ids = limit;
+            n_cut++;
+        }
         if (score) j->lp = check_malloc(sizeof(float) * (size_t)(j->n_ids > 1 ? j->n_ids - 1 : 1), "log-probs");
         else j->out = check_malloc(sizeof(int) * (size_t)(o->max_new + 1), "generated ids");
         rng_seed(j->rng, o->seed, (uint64_t)n);
         n++;
     }
-    if (o->file) fclose(in.f);
-    free(in.buf);
+    input_close(&in);
+    if (n_cut)
+        fprintf(stderr, "opt: --truncate left: %d of %d prompts were longer than %d tokens (the model's %d positions%s); kept the first token and the last %d of each\n",
+                n_cut, n, limit, c->max_pos, less, limit - 1);
     *n_jobs = n;
     return jobs;
 }
@@ -4227,7 +4395,7 @@ static void cmd_run(const Opts *o) {
         for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
         policy_auto((Opts *)o, &m.cfg, longest, score ? 1 : o->max_new, n_jobs);
     }
-    if (o->stream && (n_jobs != 1 || score)) die("--stream takes exactly one prompt with generate (got %d)", n_jobs);
+    if (o->stream && n_jobs != 1) die("--stream takes exactly one prompt (got %d)", n_jobs);
     Printer pr = {.o = o, .tok = tok, .out = stdout};
     int longest = 1;
     for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
@@ -4244,6 +4412,9 @@ static void cmd_run(const Opts *o) {
 }
 
 static void cmd_tokenize(const Opts *o) {
+    struct stat st; /* a mistyped -m must not pass silently for the built-in tokenizer */
+    if (o->model && stat(o->model, &st)) die("-m %s: %s", o->model, strerror(errno));
+    if (o->model && !S_ISDIR(st.st_mode)) die("-m %s: not a directory", o->model);
     Tokenizer *tok = tokenizer_for(o->model);
     Input in;
     input_open(&in, o->file);
@@ -4266,9 +4437,8 @@ static void cmd_tokenize(const Opts *o) {
         }
         fputc('\n', stdout);
     }
-    if (fflush(stdout) != 0) die("<stdout>: write failed: %s", strerror(errno));
     free(ids);
-    free(in.buf);
+    input_close(&in);
     tok_free(tok);
 }
 
@@ -4489,25 +4659,33 @@ int main(int argc, char **argv) {
     simd_init();
     Opts o = {.cmd = "generate", .batch = 16, .group = 64, .sq = {.alpha = 0.5f, .samples = 512, .len = 512},
               .off = {.pol = {.gpu_batch_size = 16, .num_gpu_batches = 1, .w_cpu = 100, .c_cpu = 100, .a_cpu = 100, .overlap = 1, .group_size = 64}}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
-    int first = 1;
-    if (argc > 1 && argv[1][0] != '-') { o.cmd = argv[1]; first = 2; }
-    else if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) { usage(stdout); return 0; }
-    if (!strcmp(o.cmd, "help")) { if (argc > 2) cmd_help(argv[2]); usage(stdout); return 0; }
-    if (!strcmp(o.cmd, "lp")) return lp_main(argc - 1, argv + 1);
-    if (!strcmp(o.cmd, "plan")) return plan_main(argc - 1, argv + 1);
-    if (!strcmp(o.cmd, "probe")) return probe_main(argc - 1, argv + 1);
-    static const char *const cmds[] = {"generate", "score", "tokenize", "synth", "info", "bench", "convert"};
+    int first = 1, rc = 0;
+    const char *a1 = argc > 1 ? argv[1] : "";
+    if (argc > 1 && (a1[0] != '-' || !strcmp(a1, "--version"))) { o.cmd = a1[0] != '-' ? a1 : "version"; first = 2; }
     bool known = false;
-    for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++) known |= !strcmp(o.cmd, cmds[i]);
-    if (!known) { fprintf(stderr, "opt: unknown command '%s'\n\n", o.cmd); usage(stderr); return 2; }
-    opts_parse(&o, argc - first, argv + first);
-    if (o.threads) omp_set_num_threads(o.threads);
-    if (!strcmp(o.cmd, "generate") || !strcmp(o.cmd, "score")) cmd_run(&o);
-    else if (!strcmp(o.cmd, "tokenize")) cmd_tokenize(&o);
-    else if (!strcmp(o.cmd, "synth")) cmd_synth(&o);
-    else if (!strcmp(o.cmd, "info")) cmd_info(&o);
-    else if (!strcmp(o.cmd, "bench")) cmd_bench(&o);
-    else if (!strcmp(o.cmd, "convert")) cmd_convert(&o);
-    return 0;
+    for (size_t i = 0; i < sizeof cmd_names / sizeof *cmd_names; i++) known |= !strcmp(o.cmd, cmd_names[i]);
+    if (is_help(a1)) usage(stdout);
+    else if (!strcmp(o.cmd, "help")) cmd_help(argc > 2 ? argv[2] : NULL);
+    else if (!strcmp(o.cmd, "lp") && argc == 3 && is_help(argv[2])) cmd_help("lp");
+    else if (!strcmp(o.cmd, "lp")) rc = lp_main(argc - 1, argv + 1);
+    else if (!strcmp(o.cmd, "plan")) rc = plan_main(argc - 1, argv + 1);
+    else if (!strcmp(o.cmd, "probe")) rc = probe_main(argc - 1, argv + 1);
+    else if (!known) { fprintf(stderr, "opt: unknown command '%s' (see opt --help)\n", o.cmd); return 2; }
+    else {
+        opts_parse(&o, argc - first, argv + first);
+        if (o.threads) omp_set_num_threads(o.threads);
+        if (o.help) cmd_help(o.cmd);
+        else if (!strcmp(o.cmd, "generate") || !strcmp(o.cmd, "score")) cmd_run(&o);
+        else if (!strcmp(o.cmd, "tokenize")) cmd_tokenize(&o);
+        else if (!strcmp(o.cmd, "synth")) cmd_synth(&o);
+        else if (!strcmp(o.cmd, "info")) cmd_info(&o);
+        else if (!strcmp(o.cmd, "bench")) cmd_bench(&o);
+        else if (!strcmp(o.cmd, "convert")) cmd_convert(&o);
+        else if (!strcmp(o.cmd, "version")) cmd_version();
+    }
+    /* data on stdout is complete only if it reached its file: a full disk is an error */
+    int bad = fflush(stdout), err = errno;
+    if (bad || ferror(stdout)) die("<stdout>: write failed: %s", strerror(bad ? err : EIO));
+    return rc;
 }
 #endif

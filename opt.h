@@ -14,6 +14,10 @@
 #include <sys/types.h>
 #include <string.h>
 
+#ifndef OPT_VERSION /* the Makefile may set it (-DOPT_VERSION=...) */
+#define OPT_VERSION "0.9.0"
+#endif
+
 /* ----------------------------------------------------------------------------
  * Errors. User-facing failures name the file, tensor or input line; internal
  * invariants report the source file:line. All of them exit non-zero. */

@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu):
+# Runs, in order (or only the GROUPs named):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -10,6 +10,8 @@
 #   model    tests/test_model.py: `opt score` / `opt generate` end to end against the numpy
 #            reference tests/ref_opt.py on synthetic checkpoints of every layout
 #   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
+#   cli      tests/test_cli.py: every command's options, --version, input hygiene (BOM, CRLF,
+#            blank lines), --truncate, stdout write errors (input checks also under ./opt-asan)
 #   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
 #   q4       tests/test_q4.py (+ tests/test_q4.c): the 4-bit format byte for byte against numpy,
 #            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
@@ -35,16 +37,20 @@ OPT_ASAN=${OPT_ASAN:-./opt-asan}
 PYTHON=${PYTHON:-/usr/bin/python3}
 CC=${CC:-cc}
 CUDA_BIN=${OPT_CUDA:-}
+GROUPS="kernels tok lp model bad cli w8a8 q4 offload plan readme cuda gpu"
 SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
         -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-        kernels|tok|lp|model|bad|w8a8|q4|offload|plan|readme|cuda|gpu) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu)"; exit 2 ;;
+        -*) echo "run.sh: unknown option '$1'"; exit 2 ;;
+        *) case " $GROUPS " in
+               *" $1 "*) SEL="$SEL $1"; shift ;;
+               *) echo "run.sh: unknown group '$1' (groups: $GROUPS)"; exit 2 ;;
+           esac ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu"
+[ -n "$SEL" ] || SEL=$GROUPS
 export OPT_DEVICE=cpu
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} # test programs linking libgomp dynamically would spin otherwise
 
@@ -129,6 +135,7 @@ group() {
 run_lp() { group lp "$OPT" sh tests/test_lp.sh "$OPT"; }
 run_model() { group model "$OPT" "$PYTHON" tests/test_model.py --opt "$OPT" --tmp "$TMP/model"; }
 run_bad() { group bad "$OPT_ASAN" "$PYTHON" tests/test_bad_input.py --opt "$OPT_ASAN" --tmp "$TMP/bad"; }
+run_cli() { group cli "$OPT" "$PYTHON" tests/test_cli.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/cli"; }
 run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8"; }
 run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
