@@ -3398,8 +3398,12 @@ static int sample(const SamplerCfg *sc, const float *logits, int n, uint64_t rng
     if ((sc->top_k > 0 && sc->top_k < n) || sc->top_p < 1) {
         qsort(work, (size_t)n, sizeof *work, probid_cmp);
         if (sc->top_k > 0 && sc->top_k < n) keep = sc->top_k;
-        if (sc->top_p < 1) {
+        if (sc->top_p < 1) { /* of the top-k mass, as Hugging Face's warpers chain */
             double acc = 0;
+            if (keep < n) {
+                sum = 0;
+                for (int i = 0; i < keep; i++) sum += work[i].p;
+            }
             for (int i = 0; i < keep; i++) {
                 acc += work[i].p / sum;
                 if (acc >= sc->top_p) { keep = i + 1; break; }
@@ -4414,7 +4418,7 @@ static void cmd_run(const Opts *o) {
 static void cmd_tokenize(const Opts *o) {
     struct stat st; /* a mistyped -m must not pass silently for the built-in tokenizer */
     if (o->model && stat(o->model, &st)) die("-m %s: %s", o->model, strerror(errno));
-    if (o->model && !S_ISDIR(st.st_mode)) die("-m %s: not a directory", o->model);
+    if (o->model && !S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) die("-m %s: not a checkpoint directory or file", o->model);
     Tokenizer *tok = tokenizer_for(o->model);
     Input in;
     input_open(&in, o->file);

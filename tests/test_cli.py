@@ -196,7 +196,11 @@ def test_input():
 
     missing = os.path.join(TMP, 'no-such-dir')
     refused('tokenize -m a missing directory is refused', opt(['tokenize', '-m', missing], 'hi\n'), missing)
-    refused('tokenize -m a file is refused', opt(['tokenize', '-m', clean], 'hi\n'), clean, 'not a directory')
+    # a native packed file (what convert writes) carries no tokenizer: the built-in one, as generate does
+    r = opt(['tokenize', '-m', clean], text)
+    check(r.rc == 0 and r.out == r_in.out, 'tokenize -m FILE uses the built-in tokenizer', r.describe())
+    refused('tokenize -m /dev/null (not a file or directory) is refused', opt(['tokenize', '-m', '/dev/null'], 'hi\n'),
+            '/dev/null', 'not a checkpoint')
     empty_dir = os.path.join(TMP, 'no-tokenizer')
     os.makedirs(empty_dir, exist_ok=True)
     r = opt(['tokenize', '-m', empty_dir], text)

@@ -582,7 +582,7 @@ def test_sampling(models, tmp):
     h, _ = m.forward(np.asarray([prompt]), np.ones((1, len(prompt)), dtype=np.int64))
     logits = m.logits(h[0, -1:])[0]
     N = 4000
-    for T, k, p in ((1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7)):
+    for T, k, p in ((1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7), (2.0, 4, 0.6)):  # the last: top-p of top-k's mass
         want = sample_dist(logits, T, k, p)
         r = opt(['generate', '--ids', '-m', dv, '-n', '1', '--ignore-eos', '--temperature', str(T), '--top-k', str(k),
                  '--top-p', str(p), '--seed', '11', '-b', '256'], id_lines([prompt] * N))
