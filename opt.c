@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -17,6 +18,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -24,7 +26,6 @@
  * Utilities */
 
 static const char *g_prog = "opt";
-static char g_partial[4096]; /* a file being written; removed if we die, so no partial output survives */
 
 /* The first thread to die reports and exits; any other (an OpenMP worker
  * hitting the same bad value) waits for that exit instead of interleaving
@@ -32,7 +33,6 @@ static char g_partial[4096]; /* a file being written; removed if we die, so no p
 static void die_begin(void) {
     static atomic_flag dying = ATOMIC_FLAG_INIT;
     if (atomic_flag_test_and_set(&dying)) for (;;) pause();
-    if (g_partial[0]) unlink(g_partial);
 }
 
 void die(const char *fmt, ...) {
@@ -66,6 +66,79 @@ void warn_once(int *flag, const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+}
+
+/* Temporary files: output not yet complete (a file or a directory renamed
+ * into place when done) and offloading's scratch files. Whatever is still
+ * registered is removed at exit (die() included) and on every signal that
+ * ends the process, so an interrupted run leaves nothing that looks finished
+ * and nothing that fills the disk. The handler only unlinks: it is
+ * async-signal-safe, and paths are published by their first byte last. */
+#define TMP_SLOTS 16
+static char g_tmp[TMP_SLOTS][4096];   /* paths to remove; "" is a free slot */
+static char g_tmp_dir[TMP_SLOTS];     /* 1: a flat directory, emptied first */
+
+/* A directory's files (no subdirectories), then itself; no allocation, no stdio. */
+static void dir_remove_flat(const char *path) {
+    for (int pass = 0; pass < 3 && rmdir(path) != 0 && errno == ENOTEMPTY; pass++) {
+        int fd = open(path, O_RDONLY | O_DIRECTORY);
+        if (fd < 0) return;
+        char buf[4096];
+        long n;
+        while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0)
+            for (long at = 0; at < n;) { /* struct linux_dirent64: ino, off, reclen, type, name */
+                unsigned short len;
+                memcpy(&len, buf + at + 16, sizeof len);
+                const char *name = buf + at + 19;
+                if (!(name[0] == '.' && (!name[1] || (name[1] == '.' && !name[2])))) unlinkat(fd, name, 0);
+                at += len;
+            }
+        close(fd);
+    }
+}
+
+static void tmp_unlink_all(void) {
+    for (int i = 0; i < TMP_SLOTS; i++)
+        if (g_tmp[i][0]) { if (g_tmp_dir[i]) dir_remove_flat(g_tmp[i]); else unlink(g_tmp[i]); }
+}
+
+static void tmp_on_signal(int sig) {
+    tmp_unlink_all();
+    raise(sig); /* SA_RESETHAND: the default action, once the handler returns */
+}
+
+int tmp_add(const char *path, int dir) {
+    static int armed;
+    if (!armed) {
+        armed = 1;
+        atexit(tmp_unlink_all);
+        static const int sigs[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGPIPE, SIGALRM, SIGUSR1, SIGUSR2, SIGXCPU, SIGXFSZ, SIGVTALRM, SIGPROF};
+        for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
+            struct sigaction old, sa = {.sa_handler = tmp_on_signal, .sa_flags = SA_RESETHAND};
+            if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN) continue; /* nohup's choice stands */
+            sigfillset(&sa.sa_mask);
+            sigaction(sigs[i], &sa, NULL);
+        }
+    }
+    size_t n = strlen(path);
+    for (int i = 0; i < TMP_SLOTS; i++) {
+        if (g_tmp[i][0]) continue;
+        if (n >= sizeof g_tmp[i]) die("%s: path too long", path);
+        g_tmp_dir[i] = (char)dir;
+        memcpy(g_tmp[i] + 1, path + 1, n);
+        atomic_signal_fence(memory_order_seq_cst);
+        g_tmp[i][0] = path[0];
+        return i;
+    }
+    die("%s: more than %d temporary files", path, TMP_SLOTS);
+}
+
+void tmp_keep(int slot) { if (slot >= 0) g_tmp[slot][0] = 0; }
+
+void tmp_remove(int slot) {
+    if (slot < 0 || !g_tmp[slot][0]) return;
+    if (g_tmp_dir[slot]) dir_remove_flat(g_tmp[slot]); else unlink(g_tmp[slot]);
+    g_tmp[slot][0] = 0;
 }
 
 void *check_malloc(size_t n, const char *what) {
@@ -2284,9 +2357,9 @@ void model_materialize(Model *m) {
     if (m->cfg.embed_dim != m->cfg.hidden) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
     double need = 0;
     for (int i = 0; i < n; i++) need += 2.0 * (double)mats[i]->rows * (double)mats[i]->cols;
-    if (need > 0.9 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
-        die("%s needs %.1f GiB of RAM for its weights; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
-            m->cfg.name, need / (1 << 30));
+    if (need > mem_usable())
+        die("%s needs %.1f GiB of RAM for its weights, %.1f GiB are available; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
+            m->cfg.name, need / (1 << 30), mem_usable() / (1 << 30));
     for (int i = 0; i < n; i++) {
         void *p = model_own(m, 2 * (size_t)mats[i]->rows * (size_t)mats[i]->cols, "dummy weights");
         dummy_rows(m, mats[i], 0, mats[i]->rows, p);
@@ -2300,20 +2373,25 @@ static void write_all(FILE *f, const void *p, size_t n, const char *path) {
     if (n && fwrite(p, 1, n, f) != n) die("%s: write failed: %s", path, strerror(errno));
 }
 
-/* Output files are written as PATH.partial and renamed when complete; die()
- * removes the partial one, so an interrupted write leaves nothing that looks
+/* Output files are written as PATH.partial and renamed when complete; a
+ * temporary file until then, so an interrupted write leaves nothing that looks
  * finished. One at a time. */
+static char g_partial[4096]; /* the file being written */
+static int g_partial_slot = -1; /* its temporary-file slot */
+
 static FILE *file_create(const char *path) {
     snprintf(g_partial, sizeof g_partial, "%s.partial", path);
     FILE *f = fopen(g_partial, "wb");
-    if (!f) { g_partial[0] = 0; die("%s: %s", path, strerror(errno)); }
+    if (!f) die("%s: %s", path, strerror(errno));
+    g_partial_slot = tmp_add(g_partial, 0);
     return f;
 }
 
 static void file_commit(FILE *f, const char *path) {
     if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
     if (rename(g_partial, path) != 0) die("%s: %s", path, strerror(errno));
-    g_partial[0] = 0;
+    tmp_keep(g_partial_slot);
+    g_partial_slot = -1;
 }
 
 /* Streams tensor idx's bytes to f in chunks generated in parallel. */
@@ -4166,13 +4244,6 @@ static void policy_auto(Opts *o, const Config *c, int prompt_len, int gen_len, i
             r.tput_total, hw.name);
 }
 
-/* A CUDA build on a machine without a usable GPU says why, once. */
-static void gpu_note(void) {
-#ifdef OPT_CUDA
-    if (!gpu_available()) fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe());
-#endif
-}
-
 /* --device: gpu when asked (or, for auto, when there is one and the model,
  * its cache and workspace fit in 90% of its free memory, or a placement
  * policy says what goes where); otherwise cpu. */
@@ -4184,7 +4255,10 @@ static int device_pick(const Opts *o, const Model *m, int slots, int cap, int ro
         if (!gpu_available()) die("--device gpu: no usable GPU (%s)", gpu_describe());
         return 1;
     }
-    if (!gpu_available()) return 0;
+    if (!gpu_available()) { /* no driver or no device: a CPU machine, nothing to say */
+        if (gpu_present()) fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe());
+        return 0;
+    }
     if (o->offload) return 1; /* a placement policy streams what does not fit */
     const Config *c = &m->cfg;
     double kv = 2.0 * c->n_layer * (double)slots * c->hidden * cap * (o->compress_cache ? 0.5625 / 2 : 2);
@@ -4208,7 +4282,6 @@ static const Device *off_device(int gpu) {
 static void cmd_run(const Opts *o) {
     bool score = !strcmp(o->cmd, "score");
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
-    gpu_note();
     Model m;
     model_load(&m, o->model);
     if (!o->offload || o->compress_weight) model_materialize(&m);
@@ -4374,7 +4447,6 @@ static void bench_emit(void *ctx, Job *j, int index) {
 
 static void cmd_bench(const Opts *o) {
     if (!o->model) die("opt bench: -m DIR is required");
-    gpu_note();
     Model m;
     model_load(&m, o->model);
     if (!o->offload || o->compress_weight) model_materialize(&m);
@@ -4452,6 +4524,7 @@ static void cmd_bench(const Opts *o) {
 
 #ifndef OPT_CUDA /* stand-ins: --device auto never picks the GPU here, and --device gpu dies first */
 int gpu_available(void) { return 0; }
+int gpu_present(void) { return 0; }
 const char *gpu_describe(void) { return "none (this binary was built without CUDA)"; }
 const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL};
 const Device gpu_device = {"gpu", 1, &gpu_backend, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
