@@ -6,6 +6,7 @@
 #include "opt.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -2625,11 +2626,30 @@ static void config_write(const Config *c, const char *path, DType dt, int tied) 
 }
 
 
+/* 1 when path is a directory with nothing in it. */
+static int dir_empty(const char *path) {
+    DIR *d = opendir(path);
+    if (!d) return 0;
+    struct dirent *e;
+    int n = 0;
+    while ((e = readdir(d))) n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return n == 0;
+}
+
+/* The checkpoint goes into DIR.tmp-PID, renamed to DIR when complete (over an
+ * empty directory, never a full one), so that an interrupted synth leaves no
+ * directory that a later run would take for a checkpoint. */
 void synth_write(const Config *c, const SynthOpts *o) {
-    if (mkdir(o->out, 0777) != 0 && errno != EEXIST) die("%s: %s", o->out, strerror(errno));
+    struct stat st;
+    if (!stat(o->out, &st) && !dir_empty(o->out)) die("%s: already exists; opt synth writes a new directory (or fills an empty one)", o->out);
+    char out[4096];
+    if (snprintf(out, sizeof out, "%s.tmp-%d", o->out, (int)getpid()) >= (int)sizeof out) die("%s: path too long", o->out);
+    if (mkdir(out, 0777) != 0) die("%s: %s", out, strerror(errno));
+    int slot = tmp_add(out, 1);
     WSpec *w;
     int n = wspec_list(c, o->prefix, o->tie, &w);
-    char *p = path_join(o->out, "config.json");
+    char *p = path_join(out, "config.json");
     config_write(c, p, o->dtype, o->tie);
     free(p);
     static const char gen[] = "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 2,\n  \"eos_token_id\": 2,\n  \"pad_token_id\": 1,\n  \"transformers_version\": \"4.27.0.dev0\"\n}\n";
@@ -2639,7 +2659,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
         {"generation_config.json", gen, sizeof gen - 1}, {"special_tokens_map.json", stm, sizeof stm - 1}, {"tokenizer_config.json", tcfg, sizeof tcfg - 1},
         {"vocab.json", opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json)}, {"merges.txt", opt_merges_txt, (size_t)(opt_merges_txt_end - opt_merges_txt)}};
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
-        p = path_join(o->out, files[i].name);
+        p = path_join(out, files[i].name);
         write_text(p, files[i].data, files[i].n);
         free(p);
     }
@@ -2661,7 +2681,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
         char name[64];
         if (shards == 1) snprintf(name, sizeof name, o->bin ? "pytorch_model.bin" : "model.safetensors");
         else snprintf(name, sizeof name, o->bin ? "pytorch_model-%05d-of-%05d.bin" : "model-%05d-of-%05d.safetensors", s + 1, shards);
-        p = path_join(o->out, name);
+        p = path_join(out, name);
         if (o->bin) synth_bin(p, w + first, last - first, o->dtype, o, first);
         else synth_safetensors(p, w + first, last - first, o->dtype, o, first);
         free(p);
@@ -2672,7 +2692,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
         first = last;
     }
     if (shards > 1) {
-        p = path_join(o->out, o->bin ? "pytorch_model.bin.index.json" : "model.safetensors.index.json");
+        p = path_join(out, o->bin ? "pytorch_model.bin.index.json" : "model.safetensors.index.json");
         FILE *f = file_create(p);
         fprintf(f, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
         write_all(f, idx.p, idx.n, p);
@@ -2682,6 +2702,8 @@ void synth_write(const Config *c, const SynthOpts *o) {
     }
     free(idx.p);
     free(w);
+    if (rename(out, o->out) != 0) die("%s: %s", o->out, strerror(errno));
+    tmp_keep(slot);
 }
 
 /* ----------------------------------------------------------------------------
@@ -3546,15 +3568,37 @@ static float logprob_at(const float *logits, int n, int target) {
     return logits[target] - mx - logf(lanes_sum16(l));
 }
 
-static void progress(const Engine *e, int done, int total, double t0) {
+/* The progress line, on stderr when it is a terminal: jobs done, and under a
+ * policy (whose blocks may take hours) the block, its phase and token too.
+ * frac: the share of the work done, for the ETA. */
+static bool g_bar; /* a progress line is on the terminal's current line */
+
+/* Stdout going to the same terminal would continue the progress line: clear it first. */
+static void progress_clear(void) {
+    static int out_tty = -1;
+    if (!g_bar) return;
+    if (out_tty < 0) out_tty = isatty(1);
+    if (out_tty) { fputs("\r\033[K", stderr); g_bar = false; }
+}
+
+static void progress(const Engine *e, int done, int total, double t0, double frac, const char *phase) {
     static double last;
+    static int err_tty = -1;
     double t = now_sec();
-    if (!isatty(2) || (t - last < 0.2 && done < total)) return;
+    if (err_tty < 0) err_tty = isatty(2);
+    if (!err_tty || (t - last < 0.2 && done < total)) return;
     last = t;
     double rate = (double)(e->n_gen_tok + (e->score ? e->n_prompt_tok : 0)) / (t - t0 + 1e-9);
+    char eta[32] = "";
+    if (frac > 0 && frac < 1) {
+        long r = lround((t - t0) / frac * (1 - frac));
+        if (r >= 3600) snprintf(eta, sizeof eta, ", ETA %ldh%02ldm", r / 3600, r / 60 % 60);
+        else snprintf(eta, sizeof eta, ", ETA %ldm%02lds", r / 60, r % 60);
+    }
     int w = 30, fill = total ? (int)((int64_t)w * done / total) : w;
-    fprintf(stderr, "\r[%.*s%*s] %d/%d %s, %.1f tok/s ", fill, "==============================", w - fill, "", done, total,
-            e->score ? "scored" : "done", rate);
+    fprintf(stderr, "\r[%.*s%*s] %d/%d %s%s%s, %.1f tok/s%s\033[K", fill, "==============================", w - fill, "", done, total,
+            e->score ? "scored" : "done", phase ? ", " : "", phase ? phase : "", rate, eta);
+    g_bar = done < total;
     if (done == total) fputc('\n', stderr);
 }
 
@@ -3611,11 +3655,16 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     int *job_of = check_malloc(sizeof(int) * (size_t)slots, "slots"), *fed = check_calloc(sizeof(int) * (size_t)slots, "slots");
     for (int i = 0; i < slots; i++) job_of[i] = -1;
     int next_job = 0, next_emit = 0, n_done = 0, busy = 0;
+    /* blocks: one prefill step, then a decode step per token (fewer when all stop early) */
+    int n_blocks = (n_jobs + slots - 1) / slots, per_block = e->score || e->max_new < 1 ? 1 : e->max_new, bstep = 0;
+    char ph[64] = ""; /* the block's phase, for the progress line */
     double t0 = now_sec();
     while (n_done < n_jobs) {
-        if (!blocks || !busy) /* a block starts only when the last one has finished */
+        if (!blocks || !busy) { /* a block starts only when the last one has finished */
             for (int i = 0; i < slots && next_job < n_jobs; i++)
                 if (job_of[i] < 0) { job_of[i] = next_job++; fed[i] = 0; busy++; }
+            bstep = 0;
+        }
         int n = 0;
         bool prefill = false;
         for (int i = 0; i < slots; i++) { /* decoding slots: one row each */
@@ -3636,6 +3685,12 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             fed[i] += k;
             e->n_prompt_tok += k;
             prefill = true;
+        }
+        int blk = (next_job - 1) / slots;
+        if (blocks) {
+            if (prefill) snprintf(ph, sizeof ph, "block %d/%d prefill", blk + 1, n_blocks);
+            else snprintf(ph, sizeof ph, "block %d/%d token %d/%d", blk + 1, n_blocks, bstep + 1, per_block);
+            progress(e, n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
         }
         double ts = now_sec();
         Step st = {n, tok, slot, pos, NULL};
@@ -3664,7 +3719,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
                 if (e->score) { j->lp[pos[r]] = glp[q]; continue; }
                 j->out[j->n_out++] = gtok[q];
                 e->n_gen_tok++;
-                if (e->on_token) e->on_token(e->ctx, j, need[r]);
+                if (e->on_token) progress_clear(), e->on_token(e->ctx, j, need[r]);
             }
             n = 0; /* logits done */
         } else model_forward(e->m, &kv, &st, &s);
@@ -3686,7 +3741,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
                 int t = sample(&e->sc, lg, c->vocab, j->rng, work);
                 j->out[j->n_out++] = t;
                 e->n_gen_tok++;
-                if (e->on_token) e->on_token(e->ctx, j, need[r]);
+                if (e->on_token) progress_clear(), e->on_token(e->ctx, j, need[r]);
             }
         }
         double dt = now_sec() - ts;
@@ -3697,8 +3752,10 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             bool fin = e->score || j->n_out >= e->max_new || (!e->ignore_eos && j->n_out && j->out[j->n_out - 1] == c->eos);
             if (fin) { j->done = true; job_of[i] = -1; n_done++; busy--; }
         }
-        while (next_emit < n_jobs && jobs[next_emit].done) { e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
-        progress(e, n_done, n_jobs, t0);
+        bstep++;
+        while (next_emit < n_jobs && jobs[next_emit].done) { progress_clear(); e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
+        if (blocks) progress(e, n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
+        else progress(e, n_done, n_jobs, t0, (double)n_done / n_jobs, NULL);
     }
     if (off) {
         offload_stats(off, &e->ostats);
@@ -3815,7 +3872,8 @@ static const char *help_text[][2] = {
      "  SHAPE: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b,\n"
      "         or HIDDENxLAYERSxHEADSxFFN (e.g. 256x2x4x1024). Defaults: f16, safetensors, tied, seed 0.\n"
      "  --outliers: 4 fixed channels of the LayerNorms feeding q/k/v and fc1 are 50-100x the rest\n"
-     "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"},
+     "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"
+     "  DIR must not exist (or be empty): it appears, complete, only when everything is written.\n"},
     {"info", "usage: opt info -m DIR\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
     {"bench",
      "usage: opt bench -m DIR|dummy:SHAPE [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json] [options]\n"
@@ -4377,6 +4435,9 @@ static void cmd_convert(const Opts *o) {
     if (o->w8a8 && !o->sq.calib) die("opt convert: --w8a8 needs --calib FILE (calibration text)");
     Model m;
     model_load(&m, o->model);
+    DType q = m.layers[0].q.dtype; /* quantizing twice compounds the error: start from the floats */
+    if ((o->int4 || o->w8a8) && (q == DT_Q4 || q == DT_I8))
+        die("%s: already quantized (%s); %s converts a float checkpoint", o->model, q == DT_Q4 ? "4-bit weights" : "W8A8", o->int4 ? "--int4-weights" : "--w8a8");
     if (o->w8a8) {
         Tokenizer *tok = tokenizer_for(o->model);
         sq_convert(&m, tok, &o->sq);
@@ -4419,15 +4480,22 @@ static void cmd_info(const Opts *o) {
     printf("vocab        %d\npositions    %d\nembed_dim    %d%s\n", c->vocab, c->max_pos, c->embed_dim, c->embed_dim != c->hidden ? " (project_in/out)" : "");
     printf("layer norm   %s%s%s\n", c->pre_ln ? "pre-LN" : "post-LN", c->final_ln ? ", final LayerNorm" : ", no final LayerNorm", c->ln_affine ? "" : ", not affine");
     printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", m.lm_head.data == m.embed.data ? "tied to embed_tokens" : "separate");
-    printf("parameters   %lld (%.2fB)\n", (long long)config_params(c), (double)config_params(c) / 1e9);
+    int tied = m.lm_head.data == m.embed.data;
+    int64_t n_params = config_params(c) + (tied ? 0 : (int64_t)c->vocab * c->embed_dim);
+    printf("parameters   %lld (%.2fB)\n", (long long)n_params, (double)n_params / 1e9);
     if (m.layers[0].q.dtype == DT_I8)
         printf("quantization W8A8 (SmoothQuant), %s activation scales\n", m.layers[0].q.act_scale > 0 ? "static per-tensor" : "dynamic per-token");
     else if (m.layers[0].q.dtype == DT_Q4)
         printf("quantization 4-bit weights, groups of %d\n", m.layers[0].q.group);
     size_t bytes[DT_COUNT] = {0}, params[DT_COUNT] = {0};
-    for (int i = 0; i < m.ck.n; i++) {
-        bytes[m.ck.t[i].dtype] += dtype_bytes(m.ck.t[i].dtype, ck_numel(&m.ck.t[i]));
-        params[m.ck.t[i].dtype] += (size_t)ck_numel(&m.ck.t[i]);
+    for (int i = 0; i < m.ck.n; i++) { /* 4-bit and int8 data are stored as bytes; scales and the like are not parameters */
+        const CkTensor *t = &m.ck.t[i];
+        size_t k = strlen(t->key), n = (size_t)ck_numel(t);
+        const Json *cols = t->dtype == DT_Q4 ? json_get(model_format(&m, t->key), "cols") : NULL;
+        bytes[t->dtype] += t->dtype == DT_Q4 ? n : dtype_bytes(t->dtype, (int64_t)n);
+        if ((k > 7 && !strcmp(t->key + k - 7, ".weight")) || (k > 5 && !strcmp(t->key + k - 5, ".bias")))
+            if (!(tied && !strcmp(t->key, "lm_head.weight"))) /* the embedding again */
+                params[t->dtype] += cols ? (size_t)t->shape[0] * (size_t)cols->num : n;
     }
     for (int d = 0; d < DT_COUNT; d++)
         if (bytes[d]) printf("dtype %-6s %zu parameters, %.2f GiB\n", dtype_names[d], params[d], (double)bytes[d] / (1 << 30));
