@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload plan cuda gpu):
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload exit plan cuda gpu):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -15,6 +15,8 @@
 #            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
 #   offload  tests/test_offload.py: every placement policy gives the plain run's output (the
 #            CPU computing, and the host standing in for a GPU), plans, budgets, the disk tier
+#   exit     tests/test_exit.py: interrupted synth/convert leave nothing, the progress line on
+#            a terminal, info's counts, a CUDA build's silence without a driver (--cuda)
 #   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
 #   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
 #   gpu      tests/gpu.sh: the GPU tests, where there is a GPU (skipped otherwise)
@@ -38,12 +40,12 @@ SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        kernels|tok|lp|model|bad|w8a8|q4|offload|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload plan cuda gpu)"; exit 2 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        kernels|tok|lp|model|bad|w8a8|q4|offload|exit|plan|cuda|gpu) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload exit plan cuda gpu)"; exit 2 ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload plan cuda gpu"
+[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload exit plan cuda gpu"
 export OPT_DEVICE=cpu
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} # test programs linking libgomp dynamically would spin otherwise
 
@@ -131,6 +133,7 @@ run_bad() { group bad "$OPT_ASAN" "$PYTHON" tests/test_bad_input.py --opt "$OPT_
 run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8"; }
 run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
+run_exit() { group exit "$OPT" "$PYTHON" tests/test_exit.py --opt "$OPT" ${CUDA_BIN:+--cuda "$CUDA_BIN"} --tmp "$TMP/exit"; }
 run_plan() { group plan "$OPT" sh tests/test_plan.sh "$OPT"; }
 
 run_gpu() {
