@@ -17,19 +17,19 @@
  * instead, only q, k, v and the attention output crossing PCIe.
  *
  * Sections: I/O pool, placement and memory plan, staging, device transfers,
- * block schedule, files and signals. */
+ * leftovers and limits, block schedule. Our files are temporary files
+ * (opt.c's tmp_add): removed at exit and on any signal that ends the run. */
 #include "opt.h"
 
 #include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
-#include <limits.h>
 #include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -1262,9 +1262,9 @@ double mem_usable(void) {
     while (f && fgets(line, sizeof line, f)) {
         char *a = strchr(line, ':'), *b = a ? strchr(a + 1, ':') : NULL;
         if (!b) continue;
-        *b = 0;
+        *a = *b = 0;
         b[1 + strcspn(b + 1, "\n")] = 0;
-        int v2 = !strcmp(line, "0") && !a[1], v1 = strstr(a + 1, "memory") != NULL;
+        int v2 = !strcmp(line, "0") && a + 1 == b, v1 = strstr(a + 1, "memory") != NULL;
         if (!v1 && !v2) continue;
         char dir[4200];
         snprintf(dir, sizeof dir, "%s%s", v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory", b + 1);

@@ -4479,8 +4479,8 @@ static void cmd_info(const Opts *o) {
     printf("layers       %d\nhidden       %d\nffn          %d\nheads        %d (head_dim %d)\n", c->n_layer, c->hidden, c->ffn, c->n_head, c->head_dim);
     printf("vocab        %d\npositions    %d\nembed_dim    %d%s\n", c->vocab, c->max_pos, c->embed_dim, c->embed_dim != c->hidden ? " (project_in/out)" : "");
     printf("layer norm   %s%s%s\n", c->pre_ln ? "pre-LN" : "post-LN", c->final_ln ? ", final LayerNorm" : ", no final LayerNorm", c->ln_affine ? "" : ", not affine");
-    printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", m.lm_head.data == m.embed.data ? "tied to embed_tokens" : "separate");
     int tied = m.lm_head.data == m.embed.data;
+    printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", tied ? "tied to embed_tokens" : "separate");
     int64_t n_params = config_params(c) + (tied ? 0 : (int64_t)c->vocab * c->embed_dim);
     printf("parameters   %lld (%.2fB)\n", (long long)n_params, (double)n_params / 1e9);
     if (m.layers[0].q.dtype == DT_I8)

@@ -652,7 +652,9 @@ def test_disk_tier(models):
         e = dict(os.environ, OPT_DEVICE='cpu')
         args = [OPT, 'bench', '-m', mdl, '--prompt-len', '256', '--gen-len', '400', '--percent'] + P_ALL_DISK.split() + \
                ['--gpu-batch-size', '4', '--offload-dir', d]
-        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e)
+        # as from a terminal: a background job of a script starts with SIGINT ignored, and opt keeps it so
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e,
+                             preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
         t0 = time.time()
         seen = []
         while time.time() - t0 < 20 and p.poll() is None:
