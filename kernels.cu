@@ -44,6 +44,7 @@ static void cublas_check(cublasStatus_t s, const char *file, int line, const cha
 }
 
 static int g_gpu_state = -1;      /* -1 unknown, 0 none, 1 usable */
+static int g_gpu_present;         /* a GPU is there, usable or not (not just a CUDA build) */
 static char g_gpu_desc[256];      /* what gpu_describe() reports */
 static cudaStream_t g_stream;     /* every kernel and the engine's copies */
 static cudaStream_t g_copies[3]; /* offloading's uploads, downloads and weight uploads, overlapping g_stream */
@@ -81,15 +82,30 @@ static bool lt_load(void) {
     return true;
 }
 
+/* Finds out once whether there is a usable device, and if not, why: no driver
+ * and no device are the common case of a CUDA build on a CPU machine (g_gpu_present
+ * 0, not worth a word unless a GPU was asked for); a device that is there but
+ * cannot be used is (g_gpu_present 1). */
 static void gpu_probe_state(void) {
     if (g_gpu_state >= 0) return;
     g_gpu_state = 0;
-    int n = 0;
+    /* the runtime reports a missing driver as an old one: look for the driver itself */
+    void *drv = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!drv) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "no NVIDIA driver: libcuda.so.1 not found"); return; }
+    dlclose(drv);
+    int n = 0, dv = 0, rv = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess || n == 0) {
-        snprintf(g_gpu_desc, sizeof g_gpu_desc, "%s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
+    if (e == cudaErrorInsufficientDriver) {
+        cudaDriverGetVersion(&dv);
+        cudaRuntimeGetVersion(&rv);
+        g_gpu_present = 1;
+        snprintf(g_gpu_desc, sizeof g_gpu_desc, "the NVIDIA driver is too old: it supports CUDA %d.%d, this build's runtime is CUDA %d.%d",
+                 dv / 1000, dv % 1000 / 10, rv / 1000, rv % 1000 / 10);
         return;
     }
+    if (e == cudaErrorNoDevice || (e == cudaSuccess && n == 0)) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "no CUDA device"); return; }
+    g_gpu_present = 1;
+    if (e != cudaSuccess) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "CUDA: %s", cudaGetErrorString(e)); return; }
     cudaDeviceProp p;
     if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "cannot query device 0"); return; }
     if (p.major < 8) { snprintf(g_gpu_desc, sizeof g_gpu_desc, "%.120s is compute %d.%d; opt needs 8.0 or newer", p.name, p.major, p.minor); return; }
@@ -127,6 +143,7 @@ static void gpu_start(void) {
 }
 
 extern "C" int gpu_available(void) { gpu_probe_state(); return g_gpu_state == 1; }
+extern "C" int gpu_present(void) { gpu_probe_state(); return g_gpu_present; }
 extern "C" const char *gpu_describe(void) { gpu_probe_state(); return g_gpu_desc; }
 
 /* ----------------------------------------------------------------------------

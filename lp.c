@@ -27,7 +27,6 @@
 #include <fcntl.h>
 #include <omp.h>
 #include <pthread.h>
-#include <signal.h>
 #include <strings.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -2319,14 +2318,6 @@ static void probe_memory(Hardware *hw) {
     free(buf);
 }
 
-static char g_probe_path[4096]; /* the disk probe's file, removed on SIGINT/SIGTERM */
-
-static void probe_on_signal(int sig) {
-    if (g_probe_path[0]) unlink(g_probe_path);
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
-
 /* Writes then reads `bytes` in 4 MiB requests from 4 threads (the queue depth of the engine's
  * I/O threads): O_DIRECT where the filesystem allows, else buffered I/O with fdatasync and
  * POSIX_FADV_DONTNEED so that the read comes from the device, not the page cache. */
@@ -2334,10 +2325,12 @@ static int probe_disk_try(const char *dir, double bytes, int direct, double *wr,
     const size_t chunk = 4 << 20;
     const int nthr = 4;
     size_t nchunk = (size_t)fmax(1, bytes / chunk);
-    snprintf(g_probe_path, sizeof g_probe_path, "%s/opt-probe-%ld.tmp", dir, (long)getpid());
-    int fd = open(g_probe_path, O_RDWR | O_CREAT | O_EXCL | (direct ? O_DIRECT : 0), 0600);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/opt-probe-%ld.tmp", dir, (long)getpid());
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | (direct ? O_DIRECT : 0), 0600);
     if (fd < 0 && direct && errno == EINVAL) return -1; /* no O_DIRECT here */
     if (fd < 0) die("%s: cannot create the disk probe's file there: %s", dir, strerror(errno));
+    int slot = tmp_add(path, 0); /* removed however we end */
     char *buf;
     if (posix_memalign((void **)&buf, 4096, chunk * nthr)) die("out of memory for the disk probe's buffers");
     uint64_t xs = 88172645463325252ull;
@@ -2359,11 +2352,11 @@ static int probe_disk_try(const char *dir, double bytes, int direct, double *wr,
     if (!err && fdatasync(fd)) err = errno;
     *wr = (double)nchunk * chunk / (now_sec() - t0);
     if (err == EINVAL && direct) { /* O_DIRECT accepted at open, refused at write */
-        close(fd), unlink(g_probe_path), free(buf);
+        close(fd), tmp_remove(slot), free(buf);
         return -1;
     }
     if (err) {
-        close(fd), unlink(g_probe_path);
+        close(fd), tmp_remove(slot);
         if (err == ENOSPC) die("%s: no space left for the disk probe's %.0f MiB file (use --disk-bytes or another --offload-dir)", dir, nchunk * 4.0);
         die("%s: writing the disk probe's file failed: %s", dir, strerror(err));
     }
@@ -2380,8 +2373,7 @@ static int probe_disk_try(const char *dir, double bytes, int direct, double *wr,
     }
     *rd = (double)nchunk * chunk / (now_sec() - t0);
     close(fd);
-    unlink(g_probe_path);
-    g_probe_path[0] = 0;
+    tmp_remove(slot);
     free(buf);
     if (err) die("%s: reading the disk probe's file back failed: %s", dir, strerror(err));
     return 0;
@@ -2403,12 +2395,11 @@ static void probe_disk_check(Hardware *hw, const char *dir, double bytes) {
 }
 
 static void probe_disk(Hardware *hw, const char *dir, double bytes, int *direct) {
-    signal(SIGINT, probe_on_signal), signal(SIGTERM, probe_on_signal);
+    offload_sweep(dir);
     if (!*direct || probe_disk_try(dir, bytes, 1, &hw->disk_write_bw, &hw->disk_read_bw)) {
         *direct = 0;
         probe_disk_try(dir, bytes, 0, &hw->disk_write_bw, &hw->disk_read_bw);
     }
-    signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
     probe_note("disk write (%s, %.0f MiB, %s) %.2f GB/s\n", dir, bytes / 1048576, *direct ? "O_DIRECT" : "buffered + fadvise",
                hw->disk_write_bw / 1e9);
     probe_note("disk read                      %.2f GB/s\n", hw->disk_read_bw / 1e9);

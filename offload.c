@@ -17,11 +17,15 @@
  * instead, only q, k, v and the attention output crossing PCIe.
  *
  * Sections: I/O pool, placement and memory plan, staging, device transfers,
- * block schedule, files and signals. */
+ * leftovers and limits, block schedule. Our files are temporary files
+ * (opt.c's tmp_add): removed at exit and on any signal that ends the run. */
 #include "opt.h"
 
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
@@ -372,10 +376,11 @@ struct Offload {
     double plan_mem[TIER_COUNT]; /* the plan's peak per tier */
     double t_compute, t_wait;    /* seconds computing (issuing, on a device), and waiting on I/O or the device */
     double pcie[2];        /* bytes copied to the device, from it */
-    char files[3][3200];   /* files we created (removed at exit) */
+    char files[3][3200];   /* files we created: cache, activations, weights */
+    int slot[3];           /* their temporary-file slots (removed at exit or on a signal), -1 none */
 };
 
-static Offload *g_off;     /* for the exit and signal cleanup, and the hybrid attention */
+static Offload *g_off;     /* for the hybrid attention */
 
 static void off_account(Offload *o, Tier t, double bytes) {
     o->mem[t] += bytes;
@@ -414,22 +419,11 @@ static void *off_staging(Offload *o, size_t bytes, const char *what) {
 
 static size_t align_up(size_t x) { return (x + IO_ALIGN - 1) / IO_ALIGN * IO_ALIGN; }
 
-/* Removes the files we made. Safe in a signal handler. */
-static void off_cleanup_files(void) {
-    if (!g_off) return;
-    for (int i = 0; i < 3; i++) if (g_off->files[i][0]) unlink(g_off->files[i]);
-}
-
-static void off_signal(int sig) {
-    off_cleanup_files();
-    signal(sig, SIG_DFL);
-    raise(sig);
-}
-
 static int off_tmpfile(Offload *o, int which, const char *stem) {
     snprintf(o->files[which], sizeof o->files[which], "%s/opt-%s-%d.bin", o->dir, stem, (int)getpid());
     int fd = open(o->files[which], O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (fd < 0) { int e = errno; o->files[which][0] = 0; die("%s: cannot create %s files: %s", o->dir, stem, strerror(e)); }
+    o->slot[which] = tmp_add(o->files[which], 0);
     return fd;
 }
 
@@ -638,9 +632,8 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
     check(o->nb <= 64, "at most 64 GPU batches");
     if (D) for (int i = 0; i < 3; i++) o->ev[i] = D->event();
     g_off = o;
-    atexit(off_cleanup_files);
-    signal(SIGINT, off_signal);
-    signal(SIGTERM, off_signal);
+    for (int i = 0; i < 3; i++) o->slot[i] = -1;
+    offload_sweep(o->dir);
 
     /* weights: open the checkpoint files for direct reads */
     o->wfd = check_malloc(sizeof(int) * (size_t)(m->ck.n_files + 1), "file table");
@@ -753,14 +746,15 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
     static const char *const flag[TIER_COUNT] = {"--gpu-mem", "--cpu-mem", "--disk-mem"};
     for (int t = 0; t < TIER_COUNT; t++) {
         double need = o->plan_mem[t], have = cfg->mem[t];
-        const char *what = flag[t];
+        const char *what = flag[t], *hint = "";
         if (t == TIER_GPU && D && !(have > 0)) { have = D->free_bytes(); what = "the device's free memory"; }
+        if (t == TIER_CPU && !(have > 0)) { have = mem_usable(); what = "the memory available"; hint = " (--cpu-mem overrides)"; }
         if (have > 0 && need > have) {
             if (cfg->quiet) plan_print(o, rows, names, note);
             char a[32], b[32];
             size_format(a, sizeof a, need);
             size_format(b, sizeof b, have);
-            die("the policy does not fit: %s needs %s, %s is %s", tier_names[t], a, what, b);
+            die("the policy does not fit: %s needs %s, %s is %s%s", tier_names[t], a, what, b, hint);
         }
     }
     if (offdir > 0) { /* a full disk or an unwritable directory fails here, before any generation */
@@ -1222,6 +1216,88 @@ static void dev_flush(Offload *o, int b, const Step *sub, const int *lo, const i
 }
 
 /* ----------------------------------------------------------------------------
+ * Leftovers and limits: the files of runs killed before they could remove
+ * them, and how much memory the machine can give (the CPU budget when
+ * --cpu-mem is not given, so that a policy too big for RAM is refused rather
+ * than met by the OOM killer). */
+
+/* The PID in one of our scratch files' names, or 0 when the name is not exactly ours. */
+static long sweep_pid(const char *name) {
+    static const char *const stem[] = {"opt-cache-", "opt-activations-", "opt-weights-", "opt-probe-"};
+    for (int i = 0; i < 4; i++) {
+        size_t n = strlen(stem[i]);
+        if (strncmp(name, stem[i], n) || !isdigit((unsigned char)name[n])) continue;
+        char *end;
+        long pid = strtol(name + n, &end, 10);
+        return !strcmp(end, i == 3 ? ".tmp" : ".bin") && pid > 0 && pid <= INT_MAX ? pid : 0;
+    }
+    return 0;
+}
+
+void offload_sweep(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return; /* a missing or unreadable dir is reported where it is needed */
+    char list[256] = "";
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long pid = sweep_pid(e->d_name);
+        struct stat st;
+        if (!pid || pid == getpid() || fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) || !S_ISREG(st.st_mode) ||
+            st.st_uid != geteuid() || kill((pid_t)pid, 0) == 0 || errno != ESRCH || unlinkat(dirfd(d), e->d_name, 0))
+            continue;
+        size_t l = strlen(list);
+        if (l < sizeof list - 1 && snprintf(list + l, sizeof list - l, "%s%s", n ? " " : "", e->d_name) >= (int)(sizeof list - l))
+            memcpy(list + sizeof list - 4, "...", 4);
+        n++;
+    }
+    closedir(d);
+    if (n) fprintf(stderr, "opt: removed %d file%s left in %s by killed runs: %s\n", n, n > 1 ? "s" : "", dir, list);
+}
+
+/* A number from a one-line file ("max" and a missing file: -1). */
+static double file_number(const char *dir, const char *name) {
+    char path[4200], line[64];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "r");
+    double v = -1;
+    if (f && fgets(line, sizeof line, f) && isdigit((unsigned char)line[0])) v = strtod(line, NULL);
+    if (f) fclose(f);
+    return v;
+}
+
+double mem_usable(void) {
+    char line[4200];
+    double avail = -1;
+    FILE *f = fopen("/proc/meminfo", "r");
+    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, "MemAvailable:", 13)) avail = strtod(line + 13, NULL) * 1024;
+    if (f) fclose(f);
+    if (avail < 0) avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    /* our cgroup and its ancestors: each limit less its usage (v2: "0::PATH", v1: "N:...memory...:PATH") */
+    f = fopen("/proc/self/cgroup", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        char *a = strchr(line, ':'), *b = a ? strchr(a + 1, ':') : NULL;
+        if (!b) continue;
+        *a = *b = 0;
+        b[1 + strcspn(b + 1, "\n")] = 0;
+        int v2 = !strcmp(line, "0") && a + 1 == b, v1 = strstr(a + 1, "memory") != NULL;
+        if (!v1 && !v2) continue;
+        char dir[4200];
+        snprintf(dir, sizeof dir, "%s%s", v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory", b + 1);
+        for (;;) {
+            double lim = file_number(dir, v2 ? "memory.max" : "memory.limit_in_bytes");
+            double use = file_number(dir, v2 ? "memory.current" : "memory.usage_in_bytes");
+            if (lim >= 0 && use >= 0 && lim - use < avail) avail = fmax(0, lim - use);
+            char *slash = strrchr(dir, '/');
+            if (!slash || slash - dir < (v2 ? 14 : 21)) break; /* past the hierarchy's root */
+            *slash = 0;
+        }
+    }
+    if (f) fclose(f);
+    return avail;
+}
+
+/* ----------------------------------------------------------------------------
  * The block schedule: token -> layer -> GPU batch. A layer's weights are read
  * once per token and serve every batch; while batch k computes, the cache and
  * activations of the next batch are read, and while layer l computes, layer
@@ -1441,8 +1517,7 @@ void offload_close(Offload *o) {
     for (int u = 0; u < o->m->cfg.n_layer * o->nb; u++) group_wait(&o->kwrite[u], "the cache file");
     for (int k = 0; k < o->nb; k++) group_wait(&o->xwrite[k], "the activation file");
     io_stop(&o->io);
-    off_cleanup_files();
-    for (int i = 0; i < 3; i++) o->files[i][0] = 0;
+    for (int i = 0; i < 3; i++) tmp_remove(o->slot[i]), o->slot[i] = -1;
     for (int i = 0; i < o->m->ck.n_files; i++) close(o->wfd[i]);
     if (o->kv_fd >= 0) close(o->kv_fd);
     if (o->act_fd >= 0) close(o->act_fd);

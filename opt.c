@@ -6,10 +6,12 @@
 #include "opt.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -17,6 +19,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -24,7 +27,6 @@
  * Utilities */
 
 static const char *g_prog = "opt";
-static char g_partial[4096]; /* a file being written; removed if we die, so no partial output survives */
 
 /* The first thread to die reports and exits; any other (an OpenMP worker
  * hitting the same bad value) waits for that exit instead of interleaving
@@ -32,7 +34,6 @@ static char g_partial[4096]; /* a file being written; removed if we die, so no p
 static void die_begin(void) {
     static atomic_flag dying = ATOMIC_FLAG_INIT;
     if (atomic_flag_test_and_set(&dying)) for (;;) pause();
-    if (g_partial[0]) unlink(g_partial);
 }
 
 void die(const char *fmt, ...) {
@@ -66,6 +67,79 @@ void warn_once(int *flag, const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+}
+
+/* Temporary files: output not yet complete (a file or a directory renamed
+ * into place when done) and offloading's scratch files. Whatever is still
+ * registered is removed at exit (die() included) and on every signal that
+ * ends the process, so an interrupted run leaves nothing that looks finished
+ * and nothing that fills the disk. The handler only unlinks: it is
+ * async-signal-safe, and paths are published by their first byte last. */
+#define TMP_SLOTS 16
+static char g_tmp[TMP_SLOTS][4096];   /* paths to remove; "" is a free slot */
+static char g_tmp_dir[TMP_SLOTS];     /* 1: a flat directory, emptied first */
+
+/* A directory's files (no subdirectories), then itself; no allocation, no stdio. */
+static void dir_remove_flat(const char *path) {
+    for (int pass = 0; pass < 3 && rmdir(path) != 0 && errno == ENOTEMPTY; pass++) {
+        int fd = open(path, O_RDONLY | O_DIRECTORY);
+        if (fd < 0) return;
+        char buf[4096];
+        long n;
+        while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0)
+            for (long at = 0; at < n;) { /* struct linux_dirent64: ino, off, reclen, type, name */
+                unsigned short len;
+                memcpy(&len, buf + at + 16, sizeof len);
+                const char *name = buf + at + 19;
+                if (!(name[0] == '.' && (!name[1] || (name[1] == '.' && !name[2])))) unlinkat(fd, name, 0);
+                at += len;
+            }
+        close(fd);
+    }
+}
+
+static void tmp_unlink_all(void) {
+    for (int i = 0; i < TMP_SLOTS; i++)
+        if (g_tmp[i][0]) { if (g_tmp_dir[i]) dir_remove_flat(g_tmp[i]); else unlink(g_tmp[i]); }
+}
+
+static void tmp_on_signal(int sig) {
+    tmp_unlink_all();
+    raise(sig); /* SA_RESETHAND: the default action, once the handler returns */
+}
+
+int tmp_add(const char *path, int dir) {
+    static int armed;
+    if (!armed) {
+        armed = 1;
+        atexit(tmp_unlink_all);
+        static const int sigs[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGPIPE, SIGALRM, SIGUSR1, SIGUSR2, SIGXCPU, SIGXFSZ, SIGVTALRM, SIGPROF};
+        for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
+            struct sigaction old, sa = {.sa_handler = tmp_on_signal, .sa_flags = SA_RESETHAND};
+            if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN) continue; /* nohup's choice stands */
+            sigfillset(&sa.sa_mask);
+            sigaction(sigs[i], &sa, NULL);
+        }
+    }
+    size_t n = strlen(path);
+    for (int i = 0; i < TMP_SLOTS; i++) {
+        if (g_tmp[i][0]) continue;
+        if (n >= sizeof g_tmp[i]) die("%s: path too long", path);
+        g_tmp_dir[i] = (char)dir;
+        memcpy(g_tmp[i] + 1, path + 1, n);
+        atomic_signal_fence(memory_order_seq_cst);
+        g_tmp[i][0] = path[0];
+        return i;
+    }
+    die("%s: more than %d temporary files", path, TMP_SLOTS);
+}
+
+void tmp_keep(int slot) { if (slot >= 0) g_tmp[slot][0] = 0; }
+
+void tmp_remove(int slot) {
+    if (slot < 0 || !g_tmp[slot][0]) return;
+    if (g_tmp_dir[slot]) dir_remove_flat(g_tmp[slot]); else unlink(g_tmp[slot]);
+    g_tmp[slot][0] = 0;
 }
 
 void *check_malloc(size_t n, const char *what) {
@@ -2284,9 +2358,9 @@ void model_materialize(Model *m) {
     if (m->cfg.embed_dim != m->cfg.hidden) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
     double need = 0;
     for (int i = 0; i < n; i++) need += 2.0 * (double)mats[i]->rows * (double)mats[i]->cols;
-    if (need > 0.9 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
-        die("%s needs %.1f GiB of RAM for its weights; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
-            m->cfg.name, need / (1 << 30));
+    if (need > mem_usable())
+        die("%s needs %.1f GiB of RAM for its weights, %.1f GiB are available; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
+            m->cfg.name, need / (1 << 30), mem_usable() / (1 << 30));
     for (int i = 0; i < n; i++) {
         void *p = model_own(m, 2 * (size_t)mats[i]->rows * (size_t)mats[i]->cols, "dummy weights");
         dummy_rows(m, mats[i], 0, mats[i]->rows, p);
@@ -2300,20 +2374,25 @@ static void write_all(FILE *f, const void *p, size_t n, const char *path) {
     if (n && fwrite(p, 1, n, f) != n) die("%s: write failed: %s", path, strerror(errno));
 }
 
-/* Output files are written as PATH.partial and renamed when complete; die()
- * removes the partial one, so an interrupted write leaves nothing that looks
+/* Output files are written as PATH.partial and renamed when complete; a
+ * temporary file until then, so an interrupted write leaves nothing that looks
  * finished. One at a time. */
+static char g_partial[4096]; /* the file being written */
+static int g_partial_slot = -1; /* its temporary-file slot */
+
 static FILE *file_create(const char *path) {
     snprintf(g_partial, sizeof g_partial, "%s.partial", path);
     FILE *f = fopen(g_partial, "wb");
-    if (!f) { g_partial[0] = 0; die("%s: %s", path, strerror(errno)); }
+    if (!f) die("%s: %s", path, strerror(errno));
+    g_partial_slot = tmp_add(g_partial, 0);
     return f;
 }
 
 static void file_commit(FILE *f, const char *path) {
     if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) die("%s: write failed: %s", path, strerror(errno));
     if (rename(g_partial, path) != 0) die("%s: %s", path, strerror(errno));
-    g_partial[0] = 0;
+    tmp_keep(g_partial_slot);
+    g_partial_slot = -1;
 }
 
 /* Streams tensor idx's bytes to f in chunks generated in parallel. */
@@ -2547,11 +2626,30 @@ static void config_write(const Config *c, const char *path, DType dt, int tied) 
 }
 
 
+/* 1 when path is a directory with nothing in it. */
+static int dir_empty(const char *path) {
+    DIR *d = opendir(path);
+    if (!d) return 0;
+    struct dirent *e;
+    int n = 0;
+    while ((e = readdir(d))) n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return n == 0;
+}
+
+/* The checkpoint goes into DIR.tmp-PID, renamed to DIR when complete (over an
+ * empty directory, never a full one), so that an interrupted synth leaves no
+ * directory that a later run would take for a checkpoint. */
 void synth_write(const Config *c, const SynthOpts *o) {
-    if (mkdir(o->out, 0777) != 0 && errno != EEXIST) die("%s: %s", o->out, strerror(errno));
+    struct stat st;
+    if (!stat(o->out, &st) && !dir_empty(o->out)) die("%s: already exists; opt synth writes a new directory (or fills an empty one)", o->out);
+    char out[4096];
+    if (snprintf(out, sizeof out, "%s.tmp-%d", o->out, (int)getpid()) >= (int)sizeof out) die("%s: path too long", o->out);
+    if (mkdir(out, 0777) != 0) die("%s: %s", out, strerror(errno));
+    int slot = tmp_add(out, 1);
     WSpec *w;
     int n = wspec_list(c, o->prefix, o->tie, &w);
-    char *p = path_join(o->out, "config.json");
+    char *p = path_join(out, "config.json");
     config_write(c, p, o->dtype, o->tie);
     free(p);
     static const char gen[] = "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 2,\n  \"eos_token_id\": 2,\n  \"pad_token_id\": 1,\n  \"transformers_version\": \"4.27.0.dev0\"\n}\n";
@@ -2561,7 +2659,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
         {"generation_config.json", gen, sizeof gen - 1}, {"special_tokens_map.json", stm, sizeof stm - 1}, {"tokenizer_config.json", tcfg, sizeof tcfg - 1},
         {"vocab.json", opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json)}, {"merges.txt", opt_merges_txt, (size_t)(opt_merges_txt_end - opt_merges_txt)}};
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
-        p = path_join(o->out, files[i].name);
+        p = path_join(out, files[i].name);
         write_text(p, files[i].data, files[i].n);
         free(p);
     }
@@ -2583,7 +2681,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
         char name[64];
         if (shards == 1) snprintf(name, sizeof name, o->bin ? "pytorch_model.bin" : "model.safetensors");
         else snprintf(name, sizeof name, o->bin ? "pytorch_model-%05d-of-%05d.bin" : "model-%05d-of-%05d.safetensors", s + 1, shards);
-        p = path_join(o->out, name);
+        p = path_join(out, name);
         if (o->bin) synth_bin(p, w + first, last - first, o->dtype, o, first);
         else synth_safetensors(p, w + first, last - first, o->dtype, o, first);
         free(p);
@@ -2594,7 +2692,7 @@ void synth_write(const Config *c, const SynthOpts *o) {
         first = last;
     }
     if (shards > 1) {
-        p = path_join(o->out, o->bin ? "pytorch_model.bin.index.json" : "model.safetensors.index.json");
+        p = path_join(out, o->bin ? "pytorch_model.bin.index.json" : "model.safetensors.index.json");
         FILE *f = file_create(p);
         fprintf(f, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
         write_all(f, idx.p, idx.n, p);
@@ -2604,6 +2702,8 @@ void synth_write(const Config *c, const SynthOpts *o) {
     }
     free(idx.p);
     free(w);
+    if (rename(out, o->out) != 0) die("%s: %s", o->out, strerror(errno));
+    tmp_keep(slot);
 }
 
 /* ----------------------------------------------------------------------------
@@ -3472,15 +3572,37 @@ static float logprob_at(const float *logits, int n, int target) {
     return logits[target] - mx - logf(lanes_sum16(l));
 }
 
-static void progress(const Engine *e, int done, int total, double t0) {
+/* The progress line, on stderr when it is a terminal: jobs done, and under a
+ * policy (whose blocks may take hours) the block, its phase and token too.
+ * frac: the share of the work done, for the ETA. */
+static bool g_bar; /* a progress line is on the terminal's current line */
+
+/* Stdout going to the same terminal would continue the progress line: clear it first. */
+static void progress_clear(void) {
+    static int out_tty = -1;
+    if (!g_bar) return;
+    if (out_tty < 0) out_tty = isatty(1);
+    if (out_tty) { fputs("\r\033[K", stderr); g_bar = false; }
+}
+
+static void progress(const Engine *e, int done, int total, double t0, double frac, const char *phase) {
     static double last;
+    static int err_tty = -1;
     double t = now_sec();
-    if (!isatty(2) || (t - last < 0.2 && done < total)) return;
+    if (err_tty < 0) err_tty = isatty(2);
+    if (!err_tty || (t - last < 0.2 && done < total)) return;
     last = t;
     double rate = (double)(e->n_gen_tok + (e->score ? e->n_prompt_tok : 0)) / (t - t0 + 1e-9);
+    char eta[32] = "";
+    if (frac > 0 && frac < 1) {
+        long r = lround((t - t0) / frac * (1 - frac));
+        if (r >= 3600) snprintf(eta, sizeof eta, ", ETA %ldh%02ldm", r / 3600, r / 60 % 60);
+        else snprintf(eta, sizeof eta, ", ETA %ldm%02lds", r / 60, r % 60);
+    }
     int w = 30, fill = total ? (int)((int64_t)w * done / total) : w;
-    fprintf(stderr, "\r[%.*s%*s] %d/%d %s, %.1f tok/s ", fill, "==============================", w - fill, "", done, total,
-            e->score ? "scored" : "done", rate);
+    fprintf(stderr, "\r[%.*s%*s] %d/%d %s%s%s, %.1f tok/s%s\033[K", fill, "==============================", w - fill, "", done, total,
+            e->score ? "scored" : "done", phase ? ", " : "", phase ? phase : "", rate, eta);
+    g_bar = done < total;
     if (done == total) fputc('\n', stderr);
 }
 
@@ -3538,11 +3660,16 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     int *job_of = check_malloc(sizeof(int) * (size_t)slots, "slots"), *fed = check_calloc(sizeof(int) * (size_t)slots, "slots");
     for (int i = 0; i < slots; i++) job_of[i] = -1;
     int next_job = 0, next_emit = 0, n_done = 0, busy = 0;
+    /* blocks: one prefill step, then a decode step per token (fewer when all stop early) */
+    int n_blocks = (n_jobs + slots - 1) / slots, per_block = e->score || e->max_new < 1 ? 1 : e->max_new, bstep = 0;
+    char ph[64] = ""; /* the block's phase, for the progress line */
     double t0 = now_sec();
     while (n_done < n_jobs) {
-        if (!blocks || !busy) /* a block starts only when the last one has finished */
+        if (!blocks || !busy) { /* a block starts only when the last one has finished */
             for (int i = 0; i < slots && next_job < n_jobs; i++)
                 if (job_of[i] < 0) { job_of[i] = next_job++; fed[i] = 0; busy++; }
+            bstep = 0;
+        }
         int n = 0;
         bool prefill = false;
         for (int i = 0; i < slots; i++) { /* decoding slots: one row each */
@@ -3563,6 +3690,12 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             fed[i] += k;
             e->n_prompt_tok += k;
             prefill = true;
+        }
+        int blk = (next_job - 1) / slots;
+        if (blocks) {
+            if (prefill) snprintf(ph, sizeof ph, "block %d/%d prefill", blk + 1, n_blocks);
+            else snprintf(ph, sizeof ph, "block %d/%d token %d/%d", blk + 1, n_blocks, bstep + 1, per_block);
+            progress(e, n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
         }
         double ts = now_sec();
         Step st = {n, tok, slot, pos, NULL};
@@ -3592,7 +3725,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
                 if (gtok[q] < 0 || gtok[q] >= c->vocab) die("internal: the GPU sampled token %d of a %d-token vocabulary", gtok[q], c->vocab);
                 j->out[j->n_out++] = gtok[q];
                 e->n_gen_tok++;
-                if (e->on_token) e->on_token(e->ctx, j, need[r]);
+                if (e->on_token) progress_clear(), e->on_token(e->ctx, j, need[r]);
             }
             n = 0; /* logits done */
         } else model_forward(e->m, &kv, &st, &s);
@@ -3614,7 +3747,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
                 int t = sample(&e->sc, lg, c->vocab, j->rng, work);
                 j->out[j->n_out++] = t;
                 e->n_gen_tok++;
-                if (e->on_token) e->on_token(e->ctx, j, need[r]);
+                if (e->on_token) progress_clear(), e->on_token(e->ctx, j, need[r]);
             }
         }
         double dt = now_sec() - ts;
@@ -3625,8 +3758,10 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
             bool fin = e->score || j->n_out >= e->max_new || (!e->ignore_eos && j->n_out && j->out[j->n_out - 1] == c->eos);
             if (fin) { j->done = true; job_of[i] = -1; n_done++; busy--; }
         }
-        while (next_emit < n_jobs && jobs[next_emit].done) { e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
-        progress(e, n_done, n_jobs, t0);
+        bstep++;
+        while (next_emit < n_jobs && jobs[next_emit].done) { progress_clear(); e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
+        if (blocks) progress(e, n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
+        else progress(e, n_done, n_jobs, t0, (double)n_done / n_jobs, NULL);
     }
     if (off) {
         offload_stats(off, &e->ostats);
@@ -3770,7 +3905,8 @@ static const char *help_text[][2] = {
      "         or HIDDENxLAYERSxHEADSxFFN (e.g. 256x2x4x1024). Defaults: f16, safetensors, tied, seed 0.\n"
      "  -o, --output DIR: the directory to write.\n"
      "  --outliers: 4 fixed channels of the LayerNorms feeding q/k/v and fc1 are 50-100x the rest\n"
-     "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"},
+     "  (and the matching weight columns as much smaller), like OPT models above 6.7B.\n"
+     "  DIR must not exist (or be empty): it appears, complete, only when everything is written.\n"},
     {"info", "usage: opt info -m DIR (-m, --model)\n  The config, parameter count, bytes per dtype, and what this machine has.\n"},
     {"bench",
      "usage: opt bench -m DIR|dummy:SHAPE [--prompt-len P] [--gen-len G] [-b B] [-t T] [--json] [options]\n"
@@ -4340,13 +4476,6 @@ static void policy_auto(Opts *o, const Config *c, int prompt_len, int gen_len, i
             r.tput_total, hw.name);
 }
 
-/* A CUDA build on a machine without a usable GPU says why, once. */
-static void gpu_note(void) {
-#ifdef OPT_CUDA
-    if (!gpu_available()) fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe());
-#endif
-}
-
 /* --device: gpu when asked (or, for auto, when there is one and the model,
  * its cache and workspace fit in 90% of its free memory, or a placement
  * policy says what goes where); otherwise cpu. */
@@ -4358,7 +4487,10 @@ static int device_pick(const Opts *o, const Model *m, int slots, int cap, int ro
         if (!gpu_available()) die("--device gpu: no usable GPU (%s)", gpu_describe());
         return 1;
     }
-    if (!gpu_available()) return 0;
+    if (!gpu_available()) { /* no driver or no device: a CPU machine, nothing to say */
+        if (gpu_present()) fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe());
+        return 0;
+    }
     double fr = gpu_free_bytes(); /* creates the context, which can fail too */
     if (!gpu_available()) { fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe()); return 0; }
     if (o->offload) return 1; /* a placement policy streams what does not fit */
@@ -4386,7 +4518,6 @@ static const Device *off_device(int gpu) {
 static void cmd_run(const Opts *o) {
     bool score = !strcmp(o->cmd, "score");
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
-    gpu_note();
     Model m;
     model_load(&m, o->model);
     if (!o->offload || o->compress_weight) model_materialize(&m);
@@ -4484,6 +4615,9 @@ static void cmd_convert(const Opts *o) {
     if (o->w8a8 && !o->sq.calib) die("opt convert: --w8a8 needs --calib FILE (calibration text)");
     Model m;
     model_load(&m, o->model);
+    DType q = m.layers[0].q.dtype; /* quantizing twice compounds the error: start from the floats */
+    if ((o->int4 || o->w8a8) && (q == DT_Q4 || q == DT_I8))
+        die("%s: already quantized (%s); %s converts a float checkpoint", o->model, q == DT_Q4 ? "4-bit weights" : "W8A8", o->int4 ? "--int4-weights" : "--w8a8");
     if (o->w8a8) {
         Tokenizer *tok = tokenizer_for(o->model);
         sq_convert(&m, tok, &o->sq);
@@ -4525,16 +4659,23 @@ static void cmd_info(const Opts *o) {
     printf("layers       %d\nhidden       %d\nffn          %d\nheads        %d (head_dim %d)\n", c->n_layer, c->hidden, c->ffn, c->n_head, c->head_dim);
     printf("vocab        %d\npositions    %d\nembed_dim    %d%s\n", c->vocab, c->max_pos, c->embed_dim, c->embed_dim != c->hidden ? " (project_in/out)" : "");
     printf("layer norm   %s%s%s\n", c->pre_ln ? "pre-LN" : "post-LN", c->final_ln ? ", final LayerNorm" : ", no final LayerNorm", c->ln_affine ? "" : ", not affine");
-    printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", m.lm_head.data == m.embed.data ? "tied to embed_tokens" : "separate");
-    printf("parameters   %lld (%.2fB)\n", (long long)config_params(c), (double)config_params(c) / 1e9);
+    int tied = m.lm_head.data == m.embed.data;
+    printf("bias         %s\nlm_head      %s\n", c->bias ? "yes" : "no", tied ? "tied to embed_tokens" : "separate");
+    int64_t n_params = config_params(c) + (tied ? 0 : (int64_t)c->vocab * c->embed_dim);
+    printf("parameters   %lld (%.2fB)\n", (long long)n_params, (double)n_params / 1e9);
     if (m.layers[0].q.dtype == DT_I8)
         printf("quantization W8A8 (SmoothQuant), %s activation scales\n", m.layers[0].q.act_scale > 0 ? "static per-tensor" : "dynamic per-token");
     else if (m.layers[0].q.dtype == DT_Q4)
         printf("quantization 4-bit weights, groups of %d\n", m.layers[0].q.group);
     size_t bytes[DT_COUNT] = {0}, params[DT_COUNT] = {0};
-    for (int i = 0; i < m.ck.n; i++) {
-        bytes[m.ck.t[i].dtype] += dtype_bytes(m.ck.t[i].dtype, ck_numel(&m.ck.t[i]));
-        params[m.ck.t[i].dtype] += (size_t)ck_numel(&m.ck.t[i]);
+    for (int i = 0; i < m.ck.n; i++) { /* 4-bit and int8 data are stored as bytes; scales and the like are not parameters */
+        const CkTensor *t = &m.ck.t[i];
+        size_t k = strlen(t->key), n = (size_t)ck_numel(t);
+        const Json *cols = t->dtype == DT_Q4 ? json_get(model_format(&m, t->key), "cols") : NULL;
+        bytes[t->dtype] += t->dtype == DT_Q4 ? n : dtype_bytes(t->dtype, (int64_t)n);
+        if ((k > 7 && !strcmp(t->key + k - 7, ".weight")) || (k > 5 && !strcmp(t->key + k - 5, ".bias")))
+            if (!(tied && !strcmp(t->key, "lm_head.weight"))) /* the embedding again */
+                params[t->dtype] += cols ? (size_t)t->shape[0] * (size_t)cols->num : n;
     }
     for (int d = 0; d < DT_COUNT; d++)
         if (bytes[d]) printf("dtype %-6s %zu parameters, %.2f GiB\n", dtype_names[d], params[d], (double)bytes[d] / (1 << 30));
@@ -4554,7 +4695,6 @@ static void bench_emit(void *ctx, Job *j, int index) {
 
 static void cmd_bench(const Opts *o) {
     if (!o->model) die("opt bench: -m DIR is required");
-    gpu_note();
     Model m;
     model_load(&m, o->model);
     if (!o->offload || o->compress_weight) model_materialize(&m);
@@ -4632,6 +4772,7 @@ static void cmd_bench(const Opts *o) {
 
 #ifndef OPT_CUDA /* stand-ins: --device auto never picks the GPU here, and --device gpu dies first */
 int gpu_available(void) { return 0; }
+int gpu_present(void) { return 0; }
 const char *gpu_describe(void) { return "none (this binary was built without CUDA)"; }
 const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL};
 const Device gpu_device = {"gpu", 1, &gpu_backend, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};

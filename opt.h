@@ -596,6 +596,10 @@ int offload_block(const Offload *o);       /* sequences per block */
  * (a plain allocation when d is NULL); host_pinned_free releases it. */
 void *host_pinned(const Device *d, size_t bytes, const char *what);
 void host_pinned_free(const Device *d, void *p);
+/* Removes from dir the scratch files (opt-cache-PID.bin, ..., opt-probe-PID.tmp)
+ * of our runs that died unable to (SIGKILL), saying so on stderr. */
+void offload_sweep(const char *dir);
+double mem_usable(void);                   /* bytes of RAM we may still take: MemAvailable, under the cgroup limit */
 
 /* ----------------------------------------------------------------------------
  * quant.c: SmoothQuant conversion. */
@@ -619,6 +623,9 @@ void config_load(Config *c, const char *dir);     /* config.json of a checkpoint
 void shape_config(Config *c, const char *shape);  /* "opt-1.3b" or HxLxAxF; dies on error */
 int64_t config_params(const Config *c);           /* parameter count */
 double now_sec(void);                             /* monotonic seconds */
+int tmp_add(const char *path, int dir);           /* removed at exit and on a fatal signal (dir: flat); returns its slot */
+void tmp_keep(int slot);                          /* no longer temporary (renamed into place): left alone */
+void tmp_remove(int slot);                        /* removed now */
 double size_parse(const char *flag, const char *v); /* "16G", "1.5T", "512M" (binary units) -> bytes; dies otherwise (lp.c) */
 void size_format(char *out, size_t cap, double bytes); /* "1.5 GiB", "300 MiB" (lp.c) */
 
@@ -626,6 +633,7 @@ void size_format(char *out, size_t cap, double bytes); /* "1.5 GiB", "300 MiB" (
  * kernels.cu (CUDA builds); opt.c has the stand-ins for CPU-only builds. */
 
 int gpu_available(void);          /* 1 when a usable CUDA device is present */
+int gpu_present(void);            /* 1 when a GPU is there, usable or not: why not is worth saying */
 const char *gpu_describe(void);   /* the device, or why there is none */
 /* The GPU backend (CUDA builds; CPU-only builds have stand-ins that die). The
  * same layer code runs on it with a device copy of the model, a device

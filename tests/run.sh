@@ -17,6 +17,8 @@
 #            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
 #   offload  tests/test_offload.py: every placement policy gives the plain run's output (the
 #            CPU computing, and the host standing in for a GPU), plans, budgets, the disk tier
+#   exit     tests/test_exit.py: interrupted synth/convert leave nothing, the progress line on
+#            a terminal, info's counts, a CUDA build's silence without a driver (--cuda)
 #   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
 #   readme   tests/test_readme.py: every command of README.md's ```sh blocks, as written
 #   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
@@ -37,7 +39,7 @@ OPT_ASAN=${OPT_ASAN:-./opt-asan}
 PYTHON=${PYTHON:-/usr/bin/python3}
 CC=${CC:-cc}
 CUDA_BIN=${OPT_CUDA:-}
-GROUPS="kernels tok lp model bad cli w8a8 q4 offload plan readme cuda gpu"
+GROUPS="kernels tok lp model bad cli w8a8 q4 offload exit plan readme cuda gpu"
 SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
@@ -139,6 +141,7 @@ run_cli() { group cli "$OPT" "$PYTHON" tests/test_cli.py --opt "$OPT" --asan "$O
 run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8"; }
 run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
+run_exit() { group exit "$OPT" "$PYTHON" tests/test_exit.py --opt "$OPT" ${CUDA_BIN:+--cuda "$CUDA_BIN"} --tmp "$TMP/exit"; }
 run_plan() { group plan "$OPT" sh tests/test_plan.sh "$OPT"; }
 run_readme() { group readme "$OPT" "$PYTHON" tests/test_readme.py --opt "$OPT" --tmp "$TMP/readme"; }
 

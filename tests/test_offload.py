@@ -43,6 +43,13 @@ What is checked, and what each group guards against:
                 one and a regular file: one clear error line, exit 1, no files left; no
                 opt-* files after a normal run, after an error in the middle of a run
                 (stdout is /dev/full) and after SIGTERM / SIGINT in the middle of a run.
+  exit paths    SIGPIPE (stdout's reader gone after one line) and SIGHUP in the middle of a run:
+                the process dies of the signal and the offload dir is empty; files of a run
+                killed by SIGKILL (a dead pid in our exact names) are removed by the next run in
+                one stderr line, a live pid's file and other names kept; without --cpu-mem the
+                CPU budget is the memory available (MemAvailable, the cgroup's limit): a policy
+                over it is refused by the plan at once (dummy:opt-66b all in RAM), as is
+                dummy:opt-66b without a policy.
   asan          mixed policies with disk shares under opt-asan (ASan + UBSan): exit 0, no
                 sanitizer report, the plain run's output.
   host device   the GPU tier's schedule with the host standing in for the GPU
@@ -645,7 +652,9 @@ def test_disk_tier(models):
         e = dict(os.environ, OPT_DEVICE='cpu')
         args = [OPT, 'bench', '-m', mdl, '--prompt-len', '256', '--gen-len', '400', '--percent'] + P_ALL_DISK.split() + \
                ['--gpu-batch-size', '4', '--offload-dir', d]
-        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e)
+        # as from a terminal: a background job of a script starts with SIGINT ignored, and opt keeps it so
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e,
+                             preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
         t0 = time.time()
         seen = []
         while time.time() - t0 < 20 and p.poll() is None:
@@ -670,6 +679,107 @@ def test_disk_tier(models):
             report(False, name, 'the run was not in progress with its files (exit %s): %s' % (p.returncode, err[-300:]))
         else:
             report(p.returncode == -sig and not left, name, 'exit %s, files left %s; %s' % (p.returncode, left, err[-300:]))
+
+
+# ----------------------------------------------------------------------------
+# exit paths: signals that end the process, files of killed runs, the machine's memory
+
+def fresh_dir(name):
+    d = os.path.join(TMP, name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
+
+
+def dead_pid():
+    p = subprocess.Popen(['true'])
+    p.wait()  # reaped: no process has this pid until it is reused
+    return p.pid
+
+
+def test_exit_paths(models):
+    A, P7 = models['A'], models['P7']
+    # SIGPIPE: the reader goes away after the first line (`opt generate ... | head -1`)
+    d = fresh_dir('sigpipe')
+    args = [OPT, 'generate', '--ids', '-n', '8', '-m', A, '-f', P7] + pol_args(P_ALL_DISK, 1, 1)[:-2] + ['--offload-dir', d]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OPT_DEVICE='cpu'))
+    first = p.stdout.readline()
+    seen = leftovers(d)
+    p.stdout.close()
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    err = p.stderr.read().decode('utf-8', 'replace')
+    p.stderr.close()
+    report(first and seen and p.returncode == -signal.SIGPIPE and os.listdir(d) == [],
+           'SIGPIPE (the reader of stdout gone after one line): the process dies of it, the offload dir is empty',
+           'first line %r, files while running %s, exit %s, left %s; %s' % (first[:60], seen, p.returncode, os.listdir(d), err[-300:]))
+
+    # SIGHUP (a dropped ssh session), in the middle of a run with the dummy model's weight file too
+    d = fresh_dir('sighup')
+    args = [OPT, 'bench', '-m', 'dummy:128x4x8x512', '--prompt-len', '256', '--gen-len', '400', '--percent'] + P_ALL_DISK.split() + \
+           ['--gpu-batch-size', '4', '--offload-dir', d]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OPT_DEVICE='cpu'),
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    t0 = time.time()
+    while time.time() - t0 < 20 and p.poll() is None and len(leftovers(d)) < 3:
+        time.sleep(0.01)
+    seen = leftovers(d)
+    running = p.poll() is None
+    if running:
+        p.send_signal(signal.SIGHUP)
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    err = p.stderr.read().decode('utf-8', 'replace')
+    p.stderr.close()
+    report(running and len(seen) == 3 and p.returncode == -signal.SIGHUP and os.listdir(d) == [],
+           'SIGHUP in the middle of a run: the process dies of it, the offload dir is empty',
+           'running %s with %s; exit %s, left %s; %s' % (running, seen, p.returncode, os.listdir(d), err[-300:]))
+
+    # files of a killed run (SIGKILL cannot be caught): removed by the next run, only when the
+    # pid is dead and the name is exactly ours; a live pid's file (this test's) stays
+    d = fresh_dir('stale')
+    dead, live = dead_pid(), os.getpid()
+    stale = ['opt-cache-%d.bin' % dead, 'opt-activations-%d.bin' % dead, 'opt-weights-%d.bin' % dead, 'opt-probe-%d.tmp' % dead]
+    keep = ['opt-cache-%d.bin' % live, 'opt-cache-%d.bin.old' % dead, 'opt-notes-%d.bin' % dead, 'opt-cache-x%d.bin' % dead]
+    for f in stale + keep:
+        with open(os.path.join(d, f), 'wb') as fh:
+            fh.write(b'x' * 100)
+    r = opt(['score', '--ids', '-m', A, '-f', P7] + pol_args(P_ALL_DISK, 2, 2)[:-2] + ['--offload-dir', d])
+    plain = opt(['score', '--ids', '-m', A, '-f', P7])
+    notes = [l for l in r.errtext.split('\n') if 'killed runs' in l]
+    left = sorted(os.listdir(d))
+    report(r.rc == 0 and r.out == plain.out and left == sorted(keep) and len(notes) == 1 and all(f in notes[0] for f in stale),
+           'files of a dead pid (opt-cache/activations/weights-PID.bin, opt-probe-PID.tmp) removed in one stderr line; a live pid\'s and other names kept',
+           'left %s\nnotes %s\n%s' % (left, notes, r.tail(2)))
+    for f in keep:
+        os.unlink(os.path.join(d, f))
+    report(os.listdir(d) == [], 'the stale-file test\'s offload dir is empty after', str(os.listdir(d)))
+
+    # no --cpu-mem: the budget is what the machine can give; a policy over it is refused at
+    # once (RLIMIT_AS: a binary that went on allocating fails there instead of meeting the OOM killer)
+    def as_limit():
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+    with open('/proc/meminfo') as f:
+        avail = [int(l.split()[1]) << 10 for l in f if l.startswith('MemAvailable:')][0]
+    if avail > 150 << 30:
+        skip('dummy:opt-66b all in RAM refused without --cpu-mem', 'this machine has %.0f GiB available' % (avail / 2 ** 30))
+        return
+    d = fresh_dir('ram')
+    r = opt(['bench', '-m', 'dummy:opt-66b', '--percent', '0', '100', '0', '100', '0', '100', '--gpu-batch-size', '1',
+             '--num-gpu-batches', '1', '--offload-dir', d], preexec=as_limit, timeout=30)
+    probs = refused_ok(r, 'the memory available')
+    if os.listdir(d):
+        probs.append('files left: %s' % os.listdir(d))
+    report(not probs, 'dummy:opt-66b, every weight in RAM, no --cpu-mem: refused by the plan against the memory available', '\n'.join(probs))
+    r = opt(['generate', '-m', 'dummy:opt-66b', '-n', '2'], stdin='hello\n', preexec=as_limit, timeout=30)
+    probs = one_error_line(r, ('GiB of RAM',))
+    report(not probs and r.dt < 5, 'dummy:opt-66b without a policy: refused in one line (%.1f s)' % r.dt, '\n'.join(probs) + r.tail(2))
 
 
 # ----------------------------------------------------------------------------
@@ -734,11 +844,11 @@ def main():
         print('test_offload: 0 passed, 1 failed, 0 skipped')
         return 1
     # run copies, so that a rebuild during the run cannot mix versions (or catch a binary half-linked)
-    os.makedirs(os.path.join(TMP, 'bin'), exist_ok=True)
+    os.makedirs(os.path.join(TMP, 'bins'), exist_ok=True)
     for name in ('OPT', 'ASAN'):
         src = globals()[name]
         if src and os.access(src, os.X_OK):
-            dst = os.path.join(TMP, 'bin', os.path.basename(src))
+            dst = os.path.join(TMP, 'bins', os.path.basename(src))
             shutil.copy2(src, dst)
             globals()[name] = dst
     t0 = time.time()
@@ -761,7 +871,7 @@ def main():
                                '--calib-samples', '8', '--calib-len', '32')
         print('test_offload: %s, %s; fixtures in %s (%.1f s)' % (OPT, ASAN, TMP, time.time() - t0))
         groups = [('equivalence', test_equivalence), ('early stop', test_early_stop), ('dummy', test_dummy),
-                  ('percentages', test_percentages), ('budgets', test_budgets), ('disk tier', test_disk_tier),
+                  ('percentages', test_percentages), ('budgets', test_budgets), ('disk tier', test_disk_tier), ('exit paths', test_exit_paths),
                   ('asan', test_asan), ('host device', test_device)]
         for name, fn in groups:
             if not want(name):
