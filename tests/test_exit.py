@@ -9,7 +9,7 @@ exit status is 0 only when nothing failed.  Every opt run has a time limit.
 
 What is checked, and what each group guards against:
   gpu       the CPU build's `opt info` gpu line says it was built without CUDA; a CUDA build
-            (--cuda PATH or $OPT_CUDA) on a machine without an NVIDIA driver is silent with
+            (--cuda PATH, $OPT_CUDA, or --opt itself when it is one) on a machine without an NVIDIA driver is silent with
             --device auto (nothing on stderr, the CPU build's output), `--device gpu` dies in
             one line naming "no NVIDIA driver", and `opt info` says so on its gpu line.  Skipped
             for a CUDA build on a machine that has a driver (tests/gpu.sh covers that).
@@ -114,13 +114,14 @@ def test_gpu(prompts):
     if not cuda_build:
         check(r.rc == 0 and gpu and 'built without CUDA' in gpu[0], 'CPU build: the info gpu line says it was built without CUDA',
               '%s\n%s' % (gpu, r.tail()))
-    if not CUDA:
+    cuda = CUDA or (OPT if cuda_build else None)  # make test's default build is the CUDA one where nvcc exists
+    if not cuda:
         skip('CUDA build on a machine without a driver', 'no CUDA build given (--cuda PATH or OPT_CUDA)')
         return
-    r = opt(['info', '-m', model], binary=CUDA)
+    r = opt(['info', '-m', model], binary=cuda)
     gpu = [l for l in r.lines if l.startswith('gpu ')]
     if not gpu or 'built without CUDA' in gpu[0]:
-        check(False, '%s is a CUDA build' % CUDA, '%s\n%s' % (gpu, r.tail()))
+        check(False, '%s is a CUDA build' % cuda, '%s\n%s' % (gpu, r.tail()))
         return
     try:
         ctypes.CDLL('libcuda.so.1')
@@ -131,10 +132,10 @@ def test_gpu(prompts):
     check(r.rc == 0 and 'no NVIDIA driver' in gpu[0], 'CUDA build, no driver: the info gpu line says so', '%s\n%s' % (gpu[0], r.tail()))
     args = ['generate', '-m', model, '-n', '2', '-f', prompts]
     ref = opt(args)
-    r = auto(args, CUDA)
+    r = auto(args, cuda)
     check(r.rc == 0 and r.err == b'' and r.out == ref.out, 'CUDA build, no driver, --device auto: nothing on stderr, the CPU output',
           'exit %s, stderr %r, same output: %s' % (r.rc, r.errtext[:300], r.out == ref.out))
-    r = auto(args + ['--device', 'gpu'], CUDA)
+    r = auto(args + ['--device', 'gpu'], cuda)
     check(not one_line_error(r, ['--device gpu', 'no NVIDIA driver']), 'CUDA build, no driver, --device gpu: one line naming the missing driver',
           '\n'.join(one_line_error(r, ['--device gpu', 'no NVIDIA driver'])) + '\n' + r.errtext[:300])
 
