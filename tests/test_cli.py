@@ -294,7 +294,7 @@ def test_stdout():
         skip('stdout is /dev/full', 'no /dev/full')
         return
     mps = write('t.mps', 'NAME t\nROWS\n N obj\n L c1\nCOLUMNS\n x obj -1 c1 1\nRHS\n rhs c1 4\nENDATA\n')
-    cases = ((['info', '-m', MODEL], ''), (['plan', '-m', 'opt-30b'], ''), (['lp', mps], ''),
+    cases = ((['info', '-m', MODEL], ''), (['plan', '-m', 'opt-30b', '--hw', 't4'], ''), (['lp', mps], ''),
              (['bench', '-m', 'dummy:64x2x4x256', '--json', '--prompt-len', '8', '--gen-len', '2', '-b', '1'], ''),
              (['tokenize'], 'hello\n'), (['tokenize', '-f', '-'], 'hello\n'), (['--version'], ''), (['version'], ''),
              (['--help'], ''), (['score', '--help'], ''), (['help', 'plan'], ''), (['lp', '--help'], ''),
