@@ -113,3 +113,12 @@ def run(argv, stdin=b'', env=None, timeout=60, stdout=subprocess.PIPE, preexec=N
         return Run(argv, 'could not run %s: %s' % (argv[0], x), b'', b'', time.time() - t0)
     except subprocess.TimeoutExpired as x:
         return Run(argv, 'hung (killed after %ds)' % timeout, x.stdout or b'', x.stderr or b'', time.time() - t0)
+
+
+def fixture(path, opt, args):
+    """path, made by opt(args) (a function running the binary) unless it exists already."""
+    if not os.path.exists(path):
+        r = opt(args)
+        if r.rc != 0:
+            raise SystemExit('fixture: opt %s failed: %s' % (' '.join(args), r.tail()))
+    return path

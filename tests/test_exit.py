@@ -82,20 +82,12 @@ def one_line_error(r, names=()):
 
 def synth(name, shape, *extra):
     d = os.path.join(TMP, name)
-    if not os.path.isdir(d):
-        r = opt(['synth', '--shape', shape, '-o', d] + list(extra))
-        if r.rc != 0:
-            raise SystemExit('fixture: opt synth %s failed: %s' % (shape, r.tail()))
-    return d
+    return harness.fixture(d, opt, ['synth', '--shape', shape, '-o', d] + list(extra))
 
 
 def convert(src, name, *extra):
     f = os.path.join(TMP, name)
-    if not os.path.exists(f):
-        r = opt(['convert', '-m', src, '-o', f] + list(extra))
-        if r.rc != 0:
-            raise SystemExit('fixture: opt convert %s failed: %s' % (' '.join(extra), r.tail()))
-    return f
+    return harness.fixture(f, opt, ['convert', '-m', src, '-o', f] + list(extra))
 
 
 def around(path):

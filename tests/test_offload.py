@@ -133,11 +133,7 @@ def write_prompts(path, lengths, vocab_hi, seed):
 
 def synth(dirname, shape, *extra):
     d = os.path.join(TMP, dirname)
-    if not os.path.exists(os.path.join(d, 'config.json')):
-        r = opt(['synth', '--shape', shape, '-o', d] + list(extra))
-        if r.rc != 0:
-            raise SystemExit('fixture: opt synth %s failed: %s' % (shape, r.tail()))
-    return d
+    return harness.fixture(d, opt, ['synth', '--shape', shape, '-o', d] + list(extra))
 
 
 def mkckpt(dirname, *extra):
@@ -152,11 +148,7 @@ def mkckpt(dirname, *extra):
 
 def convert(src, name, *extra):
     f = os.path.join(TMP, name)
-    if not os.path.exists(f):
-        r = opt(['convert', '-m', src, '-o', f] + list(extra))
-        if r.rc != 0:
-            raise SystemExit('fixture: opt convert %s failed: %s' % (' '.join(extra), r.tail()))
-    return f
+    return harness.fixture(f, opt, ['convert', '-m', src, '-o', f] + list(extra))
 
 
 # ----------------------------------------------------------------------------
