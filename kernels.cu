@@ -450,7 +450,7 @@ __global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size
                 xs[r][k] = __float2half_rn(m < M && k0 + k < K ? x[(size_t)m * ldx + k0 + k] : 0.0f);
             }
         int k = k0 + wk;
-        __half2 hv[8];
+        __align__(16) __half2 hv[8];
         if (wrow && k < K) { /* a row's last block is whole (zero codes past K), so the word is in it */
             const uint8_t *blk = wrow + (size_t)((unsigned)k / G) * (4 + G / 2);
             float s = __half2float(*(const __half *)blk), mn = __half2float(*(const __half *)(blk + 2));
@@ -462,7 +462,8 @@ __global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size
             }
         } else
             for (int p = 0; p < 8; p++) hv[p] = __floats2half2_rn(0.0f, 0.0f);
-        for (int p = 0; p < 8; p++) *(__half2 *)&ws[wr][wk + 2 * p] = hv[p];
+        ((uint4 *)&ws[wr][wk])[0] = ((const uint4 *)hv)[0]; /* two 16-byte stores: rows are 80 bytes */
+        ((uint4 *)&ws[wr][wk])[1] = ((const uint4 *)hv)[1];
         __syncthreads();
         for (int kk = 0; kk < QK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
