@@ -415,24 +415,55 @@ __global__ void k_q4_gemv(const float *x, int ldx, int M, const uint8_t *w, size
 }
 
 /* 4-bit GEMM for more rows: 64x64 output tiles on tensor cores (WMMA), the
- * weights dequantized into shared memory 32 columns of K at a time. */
+ * weights dequantized into shared memory 32 columns of K at a time, a 16-code
+ * word per thread: G is a template parameter, so a word's block and offset
+ * are a shift and a mask, and its scale and minimum are read once for 16
+ * values. Each value is q4_at's fmaf(code, s, m) rounded to f16, the same
+ * operands as the per-element form. */
 #include <mma.h>
 #define QT 64
 #define QK 32
-__global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K, int G,
+template <int G>
+__global__ void k_q4_gemm(const float *x, int ldx, int M, const uint8_t *w, size_t rb, int K,
                           const float *bias, float *y, int ldy, int N, int acc, int relu) {
     using namespace nvcuda;
+    static_assert(G % 16 == 0 && QK % 16 == 0 && QT * QK / 16 == 128, "a 16-code word per thread per step");
     __shared__ __align__(32) __half xs[QT][QK + 8], ws[QT][QK + 8]; /* WMMA pointers are 256-bit aligned */
     __shared__ __align__(32) float cs[QT][QT + 4];
     int m0 = blockIdx.y * QT, n0 = blockIdx.x * QT, warp = threadIdx.x >> 5; /* 4 warps: 2 x 2 of 32 x 32 */
+    int wr = threadIdx.x >> 1, wk = (threadIdx.x & 1) * 16; /* this thread's word: tile row, first column */
+    const uint8_t *wrow = n0 + wr < N ? w + rb * (size_t)(n0 + wr) : NULL;
+    bool vec = !(K & 3) && !(ldx & 3) && !((uintptr_t)x & 15); /* x rows in whole, aligned float4s */
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
     for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.0f);
     for (int k0 = 0; k0 < K; k0 += QK) {
-        for (int e = threadIdx.x; e < QT * QK; e += blockDim.x) {
-            int r = e / QK, k = e % QK, m = m0 + r, n = n0 + r;
-            xs[r][k] = __float2half_rn(m < M && k0 + k < K ? x[(size_t)m * ldx + k0 + k] : 0.0f);
-            ws[r][k] = __float2half_rn(n < N && k0 + k < K ? q4_at(w + rb * (size_t)n, G, k0 + k) : 0.0f);
-        }
+        if (vec)
+            for (int e = threadIdx.x; e < QT * QK / 4; e += blockDim.x) {
+                int r = e / (QK / 4), k = e % (QK / 4) * 4, m = m0 + r;
+                float4 v = m < M && k0 + k < K ? *(const float4 *)(x + (size_t)m * ldx + k0 + k) : make_float4(0, 0, 0, 0);
+                *(__half2 *)&xs[r][k] = __floats2half2_rn(v.x, v.y);
+                *(__half2 *)&xs[r][k + 2] = __floats2half2_rn(v.z, v.w);
+            }
+        else
+            for (int e = threadIdx.x; e < QT * QK; e += blockDim.x) {
+                int r = e / QK, k = e % QK, m = m0 + r;
+                xs[r][k] = __float2half_rn(m < M && k0 + k < K ? x[(size_t)m * ldx + k0 + k] : 0.0f);
+            }
+        int k = k0 + wk;
+        __align__(16) __half2 hv[8];
+        if (wrow && k < K) { /* a row's last block is whole (zero codes past K), so the word is in it */
+            const uint8_t *blk = wrow + (size_t)((unsigned)k / G) * (4 + G / 2);
+            float s = __half2float(*(const __half *)blk), mn = __half2float(*(const __half *)(blk + 2));
+            const uint32_t *wp = (const uint32_t *)(blk + 4 + (unsigned)k % G / 2); /* 4-byte aligned: blocks are 4 + G/2 bytes */
+            uint32_t lo = wp[0], hi = wp[1]; /* even elements in lo, odd in hi, nibble e/2 */
+            for (int p = 0; p < 8; p++) {
+                float a = fmaf((float)(lo >> 4 * p & 15), s, mn), b = fmaf((float)(hi >> 4 * p & 15), s, mn);
+                hv[p] = __floats2half2_rn(k + 2 * p < K ? a : 0.0f, k + 2 * p + 1 < K ? b : 0.0f);
+            }
+        } else
+            for (int p = 0; p < 8; p++) hv[p] = __floats2half2_rn(0.0f, 0.0f);
+        ((uint4 *)&ws[wr][wk])[0] = ((const uint4 *)hv)[0]; /* two 16-byte stores: rows are 80 bytes */
+        ((uint4 *)&ws[wr][wk])[1] = ((const uint4 *)hv)[1];
         __syncthreads();
         for (int kk = 0; kk < QK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
@@ -751,36 +782,60 @@ static size_t x16_bytes(int rows, int K) {
     return a > b ? a : b;
 }
 
-static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
+/* x as w's GEMM reads it, into g_x16: narrowed to 16 bits (f16, bf16
+ * weights), or int8 rows then their scales (int8 weights); 4-bit kernels
+ * read x itself. */
+static void linear_input(const float *x, const Tensor *w, int rows) {
+    int K = (int)w->cols;
+    size_t n = (size_t)rows * K;
+    if (w->dtype == DT_Q4) return;
+    if (w->dtype != DT_I8 && w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16, 4-bit or int8 weights", w->name ? w->name : "a weight");
+    x16_reserve(x16_bytes(rows, K));
+    if (w->dtype == DT_I8) k_quant_rows<<<rows, 256, 0, g_stream>>>(x, K, K, w->act_scale, (int8_t *)g_x16, (float *)((char *)g_x16 + (n + 15) / 16 * 16));
+    else if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__nv_bfloat16 *)g_x16, n);
+    else k_narrow<__half><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__half *)g_x16, n);
+}
+
+/* Whether linear_input leaves the same g_x16 from one x for weights a and b:
+ * the same kind and width (and for int8 the same activation scale). */
+static bool linear_input_same(const Tensor *a, const Tensor *b) {
+    return a->dtype == b->dtype && a->cols == b->cols && a->act_scale == b->act_scale;
+}
+
+/* y = x . W^T + b (+ y, ReLU) from what linear_input left for w (x itself for 4-bit) */
+static void linear_gemm(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
     int N = (int)w->rows, K = (int)w->cols;
-    if (rows <= 0) return;
+    dim3 tiles((N + QT - 1) / QT, (rows + QT - 1) / QT);
     if (w->dtype == DT_Q4) {
         size_t rb = tensor_row_bytes(w);
-        if (rows <= 8) k_q4_gemv<<<(N + 3) / 4, 128, 0, g_stream>>>(x, K, rows, (const uint8_t *)w->data, rb, K, w->group, b, y, N, N, acc, relu);
-        else k_q4_gemm<<<dim3((N + QT - 1) / QT, (rows + QT - 1) / QT), 128, 0, g_stream>>>(x, K, rows, (const uint8_t *)w->data, rb, K, w->group, b, y, N, N, acc, relu);
+        const uint8_t *wd = (const uint8_t *)w->data;
+        if (rows <= 8) k_q4_gemv<<<(N + 3) / 4, 128, 0, g_stream>>>(x, K, rows, wd, rb, K, w->group, b, y, N, N, acc, relu);
+        else if (w->group == 32) k_q4_gemm<32><<<tiles, 128, 0, g_stream>>>(x, K, rows, wd, rb, K, b, y, N, N, acc, relu);
+        else if (w->group == 64) k_q4_gemm<64><<<tiles, 128, 0, g_stream>>>(x, K, rows, wd, rb, K, b, y, N, N, acc, relu);
+        else if (w->group == 128) k_q4_gemm<128><<<tiles, 128, 0, g_stream>>>(x, K, rows, wd, rb, K, b, y, N, N, acc, relu);
+        else die("%s: 4-bit group %d: the GPU's GEMM takes 32, 64 or 128", w->name ? w->name : "a weight", w->group);
         checkCuda(cudaGetLastError());
         return;
     }
     if (w->dtype == DT_I8) {
-        x16_reserve(x16_bytes(rows, K));
-        int8_t *q = (int8_t *)g_x16;
-        float *sx = (float *)((char *)g_x16 + ((size_t)rows * K + 15) / 16 * 16);
-        k_quant_rows<<<rows, 256, 0, g_stream>>>(x, K, K, w->act_scale, q, sx);
+        const int8_t *q = (const int8_t *)g_x16;
+        const float *sx = (const float *)((char *)g_x16 + ((size_t)rows * K + 15) / 16 * 16);
         if (rows <= 8) k_i8_gemv<<<(N + 3) / 4, 128, 0, g_stream>>>(q, sx, rows, (const int8_t *)w->data, w->scale, K, N, b, y, N, acc, relu);
-        else k_i8_gemm<<<dim3((N + QT - 1) / QT, (rows + QT - 1) / QT), 128, 0, g_stream>>>(q, sx, rows, (const int8_t *)w->data, w->scale, K, N, b, y, N, acc, relu);
+        else k_i8_gemm<<<tiles, 128, 0, g_stream>>>(q, sx, rows, (const int8_t *)w->data, w->scale, K, N, b, y, N, acc, relu);
         checkCuda(cudaGetLastError());
         return;
     }
-    if (w->dtype != DT_F16 && w->dtype != DT_BF16) die("%s: the GPU computes on f16, bf16, 4-bit or int8 weights", w->name ? w->name : "a weight");
-    x16_reserve(x16_bytes(rows, K));
-    size_t n = (size_t)rows * K;
-    if (w->dtype == DT_BF16) k_narrow<__nv_bfloat16><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__nv_bfloat16 *)g_x16, n);
-    else k_narrow<__half><<<grid_for(n / 4 + 1, 256), 256, 0, g_stream>>>(x, (__half *)g_x16, n);
     int epi = b ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS) : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
     LtPlan *p = lt_plan(N, K, rows, w->dtype, epi, acc);
     if (b) checkCublas(lt_desc_set(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b, sizeof b));
     float one = 1.0f, beta = acc ? 1.0f : 0.0f;
     checkCublas(lt_matmul(g_lt, p->desc, &one, w->data, p->a, g_x16, p->b, &beta, y, p->c, y, p->c, &p->algo, g_workspace, WORKSPACE, g_stream));
+}
+
+static void gpu_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
+    if (rows <= 0) return;
+    linear_input(x, w, rows);
+    linear_gemm(y, x, w, b, rows, acc, relu);
 }
 
 /* ----------------------------------------------------------------------------
@@ -856,8 +911,35 @@ extern "C" int gpu_profile(double ms[2]) {
     return g_profile;
 }
 
+static int linear_kind(const Tensor *w) { return w->dtype == DT_Q4 ? PK_LINEAR4 : w->dtype == DT_I8 ? PK_LINEAR8 : PK_LINEAR16; }
+
 static void p_linear(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu) {
-    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(w->dtype == DT_Q4 ? PK_LINEAR4 : w->dtype == DT_I8 ? PK_LINEAR8 : PK_LINEAR16);
+    prof_begin(); gpu_linear(y, x, w, b, rows, acc, relu); prof_end(linear_kind(w));
+}
+
+/* q, k and v from x narrowed (or quantized) once, the first GEMM's profile
+ * taking the narrowing. Reusing g_x16 is safe here because it spans only this
+ * call: the narrowing reads x on g_stream after everything queued before
+ * (offloading's uploads into x, its dxs[b], are ordered before layer_forward
+ * by the up[b] event), and the three GEMMs follow it on g_stream with no
+ * other op between, while only ops on g_stream write g_x16. What is not
+ * safe, and why gpu_linear keeps no such reuse across calls, is keying a
+ * narrowed copy on x's address: the same address gets new contents that
+ * gpu_linear never sees written (offloading's dxs[b] refilled by copies on
+ * the upload stream for every batch, s->h by every LayerNorm, a test's
+ * cudaMemcpy), and every other GEMM overwrites g_x16 between. Nothing
+ * outlives this call, so there is nothing to invalidate. */
+static void p_qkv(const Layer *L, const float *x, int rows, Scratch *s) {
+    const Tensor *w[3] = {&L->q, &L->k, &L->v};
+    const float *b[3] = {L->qb, L->kb, L->vb};
+    float *y[3] = {s->q, s->k, s->v};
+    if (rows <= 0) return;
+    for (int i = 0; i < 3; i++) {
+        prof_begin();
+        if (!i || !linear_input_same(w[i], w[i - 1])) linear_input(x, w[i], rows);
+        linear_gemm(y[i], x, w[i], b[i], rows, 0, 0);
+        prof_end(linear_kind(w[i]));
+    }
 }
 static void p_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int n) {
     prof_begin(); gpu_layernorm(out, x, w, b, rows, n); prof_end(PK_LAYERNORM);
@@ -869,7 +951,7 @@ static void p_embed(const Tensor *t, const Step *st, int offset, float *out) { p
 static void p_add(float *y, const float *x, size_t n) { prof_begin(); gpu_add(y, x, n); prof_end(PK_ADD); }
 static void p_copy(float *y, const float *x, size_t n) { prof_begin(); gpu_copy(y, x, n); prof_end(PK_COPY); }
 
-extern "C" const Backend gpu_backend = {"gpu", p_linear, p_layernorm, p_attention, p_embed, p_add, p_copy};
+extern "C" const Backend gpu_backend = {"gpu", p_linear, p_qkv, p_layernorm, p_attention, p_embed, p_add, p_copy};
 
 extern "C" void gpu_scratch_init(Scratch *s, const Config *c, int rows, int cap) {
     gpu_start();

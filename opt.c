@@ -2100,7 +2100,13 @@ static void cpu_embed(const Tensor *t, const Step *st, int offset, float *out) {
 static void cpu_add(float *y, const float *x, size_t n) { for (size_t i = 0; i < n; i++) y[i] += x[i]; }
 static void cpu_copy(float *y, const float *x, size_t n) { memcpy(y, x, sizeof(float) * n); }
 
-const Backend cpu_backend = {"cpu", cpu_linear, layernorm, cpu_attention, cpu_embed, cpu_add, cpu_copy};
+static void cpu_qkv(const Layer *L, const float *x, int rows, Scratch *s) {
+    cpu_linear(s->q, x, &L->q, L->qb, rows, 0, 0);
+    cpu_linear(s->k, x, &L->k, L->kb, rows, 0, 0);
+    cpu_linear(s->v, x, &L->v, L->vb, rows, 0, 0);
+}
+
+const Backend cpu_backend = {"cpu", cpu_linear, cpu_qkv, layernorm, cpu_attention, cpu_embed, cpu_add, cpu_copy};
 
 /* Token embeddings (through project_in) plus positions into x (n, hidden). */
 void model_embed(const Model *m, const Step *st, float *x, Scratch *s) {
@@ -2128,9 +2134,7 @@ void layer_forward(const Model *m, const Layer *L, int l, const KVLayer *kv, con
     const float *in = x;
     if (c->pre_ln) { be->layernorm(s->h, x, L->ln1w, L->ln1b, n, h); in = s->h; }
     if (s->observe) s->observe(s->observe_ctx, l, OBS_QKV, in, n, h);
-    be->linear(s->q, in, &L->q, L->qb, n, 0, 0);
-    be->linear(s->k, in, &L->k, L->kb, n, 0, 0);
-    be->linear(s->v, in, &L->v, L->vb, n, 0, 0);
+    be->qkv(L, in, n, s);
     be->attention(c, kv, st, s);
     if (s->observe) s->observe(s->observe_ctx, l, OBS_O, s->att, n, h);
     be->linear(x, s->att, &L->o, L->ob, n, 1, 0);
@@ -4774,7 +4778,7 @@ static void cmd_bench(const Opts *o) {
 int gpu_available(void) { return 0; }
 int gpu_present(void) { return 0; }
 const char *gpu_describe(void) { return "none (this binary was built without CUDA)"; }
-const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL};
+const Backend gpu_backend = {"gpu", NULL, NULL, NULL, NULL, NULL, NULL, NULL};
 const Device gpu_device = {"gpu", 1, &gpu_backend, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
 #define NO_GPU die("this binary was built without CUDA")
 void gpu_model_upload(const Model *m, Model *dev) { (void)m; (void)dev; NO_GPU; }

@@ -490,6 +490,9 @@ typedef struct Backend {
     const char *name;      /* "cpu" or "gpu" */
     /* y (rows, N) = x (rows, K) . W^T + b, then += y when acc, ReLU when relu */
     void (*linear)(float *y, const float *x, const Tensor *w, const float *b, int rows, int acc, int relu);
+    /* s->q, s->k, s->v = L's three projections of one input x (rows, hidden):
+     * one call, so the GPU narrows x once for the three GEMMs (kernels.cu) */
+    void (*qkv)(const Layer *L, const float *x, int rows, Scratch *s);
     /* LayerNorm over rows of n, eps 1e-5; w, b NULL when not affine; out may be x */
     void (*layernorm)(float *out, const float *x, const float *w, const float *b, int rows, int n);
     /* the step's k, v into the cache, then attention: s->q, s->k, s->v -> s->att */

@@ -40,26 +40,51 @@ static void compare(const char *what, const float *cpu, const float *gpu, size_t
     fails += !ok;
 }
 
-/* act: int8's static activation scale (0: per token) */
-static void test_linear(DType dt, int rows, int N, int K, int acc, int relu, int bias, float act) {
+/* A random N x K weight in format dt on the host (data and int8's scales
+ * malloc'd); wf gets the values it stands for. act: int8's static activation
+ * scale (0: per token); G: 4-bit group. */
+static Tensor weight_make(DType dt, int N, int K, int G, float act, float *wf) {
     size_t nw = (size_t)N * K;
-    float *wf = malloc(4 * nw), *x = malloc(4 * (size_t)rows * K), *b = malloc(4 * (size_t)N);
-    float *yc = malloc(4 * (size_t)rows * N), *yg = malloc(4 * (size_t)rows * N), *sc = malloc(4 * (size_t)rows * N);
+    Tensor w = {.dtype = dt, .rows = N, .cols = K, .group = G, .name = "test", .act_scale = act};
+    void *wd = malloc(dt == DT_Q4 ? q4_row_bytes(K, G) * N : 2 * nw);
     for (size_t i = 0; i < nw; i++) wf[i] = frand() * 0.5f;
-    for (int i = 0; i < rows * K; i++) x[i] = frand();
-    for (int i = 0; i < N; i++) b[i] = frand();
-    for (int i = 0; i < rows * N; i++) yc[i] = frand();
-    Tensor w = {.dtype = dt, .rows = N, .cols = K, .group = 64, .name = "test", .act_scale = act};
-    void *wd = malloc(dt == DT_Q4 ? q4_row_bytes(K, 64) * N : 2 * nw);
-    float *ws = malloc(4 * (size_t)N);
-    if (dt == DT_I8) { /* int8 rows and per-row scales; wf what they stand for */
+    if (dt == DT_I8) { /* int8 rows and per-row scales */
+        float *ws = malloc(4 * (size_t)N);
         for (int n = 0; n < N; n++) ws[n] = (0.5f + 0.25f * frand()) / 127;
         for (size_t i = 0; i < nw; i++) { ((int8_t *)wd)[i] = (int8_t)(frand() * 127); wf[i] = ((int8_t *)wd)[i] * ws[i / K]; }
         w.scale = ws;
-    } else if (dt == DT_Q4) for (int n = 0; n < N; n++) q4_quantize_row((uint8_t *)wd + q4_row_bytes(K, 64) * n, wf + (size_t)n * K, K, 64, "test");
+    } else if (dt == DT_Q4) for (int n = 0; n < N; n++) q4_quantize_row((uint8_t *)wd + q4_row_bytes(K, G) * n, wf + (size_t)n * K, K, G, "test");
     else for (size_t i = 0; i < nw; i++) ((uint16_t *)wd)[i] = dt == DT_F16 ? f32_to_f16(wf[i]) : f32_to_bf16(wf[i]);
     w.data = wd;
-    Tensor wg = gpu_tensor_upload(&w);
+    return w;
+}
+
+static void weight_free(Tensor *w, Tensor *wg) {
+    free((void *)w->data); free((void *)w->scale);
+    cudaFree((void *)wg->data);
+    if (wg->dtype == DT_I8) cudaFree((void *)wg->scale);
+}
+
+/* sc (rows, N): sum |x w| of each dot, plus 1 for what acc and bias add: the scale of its rounding */
+static void dot_scales(float *sc, const float *x, const float *wf, int rows, int N, int K) {
+    for (int m = 0; m < rows; m++)
+        for (int n = 0; n < N; n++) {
+            double s = 0;
+            for (int k = 0; k < K; k++) s += fabs((double)x[(size_t)m * K + k] * wf[(size_t)n * K + k]);
+            sc[(size_t)m * N + n] = (float)(s + 1.0);
+        }
+}
+
+/* int8: the same int32 sums as the CPU (the same quantized rows), so only the epilogue's rounding */
+static float linear_tol(DType dt) { return dt == DT_BF16 ? 2e-2f : dt == DT_I8 ? 1e-5f : 4e-3f; }
+
+static void test_linear(DType dt, int rows, int N, int K, int acc, int relu, int bias, float act, int G) {
+    float *wf = malloc(4 * (size_t)N * K), *x = malloc(4 * (size_t)rows * K), *b = malloc(4 * (size_t)N);
+    float *yc = malloc(4 * (size_t)rows * N), *yg = malloc(4 * (size_t)rows * N), *sc = malloc(4 * (size_t)rows * N);
+    Tensor w = weight_make(dt, N, K, G, act, wf), wg = gpu_tensor_upload(&w);
+    for (int i = 0; i < rows * K; i++) x[i] = frand();
+    for (int i = 0; i < N; i++) b[i] = frand();
+    for (int i = 0; i < rows * N; i++) yc[i] = frand();
     float *xd = dev_of(x, (size_t)rows * K), *bd = dev_of(b, N), *yd;
     if (!acc) for (int i = 0; i < rows * N; i++) yg[i] = NAN; /* poison */
     else memcpy(yg, yc, 4 * (size_t)rows * N);
@@ -67,20 +92,58 @@ static void test_linear(DType dt, int rows, int N, int K, int acc, int relu, int
     cpu_backend.linear(yc, x, &w, bias ? b : NULL, rows, acc, relu);
     gpu_backend.linear(yd, xd, &wg, bias ? bd : NULL, rows, acc, relu);
     host_of(yg, yd, (size_t)rows * N);
-    for (int m = 0; m < rows; m++) /* scale: sum |x w| of the dot, plus what acc and bias add */
-        for (int n = 0; n < N; n++) {
-            double s = 0;
-            for (int k = 0; k < K; k++) s += fabs((double)x[(size_t)m * K + k] * wf[(size_t)n * K + k]);
-            sc[(size_t)m * N + n] = (float)(s + 1.0);
-        }
+    dot_scales(sc, x, wf, rows, N, K);
     char what[96];
-    snprintf(what, sizeof what, "linear %s %dx%dx%d%s%s%s%s", dtype_names[dt], rows, N, K, acc ? " acc" : "", relu ? " relu" : "", bias ? " bias" : "",
-             act > 0 ? " static" : "");
-    /* int8: the same int32 sums as the CPU (the same quantized rows), so only the epilogue's rounding */
-    compare(what, yc, yg, (size_t)rows * N, sc, dt == DT_BF16 ? 2e-2f : dt == DT_I8 ? 1e-5f : 4e-3f);
-    cudaFree(xd); cudaFree(bd); cudaFree(yd); cudaFree((void *)wg.data);
-    if (dt == DT_I8) cudaFree((void *)wg.scale);
-    free(wf); free(x); free(b); free(yc); free(yg); free(sc); free(wd); free(ws);
+    snprintf(what, sizeof what, "linear %s%s %dx%dx%d%s%s%s%s", dtype_names[dt], dt == DT_Q4 ? (G == 32 ? " g32" : G == 64 ? " g64" : " g128") : "", rows, N, K,
+             acc ? " acc" : "", relu ? " relu" : "", bias ? " bias" : "", act > 0 ? " static" : "");
+    compare(what, yc, yg, (size_t)rows * N, sc, linear_tol(dt));
+    cudaFree(xd); cudaFree(bd); cudaFree(yd);
+    weight_free(&w, &wg);
+    free(wf); free(x); free(b); free(yc); free(yg); free(sc);
+}
+
+/* The qkv op (x narrowed or quantized once for the three GEMMs where their
+ * inputs agree) against the CPU's three linears: dt[i] and act[i] per
+ * projection, so unequal ones make the GPU prepare x again in between. */
+static void test_qkv(const DType dt[3], const float act[3], int rows, int H) {
+    Config c = {.hidden = H, .n_head = 1, .head_dim = H, .n_layer = 1, .ffn = 4, .vocab = 8, .max_pos = 8, .embed_dim = H};
+    Scratch sc, sg;
+    scratch_init(&sc, &c, rows, 8);
+    gpu_scratch_init(&sg, &c, rows, 8);
+    size_t e = (size_t)rows * H;
+    float *x = malloc(4 * e), *wf[3], *bh[3], *out = malloc(4 * e), *scale = malloc(4 * e), *poison = malloc(4 * e);
+    Layer L, Lg;
+    memset(&L, 0, sizeof L);
+    memset(&Lg, 0, sizeof Lg);
+    Tensor *w[3] = {&L.q, &L.k, &L.v}, *wg[3] = {&Lg.q, &Lg.k, &Lg.v};
+    float **b[3] = {&L.qb, &L.kb, &L.vb}, **bg[3] = {&Lg.qb, &Lg.kb, &Lg.vb};
+    for (int i = 0; i < 3; i++) {
+        wf[i] = malloc(4 * (size_t)H * H);
+        bh[i] = malloc(4 * (size_t)H);
+        for (int n = 0; n < H; n++) bh[i][n] = frand();
+        *w[i] = weight_make(dt[i], H, H, 64, act[i], wf[i]);
+        *wg[i] = gpu_tensor_upload(w[i]);
+        *b[i] = bh[i];
+        *bg[i] = dev_of(bh[i], H);
+    }
+    for (size_t i = 0; i < e; i++) { x[i] = frand(); poison[i] = NAN; }
+    memcpy(sc.h, x, 4 * e);
+    put(sg.h, x, 4 * e);
+    put(sg.q, poison, 4 * e); put(sg.k, poison, 4 * e); put(sg.v, poison, 4 * e);
+    cpu_backend.qkv(&L, sc.h, rows, &sc);
+    gpu_backend.qkv(&Lg, sg.h, rows, &sg);
+    float *yc[3] = {sc.q, sc.k, sc.v}, *yg[3] = {sg.q, sg.k, sg.v};
+    for (int i = 0; i < 3; i++) {
+        host_of(out, yg[i], e);
+        dot_scales(scale, x, wf[i], rows, H, H);
+        char what[96];
+        snprintf(what, sizeof what, "qkv %s%s %s%s %s%s %dx%d: %c", dtype_names[dt[0]], act[0] > 0 ? " static" : "", dtype_names[dt[1]], act[1] > 0 ? " static" : "",
+                 dtype_names[dt[2]], act[2] > 0 ? " static" : "", rows, H, "qkv"[i]);
+        compare(what, yc[i], out, e, scale, linear_tol(dt[i]));
+    }
+    for (int i = 0; i < 3; i++) { weight_free(w[i], wg[i]); cudaFree((void *)*bg[i]); free(wf[i]); free(bh[i]); }
+    scratch_free(&sc); gpu_scratch_free(&sg);
+    free(x); free(out); free(scale); free(poison);
 }
 
 static void test_layernorm(int rows, int n) {
@@ -206,8 +269,27 @@ int main(int argc, char **argv) {
     for (int d = 0; d < 4; d++)
         for (size_t r = 0; r < nr; r += quick ? 2 : 1)
             for (size_t s = 0; s < ns; s++)
-                test_linear(dts[d], rows[r], shapes[s][0], shapes[s][1], (int)(r & 1), (int)(s == 1), (int)(s != 2), 0);
-    for (size_t r = 0; r < nr; r++) test_linear(DT_I8, rows[r], 100, 256, 0, 0, 1, 0.02f); /* static scale: saturates */
+                test_linear(dts[d], rows[r], shapes[s][0], shapes[s][1], (int)(r & 1), (int)(s == 1), (int)(s != 2), 0, 64);
+    for (size_t r = 0; r < nr; r++) test_linear(DT_I8, rows[r], 100, 256, 0, 0, 1, 0.02f, 0); /* static scale: saturates */
+    /* 4-bit at every group, GEMV and GEMM rows (one, two and four row tiles),
+     * K past a group's and a word's end (1000), x not in float4s (90, under a
+     * group of 128), whole tiles (64 x 256); quick: two of each */
+    int q4_rows[] = {1, 3, 64, 65, 200}, q4_shapes[][2] = {{100, 1000}, {130, 90}, {64, 256}}, groups[] = {32, 64, 128};
+    for (int g = 0; g < 3; g++)
+        for (int r = quick; r < 5; r += quick ? 2 : 1)
+            for (int s = 0; s < (quick ? 2 : 3); s++)
+                test_linear(DT_Q4, q4_rows[r], q4_shapes[s][0], q4_shapes[s][1], r & 1, s == 1, s != 2, 0, groups[g]);
+    /* q, k, v of one input: shared narrowing (f16, bf16), shared and unshared
+     * int8 quantization, mixed formats; one GEMV step and one of GEMM tiles */
+    for (int r = 0; r < 2; r++) {
+        int rows = r ? 70 : 5;
+        float dyn[3] = {0, 0, 0}, stat[3] = {0.02f, 0.02f, 0.03f};
+        test_qkv((const DType[3]){DT_F16, DT_F16, DT_F16}, dyn, rows, 192);
+        test_qkv((const DType[3]){DT_BF16, DT_BF16, DT_BF16}, dyn, rows, 192);
+        test_qkv((const DType[3]){DT_I8, DT_I8, DT_I8}, dyn, rows, 192);
+        test_qkv((const DType[3]){DT_I8, DT_I8, DT_I8}, stat, rows, 192);
+        test_qkv((const DType[3]){DT_F16, DT_BF16, DT_Q4}, dyn, rows, 192);
+    }
     test_layernorm(1, 768);
     test_layernorm(7, 1000);
     test_layernorm(33, 4096);
