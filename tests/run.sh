@@ -198,5 +198,6 @@ for g in $SEL; do
     T0=$(date +%s)
     "run_$g"
 done
-echo "summary: $n_pass passed, $n_fail failed, $n_skip skipped in $(( $(date +%s) - T_ALL ))s${failed_groups:+ (failed:$failed_groups)}"
+echo "groups: $(( $(date +%s) - T_ALL ))s${failed_groups:+, failed:$failed_groups}"
+echo "summary: $n_pass passed, $n_fail failed, $n_skip skipped"
 [ "$n_fail" -eq 0 ]
