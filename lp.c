@@ -699,6 +699,13 @@ static void mps_free(Mps *p) {
     free(p->c), free(p->lo), free(p->hi), free(p->ei), free(p->ej), free(p->ev);
 }
 
+/* Reads an MPS file and frees it: the fuzz harnesses' entry (tests/fuzz). */
+void mps_check(const char *path) {
+    Mps p = {0};
+    mps_read(&p, path);
+    mps_free(&p);
+}
+
 /* ---- opt lp ---- */
 
 const char lp_usage[] =

@@ -629,7 +629,7 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
         }
         size_t b, e2, numel, want;
         if (!st_offset(&off->kids[0], dlen, &b) || !st_offset(&off->kids[1], dlen, &e2) || e2 < b)
-            die("%s: tensor %s: data offsets [%.0f, %.0f) outside the %zu data bytes (truncated file?)", path, name, off->kids[0].num, off->kids[1].num, dlen);
+            die("%s: tensor %s: data offsets [%.15g, %.15g) outside the %zu data bytes (truncated file?)", path, name, off->kids[0].num, off->kids[1].num, dlen);
         if (!ck_count(t, &numel) || !size_mul(numel, ck_align(t->dtype), &want))
             die("%s: tensor %s: shape too large", path, name);
         if (e2 - b != want) die("%s: tensor %s: %zu data bytes for shape and dtype needing %zu", path, name, e2 - b, want);

@@ -262,6 +262,7 @@ LpStatus lp_solve(const Lp *lp, double *x, double *obj);
  * optimal, "objective Z" and one "name value" line per column. Malformed input dies naming the
  * file and line. Returns the exit status: 0 for optimal, infeasible and unbounded alike. */
 int lp_main(int argc, char **argv);
+void mps_check(const char *path); /* reads an MPS file and frees it (fuzz harnesses) */
 /* The --help texts of lp, plan and probe (lp.c), which `opt help COMMAND` prints too. */
 extern const char lp_usage[], plan_usage[], probe_usage[];
 

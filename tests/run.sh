@@ -1,7 +1,7 @@
 #!/bin/sh
 # tests/run.sh [--cuda OPT_CUDA_BINARY] [GROUP ...]: the test suite behind `make test`.
 #
-# Runs, in order (or only the GROUPs named: kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu):
+# Runs, in order (or only the GROUPs named: kernels tok lp model bad fuzz w8a8 q4 offload plan readme cuda gpu):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
 #            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
@@ -10,6 +10,8 @@
 #   model    tests/test_model.py: `opt score` / `opt generate` end to end against the numpy
 #            reference tests/ref_opt.py on synthetic checkpoints of every layout
 #   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
+#   fuzz     tests/fuzz/replay.c, built with $CC plain and with ASan/UBSan: every regression
+#            input (tests/fuzz/regress/TARGET/) is rejected cleanly, every seed (corpus/) returns
 #   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
 #   q4       tests/test_q4.py (+ tests/test_q4.c): the 4-bit format byte for byte against numpy,
 #            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
@@ -40,11 +42,11 @@ while [ $# -gt 0 ]; do
     case $1 in
         --cuda) [ $# -ge 2 ] || { echo "run.sh: --cuda needs a path"; exit 2; }; CUDA_BIN=$2; shift 2 ;;
         -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-        kernels|tok|lp|model|bad|w8a8|q4|offload|plan|readme|cuda|gpu) SEL="$SEL $1"; shift ;;
-        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu)"; exit 2 ;;
+        kernels|tok|lp|model|bad|fuzz|w8a8|q4|offload|plan|readme|cuda|gpu) SEL="$SEL $1"; shift ;;
+        *) echo "run.sh: unknown argument '$1' (groups: kernels tok lp model bad fuzz w8a8 q4 offload plan readme cuda gpu)"; exit 2 ;;
     esac
 done
-[ -n "$SEL" ] || SEL="kernels tok lp model bad w8a8 q4 offload plan readme cuda gpu"
+[ -n "$SEL" ] || SEL="kernels tok lp model bad fuzz w8a8 q4 offload plan readme cuda gpu"
 export OPT_DEVICE=cpu
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} # test programs linking libgomp dynamically would spin otherwise
 
@@ -129,6 +131,39 @@ group() {
 run_lp() { group lp "$OPT" sh tests/test_lp.sh "$OPT"; }
 run_model() { group model "$OPT" "$PYTHON" tests/test_model.py --opt "$OPT" --tmp "$TMP/model"; }
 run_bad() { group bad "$OPT_ASAN" "$PYTHON" tests/test_bad_input.py --opt "$OPT_ASAN" --tmp "$TMP/bad"; }
+# The fuzz harnesses' inputs through both replay builds. A sanitizer report, a crash or an
+# accepted regression input fails the group; the 256 KiB stack is where the old pickle
+# machine's unbounded recursion overflowed on regress/bin/pickle-depth.
+run_fuzz() {
+    log=$TMP/fuzz.log
+    flags="-std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. -Wall -Wextra -Wno-unused-function"
+    srcs="tests/fuzz/replay.c quant.c offload.c lp.c"
+    if ! { $CC $flags -o "$TMP/replay" $srcs -lm -lpthread &&
+           $CC $flags -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
+               -o "$TMP/replay-asan" $srcs -lm -lpthread; } >"$log" 2>&1; then
+        result fuzz FAIL "tests/fuzz/replay.c does not compile" "$log"
+        return
+    fi
+    nr=0 ns=0 bad=0
+    for dir in tests/fuzz/regress/* tests/fuzz/corpus/*; do
+        t=${dir##*/} reject=""
+        case $dir in tests/fuzz/regress/*) reject=--reject; nr=$((nr + $(ls "$dir" | wc -l))) ;; *) ns=$((ns + $(ls "$dir" | wc -l))) ;; esac
+        for b in replay replay-asan; do
+            if ! (ulimit -s 256; ASAN_OPTIONS=detect_leaks=0 "$TMP/$b" "$t" $reject "$dir"/*) >"$TMP/fuzz.out" 2>&1 ||
+               grep -q -e 'runtime error' -e 'Sanitizer' "$TMP/fuzz.out"; then
+                bad=$((bad + 1))
+                echo "FAIL $b $dir:" >>"$log"
+                grep -v -e ': rejected: ' "$TMP/fuzz.out" | head -n 20 >>"$log"
+            else
+                sed "s/^/  ok $b /" "$TMP/fuzz.out" >>"$log"
+            fi
+        done
+    done
+    if [ $bad = 0 ]; then result fuzz PASS "$nr regression inputs rejected, $ns seeds returned, plain and ASan/UBSan" "$log"
+    else result fuzz FAIL "$bad input sets failed" "$log"
+    fi
+}
+
 run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8"; }
 run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
