@@ -107,7 +107,7 @@ fuzz: build/fuzz/libfuzzer
 	    echo "fuzz $$t: $(SECONDS) s"; \
 	    OPT_FUZZ_TARGET=$$t ASAN_OPTIONS=detect_leaks=0 build/fuzz/libfuzzer -max_total_time=$(SECONDS) \
 	        -print_final_stats=1 -artifact_prefix=build/fuzz/$$t- build/fuzz/corpus/$$t \
-	        tests/fuzz/corpus/$$t tests/fuzz/regress/$$t 2>build/fuzz/$$t.log || \
+	        $$(ls -d tests/fuzz/corpus/$$t tests/fuzz/regress/$$t 2>/dev/null) 2>build/fuzz/$$t.log || \
 	        { tail -n 60 build/fuzz/$$t.log; echo "make fuzz: $$t found a crash: build/fuzz/$$t-*"; exit 1; }; \
 	    grep -E '^#[0-9]+.*DONE|stat::number_of_executed_units|cov:' build/fuzz/$$t.log | tail -n 2; \
 	done

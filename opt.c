@@ -571,23 +571,31 @@ static bool st_offset(const Json *v, size_t dlen, size_t *out) {
     return *out <= dlen;
 }
 
-typedef struct { size_t b, e; int t; } StRange; /* a tensor's data bytes [b, e); t indexes ck->t */
+static size_t ck_bytes(const CkTensor *t) { /* of a tensor whose count the reader checked */
+    size_t n;
+    ck_count(t, &n);
+    return n * ck_align(t->dtype);
+}
 
-static int st_range_cmp(const void *x, const void *y) {
-    const StRange *a = x, *b = y;
-    return a->b != b->b ? (a->b < b->b ? -1 : 1) : a->e != b->e ? (a->e < b->e ? -1 : 1) : 0;
+static int ck_data_cmp(const void *x, const void *y) {
+    const CkTensor *a = x, *b = y;
+    if (a->data != b->data) return (const uint8_t *)a->data < (const uint8_t *)b->data ? -1 : 1;
+    return ck_bytes(a) < ck_bytes(b) ? -1 : ck_bytes(a) > ck_bytes(b);
 }
 
 /* The format requires the tensors to tile the data exactly: an overlap would
- * alias two weights, and a gap or tail hides bytes nothing accounts for. */
-static void st_check_tiling(const Checkpoint *ck, const char *path, StRange *r, int n, size_t dlen) {
-    if (n) qsort(r, (size_t)n, sizeof *r, st_range_cmp);
+ * alias two weights, and a gap or tail hides bytes nothing accounts for.
+ * Sorts the file's tensors, t[first..n), by where their data lies. */
+static void st_check_tiling(Checkpoint *ck, const char *path, int first, const uint8_t *data, size_t dlen) {
+    int n = ck->n - first;
+    CkTensor *t = n ? ck->t + first : NULL;
+    if (n) qsort(t, (size_t)n, sizeof *t, ck_data_cmp);
     size_t pos = 0;
     for (int i = 0; i < n; i++) {
-        const char *name = ck->t[r[i].t].name;
-        if (r[i].b < pos) die("%s: tensor %s: data bytes [%zu, %zu) overlap tensor %s's", path, name, r[i].b, r[i].e, ck->t[r[i - 1].t].name);
-        if (r[i].b > pos) die("%s: tensor %s: data starts at byte %zu, leaving a gap after byte %zu", path, name, r[i].b, pos);
-        pos = r[i].e;
+        size_t b = (size_t)((const uint8_t *)t[i].data - data);
+        if (b < pos) die("%s: tensor %s: data bytes [%zu, %zu) overlap tensor %s's", path, t[i].name, b, b + ck_bytes(&t[i]), t[i - 1].name);
+        if (b > pos) die("%s: tensor %s: data starts at byte %zu, leaving a gap after byte %zu", path, t[i].name, b, pos);
+        pos = b + ck_bytes(&t[i]);
     }
     if (pos != dlen) die("%s: %zu data bytes after the last tensor (data_offsets must cover the data exactly)", path, dlen - pos);
 }
@@ -602,15 +610,14 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
     memcpy(&hlen, m->base, 8);
     if (hlen > m->size - 8) die("%s: truncated safetensors file: header of %llu bytes, file of %zu", path, (unsigned long long)hlen, m->size);
     char err[128];
-    Json *h = json_parse((const char *)m->base + 8, (size_t)hlen, err, sizeof err);
+    Json *h = ck->hdr = json_parse((const char *)m->base + 8, (size_t)hlen, err, sizeof err);
     if (!h) die("%s: corrupt safetensors header: %s", path, err);
     if (h->type != J_OBJ) die("%s: corrupt safetensors header: not an object", path);
     const uint8_t *data = m->base + 8 + hlen;
     size_t dlen = m->size - 8 - hlen;
     const Json *md = json_get(h, "__metadata__"), *fmt = json_get(md, "format");
     bool native = fmt && fmt->type == J_STR && !strcmp(fmt->str, "opt");
-    StRange *ranges = check_malloc(sizeof *ranges * (size_t)h->n, "tensor ranges");
-    int nr = 0;
+    int first = ck->n;
     for (int i = 0; i < h->n; i++) {
         const char *name = h->keys[i];
         if (!strcmp(name, "__metadata__")) continue;
@@ -636,10 +643,9 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
         t->data = data + b;
         if ((uintptr_t)t->data % ck_align(t->dtype))
             die("%s: tensor %s: data at file offset %zu is not aligned to its %zu-byte elements (re-save the file with a current safetensors)", path, name, (size_t)(8 + hlen + b), ck_align(t->dtype));
-        ranges[nr++] = (StRange){b, e2, ck->n - 1};
     }
-    st_check_tiling(ck, path, ranges, nr, dlen);
-    free(ranges);
+    st_check_tiling(ck, path, first, data, dlen);
+    ck->hdr = NULL;
     if (native && !ck->meta) ck->meta = h; /* kept: the config and tensor formats */
     else json_free(h);
 }
@@ -657,58 +663,6 @@ typedef struct {
 static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 static uint64_t rd64(const uint8_t *p) { return rd32(p) | (uint64_t)rd32(p + 4) << 32; }
-
-static ZipEntry *zip_entries(const MapFile *m, int *count) {
-    const char *path = m->path;
-    const uint8_t *b = m->base;
-    size_t n = m->size;
-    if (n < 22) die("%s: not a zip archive (truncated; torch.save writes zip files)", path);
-    size_t eocd = 0;
-    bool found = false;
-    for (size_t i = n - 22 + 1, lim = n > 65557 ? n - 65557 : 0; i-- > lim;)
-        if (rd32(b + i) == 0x06054b50) { eocd = i; found = true; break; }
-    if (!found) die("%s: not a zip archive or truncated (no end-of-central-directory record)", path);
-    uint64_t nent = rd16(b + eocd + 10), cdsize = rd32(b + eocd + 12), cdoff = rd32(b + eocd + 16);
-    if (eocd >= 20 && rd32(b + eocd - 20) == 0x07064b50) { /* zip64 locator */
-        uint64_t z = rd64(b + eocd - 20 + 8);
-        if (n < 56 || z > n - 56 || rd32(b + z) != 0x06064b50) die("%s: corrupt zip64 directory", path);
-        nent = rd64(b + z + 32);
-        cdsize = rd64(b + z + 40);
-        cdoff = rd64(b + z + 48);
-    }
-    if (cdoff > n || cdsize > n - cdoff || nent > cdsize / 46 || nent > INT_MAX) die("%s: corrupt zip central directory (truncated file?)", path);
-    ZipEntry *e = check_calloc(nent * sizeof *e, "zip entries");
-    const uint8_t *p = b + cdoff, *end = b + cdoff + cdsize;
-    for (uint64_t i = 0; i < nent; i++) {
-        if (end - p < 46 || rd32(p) != 0x02014b50) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
-        unsigned method = rd16(p + 10), nlen = rd16(p + 28), xlen = rd16(p + 30), clen = rd16(p + 32);
-        uint64_t csize = rd32(p + 20), usize = rd32(p + 24), loff = rd32(p + 42);
-        if ((size_t)(end - p) < 46u + nlen + xlen + clen) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
-        for (const uint8_t *x = p + 46 + nlen, *xe = x + xlen; xe - x >= 4;) { /* zip64 extra field */
-            unsigned id = rd16(x), sz = rd16(x + 2);
-            const uint8_t *f = x + 4;
-            if (sz > xe - f) break; /* a field claiming more than the extra area holds */
-            if (id == 1) {
-                if (usize == 0xFFFFFFFF && sz >= 8) { usize = rd64(f); f += 8; sz -= 8; }
-                if (csize == 0xFFFFFFFF && sz >= 8) { csize = rd64(f); f += 8; sz -= 8; }
-                if (loff == 0xFFFFFFFF && sz >= 8) loff = rd64(f);
-            }
-            x = f + rd16(x + 2);
-        }
-        e[i].name = check_malloc(nlen + 1u, "zip name");
-        memcpy(e[i].name, p + 46, nlen);
-        e[i].name[nlen] = 0;
-        if (method != 0) die("%s: entry %s is compressed (method %u); torch.save stores entries uncompressed", path, e[i].name, method);
-        if (n < 30 || loff > n - 30 || rd32(b + loff) != 0x04034b50) die("%s: entry %s: bad local header (truncated file?)", path, e[i].name);
-        uint64_t start = loff + 30 + rd16(b + loff + 26) + rd16(b + loff + 28);
-        if (start > n || csize > n - start || csize != usize) die("%s: entry %s runs past the end of the file (truncated?)", path, e[i].name);
-        e[i].data = b + start;
-        e[i].size = csize;
-        p += 46 + nlen + xlen + clen;
-    }
-    *count = (int)nent;
-    return e;
-}
 
 typedef enum { PV_NONE, PV_BOOL, PV_INT, PV_FLOAT, PV_STR, PV_TUPLE, PV_LIST, PV_DICT, PV_GLOBAL, PV_STORAGE, PV_TENSOR, PV_MARK } PvType;
 typedef struct Pv {
@@ -971,6 +925,74 @@ static Pv *up_run(Unpickler *u) {
     }
 }
 
+/* The .bin reader's temporaries, held by the checkpoint while it runs so that
+ * ck_close frees them even after a die() (the fuzz harnesses go on running). */
+typedef struct BinRead {
+    ZipEntry *ents; int ne;  /* zip entries, those with names */
+    Unpickler u;             /* the pickle machine and every value it made */
+} BinRead;
+
+static void bin_read_free(BinRead *r) {
+    if (!r) return;
+    for (Pv *v = r->u.all, *nx; v; v = nx) { nx = v->next_alloc; free(v->s); free(v->items); free(v); }
+    free(r->u.stack);
+    free(r->u.memo);
+    for (int i = 0; i < r->ne; i++) free(r->ents[i].name);
+    free(r->ents);
+    free(r);
+}
+
+static void zip_entries(const MapFile *m, BinRead *r) {
+    const char *path = m->path;
+    const uint8_t *b = m->base;
+    size_t n = m->size;
+    if (n < 22) die("%s: not a zip archive (truncated; torch.save writes zip files)", path);
+    size_t eocd = 0;
+    bool found = false;
+    for (size_t i = n - 22 + 1, lim = n > 65557 ? n - 65557 : 0; i-- > lim;)
+        if (rd32(b + i) == 0x06054b50) { eocd = i; found = true; break; }
+    if (!found) die("%s: not a zip archive or truncated (no end-of-central-directory record)", path);
+    uint64_t nent = rd16(b + eocd + 10), cdsize = rd32(b + eocd + 12), cdoff = rd32(b + eocd + 16);
+    if (eocd >= 20 && rd32(b + eocd - 20) == 0x07064b50) { /* zip64 locator */
+        uint64_t z = rd64(b + eocd - 20 + 8);
+        if (n < 56 || z > n - 56 || rd32(b + z) != 0x06064b50) die("%s: corrupt zip64 directory", path);
+        nent = rd64(b + z + 32);
+        cdsize = rd64(b + z + 40);
+        cdoff = rd64(b + z + 48);
+    }
+    if (cdoff > n || cdsize > n - cdoff || nent > cdsize / 46 || nent > INT_MAX) die("%s: corrupt zip central directory (truncated file?)", path);
+    ZipEntry *e = r->ents = check_calloc(nent * sizeof *e, "zip entries");
+    const uint8_t *p = b + cdoff, *end = b + cdoff + cdsize;
+    for (uint64_t i = 0; i < nent; i++) {
+        if (end - p < 46 || rd32(p) != 0x02014b50) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
+        unsigned method = rd16(p + 10), nlen = rd16(p + 28), xlen = rd16(p + 30), clen = rd16(p + 32);
+        uint64_t csize = rd32(p + 20), usize = rd32(p + 24), loff = rd32(p + 42);
+        if ((size_t)(end - p) < 46u + nlen + xlen + clen) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
+        for (const uint8_t *x = p + 46 + nlen, *xe = x + xlen; xe - x >= 4;) { /* zip64 extra field */
+            unsigned id = rd16(x), sz = rd16(x + 2);
+            const uint8_t *f = x + 4;
+            if (sz > xe - f) break; /* a field claiming more than the extra area holds */
+            x = f + sz;
+            if (id == 1) {
+                if (usize == 0xFFFFFFFF && sz >= 8) { usize = rd64(f); f += 8; sz -= 8; }
+                if (csize == 0xFFFFFFFF && sz >= 8) { csize = rd64(f); f += 8; sz -= 8; }
+                if (loff == 0xFFFFFFFF && sz >= 8) loff = rd64(f);
+            }
+        }
+        e[i].name = check_malloc(nlen + 1u, "zip name");
+        memcpy(e[i].name, p + 46, nlen);
+        e[i].name[nlen] = 0;
+        r->ne = (int)i + 1;
+        if (method != 0) die("%s: entry %s is compressed (method %u); torch.save stores entries uncompressed", path, e[i].name, method);
+        if (n < 30 || loff > n - 30 || rd32(b + loff) != 0x04034b50) die("%s: entry %s: bad local header (truncated file?)", path, e[i].name);
+        uint64_t start = loff + 30 + rd16(b + loff + 26) + rd16(b + loff + 28);
+        if (start > n || csize > n - start || csize != usize) die("%s: entry %s runs past the end of the file (truncated?)", path, e[i].name);
+        e[i].data = b + start;
+        e[i].size = csize;
+        p += 46 + nlen + xlen + clen;
+    }
+}
+
 static void ck_read_bin(Checkpoint *ck, const char *path) {
     ck->files = check_realloc(ck->files, (size_t)(ck->n_files + 1) * sizeof(MapFile), "files");
     MapFile *m = &ck->files[ck->n_files++];
@@ -978,8 +1000,10 @@ static void ck_read_bin(Checkpoint *ck, const char *path) {
     map_file(m, path);
     if (m->size >= 2 && m->base[0] == 0x80 && m->base[1] <= 5)
         die("%s: legacy (pre-1.6) torch.save format; re-save it with a current PyTorch or convert to safetensors", path);
-    int ne;
-    ZipEntry *ents = zip_entries(m, &ne);
+    BinRead *r = ck->bin = check_calloc(sizeof *r, "the .bin reader");
+    zip_entries(m, r);
+    const ZipEntry *ents = r->ents;
+    int ne = r->ne;
     const ZipEntry *pkl = NULL;
     for (int i = 0; i < ne; i++) {
         size_t l = strlen(ents[i].name);
@@ -987,8 +1011,8 @@ static void ck_read_bin(Checkpoint *ck, const char *path) {
     }
     if (!pkl) die("%s: no data.pkl in the archive (not a torch.save file)", path);
     size_t plen = strlen(pkl->name) - 8; /* archive prefix, "archive/" */
-    Unpickler u = {.path = path, .start = pkl->data, .p = pkl->data, .end = pkl->data + pkl->size};
-    Pv *root = up_run(&u);
+    r->u = (Unpickler){.path = path, .start = pkl->data, .p = pkl->data, .end = pkl->data + pkl->size};
+    Pv *root = up_run(&r->u);
     if (root->type != PV_DICT) die("%s: the pickle holds no state dict", path);
     for (int i = 0; i + 1 < root->n; i += 2) {
         Pv *k = root->items[i], *t = root->items[i + 1];
@@ -1017,11 +1041,8 @@ static void ck_read_bin(Checkpoint *ck, const char *path) {
         c->data = se->data + (size_t)t->offset * esz;
         if ((uintptr_t)c->data % esz) die("%s: tensor %s: data not aligned to its %zu-byte elements", path, k->s, esz);
     }
-    for (Pv *v = u.all, *nx; v; v = nx) { nx = v->next_alloc; free(v->s); free(v->items); free(v); }
-    free(u.stack);
-    free(u.memo);
-    for (int i = 0; i < ne; i++) free(ents[i].name);
-    free(ents);
+    bin_read_free(r);
+    ck->bin = NULL;
 }
 
 /* --- the directory: one file, or shards listed by an index --- */
@@ -1099,6 +1120,8 @@ void ck_close(Checkpoint *ck) {
     free(ck->t);
     free(ck->dir);
     json_free(ck->meta);
+    json_free(ck->hdr);
+    bin_read_free(ck->bin);
     memset(ck, 0, sizeof *ck);
 }
 

@@ -262,7 +262,7 @@ LpStatus lp_solve(const Lp *lp, double *x, double *obj);
  * optimal, "objective Z" and one "name value" line per column. Malformed input dies naming the
  * file and line. Returns the exit status: 0 for optimal, infeasible and unbounded alike. */
 int lp_main(int argc, char **argv);
-void mps_check(const char *path); /* reads an MPS file and frees it (fuzz harnesses) */
+void mps_check(const char *path); /* reads an MPS file, freeing the last one read (fuzz harnesses) */
 /* The --help texts of lp, plan and probe (lp.c), which `opt help COMMAND` prints too. */
 extern const char lp_usage[], plan_usage[], probe_usage[];
 
@@ -394,6 +394,8 @@ typedef struct {
     int n_files;
     CkTensor *t;           /* (n) tensors, sorted by key after loading */
     int n, cap;
+    Json *hdr;             /* the safetensors header being read: ck_close frees it should the reader die */
+    struct BinRead *bin;   /* the .bin reader's zip entries and pickle values, likewise */
 } Checkpoint;
 
 /* An f32 tensor carried into native files besides the model's own. */
