@@ -104,11 +104,11 @@ char *check_strdup(const char *s) {
     return memcpy(check_malloc(n, "a string"), s, n);
 }
 
-/* Checked size arithmetic, the one place every reader computes counts, byte
- * ranges and offsets a file declares: false on overflow, so a hostile size
- * is refused instead of wrapping into a small one that passes a bounds check. */
+/* Checked multiplication, the one place the readers multiply what a file
+ * declares (element counts, byte sizes): false on overflow, so a hostile size is
+ * refused instead of wrapping into a small one that passes a bounds check. Sums
+ * and offsets are checked as `x > n - k` once k <= n is known, which cannot wrap. */
 bool size_mul(size_t a, size_t b, size_t *r) { return !__builtin_mul_overflow(a, b, r); }
-bool size_add(size_t a, size_t b, size_t *r) { return !__builtin_add_overflow(a, b, r); }
 
 /* ----------------------------------------------------------------------------
  * JSON: a strict recursive-descent parser into a small tree. Big inputs (a

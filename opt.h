@@ -27,7 +27,6 @@ void *check_realloc(void *p, size_t n, const char *what);
 char *check_strdup(const char *s);
 void warn_once(int *flag, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bool size_mul(size_t a, size_t b, size_t *r);    /* *r = a * b; false when it overflows */
-bool size_add(size_t a, size_t b, size_t *r);    /* *r = a + b; false when it overflows */
 #ifdef OPT_FUZZ
 #include <setjmp.h>
 extern jmp_buf *g_fuzz_jmp;  /* set by a fuzz harness: die() longjmps here instead of exiting */
