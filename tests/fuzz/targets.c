@@ -109,10 +109,18 @@ static void shard_put(const char *name, const char *tensor) {
     file_put(path, buf, 8 + (size_t)hl + 8);
 }
 
+static void shards_remove(void) {
+    static const char *const names[] = {"a.safetensors", "b.safetensors", "model.safetensors.index.json"};
+    char path[128];
+    for (int i = 0; i < 3; i++) snprintf(path, sizeof path, "%s/%s", g_dir, names[i]), unlink(path);
+    rmdir(g_dir);
+}
+
 static void fuzz_index(const uint8_t *d, size_t n) {
     if (!g_dir[0]) {
         snprintf(g_dir, sizeof g_dir, "%s/opt-fuzz.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
         if (!mkdtemp(g_dir)) { perror(g_dir); abort(); }
+        atexit(shards_remove);
         shard_put("a.safetensors", "model.decoder.a");
         shard_put("b.safetensors", "model.decoder.b");
     }
