@@ -82,7 +82,39 @@ endif
 bench: opt
 	@sh bench/run.sh
 
+# Fuzzing (tests/fuzz/README.md): each harness of tests/fuzz/targets.c under libFuzzer for
+# SECONDS seconds, new inputs kept in build/fuzz/corpus/, crashes written to build/fuzz/.
+# libFuzzer comes with clang's runtime (Debian: libclang-rt-dev). 4 GiB of RSS: a tokenizer
+# that dies half-loaded is not freed (the tok harness grows ~1 GiB a minute; see the README).
+# tests/run.sh fuzz replays the regression inputs through tests/fuzz/replay.c, built with
+# $(CC), plain and sanitized.
+FUZZ_TARGETS = json safetensors bin index native tok lines mps probe args
+FUZZ_FLAGS   = -std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. $(WARN) -Wno-unused-function
+SECONDS     ?= 60
+CLANG       ?= clang
+
+build/fuzz/libfuzzer: tests/fuzz/libfuzzer.c tests/fuzz/targets.c $(SRC) $(HDR)
+	@mkdir -p build/fuzz
+	@echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { (void)d; (void)n; return 0; }' | \
+	    $(CLANG) -fsanitize=fuzzer -x c - -o build/fuzz/probe 2>/dev/null || \
+	    { echo "make fuzz: $(CLANG) has no libFuzzer; install it as root with: apt-get install -y libclang-rt-dev" >&2; exit 1; }
+	@# clang 14 wants a statement after a label (lp.c's "peaks:" precedes a declaration)
+	sed 's/^\([a-z_]*\):$$/\1:;/' lp.c >build/fuzz/lp.c
+	$(CLANG) $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	    -o $@ tests/fuzz/libfuzzer.c quant.c offload.c build/fuzz/lp.c -lm -lpthread
+
+fuzz: build/fuzz/libfuzzer
+	@for t in $(FUZZ_TARGETS); do \
+	    mkdir -p build/fuzz/corpus/$$t; \
+	    echo "fuzz $$t: $(SECONDS) s"; \
+	    OPT_FUZZ_TARGET=$$t ASAN_OPTIONS=detect_leaks=0 build/fuzz/libfuzzer -max_total_time=$(SECONDS) -rss_limit_mb=4096 \
+	        -print_final_stats=1 -artifact_prefix=build/fuzz/$$t- build/fuzz/corpus/$$t \
+	        $$(ls -d tests/fuzz/corpus/$$t tests/fuzz/regress/$$t 2>/dev/null) 2>build/fuzz/$$t.log || \
+	        { tail -n 60 build/fuzz/$$t.log; echo "make fuzz: $$t found a crash: build/fuzz/$$t-*"; exit 1; }; \
+	    grep -E '^#[0-9]+.*DONE|stat::number_of_executed_units|cov:' build/fuzz/$$t.log | tail -n 2; \
+	done
+
 clean:
 	rm -rf opt opt-asan build
 
-.PHONY: all test run bench clean
+.PHONY: all test run bench clean fuzz

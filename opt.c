@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <signal.h>
@@ -36,7 +37,18 @@ static void die_begin(void) {
     if (atomic_flag_test_and_set(&dying)) for (;;) pause();
 }
 
+/* Fuzz builds only: a harness catches die() and goes on with the next input. */
+#ifdef OPT_FUZZ
+jmp_buf *g_fuzz_jmp;
+char g_fuzz_msg[256];
+#define FUZZ_CATCH(fmt) do { if (g_fuzz_jmp) { va_list fa; va_start(fa, fmt); \
+    vsnprintf(g_fuzz_msg, sizeof g_fuzz_msg, fmt, fa); va_end(fa); longjmp(*g_fuzz_jmp, 1); } } while (0)
+#else
+#define FUZZ_CATCH(fmt) ((void)0)
+#endif
+
 void die(const char *fmt, ...) {
+    FUZZ_CATCH(fmt);
     die_begin();
     va_list ap;
     va_start(ap, fmt);
@@ -48,6 +60,7 @@ void die(const char *fmt, ...) {
 }
 
 void die_at(const char *file, int line, const char *fmt, ...) {
+    FUZZ_CATCH(fmt);
     die_begin();
     va_list ap;
     va_start(ap, fmt);
@@ -164,6 +177,12 @@ char *check_strdup(const char *s) {
     size_t n = strlen(s) + 1;
     return memcpy(check_malloc(n, "a string"), s, n);
 }
+
+/* Checked multiplication, the one place the readers multiply what a file
+ * declares (element counts, byte sizes): false on overflow, so a hostile size is
+ * refused instead of wrapping into a small one that passes a bounds check. Sums
+ * and offsets are checked as `x > n - k` once k <= n is known, which cannot wrap. */
+bool size_mul(size_t a, size_t b, size_t *r) { return !__builtin_mul_overflow(a, b, r); }
 
 /* ----------------------------------------------------------------------------
  * JSON: a strict recursive-descent parser into a small tree. Big inputs (a
@@ -591,11 +610,23 @@ static CkTensor *ck_add(Checkpoint *ck, const char *name, size_t namelen) {
     return t;
 }
 
-static int64_t ck_numel(const CkTensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
+/* Element count of a declared shape; false when it does not fit an int64. */
+static bool ck_count(const CkTensor *t, size_t *n) {
+    *n = 1;
+    for (int i = 0; i < t->ndim; i++)
+        if (t->shape[i] < 0 || !size_mul(*n, (size_t)t->shape[i], n)) return false;
+    return *n <= INT64_MAX;
 }
+
+/* A loaded tensor's element count (the readers checked it fits). */
+static int64_t ck_numel(const CkTensor *t) {
+    size_t n;
+    return ck_count(t, &n) ? (int64_t)n : -1;
+}
+
+/* Bytes per stored element (a native file's 4-bit codes are stored as U8),
+ * which is also the alignment the kernels' typed loads need. */
+static size_t ck_align(DType t) { return t == DT_F32 ? 4 : t == DT_F16 || t == DT_BF16 ? 2 : 1; }
 
 /* --- safetensors: u64 header length, JSON header, raw little-endian data --- */
 
@@ -607,22 +638,60 @@ static bool dtype_parse(const char *s, DType *t) {
     return false;
 }
 
+/* A header offset: a whole number of bytes within the data. */
+static bool st_offset(const Json *v, size_t dlen, size_t *out) {
+    if (v->type != J_NUM || !(v->num >= 0 && v->num < 0x1p63) || v->num != floor(v->num)) return false;
+    *out = (size_t)v->num;
+    return *out <= dlen;
+}
+
+static size_t ck_bytes(const CkTensor *t) { /* of a tensor whose count the reader checked */
+    size_t n;
+    ck_count(t, &n);
+    return n * ck_align(t->dtype);
+}
+
+static int ck_data_cmp(const void *x, const void *y) {
+    const CkTensor *a = x, *b = y;
+    if (a->data != b->data) return (const uint8_t *)a->data < (const uint8_t *)b->data ? -1 : 1;
+    return ck_bytes(a) < ck_bytes(b) ? -1 : ck_bytes(a) > ck_bytes(b);
+}
+
+/* The format requires the tensors to tile the data exactly: an overlap would
+ * alias two weights, and a gap or tail hides bytes nothing accounts for.
+ * Sorts the file's tensors, t[first..n), by where their data lies. */
+static void st_check_tiling(Checkpoint *ck, const char *path, int first, const uint8_t *data, size_t dlen) {
+    int n = ck->n - first;
+    CkTensor *t = n ? ck->t + first : NULL;
+    if (n) qsort(t, (size_t)n, sizeof *t, ck_data_cmp);
+    size_t pos = 0;
+    for (int i = 0; i < n; i++) {
+        size_t b = (size_t)((const uint8_t *)t[i].data - data);
+        if (b < pos) die("%s: tensor %s: data bytes [%zu, %zu) overlap tensor %s's", path, t[i].name, b, b + ck_bytes(&t[i]), t[i - 1].name);
+        if (b > pos) die("%s: tensor %s: data starts at byte %zu, leaving a gap after byte %zu", path, t[i].name, b, pos);
+        pos = b + ck_bytes(&t[i]);
+    }
+    if (pos != dlen) die("%s: %zu data bytes after the last tensor (data_offsets must cover the data exactly)", path, dlen - pos);
+}
+
 static void ck_read_safetensors(Checkpoint *ck, const char *path) {
     ck->files = check_realloc(ck->files, (size_t)(ck->n_files + 1) * sizeof(MapFile), "files");
     MapFile *m = &ck->files[ck->n_files++];
+    memset(m, 0, sizeof *m); /* ck_close may see it before map_file fills it */
     map_file(m, path);
     if (m->size < 8) die("%s: truncated safetensors file (%zu bytes, no header)", path, m->size);
     uint64_t hlen;
     memcpy(&hlen, m->base, 8);
     if (hlen > m->size - 8) die("%s: truncated safetensors file: header of %llu bytes, file of %zu", path, (unsigned long long)hlen, m->size);
     char err[128];
-    Json *h = json_parse((const char *)m->base + 8, (size_t)hlen, err, sizeof err);
+    Json *h = ck->hdr = json_parse((const char *)m->base + 8, (size_t)hlen, err, sizeof err);
     if (!h) die("%s: corrupt safetensors header: %s", path, err);
     if (h->type != J_OBJ) die("%s: corrupt safetensors header: not an object", path);
     const uint8_t *data = m->base + 8 + hlen;
     size_t dlen = m->size - 8 - hlen;
     const Json *md = json_get(h, "__metadata__"), *fmt = json_get(md, "format");
     bool native = fmt && fmt->type == J_STR && !strcmp(fmt->str, "opt");
+    int first = ck->n;
     for (int i = 0; i < h->n; i++) {
         const char *name = h->keys[i];
         if (!strcmp(name, "__metadata__")) continue;
@@ -639,14 +708,18 @@ static void ck_read_safetensors(Checkpoint *ck, const char *path) {
             if (v->type != J_NUM || v->num < 0 || v->num != floor(v->num) || v->num > 1e12) die("%s: tensor %s: bad shape", path, name);
             t->shape[d] = (int64_t)v->num;
         }
-        double b = off->kids[0].num, e2 = off->kids[1].num;
-        if (off->kids[0].type != J_NUM || off->kids[1].type != J_NUM || b < 0 || e2 < b || e2 > (double)dlen)
-            die("%s: tensor %s: data offsets [%.0f, %.0f) outside the %zu data bytes (truncated file?)", path, name, b, e2, dlen);
-        int64_t numel = ck_numel(t);
-        size_t want = t->dtype == DT_Q4 || t->dtype == DT_I8 ? (size_t)numel : dtype_bytes(t->dtype, numel);
-        if ((size_t)(e2 - b) != want) die("%s: tensor %s: %.0f data bytes for shape and dtype needing %zu", path, name, e2 - b, want);
-        t->data = data + (size_t)b;
+        size_t b, e2, numel, want;
+        if (!st_offset(&off->kids[0], dlen, &b) || !st_offset(&off->kids[1], dlen, &e2) || e2 < b)
+            die("%s: tensor %s: data offsets [%.15g, %.15g) outside the %zu data bytes (truncated file?)", path, name, off->kids[0].num, off->kids[1].num, dlen);
+        if (!ck_count(t, &numel) || !size_mul(numel, ck_align(t->dtype), &want))
+            die("%s: tensor %s: shape too large", path, name);
+        if (e2 - b != want) die("%s: tensor %s: %zu data bytes for shape and dtype needing %zu", path, name, e2 - b, want);
+        t->data = data + b;
+        if ((uintptr_t)t->data % ck_align(t->dtype))
+            die("%s: tensor %s: data at file offset %zu is not aligned to its %zu-byte elements (re-save the file with a current safetensors)", path, name, (size_t)(8 + hlen + b), ck_align(t->dtype));
     }
+    st_check_tiling(ck, path, first, data, dlen);
+    ck->hdr = NULL;
     if (native && !ck->meta) ck->meta = h; /* kept: the config and tensor formats */
     else json_free(h);
 }
@@ -664,57 +737,6 @@ typedef struct {
 static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 static uint64_t rd64(const uint8_t *p) { return rd32(p) | (uint64_t)rd32(p + 4) << 32; }
-
-static ZipEntry *zip_entries(const MapFile *m, int *count) {
-    const char *path = m->path;
-    const uint8_t *b = m->base;
-    size_t n = m->size;
-    if (n < 22) die("%s: not a zip archive (truncated; torch.save writes zip files)", path);
-    size_t eocd = 0;
-    bool found = false;
-    for (size_t i = n - 22 + 1, lim = n > 65557 ? n - 65557 : 0; i-- > lim;)
-        if (rd32(b + i) == 0x06054b50) { eocd = i; found = true; break; }
-    if (!found) die("%s: not a zip archive or truncated (no end-of-central-directory record)", path);
-    uint64_t nent = rd16(b + eocd + 10), cdsize = rd32(b + eocd + 12), cdoff = rd32(b + eocd + 16);
-    if (eocd >= 20 && rd32(b + eocd - 20) == 0x07064b50) { /* zip64 locator */
-        uint64_t z = rd64(b + eocd - 20 + 8);
-        if (z + 56 > n || rd32(b + z) != 0x06064b50) die("%s: corrupt zip64 directory", path);
-        nent = rd64(b + z + 32);
-        cdsize = rd64(b + z + 40);
-        cdoff = rd64(b + z + 48);
-    }
-    if (cdoff > n || cdsize > n - cdoff || nent > cdsize / 46) die("%s: corrupt zip central directory (truncated file?)", path);
-    ZipEntry *e = check_calloc(nent * sizeof *e, "zip entries");
-    const uint8_t *p = b + cdoff, *end = b + cdoff + cdsize;
-    for (uint64_t i = 0; i < nent; i++) {
-        if (end - p < 46 || rd32(p) != 0x02014b50) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
-        unsigned method = rd16(p + 10), nlen = rd16(p + 28), xlen = rd16(p + 30), clen = rd16(p + 32);
-        uint64_t csize = rd32(p + 20), usize = rd32(p + 24), loff = rd32(p + 42);
-        if ((size_t)(end - p) < 46u + nlen + xlen + clen) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
-        for (const uint8_t *x = p + 46 + nlen, *xe = x + xlen; xe - x >= 4;) { /* zip64 extra field */
-            unsigned id = rd16(x), sz = rd16(x + 2);
-            const uint8_t *f = x + 4;
-            if (id == 1) {
-                if (usize == 0xFFFFFFFF && sz >= 8) { usize = rd64(f); f += 8; sz -= 8; }
-                if (csize == 0xFFFFFFFF && sz >= 8) { csize = rd64(f); f += 8; sz -= 8; }
-                if (loff == 0xFFFFFFFF && sz >= 8) loff = rd64(f);
-            }
-            x += 4 + rd16(x + 2);
-        }
-        e[i].name = check_malloc(nlen + 1u, "zip name");
-        memcpy(e[i].name, p + 46, nlen);
-        e[i].name[nlen] = 0;
-        if (method != 0) die("%s: entry %s is compressed (method %u); torch.save stores entries uncompressed", path, e[i].name, method);
-        if (loff > n - 30 || rd32(b + loff) != 0x04034b50) die("%s: entry %s: bad local header (truncated file?)", path, e[i].name);
-        uint64_t start = loff + 30 + rd16(b + loff + 26) + rd16(b + loff + 28);
-        if (start > n || csize > n - start || csize != usize) die("%s: entry %s runs past the end of the file (truncated?)", path, e[i].name);
-        e[i].data = b + start;
-        e[i].size = csize;
-        p += 46 + nlen + xlen + clen;
-    }
-    *count = (int)nent;
-    return e;
-}
 
 typedef enum { PV_NONE, PV_BOOL, PV_INT, PV_FLOAT, PV_STR, PV_TUPLE, PV_LIST, PV_DICT, PV_GLOBAL, PV_STORAGE, PV_TENSOR, PV_MARK } PvType;
 typedef struct Pv {
@@ -842,8 +864,11 @@ static Pv *up_rebuild_tensor(Unpickler *u, Pv *args) {
     return t;
 }
 
-static Pv *up_call(Unpickler *u, Pv *fn, Pv *args) {
+/* depth counts nested _rebuild_from_type_v2 calls: torch nests one; a hostile
+ * chain of them would otherwise recurse until the stack overflows. */
+static Pv *up_call(Unpickler *u, Pv *fn, Pv *args, int depth) {
     if (fn->type != PV_GLOBAL) up_fail(u, "REDUCE on a non-callable");
+    if (depth > 8) up_fail(u, "calls nested too deeply");
     const char *g = fn->s;
     if (!strcmp(g, "torch._utils._rebuild_tensor_v2")) return up_rebuild_tensor(u, args);
     if (!strcmp(g, "torch._utils._rebuild_parameter") || !strcmp(g, "torch._utils._rebuild_parameter_with_state")) {
@@ -852,7 +877,7 @@ static Pv *up_call(Unpickler *u, Pv *fn, Pv *args) {
     }
     if (!strcmp(g, "torch._tensor._rebuild_from_type_v2")) { /* (func, type, args, state) */
         if (args->type != PV_TUPLE || args->n < 3 || args->items[2]->type != PV_TUPLE) up_fail(u, "bad _rebuild_from_type_v2");
-        return up_call(u, args->items[0], args->items[2]);
+        return up_call(u, args->items[0], args->items[2], depth + 1);
     }
     if (!strcmp(g, "collections.OrderedDict") || !strcmp(g, "builtins.dict")) return pv_new(u, PV_DICT);
     up_fail(u, "unsupported object %s (only tensors and dicts of tensors can be loaded)", g);
@@ -954,8 +979,8 @@ static Pv *up_run(Unpickler *u) {
         case 0x94: up_memo_put(u, u->memo_count, u->sp ? u->stack[u->sp - 1] : NULL); break;
         case 'h': up_push(u, up_memo_get(u, *up_take(u, 1))); break;
         case 'j': up_push(u, up_memo_get(u, rd32(up_take(u, 4)))); break;
-        case 'R': w = up_pop(u); v = up_pop(u); up_push(u, up_call(u, v, w)); break;     /* REDUCE */
-        case 0x81: w = up_pop(u); v = up_pop(u); up_push(u, up_call(u, v, w)); break;  /* NEWOBJ */
+        case 'R': w = up_pop(u); v = up_pop(u); up_push(u, up_call(u, v, w, 0)); break;     /* REDUCE */
+        case 0x81: w = up_pop(u); v = up_pop(u); up_push(u, up_call(u, v, w, 0)); break;  /* NEWOBJ */
         case 'b': up_pop(u); break; /* BUILD: state of an OrderedDict or tensor; nothing we need */
         case 'Q': { /* BINPERSID: ('storage', StorageType, key, location, numel) */
             w = up_pop(u);
@@ -974,14 +999,85 @@ static Pv *up_run(Unpickler *u) {
     }
 }
 
+/* The .bin reader's temporaries, held by the checkpoint while it runs so that
+ * ck_close frees them even after a die() (the fuzz harnesses go on running). */
+typedef struct BinRead {
+    ZipEntry *ents; int ne;  /* zip entries, those with names */
+    Unpickler u;             /* the pickle machine and every value it made */
+} BinRead;
+
+static void bin_read_free(BinRead *r) {
+    if (!r) return;
+    for (Pv *v = r->u.all, *nx; v; v = nx) { nx = v->next_alloc; free(v->s); free(v->items); free(v); }
+    free(r->u.stack);
+    free(r->u.memo);
+    for (int i = 0; i < r->ne; i++) free(r->ents[i].name);
+    free(r->ents);
+    free(r);
+}
+
+static void zip_entries(const MapFile *m, BinRead *r) {
+    const char *path = m->path;
+    const uint8_t *b = m->base;
+    size_t n = m->size;
+    if (n < 22) die("%s: not a zip archive (truncated; torch.save writes zip files)", path);
+    size_t eocd = 0;
+    bool found = false;
+    for (size_t i = n - 22 + 1, lim = n > 65557 ? n - 65557 : 0; i-- > lim;)
+        if (rd32(b + i) == 0x06054b50) { eocd = i; found = true; break; }
+    if (!found) die("%s: not a zip archive or truncated (no end-of-central-directory record)", path);
+    uint64_t nent = rd16(b + eocd + 10), cdsize = rd32(b + eocd + 12), cdoff = rd32(b + eocd + 16);
+    if (eocd >= 20 && rd32(b + eocd - 20) == 0x07064b50) { /* zip64 locator */
+        uint64_t z = rd64(b + eocd - 20 + 8);
+        if (n < 56 || z > n - 56 || rd32(b + z) != 0x06064b50) die("%s: corrupt zip64 directory", path);
+        nent = rd64(b + z + 32);
+        cdsize = rd64(b + z + 40);
+        cdoff = rd64(b + z + 48);
+    }
+    if (cdoff > n || cdsize > n - cdoff || nent > cdsize / 46 || nent > INT_MAX) die("%s: corrupt zip central directory (truncated file?)", path);
+    ZipEntry *e = r->ents = check_calloc(nent * sizeof *e, "zip entries");
+    const uint8_t *p = b + cdoff, *end = b + cdoff + cdsize;
+    for (uint64_t i = 0; i < nent; i++) {
+        if (end - p < 46 || rd32(p) != 0x02014b50) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
+        unsigned method = rd16(p + 10), nlen = rd16(p + 28), xlen = rd16(p + 30), clen = rd16(p + 32);
+        uint64_t csize = rd32(p + 20), usize = rd32(p + 24), loff = rd32(p + 42);
+        if ((size_t)(end - p) < 46u + nlen + xlen + clen) die("%s: corrupt zip central directory entry %llu", path, (unsigned long long)i);
+        for (const uint8_t *x = p + 46 + nlen, *xe = x + xlen; xe - x >= 4;) { /* zip64 extra field */
+            unsigned id = rd16(x), sz = rd16(x + 2);
+            const uint8_t *f = x + 4;
+            if (sz > xe - f) break; /* a field claiming more than the extra area holds */
+            x = f + sz;
+            if (id == 1) {
+                if (usize == 0xFFFFFFFF && sz >= 8) { usize = rd64(f); f += 8; sz -= 8; }
+                if (csize == 0xFFFFFFFF && sz >= 8) { csize = rd64(f); f += 8; sz -= 8; }
+                if (loff == 0xFFFFFFFF && sz >= 8) loff = rd64(f);
+            }
+        }
+        e[i].name = check_malloc(nlen + 1u, "zip name");
+        memcpy(e[i].name, p + 46, nlen);
+        e[i].name[nlen] = 0;
+        r->ne = (int)i + 1;
+        if (method != 0) die("%s: entry %s is compressed (method %u); torch.save stores entries uncompressed", path, e[i].name, method);
+        if (n < 30 || loff > n - 30 || rd32(b + loff) != 0x04034b50) die("%s: entry %s: bad local header (truncated file?)", path, e[i].name);
+        uint64_t start = loff + 30 + rd16(b + loff + 26) + rd16(b + loff + 28);
+        if (start > n || csize > n - start || csize != usize) die("%s: entry %s runs past the end of the file (truncated?)", path, e[i].name);
+        e[i].data = b + start;
+        e[i].size = csize;
+        p += 46 + nlen + xlen + clen;
+    }
+}
+
 static void ck_read_bin(Checkpoint *ck, const char *path) {
     ck->files = check_realloc(ck->files, (size_t)(ck->n_files + 1) * sizeof(MapFile), "files");
     MapFile *m = &ck->files[ck->n_files++];
+    memset(m, 0, sizeof *m); /* ck_close may see it before map_file fills it */
     map_file(m, path);
     if (m->size >= 2 && m->base[0] == 0x80 && m->base[1] <= 5)
         die("%s: legacy (pre-1.6) torch.save format; re-save it with a current PyTorch or convert to safetensors", path);
-    int ne;
-    ZipEntry *ents = zip_entries(m, &ne);
+    BinRead *r = ck->bin = check_calloc(sizeof *r, "the .bin reader");
+    zip_entries(m, r);
+    const ZipEntry *ents = r->ents;
+    int ne = r->ne;
     const ZipEntry *pkl = NULL;
     for (int i = 0; i < ne; i++) {
         size_t l = strlen(ents[i].name);
@@ -989,8 +1085,8 @@ static void ck_read_bin(Checkpoint *ck, const char *path) {
     }
     if (!pkl) die("%s: no data.pkl in the archive (not a torch.save file)", path);
     size_t plen = strlen(pkl->name) - 8; /* archive prefix, "archive/" */
-    Unpickler u = {.path = path, .start = pkl->data, .p = pkl->data, .end = pkl->data + pkl->size};
-    Pv *root = up_run(&u);
+    r->u = (Unpickler){.path = path, .start = pkl->data, .p = pkl->data, .end = pkl->data + pkl->size};
+    Pv *root = up_run(&r->u);
     if (root->type != PV_DICT) die("%s: the pickle holds no state dict", path);
     for (int i = 0; i + 1 < root->n; i += 2) {
         Pv *k = root->items[i], *t = root->items[i + 1];
@@ -1001,27 +1097,26 @@ static void ck_read_bin(Checkpoint *ck, const char *path) {
         const ZipEntry *se = NULL;
         for (int j = 0; j < ne; j++) if (!strcmp(ents[j].name, ename)) { se = &ents[j]; break; }
         if (!se) die("%s: tensor %s: storage %s missing from the archive", path, k->s, ename);
-        size_t esz = dtype_bytes(t->dtype, 1);
-        if (t->storage->i < 0 || se->size < (uint64_t)t->storage->i * esz)
-            die("%s: tensor %s: storage %s holds %llu bytes, needs %lld (truncated?)", path, k->s, ename, (unsigned long long)se->size, (long long)(t->storage->i * (int64_t)esz));
+        size_t esz = dtype_bytes(t->dtype, 1), sbytes, numel;
+        if (t->storage->i < 0 || !size_mul((size_t)t->storage->i, esz, &sbytes) || se->size < sbytes)
+            die("%s: tensor %s: storage %s holds %llu bytes, too few for its %lld elements (truncated?)", path, k->s, ename, (unsigned long long)se->size, (long long)t->storage->i);
         CkTensor *c = ck_add(ck, k->s, strlen(k->s));
         c->dtype = t->dtype;
         c->ndim = t->ndim;
-        int64_t expect = 1, numel = 1;
+        memcpy(c->shape, t->shape, sizeof c->shape);
+        if (!ck_count(c, &numel)) die("%s: tensor %s: shape too large", path, k->s);
+        size_t expect = 1;
         for (int d = t->ndim; d-- > 0;) {
-            c->shape[d] = t->shape[d];
-            if (t->shape[d] > 1 && t->stride[d] != expect) die("%s: tensor %s is not contiguous", path, k->s);
-            expect *= t->shape[d];
-            numel *= t->shape[d];
+            if (t->shape[d] > 1 && (size_t)t->stride[d] != expect) die("%s: tensor %s is not contiguous", path, k->s);
+            if (!size_mul(expect, (size_t)t->shape[d], &expect)) break; /* only beside a zero dimension: nothing to read */
         }
-        if (t->offset < 0 || t->offset + numel > t->storage->i) die("%s: tensor %s runs past its storage", path, k->s);
+        if (t->offset < 0 || numel > (size_t)t->storage->i || (size_t)t->offset > (size_t)t->storage->i - numel)
+            die("%s: tensor %s runs past its storage", path, k->s);
         c->data = se->data + (size_t)t->offset * esz;
+        if ((uintptr_t)c->data % esz) die("%s: tensor %s: data not aligned to its %zu-byte elements", path, k->s, esz);
     }
-    for (Pv *v = u.all, *nx; v; v = nx) { nx = v->next_alloc; free(v->s); free(v->items); free(v); }
-    free(u.stack);
-    free(u.memo);
-    for (int i = 0; i < ne; i++) free(ents[i].name);
-    free(ents);
+    bin_read_free(r);
+    ck->bin = NULL;
 }
 
 /* --- the directory: one file, or shards listed by an index --- */
@@ -1035,6 +1130,7 @@ static void ck_read_file(Checkpoint *ck, const char *path) {
 static int ck_cmp(const void *a, const void *b) { return strcmp(((const CkTensor *)a)->key, ((const CkTensor *)b)->key); }
 
 static void ck_sort(Checkpoint *ck) {
+    if (ck->n == 0) die("%s: the checkpoint holds no tensors", ck->dir);
     qsort(ck->t, (size_t)ck->n, sizeof *ck->t, ck_cmp);
     for (int k = 1; k < ck->n; k++)
         if (!strcmp(ck->t[k].key, ck->t[k - 1].key)) die("%s: tensor %s appears twice (as %s and %s)", ck->dir, ck->t[k].key, ck->t[k - 1].name, ck->t[k].name);
@@ -1098,6 +1194,8 @@ void ck_close(Checkpoint *ck) {
     free(ck->t);
     free(ck->dir);
     json_free(ck->meta);
+    json_free(ck->hdr);
+    bin_read_free(ck->bin);
     memset(ck, 0, sizeof *ck);
 }
 
@@ -1206,15 +1304,16 @@ static Tensor model_matrix(Model *m, const char *key, int64_t rows, int64_t cols
         const Json *as = json_get(f, "act_scale");
         if (c->ndim != 2 || c->shape[0] != rows || c->shape[1] != cols) die("%s: tensor %s: int8 data of the wrong shape", m->ck.dir, key);
         if (!sc || sc->dtype != DT_F32 || sc->ndim != 1 || sc->shape[0] != rows) die("%s: tensor %s: missing or bad %s", m->ck.dir, key, sk);
+        if (as && (as->type != J_NUM || !(as->num >= 0 && as->num <= FLT_MAX))) die("%s: tensor %s: bad act_scale", m->ck.dir, key);
         c->used = sc->used = true;
         return (Tensor){.dtype = DT_I8, .rows = rows, .cols = cols, .data = c->data, .scale = sc->data,
                         .act_scale = as && as->type == J_NUM ? (float)as->num : 0, .tier = TIER_CPU, .name = c->name};
     }
     if (f) { /* 4-bit rows stored as bytes */
         const Json *fg = json_get(f, "group"), *fc = json_get(f, "cols");
-        int g = fg && fg->type == J_NUM ? (int)fg->num : 0;
+        int g = fg && fg->type == J_NUM && (fg->num == 32 || fg->num == 64 || fg->num == 128) ? (int)fg->num : 0; /* in range before converting */
         if ((g != 32 && g != 64 && g != 128) || !fc || fc->type != J_NUM || fc->num != (double)cols)
-            die("%s: tensor %s: bad 4-bit format entry (group %d)", m->ck.dir, key, g);
+            die("%s: tensor %s: bad 4-bit format entry (group 32, 64 or 128 and cols %lld needed)", m->ck.dir, key, (long long)cols);
         if (c->ndim != 2 || c->shape[0] != rows || (size_t)c->shape[1] != q4_row_bytes(cols, g))
             die("%s: tensor %s: 4-bit data of the wrong shape for [%lld, %lld]", m->ck.dir, key, (long long)rows, (long long)cols);
         c->used = true;

@@ -30,6 +30,12 @@ void *check_calloc(size_t n, const char *what);
 void *check_realloc(void *p, size_t n, const char *what);
 char *check_strdup(const char *s);
 void warn_once(int *flag, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+bool size_mul(size_t a, size_t b, size_t *r);    /* *r = a * b; false when it overflows */
+#ifdef OPT_FUZZ
+#include <setjmp.h>
+extern jmp_buf *g_fuzz_jmp;  /* set by a fuzz harness: die() longjmps here instead of exiting */
+extern char g_fuzz_msg[256]; /* the message die() would have printed */
+#endif
 
 /* ----------------------------------------------------------------------------
  * JSON (config.json, safetensors headers, shard indexes, vocab.json). */
@@ -259,6 +265,7 @@ LpStatus lp_solve(const Lp *lp, double *x, double *obj);
  * optimal, "objective Z" and one "name value" line per column. Malformed input dies naming the
  * file and line. Returns the exit status: 0 for optimal, infeasible and unbounded alike. */
 int lp_main(int argc, char **argv);
+void mps_check(const char *path); /* reads an MPS file, freeing the last one read (fuzz harnesses) */
 /* The --help texts of lp, plan and probe (lp.c), which `opt help COMMAND` prints too. */
 extern const char lp_usage[], plan_usage[], probe_usage[];
 
@@ -390,6 +397,8 @@ typedef struct {
     int n_files;
     CkTensor *t;           /* (n) tensors, sorted by key after loading */
     int n, cap;
+    Json *hdr;             /* the safetensors header being read: ck_close frees it should the reader die */
+    struct BinRead *bin;   /* the .bin reader's zip entries and pickle values, likewise */
 } Checkpoint;
 
 /* An f32 tensor carried into native files besides the model's own. */

@@ -196,6 +196,23 @@ def _(d, a):
     st_write(p, header, body)
 
 
+@case("st_overlap", "two tensors' data_offsets cover the same bytes (the rest of the file is a gap)")
+def _(d, a):
+    write_base(d, a)
+    p = os.path.join(d, "model.safetensors")
+    header, body = st_read(p)
+    header["model.decoder.layers.1.fc2.weight"]["data_offsets"] = header["model.decoder.layers.1.fc1.weight"]["data_offsets"]
+    st_write(p, header, body)
+
+
+@case("st_tail", "8 bytes after the last tensor's data, which no data_offsets cover")
+def _(d, a):
+    write_base(d, a)
+    p = os.path.join(d, "model.safetensors")
+    header, body = st_read(p)
+    st_write(p, header, body + b"\0" * 8)
+
+
 @case("st_dtype_f8", "a tensor with dtype F8_E4M3 (unsupported), consistent size")
 def _(d, a):
     write_base(d, a)

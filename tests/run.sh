@@ -12,6 +12,8 @@
 #   bad      tests/test_bad_input.py: bad checkpoints, input and options under ./opt-asan
 #   cli      tests/test_cli.py: every command's options, --version, input hygiene (BOM, CRLF,
 #            blank lines), --truncate, stdout write errors (input checks also under ./opt-asan)
+#   fuzz     tests/fuzz/replay.c, built with $CC plain and with ASan/UBSan: every regression
+#            input (tests/fuzz/regress/TARGET/) is rejected cleanly, every seed (corpus/) returns
 #   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
 #   q4       tests/test_q4.py (+ tests/test_q4.c): the 4-bit format byte for byte against numpy,
 #            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
@@ -39,7 +41,7 @@ OPT_ASAN=${OPT_ASAN:-./opt-asan}
 PYTHON=${PYTHON:-/usr/bin/python3}
 CC=${CC:-cc}
 CUDA_BIN=${OPT_CUDA:-}
-GROUPS="kernels tok lp model bad cli w8a8 q4 offload exit plan readme cuda gpu"
+GROUPS="kernels tok lp model bad cli fuzz w8a8 q4 offload exit plan readme cuda gpu"
 SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
@@ -138,6 +140,39 @@ run_lp() { group lp "$OPT" sh tests/test_lp.sh "$OPT"; }
 run_model() { group model "$OPT" "$PYTHON" tests/test_model.py --opt "$OPT" --tmp "$TMP/model"; }
 run_bad() { group bad "$OPT_ASAN" "$PYTHON" tests/test_bad_input.py --opt "$OPT_ASAN" --tmp "$TMP/bad"; }
 run_cli() { group cli "$OPT" "$PYTHON" tests/test_cli.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/cli"; }
+# The fuzz harnesses' inputs through both replay builds. A sanitizer report, a crash or an
+# accepted regression input fails the group; the 256 KiB stack is where the old pickle
+# machine's unbounded recursion overflowed on regress/bin/pickle-depth.
+run_fuzz() {
+    log=$TMP/fuzz.log
+    flags="-std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. -Wall -Wextra -Wno-unused-function"
+    srcs="tests/fuzz/replay.c quant.c offload.c lp.c"
+    if ! { $CC $flags -o "$TMP/replay" $srcs -lm -lpthread &&
+           $CC $flags -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
+               -o "$TMP/replay-asan" $srcs -lm -lpthread; } >"$log" 2>&1; then
+        result fuzz FAIL "tests/fuzz/replay.c does not compile" "$log"
+        return
+    fi
+    nr=0 ns=0 bad=0
+    for dir in tests/fuzz/regress/* tests/fuzz/corpus/*; do
+        t=${dir##*/} reject=""
+        case $dir in tests/fuzz/regress/*) reject=--reject; nr=$((nr + $(ls "$dir" | wc -l))) ;; *) ns=$((ns + $(ls "$dir" | wc -l))) ;; esac
+        for b in replay replay-asan; do
+            if ! (ulimit -s 256; ASAN_OPTIONS=detect_leaks=0 "$TMP/$b" "$t" $reject "$dir"/*) >"$TMP/fuzz.out" 2>&1 ||
+               grep -q -e 'runtime error' -e 'Sanitizer' "$TMP/fuzz.out"; then
+                bad=$((bad + 1))
+                echo "FAIL $b $dir:" >>"$log"
+                grep -v -e ': rejected: ' "$TMP/fuzz.out" | head -n 20 >>"$log"
+            else
+                sed "s/^/  ok $b /" "$TMP/fuzz.out" >>"$log"
+            fi
+        done
+    done
+    if [ $bad = 0 ]; then result fuzz PASS "$nr regression inputs rejected, $ns seeds returned, plain and ASan/UBSan" "$log"
+    else result fuzz FAIL "$bad input sets failed" "$log"
+    fi
+}
+
 run_w8a8() { group w8a8 "$OPT" "$PYTHON" tests/test_w8a8.py --opt "$OPT" --asan "$OPT_ASAN" --cc "$CC" --tmp "$TMP/w8a8"; }
 run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --tmp "$TMP/q4"; }
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
