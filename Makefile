@@ -98,10 +98,8 @@ build/fuzz/libfuzzer: tests/fuzz/libfuzzer.c tests/fuzz/targets.c $(SRC) $(HDR)
 	@echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { (void)d; (void)n; return 0; }' | \
 	    $(CLANG) -fsanitize=fuzzer -x c - -o build/fuzz/probe 2>/dev/null || \
 	    { echo "make fuzz: $(CLANG) has no libFuzzer; install it as root with: apt-get install -y libclang-rt-dev" >&2; exit 1; }
-	@# clang 14 wants a statement after a label (lp.c's "peaks:" precedes a declaration)
-	sed 's/^\([a-z_]*\):$$/\1:;/' lp.c >build/fuzz/lp.c
 	$(CLANG) $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-	    -o $@ tests/fuzz/libfuzzer.c quant.c offload.c build/fuzz/lp.c -lm -lpthread
+	    -o $@ tests/fuzz/libfuzzer.c quant.c offload.c lp.c -lm -lpthread
 
 fuzz: build/fuzz/libfuzzer
 	@for t in $(FUZZ_TARGETS); do \

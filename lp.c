@@ -1335,7 +1335,7 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
         lin_add(&M->cpu_attn[T_G], 1, lin_c(t_cpu));
     }
 
-peaks:
+peaks:; /* a label before a declaration: C23, or this empty statement */
     /* memory peaks */
     /* one GPU batch's intermediates: the residual stream, LayerNorm output, q, k, v and the
      * attention output live through attention, the scores (nh s^2, not a fused kernel's tiles)
