@@ -1147,25 +1147,45 @@ static void tensor_row_f32(const Tensor *w, int64_t n, float *out) {
     else to_f32(out, w_row(w, n), w->dtype, w->cols);
 }
 
-/* Quantizes a matrix to 4 bits into new memory (the source mapping stays
- * untouched); rows in parallel, each independent. */
-static Tensor tensor_to_q4(const Tensor *w, int group) {
-    size_t rb = q4_row_bytes(w->cols, group);
+/* Quantizes a matrix to 4 bits into new memory, a band of rows at a time:
+ * rows in parallel, each independent. A dummy model's rows are generated per
+ * band (never the whole f16 matrix); a checkpoint's mapped pages are dropped
+ * from memory as each band is done (MADV_DONTNEED, pages wholly inside the
+ * band: a read-only mapping refaults from the file if a neighbour needs
+ * them), so peak RSS is the 4-bit weights plus one band, not the f16 file. */
+static Tensor tensor_to_q4(const Model *m, const Tensor *w, int group) {
+    size_t rb = q4_row_bytes(w->cols, group), sb = row_bytes(w);
     uint8_t *q = check_malloc(rb * (size_t)w->rows, "4-bit weights");
-    #pragma omp parallel
-    {
-        float *row = check_malloc(sizeof(float) * (size_t)w->cols, "a row");
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < w->rows; r++) {
-            tensor_row_f32(w, r, row);
-            q4_quantize_row(q + rb * (size_t)r, row, w->cols, group, w->name);
+    int64_t band = (int64_t)((8u << 20) / sb) + 1;
+    void *gen = w->gen ? check_malloc(sb * (size_t)band, "a band of rows") : NULL;
+    off_t off;
+    bool mapped = !w->gen && !w->data2 && ck_locate(&m->ck, w->data, &off) >= 0;
+    for (int64_t r0 = 0; r0 < w->rows; r0 += band) {
+        int64_t n = w->rows - r0 < band ? w->rows - r0 : band;
+        if (gen) dummy_rows(m, w, r0, n, gen);
+        #pragma omp parallel
+        {
+            float *row = check_malloc(sizeof(float) * (size_t)w->cols, "a row");
+            #pragma omp for schedule(static)
+            for (int64_t r = r0; r < r0 + n; r++) {
+                if (gen) to_f32(row, (const char *)gen + (size_t)(r - r0) * sb, w->dtype, w->cols);
+                else tensor_row_f32(w, r, row);
+                q4_quantize_row(q + rb * (size_t)r, row, w->cols, group, w->name);
+            }
+            free(row);
         }
-        free(row);
+        if (mapped) {
+            uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)w_row(w, r0), b = a + (size_t)n * sb;
+            a = (a + pg - 1) / pg * pg, b = b / pg * pg;
+            if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        }
     }
+    free(gen);
     Tensor t = *w;
     t.dtype = DT_Q4;
     t.data = q;
     t.group = group;
+    t.gen = 0;
     return t;
 }
 
@@ -1317,7 +1337,8 @@ void *model_own(Model *m, size_t bytes, const char *what) {
     return m->q4[m->n_q4++] = check_malloc(bytes, what);
 }
 
-/* --compress-weight: every matrix but the position table to 4 bits. */
+/* --compress-weight: every matrix but the position table to 4 bits, one at a
+ * time (tensor_to_q4), before a dummy model is materialized. */
 void model_compress(Model *m, int group) {
     Tensor *mats[8 + 6 * 1024];
     int n = 0;
@@ -1332,7 +1353,7 @@ void model_compress(Model *m, int group) {
     }
     for (int i = 0; i < n; i++) {
         if (mats[i]->dtype == DT_Q4 || mats[i]->dtype == DT_I8) continue;
-        *mats[i] = tensor_to_q4(mats[i], group);
+        *mats[i] = tensor_to_q4(m, mats[i], group);
         if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
         m->q4[m->n_q4++] = (void *)mats[i]->data;
     }
@@ -2467,11 +2488,12 @@ void model_materialize(Model *m) {
     }
     if (m->cfg.embed_dim != m->cfg.hidden) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
     double need = 0;
-    for (int i = 0; i < n; i++) need += 2.0 * (double)mats[i]->rows * (double)mats[i]->cols;
+    for (int i = 0; i < n; i++) need += mats[i]->gen ? 2.0 * (double)mats[i]->rows * (double)mats[i]->cols : 0; /* 4-bit ones are made */
     if (need > mem_usable())
         die("%s needs %.1f GiB of RAM for its weights, %.1f GiB are available; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
             m->cfg.name, need / (1 << 30), mem_usable() / (1 << 30));
     for (int i = 0; i < n; i++) {
+        if (!mats[i]->gen) continue;
         void *p = model_own(m, 2 * (size_t)mats[i]->rows * (size_t)mats[i]->cols, "dummy weights");
         dummy_rows(m, mats[i], 0, mats[i]->rows, p);
         mats[i]->data = p;
@@ -4634,8 +4656,8 @@ static void cmd_run(const Opts *o) {
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
     Model m;
     model_load(&m, o->model);
-    if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
+    if (!o->offload || o->compress_weight) model_materialize(&m);
     Tokenizer *tok = tokenizer_for(o->model);
     int n_jobs;
     Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
@@ -4811,8 +4833,8 @@ static void cmd_bench(const Opts *o) {
     if (!o->model) die("opt bench: -m DIR is required");
     Model m;
     model_load(&m, o->model);
-    if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
+    if (!o->offload || o->compress_weight) model_materialize(&m);
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
     if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);
     int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;

@@ -30,7 +30,8 @@ or in a file given with -i; a blank input line gives a blank output line):
   ref_opt.py info -m DIR
       Print the parsed configuration and the tensors found (for debugging).
 
-Importable: load_model(dir, compute="f32"|"bf16") -> Model; model.score(ids), model.score_batch(list_of_ids),
+Importable: load_model(dir, compute="f32"|"bf16") -> Model (bf16: every GEMM's inputs and
+weights rounded to bf16, as opt --compute bf16); model.score(ids), model.score_batch(list_of_ids),
 model.greedy(ids, n), model.forward(...).  Errors are reported as one line
 "ref_opt: error: ..." on stderr with exit status 1.
 
@@ -435,8 +436,8 @@ def round_bf16(a):
     return r.astype(np.uint32).view(np.float32).reshape(np.shape(a))
 
 
-def linear(x, w, b, bf16=False):
-    y = round_bf16(x) @ round_bf16(w).T if bf16 else x @ w.T
+def linear(x, w, b):
+    y = x @ w.T
     if b is not None:
         y = y + b
     return y
@@ -451,6 +452,11 @@ class Model:
 
     def _w(self, name):
         return self.W.get(name)
+
+    def _linear(self, x, w, b):
+        if self.bf16:
+            return linear(round_bf16(x), round_bf16(w), b)
+        return linear(x, w, b)
 
     def _ln(self, x, prefix):
         if self.cfg.ln_affine:
@@ -482,7 +488,7 @@ class Model:
             raise RefError("sequence longer than max_position_embeddings (%d)" % cfg.max_pos)
         x = W["decoder.embed_tokens.weight"][ids]
         if cfg.project:
-            x = linear(x, W["decoder.project_in.weight"], None, self.bf16)
+            x = self._linear(x, W["decoder.project_in.weight"], None)
         h = (x + W["decoder.embed_positions.weight"][pos]).astype(np.float32)
 
         # causal + padding: query i (absolute P+i) sees key j iff j <= P+i and mask[j]
@@ -498,9 +504,9 @@ class Model:
             res = h
             if cfg.pre_ln:
                 h = self._ln(h, p + "self_attn_layer_norm")
-            q = linear(h, g("self_attn.q_proj.weight"), g("self_attn.q_proj.bias"), self.bf16) * scaling
-            k = linear(h, g("self_attn.k_proj.weight"), g("self_attn.k_proj.bias"), self.bf16)
-            v = linear(h, g("self_attn.v_proj.weight"), g("self_attn.v_proj.bias"), self.bf16)
+            q = self._linear(h, g("self_attn.q_proj.weight"), g("self_attn.q_proj.bias")) * scaling
+            k = self._linear(h, g("self_attn.k_proj.weight"), g("self_attn.k_proj.bias"))
+            v = self._linear(h, g("self_attn.v_proj.weight"), g("self_attn.v_proj.bias"))
             q = q.reshape(B, T, A, hd).transpose(0, 2, 1, 3)
             k = k.reshape(B, T, A, hd).transpose(0, 2, 1, 3)
             v = v.reshape(B, T, A, hd).transpose(0, 2, 1, 3)
@@ -514,15 +520,15 @@ class Model:
             e = np.exp(s)
             a = e / e.sum(axis=-1, keepdims=True)
             o = (a @ v).transpose(0, 2, 1, 3).reshape(B, T, H)
-            o = linear(o, g("self_attn.out_proj.weight"), g("self_attn.out_proj.bias"), self.bf16)
+            o = self._linear(o, g("self_attn.out_proj.weight"), g("self_attn.out_proj.bias"))
             h = res + o
             if not cfg.pre_ln:
                 h = self._ln(h, p + "self_attn_layer_norm")
             res = h
             if cfg.pre_ln:
                 h = self._ln(h, p + "final_layer_norm")
-            f = np.maximum(linear(h, g("fc1.weight"), g("fc1.bias"), self.bf16), np.float32(0))
-            f = linear(f, g("fc2.weight"), g("fc2.bias"), self.bf16)
+            f = np.maximum(self._linear(h, g("fc1.weight"), g("fc1.bias")), np.float32(0))
+            f = self._linear(f, g("fc2.weight"), g("fc2.bias"))
             h = res + f
             if not cfg.pre_ln:
                 h = self._ln(h, p + "final_layer_norm")
@@ -531,11 +537,14 @@ class Model:
         if cfg.final_ln:
             h = self._ln(h, "decoder.final_layer_norm")
         if cfg.project:
-            h = linear(h, W["decoder.project_out.weight"], None, self.bf16)
+            h = self._linear(h, W["decoder.project_out.weight"], None)
         return h.astype(np.float32, copy=False), new_past
 
     def logits(self, h):
-        return linear(h, self.W["lm_head.weight"], None, self.bf16).astype(np.float32, copy=False)
+        w = self.W["lm_head.weight"]
+        if self.bf16:
+            h, w = round_bf16(h), round_bf16(w)
+        return (h @ w.T).astype(np.float32, copy=False)
 
     # -- scoring -------------------------------------------------------------------
 
