@@ -3959,8 +3959,9 @@ typedef struct {
      "      --compress-weight  4-bit group-wise weights, quantized at load time\n" \
      "      --compress-cache   4-bit group-wise KV cache\n" \
      "      --group-size N     4-bit group size: 32, 64 (default) or 128\n" \
-     "      --compute C        CPU GEMM arithmetic: f32 (default: exact f32 sums, the reference) or\n" \
-     "                         bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16, ~2x on prefill)\n"
+     "      --compute C        CPU GEMM arithmetic: f32 (default; the reference the exactness tests\n" \
+     "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; faster\n" \
+     "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n"
 #define OFFLOAD_HELP \
      "  Offloading (FlexGen's block schedule; any of these turns it on):\n" \
      "      --percent WG WC CG CC AG AC  percent of weights, KV cache and activations on GPU and CPU;\n" \
