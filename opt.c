@@ -1245,25 +1245,45 @@ static void tensor_row_f32(const Tensor *w, int64_t n, float *out) {
     else to_f32(out, w_row(w, n), w->dtype, w->cols);
 }
 
-/* Quantizes a matrix to 4 bits into new memory (the source mapping stays
- * untouched); rows in parallel, each independent. */
-static Tensor tensor_to_q4(const Tensor *w, int group) {
-    size_t rb = q4_row_bytes(w->cols, group);
+/* Quantizes a matrix to 4 bits into new memory, a band of rows at a time:
+ * rows in parallel, each independent. A dummy model's rows are generated per
+ * band (never the whole f16 matrix); a checkpoint's mapped pages are dropped
+ * from memory as each band is done (MADV_DONTNEED, pages wholly inside the
+ * band: a read-only mapping refaults from the file if a neighbour needs
+ * them), so peak RSS is the 4-bit weights plus one band, not the f16 file. */
+static Tensor tensor_to_q4(const Model *m, const Tensor *w, int group) {
+    size_t rb = q4_row_bytes(w->cols, group), sb = row_bytes(w);
     uint8_t *q = check_malloc(rb * (size_t)w->rows, "4-bit weights");
-    #pragma omp parallel
-    {
-        float *row = check_malloc(sizeof(float) * (size_t)w->cols, "a row");
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < w->rows; r++) {
-            tensor_row_f32(w, r, row);
-            q4_quantize_row(q + rb * (size_t)r, row, w->cols, group, w->name);
+    int64_t band = (int64_t)((8u << 20) / sb) + 1;
+    void *gen = w->gen ? check_malloc(sb * (size_t)band, "a band of rows") : NULL;
+    off_t off;
+    bool mapped = !w->gen && !w->data2 && ck_locate(&m->ck, w->data, &off) >= 0;
+    for (int64_t r0 = 0; r0 < w->rows; r0 += band) {
+        int64_t n = w->rows - r0 < band ? w->rows - r0 : band;
+        if (gen) dummy_rows(m, w, r0, n, gen);
+        #pragma omp parallel
+        {
+            float *row = check_malloc(sizeof(float) * (size_t)w->cols, "a row");
+            #pragma omp for schedule(static)
+            for (int64_t r = r0; r < r0 + n; r++) {
+                if (gen) to_f32(row, (const char *)gen + (size_t)(r - r0) * sb, w->dtype, w->cols);
+                else tensor_row_f32(w, r, row);
+                q4_quantize_row(q + rb * (size_t)r, row, w->cols, group, w->name);
+            }
+            free(row);
         }
-        free(row);
+        if (mapped) {
+            uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)w_row(w, r0), b = a + (size_t)n * sb;
+            a = (a + pg - 1) / pg * pg, b = b / pg * pg;
+            if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+        }
     }
+    free(gen);
     Tensor t = *w;
     t.dtype = DT_Q4;
     t.data = q;
     t.group = group;
+    t.gen = 0;
     return t;
 }
 
@@ -1416,7 +1436,8 @@ void *model_own(Model *m, size_t bytes, const char *what) {
     return m->q4[m->n_q4++] = check_malloc(bytes, what);
 }
 
-/* --compress-weight: every matrix but the position table to 4 bits. */
+/* --compress-weight: every matrix but the position table to 4 bits, one at a
+ * time (tensor_to_q4), before a dummy model is materialized. */
 void model_compress(Model *m, int group) {
     Tensor *mats[8 + 6 * 1024];
     int n = 0;
@@ -1431,7 +1452,7 @@ void model_compress(Model *m, int group) {
     }
     for (int i = 0; i < n; i++) {
         if (mats[i]->dtype == DT_Q4 || mats[i]->dtype == DT_I8) continue;
-        *mats[i] = tensor_to_q4(mats[i], group);
+        *mats[i] = tensor_to_q4(m, mats[i], group);
         if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
         m->q4[m->n_q4++] = (void *)mats[i]->data;
     }
@@ -1467,6 +1488,8 @@ static const char *const simd_names[] = {"scalar", "avx2", "avx512"};
 int g_simd = SIMD_SCALAR;          /* level in use */
 int g_simd_max = SIMD_SCALAR;      /* best level this CPU and OS support */
 int g_vnni = 0;                    /* AVX-512 VNNI present (int8 dot products) */
+int g_has_bf16 = 0;                /* AVX-512 BF16 present (vdpbf16ps) */
+int g_bf16 = 0;                    /* --compute bf16: GEMMs on bf16 inputs, f32 sums */
 
 static int simd_detect(void) {
     unsigned a, b, c, d, xlo, xhi;
@@ -1480,6 +1503,7 @@ static int simd_detect(void) {
     if (!(avx2 && fma && f16c)) return SIMD_SCALAR;
     if (!(f && bw && vl) || (xlo & 0xE0) != 0xE0) return SIMD_AVX2; /* no ZMM state */
     g_vnni = c >> 11 & 1;
+    if (a >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) g_has_bf16 = a >> 5 & 1;
     return SIMD_AVX512;
 }
 
@@ -1638,6 +1662,68 @@ GEMM_TILES_AVX512(f32, 4, ld16_f32, ldm16_f32)
 GEMM_TILES_AVX512(f16, 2, ld16_f16, ldm16_f16)
 GEMM_TILES_AVX512(bf16, 2, ld16_bf16, ldm16_bf16)
 
+/* --- bf16 compute (--compute bf16): both inputs rounded to bf16 (nearest
+ * even), products summed in f32 by AVX-512 BF16's vdpbf16ps, which adds two
+ * products per lane. Its own reduction order, the same in every kernel: lane l
+ * of a dot product accumulates, for q = 0, 1, ... in order, the product at
+ * k = 32q + 2l + 1 and then the one at k = 32q + 2l (each product exact, each
+ * sum rounded to nearest even, subnormal inputs and sums flushed to zero, as
+ * the instruction defines it), then the lanes meet in the f32 tree. So the
+ * tiles and the lane GEMM give the same bits and results stay independent of
+ * batch, tiling and threads; against f32 compute they differ by the inputs'
+ * rounding (2^-8 relative each: half an ulp of bf16's 8 bits), checked on the
+ * instruction itself by tests/test_kernels.c. x rows are rounded once per GEMM
+ * into pairs (one 32-bit word holds k = 2i and 2i + 1), zero-padded to a
+ * multiple of 32 (the padding adds 0*0, as the f32 kernels' does). --- */
+
+void compute_set(const char *mode) {
+    g_bf16 = mode && !strcmp(mode, "bf16");
+    if (g_bf16 && (!g_has_bf16 || g_simd != SIMD_AVX512))
+        die("--compute bf16: needs AVX-512 BF16 (this CPU%s has SIMD %s%s); use --compute f32", getenv("OPT_SIMD") ? ", as OPT_SIMD sets it," : "",
+            simd_names[g_simd], g_has_bf16 ? " with BF16" : " without BF16");
+}
+
+static inline __mmask16 mask16(int n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* 32 weights from k (n of them left) as bf16, rounded from the stored format */
+T_BF16 static inline __m512i bf16_w32(const char *p, DType dt, int n) {
+    __mmask16 m0 = mask16(n), m1 = mask16(n - 16);
+    if (dt == DT_BF16) return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m0, p)), _mm256_maskz_loadu_epi16(m1, p + 32), 1);
+    __m512 lo = dt == DT_F16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, p)) : _mm512_maskz_loadu_ps(m0, p);
+    __m512 hi = dt == DT_F16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, p + 32)) : _mm512_maskz_loadu_ps(m1, p + 64);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* rows of K floats (stride ld) -> rows of K2 = 16 ceil(K/32) bf16 pairs */
+T_BF16 static void bf16_round_rows(uint32_t *out, const float *in, int64_t ld, int rows, int K, int K2) {
+    for (int r = 0; r < rows; r++, in += ld, out += K2)
+        for (int k = 0; k < 2 * K2; k += 32) _mm512_storeu_si512(out + k / 2, bf16_w32((const char *)(in + k), DT_F32, K - k));
+}
+
+/* A tile as the f32 ones, x rows holding bf16 pairs (K2 words, zero-padded). */
+#define GEMM_TILE_BF16(SUF, DT, MR, NR)                                                                   \
+T_BF16 static void tile_bf16_##SUF##_##MR(const float *const *x, const char *const *w, int K, size_t pf, int G, float *out) { \
+    (void)G;                                                                                           \
+    const size_t esz = DT == DT_F32 ? 4 : 2;                                                           \
+    __m512 a[MR][NR];                                                                                  \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) a[i][j] = _mm512_setzero_ps();           \
+    for (int k = 0; k < K; k += 32) {                                                                  \
+        for (int j = 0; j < NR; j++) _mm_prefetch(w[j] + (size_t)k * esz + pf, _MM_HINT_T0);          \
+        if (esz == 4) for (int j = 0; j < NR; j++) _mm_prefetch(w[j] + (size_t)k * esz + pf + 64, _MM_HINT_T0); \
+        __m512i xv[MR];                                                                                \
+        for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_si512(x[i] + k / 2);                         \
+        for (int j = 0; j < NR; j++) {                                                                 \
+            __m512i wv = bf16_w32(w[j] + (size_t)k * esz, DT, K - k >= 32 ? 32 : K - k);                \
+            for (int i = 0; i < MR; i++) a[i][j] = _mm512_dpbf16_ps(a[i][j], (__m512bh)xv[i], (__m512bh)wv); \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) out[i * NR + j] = hsum16_avx512(a[i][j]); \
+}
+#define GEMM_TILES_BF16(SUF, DT) GEMM_TILE_BF16(SUF, DT, 1, 8) GEMM_TILE_BF16(SUF, DT, 2, 8) GEMM_TILE_BF16(SUF, DT, 4, 6)
+GEMM_TILES_BF16(f32, DT_F32)
+GEMM_TILES_BF16(f16, DT_F16)
+GEMM_TILES_BF16(bf16, DT_BF16)
+
 /* f16/bf16 -> f32 with the vector units (exact, as the scalar code). */
 T_AVX2 static void widen_avx2(float *out, const void *in, DType dt, int64_t n) {
     const char *p = in;
@@ -1662,6 +1748,10 @@ static Tile tiles_avx512[] = {
     {4, 6, {tile_avx512_f32_4, tile_avx512_f16_4, tile_avx512_bf16_4, NULL}},
     {2, 8, {tile_avx512_f32_2, tile_avx512_f16_2, tile_avx512_bf16_2, NULL}},
     {1, 8, {tile_avx512_f32_1, tile_avx512_f16_1, tile_avx512_bf16_1, NULL}}, {0, 0, {0}}};
+static Tile tiles_bf16[] = { /* 4-bit weights go through an f32 panel (gemm) */
+    {4, 6, {tile_bf16_f32_4, tile_bf16_f16_4, tile_bf16_bf16_4, NULL}},
+    {2, 8, {tile_bf16_f32_2, tile_bf16_f16_2, tile_bf16_bf16_2, NULL}},
+    {1, 8, {tile_bf16_f32_1, tile_bf16_f16_1, tile_bf16_bf16_1, NULL}}, {0, 0, {0}}};
 
 static void tiles_init(void) { /* quant.c's 4-bit tiles, same shapes */
     for (int i = 0; i < 2; i++) tiles_avx2[i].fn[DT_Q4] = q4_tiles_avx2[i];
@@ -1781,6 +1871,24 @@ T_AVX512 static void lane_kernel_avx512(const float *xp, const float *wp, int Kq
         for (int c = 0; c < 3; c++) _mm512_storeu_ps(acc + i * LNB + 16 * c, a[i][c]);
 }
 
+/* The same on bf16 pairs: each step adds two products per output (vdpbf16ps). */
+T_BF16 static void lane_kernel_bf16(const float *xp, const float *wp, int Kq, float *acc) {
+    __m512 a[LMR][3];
+    for (int i = 0; i < LMR; i++) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_ps();
+    for (int kq = 0; kq < Kq; kq++) {
+        const float *w = wp + (size_t)kq * LNB, *x = xp + (size_t)kq * LMR;
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 16), w2 = (__m512bh)_mm512_loadu_si512(w + 32);
+        for (int i = 0; i < LMR; i++) {
+            __m512bh xb = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(x[i]));
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], xb, w0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], xb, w1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], xb, w2);
+        }
+    }
+    for (int i = 0; i < LMR; i++)
+        for (int c = 0; c < 3; c++) _mm512_storeu_ps(acc + i * LNB + 16 * c, a[i][c]);
+}
+
 T_AVX2 static void lane_kernel_avx2(const float *xp, const float *wp, int Kq, float *acc) {
     for (int j0 = 0; j0 < LNB; j0 += 16) /* 4 rows x 16 weights per pass: 8 accumulators */
         for (int i0 = 0; i0 < LMR; i0 += 4) {
@@ -1810,14 +1918,15 @@ static void lanes_reduce(float part[16][LMR * LNB], float *dot) {
     for (int e = 0; e < LMR * LNB; e++) dot[e] = (part[0][e] + part[2][e]) + (part[1][e] + part[3][e]);
 }
 
-static void gemm_lanes(const Gemm *g, const float *xp, int Kq, int n0, int n1, const float *wf, float *wp) {
+/* Rows of x (packed) against a packed block of weights (n0..n1); Kq steps per lane. */
+static void gemm_lanes(const Gemm *g, const float *xp, int Kq, int n0, int n1, const float *wp) {
     static _Thread_local float part[16][LMR * LNB];
     float dot[LMR * LNB];
-    pack_w(wp, wf, n1 - n0, g->K, Kq);
     for (int m0 = 0; m0 < g->M; m0 += LMR) {
         const float *x = xp + (size_t)(m0 / LMR) * 16 * Kq * LMR;
         for (int l = 0; l < 16; l++) {
-            if (g_simd == SIMD_AVX512) lane_kernel_avx512(x + (size_t)l * Kq * LMR, wp + (size_t)l * Kq * LNB, Kq, part[l]);
+            if (g_bf16) lane_kernel_bf16(x + (size_t)l * Kq * LMR, wp + (size_t)l * Kq * LNB, Kq, part[l]);
+            else if (g_simd == SIMD_AVX512) lane_kernel_avx512(x + (size_t)l * Kq * LMR, wp + (size_t)l * Kq * LNB, Kq, part[l]);
             else lane_kernel_avx2(x + (size_t)l * Kq * LMR, wp + (size_t)l * Kq * LNB, Kq, part[l]);
         }
         lanes_reduce(part, dot);
@@ -1827,25 +1936,38 @@ static void gemm_lanes(const Gemm *g, const float *xp, int Kq, int n0, int n1, c
 
 /* Splits N into blocks that threads take whole. Up to 63 rows: the tiles,
  * straight from the stored weights (memory-bound: conversions hide behind the
- * loads). More: the lane GEMM on packed f32 panels (widened exactly, once per
- * block). Both give the same bits. */
+ * loads). More: the lane GEMM on packed panels (widened exactly, once per
+ * block). Both give the same bits. With --compute bf16, x is rounded to bf16
+ * pairs first and both paths run on those (a pair of k per 32-bit word, so the
+ * f32 packing moves pairs unchanged); 4-bit weights reach the tiles through an
+ * f32 panel too. */
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
     if (dt == DT_I8) { gemm_i8(g); return; }
     check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on dtype %d", (int)dt);
+    check(!g_bf16 || g_simd == SIMD_AVX512, "bf16 compute at SIMD level %s", simd_names[g_simd]);
     const int nb = LNB;
     /* blocks never straddle the split of a tensor whose rows live in two places */
     int split = g->w->data2 && g->w->split > 0 && g->w->split < g->N ? (int)g->w->split : g->N;
     int nblk0 = (split + nb - 1) / nb, nblk = nblk0 + (g->N - split + nb - 1) / nb;
     bool lanes = g->M >= 64 && g_simd != SIMD_SCALAR; /* packing pays for itself only over many rows */
-    const Tile *tiles = g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
+    const Tile *tiles = g_bf16 ? tiles_bf16 : g_simd == SIMD_AVX512 ? tiles_avx512 : tiles_avx2;
     size_t rb = row_bytes(g->w);
-    int Kq = (g->K + 15) / 16;
+    /* what the kernels read: x itself, or (bf16) its rows of K2 pairs, which pack as floats do */
+    Gemm gx = *g;
+    uint32_t *xb = NULL;
+    int K2 = 16 * ((g->K + 31) / 32), Kq = g_bf16 ? K2 / 16 : (g->K + 15) / 16;
+    if (g_bf16) {
+        xb = check_malloc(sizeof(uint32_t) * (size_t)g->M * K2, "bf16 activations");
+        bf16_round_rows(xb, g->x, g->ldx, g->M, g->K, K2);
+        gx.x = (const float *)xb;
+        gx.ldx = K2; /* K stays: the weights' length (pack_x reads only k < K2 of the zero-padded rows) */
+    }
     float *xp = NULL;
     if (lanes) {
         xp = check_malloc(sizeof(float) * (size_t)((g->M + LMR - 1) / LMR) * 16 * Kq * LMR, "packed activations");
-        pack_x(xp, g, Kq);
+        pack_x(xp, &gx, Kq);
     }
     /* the tiles stream: runs of consecutive blocks per thread, so a tile's prefetch of the
      * next rows lands in the thread's own next block (a quarter of a thread's share each) */
@@ -1855,10 +1977,10 @@ void gemm(const Gemm *g) {
         int n0 = b < nblk0 ? b * nb : split + (b - nblk0) * nb, end = b < nblk0 ? split : g->N, n1 = n0 + nb < end ? n0 + nb : end;
         const char *w = w_row(g->w, n0);
         if (g_simd == SIMD_SCALAR) { gemm_scalar(g, n0, n1); continue; }
-        if (!lanes) { gemm_tiled(g, n0, n1, w, dt, rb, tiles); continue; }
+        if (!lanes && !(g_bf16 && dt == DT_Q4)) { gemm_tiled(&gx, n0, n1, w, dt, rb, tiles); continue; }
         static _Thread_local float *panel, *packed;
         static _Thread_local size_t panel_cap;
-        size_t need = (size_t)nb * 16 * Kq;
+        size_t need = (size_t)nb * 16 * ((g->K + 15) / 16);
         if (need > panel_cap) {
             free(panel); free(packed);
             panel = check_malloc(need * sizeof(float), "a weight panel");
@@ -1866,9 +1988,18 @@ void gemm(const Gemm *g) {
             panel_cap = need;
         }
         widen(panel, w, g->w, n1 - n0, rb);
-        gemm_lanes(g, xp, Kq, n0, n1, panel, packed);
+        if (!lanes) { gemm_tiled(&gx, n0, n1, (const char *)panel, DT_F32, sizeof(float) * (size_t)g->K, tiles); continue; }
+        if (g_bf16) { /* rows rounded to pairs (into packed), then packed by lane (into panel) */
+            bf16_round_rows((uint32_t *)packed, panel, g->K, n1 - n0, g->K, K2);
+            pack_w(panel, packed, n1 - n0, K2, Kq);
+            gemm_lanes(g, xp, Kq, n0, n1, panel);
+        } else {
+            pack_w(packed, panel, n1 - n0, g->K, Kq);
+            gemm_lanes(g, xp, Kq, n0, n1, packed);
+        }
     }
     free(xp);
+    free(xb);
 }
 
 /* --- attention: scores vectorize over positions (keys are stored transposed),
@@ -2460,11 +2591,12 @@ void model_materialize(Model *m) {
     }
     if (m->cfg.embed_dim != m->cfg.hidden) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
     double need = 0;
-    for (int i = 0; i < n; i++) need += 2.0 * (double)mats[i]->rows * (double)mats[i]->cols;
+    for (int i = 0; i < n; i++) need += mats[i]->gen ? 2.0 * (double)mats[i]->rows * (double)mats[i]->cols : 0; /* 4-bit ones are made */
     if (need > mem_usable())
         die("%s needs %.1f GiB of RAM for its weights, %.1f GiB are available; give a policy with a disk share, e.g. --percent 0 50 0 100 0 100",
             m->cfg.name, need / (1 << 30), mem_usable() / (1 << 30));
     for (int i = 0; i < n; i++) {
+        if (!mats[i]->gen) continue;
         void *p = model_own(m, 2 * (size_t)mats[i]->rows * (size_t)mats[i]->cols, "dummy weights");
         dummy_rows(m, mats[i], 0, mats[i]->rows, p);
         mats[i]->data = p;
@@ -3909,6 +4041,7 @@ typedef struct {
     int step_rows;         /* --step-rows */
     int compress_weight;   /* --compress-weight: 4-bit weights at load time */
     int compress_cache;    /* --compress-cache: 4-bit KV cache */
+    const char *compute;   /* --compute f32|bf16: the CPU GEMMs' arithmetic (NULL = f32) */
     int group;             /* --group-size for 4-bit formats */
     int int4;              /* convert --int4-weights */
     int outliers;          /* synth --outliers */
@@ -3928,7 +4061,10 @@ typedef struct {
      "      --device D         cpu, gpu or auto (default: the GPU when there is one and the model fits)\n" \
      "      --compress-weight  4-bit group-wise weights, quantized at load time\n" \
      "      --compress-cache   4-bit group-wise KV cache\n" \
-     "      --group-size N     4-bit group size: 32, 64 (default) or 128\n"
+     "      --group-size N     4-bit group size: 32, 64 (default) or 128\n" \
+     "      --compute C        CPU GEMM arithmetic: f32 (default; the reference the exactness tests\n" \
+     "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; faster\n" \
+     "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n"
 #define OFFLOAD_HELP \
      "  Offloading (FlexGen's block schedule; any of these turns it on):\n" \
      "      --percent WG WC CG CC AG AC  percent of weights, KV cache and activations on GPU and CPU;\n" \
@@ -4161,6 +4297,7 @@ static const OptSpec opt_specs[] = {
     O("--device", NULL, C_MODEL, A_STR, device, 0, 0, "cpu|gpu|auto", 0, 0),
     O("--compress-weight", NULL, C_MODEL, A_SET, compress_weight, 0, 0, NULL, 0, 0),
     O("--compress-cache", NULL, C_MODEL, A_SET, compress_cache, 0, 0, NULL, 0, 0),
+    O("--compute", NULL, C_MODEL, A_STR, compute, 0, 0, "f32|bf16", 0, 0),
     O("--group-size", NULL, C_MODEL | C_CONV, A_INT, group, 32, 128, "32|64|128", N_Q4, 0),
     O("--percent", NULL, C_MODEL, A_PERCENT, off.pol, 0, 100, NULL, 0, 1),
     O("--gpu-batch-size", NULL, C_MODEL, A_INT, off.pol.gpu_batch_size, 1, 1 << 16, NULL, 0, 1),
@@ -4623,8 +4760,8 @@ static void cmd_run(const Opts *o) {
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
     Model m;
     model_load(&m, o->model);
-    if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
+    if (!o->offload || o->compress_weight) model_materialize(&m);
     Tokenizer *tok = tokenizer_for(o->model);
     int n_jobs;
     Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
@@ -4800,8 +4937,8 @@ static void cmd_bench(const Opts *o) {
     if (!o->model) die("opt bench: -m DIR is required");
     Model m;
     model_load(&m, o->model);
-    if (!o->offload || o->compress_weight) model_materialize(&m);
     if (o->compress_weight) model_compress(&m, o->group);
+    if (!o->offload || o->compress_weight) model_materialize(&m);
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
     if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);
     int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;
@@ -4922,6 +5059,7 @@ int main(int argc, char **argv) {
     else {
         opts_parse(&o, argc - first, argv + first);
         if (o.threads) omp_set_num_threads(o.threads);
+        compute_set(o.compute);
         if (o.help) cmd_help(o.cmd);
         else if (!strcmp(o.cmd, "generate") || !strcmp(o.cmd, "score")) cmd_run(&o);
         else if (!strcmp(o.cmd, "tokenize")) cmd_tokenize(&o);

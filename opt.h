@@ -152,8 +152,12 @@ enum { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
 extern int g_simd;        /* SIMD level in use (OPT_SIMD forces one) */
 extern int g_simd_max;    /* best level of this CPU */
 extern int g_vnni;        /* AVX-512 VNNI present */
+extern int g_has_bf16;    /* AVX-512 BF16 present */
+extern int g_bf16;        /* --compute bf16 (needs g_has_bf16 and SIMD avx512) */
+void compute_set(const char *mode); /* --compute f32|bf16; dies when the CPU cannot */
 #define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define T_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 /* y[m, n] = x[m, :] . W[n, :] + bias[n], then optionally += y (residual) and ReLU. */
 typedef struct {

@@ -30,7 +30,8 @@ or in a file given with -i; a blank input line gives a blank output line):
   ref_opt.py info -m DIR
       Print the parsed configuration and the tensors found (for debugging).
 
-Importable: load_model(dir) -> Model; model.score(ids), model.score_batch(list_of_ids),
+Importable: load_model(dir, compute="f32"|"bf16") -> Model (bf16: every GEMM's inputs and
+weights rounded to bf16, as opt --compute bf16); model.score(ids), model.score_batch(list_of_ids),
 model.greedy(ids, n), model.forward(...).  Errors are reported as one line
 "ref_opt: error: ..." on stderr with exit status 1.
 
@@ -426,6 +427,15 @@ def layer_norm(x, w, b):
     return y.astype(np.float32, copy=False)
 
 
+def round_bf16(a):
+    """float32 -> the nearest bfloat16 (ties to even) as float32, subnormals flushed to zero
+    as AVX-512 BF16 does: what `opt --compute bf16` feeds its GEMMs (inputs and weights)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    r = np.where((u & np.uint32(0x7F800000)) == 0, u & np.uint32(0x80000000), r)
+    return r.astype(np.uint32).view(np.float32).reshape(np.shape(a))
+
+
 def linear(x, w, b):
     y = x @ w.T
     if b is not None:
@@ -434,13 +444,19 @@ def linear(x, w, b):
 
 
 class Model:
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, compute="f32"):
         self.dir = model_dir
+        self.bf16 = compute == "bf16"   # GEMM inputs rounded to bf16 (opt --compute bf16)
         self.cfg = read_config(model_dir)
         self.W = load_weights(model_dir, self.cfg)
 
     def _w(self, name):
         return self.W.get(name)
+
+    def _linear(self, x, w, b):
+        if self.bf16:
+            return linear(round_bf16(x), round_bf16(w), b)
+        return linear(x, w, b)
 
     def _ln(self, x, prefix):
         if self.cfg.ln_affine:
@@ -472,7 +488,7 @@ class Model:
             raise RefError("sequence longer than max_position_embeddings (%d)" % cfg.max_pos)
         x = W["decoder.embed_tokens.weight"][ids]
         if cfg.project:
-            x = linear(x, W["decoder.project_in.weight"], None)
+            x = self._linear(x, W["decoder.project_in.weight"], None)
         h = (x + W["decoder.embed_positions.weight"][pos]).astype(np.float32)
 
         # causal + padding: query i (absolute P+i) sees key j iff j <= P+i and mask[j]
@@ -488,9 +504,9 @@ class Model:
             res = h
             if cfg.pre_ln:
                 h = self._ln(h, p + "self_attn_layer_norm")
-            q = linear(h, g("self_attn.q_proj.weight"), g("self_attn.q_proj.bias")) * scaling
-            k = linear(h, g("self_attn.k_proj.weight"), g("self_attn.k_proj.bias"))
-            v = linear(h, g("self_attn.v_proj.weight"), g("self_attn.v_proj.bias"))
+            q = self._linear(h, g("self_attn.q_proj.weight"), g("self_attn.q_proj.bias")) * scaling
+            k = self._linear(h, g("self_attn.k_proj.weight"), g("self_attn.k_proj.bias"))
+            v = self._linear(h, g("self_attn.v_proj.weight"), g("self_attn.v_proj.bias"))
             q = q.reshape(B, T, A, hd).transpose(0, 2, 1, 3)
             k = k.reshape(B, T, A, hd).transpose(0, 2, 1, 3)
             v = v.reshape(B, T, A, hd).transpose(0, 2, 1, 3)
@@ -504,15 +520,15 @@ class Model:
             e = np.exp(s)
             a = e / e.sum(axis=-1, keepdims=True)
             o = (a @ v).transpose(0, 2, 1, 3).reshape(B, T, H)
-            o = linear(o, g("self_attn.out_proj.weight"), g("self_attn.out_proj.bias"))
+            o = self._linear(o, g("self_attn.out_proj.weight"), g("self_attn.out_proj.bias"))
             h = res + o
             if not cfg.pre_ln:
                 h = self._ln(h, p + "self_attn_layer_norm")
             res = h
             if cfg.pre_ln:
                 h = self._ln(h, p + "final_layer_norm")
-            f = np.maximum(linear(h, g("fc1.weight"), g("fc1.bias")), np.float32(0))
-            f = linear(f, g("fc2.weight"), g("fc2.bias"))
+            f = np.maximum(self._linear(h, g("fc1.weight"), g("fc1.bias")), np.float32(0))
+            f = self._linear(f, g("fc2.weight"), g("fc2.bias"))
             h = res + f
             if not cfg.pre_ln:
                 h = self._ln(h, p + "final_layer_norm")
@@ -521,11 +537,14 @@ class Model:
         if cfg.final_ln:
             h = self._ln(h, "decoder.final_layer_norm")
         if cfg.project:
-            h = linear(h, W["decoder.project_out.weight"], None)
+            h = self._linear(h, W["decoder.project_out.weight"], None)
         return h.astype(np.float32, copy=False), new_past
 
     def logits(self, h):
-        return (h @ self.W["lm_head.weight"].T).astype(np.float32, copy=False)
+        w = self.W["lm_head.weight"]
+        if self.bf16:
+            h, w = round_bf16(h), round_bf16(w)
+        return (h @ w.T).astype(np.float32, copy=False)
 
     # -- scoring -------------------------------------------------------------------
 
@@ -616,8 +635,8 @@ def left_pad(seqs, T):
     return ids, mask
 
 
-def load_model(model_dir):
-    return Model(model_dir)
+def load_model(model_dir, compute="f32"):
+    return Model(model_dir, compute)
 
 
 # ---------------------------------------------------------------------------------------

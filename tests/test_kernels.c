@@ -26,6 +26,8 @@
  *                 tile multiples, each weight dtype, bias/acc/relu variants
  *   gemm-simd     every SIMD level the CPU has gives bitwise identical results;
  *                 a row's result does not depend on M (its batch) or on the thread count
+ *   gemm-bf16     --compute bf16 against a reference on bf16-rounded inputs, near the f32
+ *                 result, batch- and thread-invariant (skipped without AVX-512 BF16)
  *   attention     attn_scores and attn_mix against double references; bitwise
  *                 across levels, grouped rows vs rows alone, split vs whole mixes
  *   softmax, layernorm   against double references; bitwise across levels,
@@ -307,6 +309,120 @@ static void test_gemm(void) {
     snprintf(buf, sizeof buf, "levels scalar..%s: %ld/%ld bitwise equal across levels, %ld/%ld batch-invariant, %ld/%ld thread-invariant",
              simd_names[g_simd_max], simd_checks - simd_fail, simd_checks, m_checks - m_fail, m_checks, t_checks - t_fail, t_checks);
     group_line("gemm-simd", simd_fail + m_fail + t_fail, simd_checks + m_checks + t_checks, buf);
+}
+
+/* --compute bf16: x and the weights rounded to bf16 (nearest even, by the
+ * reference conversion above), then summed in f32 (vdpbf16ps). The reference
+ * rounds the inputs the same way and sums their exact products in double, so
+ * only the f32 accumulation is left to tolerate: (K/16 + 8) float epsilons of
+ * sum|x*w|, as for f32 compute (a lane adds two products per 32 of K). Not
+ * rounding x, or truncating instead of rounding, is off by tens of
+ * tolerances at K = 768. Bitwise: a row alone or in any batch
+ * (tiles below 64 rows, the lane GEMM from 64) and 1 thread or all agree. */
+/* The order opt.c documents for vdpbf16ps, on the instruction: lane l adds the
+ * product of the odd element (2l + 1) first, then the even one, each an fmaf. */
+T_BF16 static long bf16_dot_order_fails(void) {
+    long bad = 0;
+    for (int t = 0; t < 20000; t++) {
+        uint16_t a[32], b[32];
+        float acc[16], out[16];
+        for (int i = 0; i < 32; i++) a[i] = ref_float_to_bf16(rnd_sym()), b[i] = ref_float_to_bf16(rnd_sym() * 64);
+        for (int l = 0; l < 16; l++) acc[l] = rnd_sym() * 16;
+        _mm512_storeu_ps(out, _mm512_dpbf16_ps(_mm512_loadu_ps(acc), (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b)));
+        for (int l = 0; l < 16; l++) {
+            float odd = fmaf(u2f((uint32_t)a[2 * l + 1] << 16), u2f((uint32_t)b[2 * l + 1] << 16), acc[l]);
+            float want = fmaf(u2f((uint32_t)a[2 * l] << 16), u2f((uint32_t)b[2 * l] << 16), odd);
+            g_checks++;
+            if (!same_bits(out[l], want) && bad++ < 3) fail("vdpbf16ps lane %d: %.9g, odd-then-even fmaf gives %.9g", l, out[l], want);
+        }
+    }
+    return bad;
+}
+
+static void test_gemm_bf16(void) {
+    if (!g_has_bf16 || g_simd_max != SIMD_AVX512) { printf("SKIP gemm-bf16     this CPU has no AVX-512 BF16\n"); return; }
+    static const int Ms[] = {1, 3, 7, 64, 67, 130}, Ns[] = {5, 48, 49, 100}, Ks[] = {1, 17, 31, 32, 33, 100, 768};
+    static const DType dts[] = {DT_F32, DT_F16, DT_BF16, DT_Q4};
+    double worst = 0, worst_f32 = 0;
+    long bit_checks = 0, bit_fail = 0;
+    group_begin();
+    long order_fail = bf16_dot_order_fails();
+    g_simd = SIMD_AVX512;
+    for (int di = 0; di < 4; di++)
+        for (int a = 0; a < 6; a++)
+            for (int b = 0; b < 4; b++)
+                for (int kk = 0; kk < 7; kk++) {
+                    int M = Ms[a], N = Ns[b], K = Ks[kk];
+                    bool q4 = dts[di] == DT_Q4, bias = rnd_u64() & 1, acc = rnd_u64() & 1, relu = rnd_u64() & 1;
+                    GemmCase c;
+                    gemm_case_init(&c, M, N, K, q4 ? DT_F32 : dts[di]);
+                    uint8_t *qw = NULL;
+                    if (q4) { /* 4-bit weights; the reference takes their dequantized values */
+                        size_t rb = q4_row_bytes(K, 32);
+                        qw = malloc(rb * (size_t)N);
+                        float *row = malloc(sizeof(float) * (size_t)K);
+                        for (int n = 0; n < N; n++) {
+                            q4_quantize_row(qw + rb * n, (const float *)c.wdata + (size_t)n * K, K, 32, "test");
+                            q4_dequantize_row(row, qw + rb * n, K, 32);
+                            for (int k = 0; k < K; k++) c.wref[(size_t)n * K + k] = row[k];
+                        }
+                        free(row);
+                        c.w = (Tensor){.dtype = DT_Q4, .rows = N, .cols = K, .data = qw, .group = 32, .tier = TIER_CPU, .name = "test"};
+                    }
+                    size_t ny = (size_t)(M * c.ldy);
+                    float *y = malloc(sizeof(float) * ny), *y2 = malloc(sizeof(float) * ny), *y32 = malloc(sizeof(float) * ny);
+                    double *ref = malloc(sizeof(double) * (size_t)(M * N)), *tol = malloc(sizeof(double) * (size_t)(M * N));
+                    /* the f32 result first: each product's inputs move by at most half an ulp
+                     * of bf16's 8 bits (u = 2^-8), the product by 2u + u^2, so bf16 compute stays
+                     * within (2^-7 + 2^-16) sum|x*w| plus both accumulations' rounding of it */
+                    g_bf16 = 0;
+                    run_gemm(&c, y32, 0, M, bias, acc, relu);
+                    /* the reference on bf16-rounded inputs */
+                    float *x32 = c.x;
+                    double *w32 = c.wref;
+                    c.x = malloc(sizeof(float) * (size_t)(M * c.ldx));
+                    c.wref = malloc(sizeof(double) * (size_t)N * K);
+                    for (int m = 0; m < M; m++)
+                        for (int k = 0; k < K; k++) c.x[m * c.ldx + k] = u2f((uint32_t)ref_float_to_bf16(x32[m * c.ldx + k]) << 16);
+                    for (size_t i = 0; i < (size_t)N * K; i++) c.wref[i] = u2f((uint32_t)ref_float_to_bf16((float)w32[i]) << 16);
+                    gemm_reference(&c, bias, acc, relu, ref, tol);
+                    free(c.x); free(c.wref);
+                    c.x = x32; c.wref = w32;
+                    g_bf16 = 1;
+                    run_gemm(&c, y, 0, M, bias, acc, relu);
+                    double max_abs = 0, f = check_gemm_accuracy(&c, y, ref, tol, bias, acc, relu, &max_abs);
+                    if (f > worst) worst = f;
+                    for (int m = 0; m < M; m++)
+                        for (int n = 0; n < N; n++) { /* tol / (K/16 + 8) / FLT_EPSILON is sum|x*w| (+ bias, y0) */
+                            double t = (0x1p-7 + 0x1p-16) * tol[m * N + n] / (K / 16 + 8) / FLT_EPSILON + 2 * tol[m * N + n];
+                            double d = fabs((double)y[m * c.ldy + n] - y32[m * c.ldy + n]);
+                            if (!(d <= t)) fail("gemm bf16 %s M=%d N=%d K=%d: y[%d][%d] = %.9g is %.3g from f32's %.9g (bound %.3g)",
+                                                q4 ? "q4" : dt_name(c.dt), M, N, K, m, n, y[m * c.ldy + n], d, y32[m * c.ldy + n], t);
+                            if (d / t > worst_f32) worst_f32 = d / t;
+                        }
+                    /* a sub-batch (other path when it crosses 64 rows) and one thread give the same bits */
+                    int m0 = (int)(rnd_u64() % (unsigned)M), mlen = 1 + (int)(rnd_u64() % (unsigned)(M - m0));
+                    run_gemm(&c, y2, m0, mlen, bias, acc, relu);
+                    bit_checks++;
+                    if (memcmp(y + (size_t)m0 * c.ldy, y2 + (size_t)m0 * c.ldy, sizeof(float) * (size_t)mlen * c.ldy)) {
+                        bit_fail++;
+                        fail("gemm bf16 %s M=%d N=%d K=%d: rows %d..%d as a batch of %d differ from the batch of %d", q4 ? "q4" : dt_name(c.dt), M, N, K, m0, m0 + mlen - 1, mlen, M);
+                    }
+                    int nt = omp_get_max_threads();
+                    omp_set_num_threads(1);
+                    run_gemm(&c, y2, 0, M, bias, acc, relu);
+                    omp_set_num_threads(nt);
+                    bit_checks++;
+                    if (memcmp(y, y2, sizeof(float) * ny)) { bit_fail++; fail("gemm bf16 %s M=%d N=%d K=%d: 1 thread and %d differ", q4 ? "q4" : dt_name(c.dt), M, N, K, nt); }
+                    g_bf16 = 0;
+                    free(y); free(y2); free(y32); free(ref); free(tol); free(qw);
+                    gemm_case_free(&c);
+                }
+    g_simd = g_simd_max;
+    char buf[400];
+    snprintf(buf, sizeof buf, "vdpbf16ps %s; f32, f16, bf16, 4-bit weights: max error / tolerance %.3f, distance from f32 compute / its bound %.3f; %ld/%ld bitwise batch- and thread-invariant",
+             order_fail ? "NOT odd-then-even" : "odd-then-even", worst, worst_f32, bit_checks - bit_fail, bit_checks);
+    group_end("gemm-bf16", buf);
 }
 
 /* The SIMD weight loaders (F16C, AVX-512 conversions, the bf16 shifts) against
@@ -807,6 +923,7 @@ int main(int argc, char **argv) {
     test_utf8();
     test_gemm_conversions();
     test_gemm();
+    test_gemm_bf16();
     test_attention();
     test_softmax();
     test_layernorm();

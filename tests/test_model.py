@@ -25,6 +25,9 @@ Checks, each printed as one "ok"/"FAIL" line (details indented under a failure):
   invariance   outputs are byte-identical across -b 1/2/3/64, -t 1/2, --step-rows
                and every SIMD level the CPU has (OPT_SIMD), for score and generate:
                a sequence's result must not depend on its batch-mates or the machine.
+  bf16         --compute bf16 against ref_opt.py rounding every GEMM's inputs to bf16
+               (f32 tolerance), byte-identical across -b, -t, --step-rows; greedy ids
+               where the margin is big; one error line where the CPU lacks AVX-512 BF16.
   text         text prompts: `opt generate` prints the decoded continuation of what
                `--ids` generates for the tokenized prompt (tokenized and decoded here
                with the `tokenizers` library and vocab.json); text `score` equals
@@ -395,6 +398,68 @@ def test_invariance(models):
                     diff = [i for i, (a, b) in enumerate(zip(r.lines, base.lines)) if a != b]
                     bad.append('%s: differs from -b 64 -t 2 on prompts %s' % (label, diff[:8]))
             check(not bad, '%s %s: %d configurations identical' % (cmd, name, len(variants)), '\n'.join(bad))
+
+
+def test_bf16_compute(models):
+    """--compute bf16 against ref_opt.py computing the same thing (every GEMM's inputs
+    and weights rounded to bf16, nearest even): what is left is f32 accumulation order,
+    so the typical log-prob agrees within a tenth of the f32 tolerance and opt is far
+    nearer this reference than the f32 one. Not every log-prob: a value within f32
+    noise of a bf16 rounding boundary rounds the other way in the reference, an input
+    moves by a bf16 ulp, and these random models amplify that; such a flip moves a
+    log-prob less than rounding every input does, so the worst error stays within the
+    f32 reference's. Truncating, or not rounding x, fails the first two bounds. Greedy
+    ids equal where the reference's margin is big; the bytes do not depend on batch,
+    threads or --step-rows (64+ rows take the lane GEMM, fewer the tiles: one order).
+    Without AVX-512 BF16 (or under OPT_SIMD=avx2) it is one error line, exit 1."""
+    section('bf16: --compute bf16 vs a bf16-rounding reference, invariance, refusal')
+    d0 = models.get('synth-pre-f16')
+    if d0:
+        r = opt(['score', '--ids', '-m', d0, '--compute', 'bf16'], b'2 5 6\n', {'OPT_SIMD': 'avx2'})
+        err = r.err.decode(errors='replace').strip().split('\n')
+        check(r.rc == 1 and r.out == b'' and len(err) == 1 and '--compute bf16' in err[0],
+              '--compute bf16 under OPT_SIMD=avx2: one error line, exit 1', r.describe())
+        probe = opt(['score', '--ids', '-m', d0, '--compute', 'bf16'], b'2 5 6\n')
+        if probe.rc != 0:
+            skip('bf16 model checks', probe.err.decode(errors='replace').strip())
+            return
+    for name in INVARIANCE_MODELS[:3]:
+        if name not in models:
+            continue
+        d = models[name]
+        m, m32 = ref_opt.load_model(d, 'bf16'), ref_model(d)
+        prompts = prompts_for(name, m.cfg.vocab_size) + prompts_for(name + 'x', m.cfg.vocab_size, (70, 5, 66))
+        prompts = [p for p in prompts if len(p) <= m.cfg.max_pos]
+        lines = id_lines(prompts)
+        base = opt(['score', '--ids', '-m', d, '-b', '64', '-t', '2', '--compute', 'bf16'], lines)
+        if not ok_run(base, 'score --compute bf16 %s' % name):
+            continue
+        errs, errs32, detail = [], [], ''
+        for i, (p, line) in enumerate(zip(prompts, base.lines)):
+            got, want = np.array(parse_floats(line)), m.score(p)
+            if len(got) != len(want):
+                errs, detail = [float('inf')], 'prompt %d: %d log-probs, expected %d' % (i, len(got), len(want))
+                break
+            errs += list(np.abs(got - want))
+            errs32 += list(np.abs(got - m32.score(p)))
+        errs, errs32 = np.array(errs), np.array(errs32 or [0.0])
+        med, ratio = float(np.median(errs)), float(np.mean(errs) / max(np.mean(errs32), 1e-30))
+        check(med <= SCORE_TOL / 10 and ratio <= 0.25 and errs.max() <= errs32.max(),
+              'score --compute bf16 %s: median error %.1e (limit %g), mean 1/%.0f of the f32 reference\'s (limit 1/4), '
+              'worst %.1e within the f32 reference\'s %.1e' % (name, med, SCORE_TOL / 10, 1 / max(ratio, 1e-9), errs.max(), errs32.max()), detail)
+        bad = []
+        for args in (['-b', '1', '-t', '1'], ['-b', '3', '-t', '2'], ['-b', '64', '-t', '1', '--step-rows', '7']):
+            r = opt(['score', '--ids', '-m', d, '--compute', 'bf16'] + args, lines)
+            if r.rc != 0 or r.out != base.out:
+                bad.append('%s: %s' % (' '.join(args), r.describe() if r.rc else 'output differs from -b 64 -t 2'))
+        check(not bad, 'score --compute bf16 %s: batch, threads and --step-rows give the same bytes' % name, '\n'.join(bad))
+        n = 8
+        gp = [p for p in prompts if len(p) + n <= m.cfg.max_pos]
+        r = opt(['generate', '--ids', '--ignore-eos', '-n', str(n), '-m', d, '-b', '64', '-t', '2', '--compute', 'bf16'], id_lines(gp))
+        if ok_run(r, 'greedy --compute bf16 %s' % name):
+            compared, total, bad = compare_greedy(r.lines, [m.greedy(p, n) for p in gp], n)
+            check(not bad and len(r.lines) == len(gp), 'greedy --compute bf16 %s: %d of %d tokens equal the bf16 reference'
+                  % (name, compared, total), '\n'.join(bad))
 
 
 def test_text(models, tok):
@@ -841,7 +906,7 @@ def main():
     ap.add_argument('--opt', default=os.path.join(ROOT, 'opt'))
     ap.add_argument('--tmp', help='scratch directory (default: a new one, removed at the end)')
     ap.add_argument('--keep', action='store_true', help='keep the scratch directory')
-    ap.add_argument('--only', help='comma-separated sections: score,convert,invariance,text,eos,sampling,jsonl,'
+    ap.add_argument('--only', help='comma-separated sections: score,convert,invariance,bf16,text,eos,sampling,jsonl,'
                                    'escapes,n0,positions,file,real')
     a = ap.parse_args()
     OPT = os.path.abspath(a.opt)
@@ -855,7 +920,7 @@ def main():
     try:
         section('checkpoints: made with opt synth and mkckpt.py')
         models = {}
-        needed = None if only is None or only & {'score', 'convert', 'invariance'} else {'mk-pre-f32'}
+        needed = None if only is None or only & {'score', 'convert', 'invariance', 'bf16'} else {'mk-pre-f32'}
         for name, kind, args in MODELS:
             if needed is not None and name not in needed:
                 continue
@@ -875,6 +940,8 @@ def main():
             test_conversions(models, score_out)
         if want('invariance'):
             test_invariance(models)
+        if want('bf16'):
+            test_bf16_compute(models)
         if want('text'):
             test_text(models, tok)
         if want('eos'):

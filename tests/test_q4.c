@@ -105,6 +105,15 @@ static void test_roundtrip(void) {
         poison(d, (size_t)cols + 16);
         q4_quantize_row(q, x, cols, G, "test row");
         q4_dequantize_row(d, q, cols, G);
+        { /* every level dequantizes to the same bits as the scalar loop */
+            float *ds = xmalloc(sizeof(float) * (size_t)cols);
+            g_simd = SIMD_SCALAR;
+            q4_dequantize_row(ds, q, cols, G);
+            g_simd = g_simd_max;
+            g_checks++;
+            if (memcmp(ds, d, sizeof(float) * (size_t)cols)) fail("cols %d G %d: %s dequantization differs from the scalar one", cols, G, level_names[g_simd_max]);
+            free(ds);
+        }
         g_checks += 3;
         if (rb != (size_t)((cols + G - 1) / G) * (size_t)(4 + G / 2)) fail("q4_row_bytes(%d, %d) = %zu", cols, G, rb);
         for (int i = 0; i < 16; i++) if (q[rb + (size_t)i] != 0xA5) { fail("quantize wrote past the row (cols %d, G %d)", cols, G); break; }

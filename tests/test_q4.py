@@ -47,7 +47,9 @@ Sections:
             an infinite activation reaching the 4-bit KV cache: exit 0, or exit 1 with one line.
   equiv     score with --compress-weight equals score of the converted file byte for byte
             (every dtype and group size); the converted file scores identically at every SIMD
-            level and batch size; `opt info` names the format.
+            level and batch size; `opt info` names the format. Peak RSS of score
+            --compress-weight (checkpoint and dummy:) within 1.2x that of the native 4-bit
+            file: the f16 pages are dropped as each band of rows is quantized.
   cache     --compress-cache: identical under a policy (--percent 0 50 0 50 0 100
             --gpu-batch-size 2, with and without 4-bit weights), at every SIMD level and batch
             size; head_dim 16 (cache group 16) and 64.
@@ -699,6 +701,39 @@ def test_equiv(fx):
     check(r.rc == 0 and '4-bit' in r.text and '64' in r.text, 'opt info names the 4-bit format and group', r.describe() + r.text[-400:])
 
 
+def peak_rss_kb(args):
+    """(peak resident KB of one opt run, (exit status, stdout, stderr)), from wait4's rusage
+    of that child alone (RUSAGE_CHILDREN would keep the largest of all earlier runs)"""
+    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
+        p = subprocess.Popen([ARGS.opt] + list(args), stdout=o, stderr=e, env=dict(os.environ, OPT_DEVICE='cpu'))
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        o.seek(0)
+        e.seek(0)
+        return ru.ru_maxrss, (p.returncode, o.read(), e.read())
+
+
+def test_rss(fx):
+    """--compress-weight keeps no f16 copy: an f16 checkpoint scores within 1.2x the peak
+    RSS of its converted 4-bit file (the whole f16 mapping stayed resident before), and a
+    dummy: model of that shape (generated a band at a time) within 1.2x too."""
+    src = fx.synth('512x6x8x2048', 'f16')
+    out = fx.path('conv-512x6x8x2048.safetensors')
+    r = opt(['convert', '-m', src, '-o', out, '--int4-weights'])
+    if not check(r.rc == 0, 'convert 512x6x8x2048 for the RSS check', r.describe()):
+        return
+    section('rss')
+    native, (rc0, out0, _) = peak_rss_kb(['score', '--ids', '-m', out, '-f', fx.ids, '-t', '2'])
+    comp, (rc1, out1, err1) = peak_rss_kb(['score', '--ids', '-m', src, '-f', fx.ids, '-t', '2', '--compress-weight'])
+    check(rc0 == 0 and rc1 == 0 and out0 == out1 and comp <= 1.2 * native,
+          'score --compress-weight: peak RSS %.0f MB, %.2fx the native 4-bit file\'s %.0f MB (limit 1.2x), same bytes'
+          % (comp / 1024, comp / max(native, 1), native / 1024), err1.decode(errors='replace')[-300:])
+    dummy, (rc2, _, err2) = peak_rss_kb(['bench', '-m', 'dummy:512x6x8x2048', '--compress-weight', '--prompt-len', '8',
+                                         '--gen-len', '2', '-b', '1', '-t', '2'])
+    check(rc2 == 0 and dummy <= 1.2 * native, 'bench -m dummy: --compress-weight: peak RSS %.0f MB, %.2fx the native file\'s run'
+          % (dummy / 1024, dummy / max(native, 1)), err2.decode(errors='replace')[-300:])
+
+
 def test_cache(fx):
     section('cache')
     for shape in ('80x1x5x144', '256x2x4x1024'):   # head_dim 16 (cache group 16) and 64
@@ -862,7 +897,7 @@ def main():
     print('test_q4: %s; fixtures seed %d (rerun: --seed %d)' % (ARGS.opt, seed, seed))
     fx = Fx(tmp, seed)
     # the sections that need tests/test_q4.c run after those that do not, while it compiles
-    tests = [('errors', test_errors), ('equiv', test_equiv), ('cache', test_cache), ('oracle', test_oracle), ('accuracy', test_accuracy),
+    tests = [('errors', test_errors), ('equiv', test_equiv), ('rss', test_rss), ('cache', test_cache), ('oracle', test_oracle), ('accuracy', test_accuracy),
              ('kernels', test_kernels), ('rows', test_rows), ('format', test_format), ('constant', test_constant)]
     only = set(ARGS.only.split(',')) if ARGS.only else None
     if not only or only & {'kernels', 'rows', 'format', 'constant'}:
