@@ -122,3 +122,28 @@ def fixture(path, opt, args):
         if r.rc != 0:
             raise SystemExit('fixture: opt %s failed: %s' % (' '.join(args), r.tail()))
     return path
+
+
+def reap(p, timeout=20):
+    """Waits for process p (killing it after timeout) and returns its stderr as text."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    err = p.stderr.read().decode('utf-8', 'replace')
+    p.stderr.close()
+    return err
+
+
+def interrupt(p, sig, ready, timeout=20, settle=0.0):
+    """Sends sig to process p once ready() holds (polled; then settle seconds more), then reaps
+    it. Returns (whether p was still running when signalled, its stderr)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and p.poll() is None and not ready():
+        time.sleep(0.005)
+    time.sleep(settle)
+    running = p.poll() is None
+    if running:
+        p.send_signal(sig)
+    return running, reap(p, timeout)

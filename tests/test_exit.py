@@ -147,19 +147,7 @@ def test_synth(_):
     target = os.path.join(TMP, 'synth-killed')
     p = subprocess.Popen([OPT, 'synth', '--shape', '1024x4x16x4096', '-o', target], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tmpdir = '%s.tmp-%d' % (target, p.pid)
-    t0 = time.time()
-    while time.time() - t0 < 30 and p.poll() is None and not os.path.exists(os.path.join(tmpdir, 'config.json')):
-        time.sleep(0.005)
-    running = p.poll() is None
-    if running:
-        p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    err = p.stderr.read().decode('utf-8', 'replace')
-    p.stderr.close()
+    running, err = harness.interrupt(p, signal.SIGTERM, lambda: os.path.exists(os.path.join(tmpdir, 'config.json')), 30)
     left = around(target)
     if not running:
         check(False, 'synth killed by SIGTERM in the middle', 'it was not running with its temporary directory (exit %s): %s' % (p.returncode, err[-300:]))

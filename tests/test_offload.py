@@ -99,6 +99,14 @@ def opt(args, **kw):
     return run(OPT, args, **kw)
 
 
+def holds(d, n, seen):
+    """A ready() for harness.interrupt: d holds n of our files (listed into seen)."""
+    def ready():
+        seen[:] = leftovers(d)
+        return len(seen) >= n
+    return ready
+
+
 def leftovers(d):
     try:
         return sorted(f for f in os.listdir(d) if f.startswith('opt-'))
@@ -647,24 +655,8 @@ def test_disk_tier(models):
         # as from a terminal: a background job of a script starts with SIGINT ignored, and opt keeps it so
         p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e,
                              preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
-        t0 = time.time()
         seen = []
-        while time.time() - t0 < 20 and p.poll() is None:
-            seen = leftovers(d)
-            if len(seen) >= nfiles:
-                break
-            time.sleep(0.01)
-        time.sleep(0.2)  # into the decode steps
-        running = p.poll() is None
-        if running:
-            p.send_signal(sig)
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        err = p.stderr.read().decode('utf-8', 'replace')
-        p.stderr.close()
+        running, err = harness.interrupt(p, sig, holds(d, nfiles, seen), settle=0.2)  # into the decode steps
         left = leftovers(d)
         name = '%s in the middle of a run: the process dies of it and its files (%s) are removed' % (signal.Signals(sig).name, ' '.join(seen) or 'none seen')
         if not running or not seen:
@@ -698,13 +690,7 @@ def test_exit_paths(models):
     first = p.stdout.readline()
     seen = leftovers(d)
     p.stdout.close()
-    try:
-        p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    err = p.stderr.read().decode('utf-8', 'replace')
-    p.stderr.close()
+    err = harness.reap(p, 30)
     report(first and seen and p.returncode == -signal.SIGPIPE and os.listdir(d) == [],
            'SIGPIPE (the reader of stdout gone after one line): the process dies of it, the offload dir is empty',
            'first line %r, files while running %s, exit %s, left %s; %s' % (first[:60], seen, p.returncode, os.listdir(d), err[-300:]))
@@ -715,20 +701,8 @@ def test_exit_paths(models):
            ['--gpu-batch-size', '4', '--offload-dir', d]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, OPT_DEVICE='cpu'),
                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
-    t0 = time.time()
-    while time.time() - t0 < 20 and p.poll() is None and len(leftovers(d)) < 3:
-        time.sleep(0.01)
-    seen = leftovers(d)
-    running = p.poll() is None
-    if running:
-        p.send_signal(signal.SIGHUP)
-    try:
-        p.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    err = p.stderr.read().decode('utf-8', 'replace')
-    p.stderr.close()
+    seen = []
+    running, err = harness.interrupt(p, signal.SIGHUP, holds(d, 3, seen))
     report(running and len(seen) == 3 and p.returncode == -signal.SIGHUP and os.listdir(d) == [],
            'SIGHUP in the middle of a run: the process dies of it, the offload dir is empty',
            'running %s with %s; exit %s, left %s; %s' % (running, seen, p.returncode, os.listdir(d), err[-300:]))
