@@ -28,6 +28,11 @@
  * Utilities */
 
 static const char *g_prog = "opt";
+static bool g_bar; /* a progress line is open on stderr (a terminal): a message ends it first */
+
+static void bar_end(void) {
+    if (g_bar) { fputc('\n', stderr); g_bar = false; }
+}
 
 /* The first thread to die reports and exits; any other (an OpenMP worker
  * hitting the same bad value) waits for that exit instead of interleaving
@@ -50,6 +55,7 @@ char g_fuzz_msg[256];
 void die(const char *fmt, ...) {
     FUZZ_CATCH(fmt);
     die_begin();
+    bar_end();
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: ", g_prog);
@@ -62,6 +68,7 @@ void die(const char *fmt, ...) {
 void die_at(const char *file, int line, const char *fmt, ...) {
     FUZZ_CATCH(fmt);
     die_begin();
+    bar_end();
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: %s:%d: ", g_prog, file, line);
@@ -74,6 +81,7 @@ void die_at(const char *file, int line, const char *fmt, ...) {
 void warn_once(int *flag, const char *fmt, ...) {
     if (flag && *flag) return;
     if (flag) *flag = 1;
+    bar_end();
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "%s: ", g_prog);
@@ -3810,8 +3818,6 @@ static float logprob_at(const float *logits, int n, int target) {
 /* The progress line, on stderr when it is a terminal: jobs done, and under a
  * policy (whose blocks may take hours) the block, its phase and token too.
  * frac: the share of the work done, for the ETA. */
-static bool g_bar; /* a progress line is on the terminal's current line */
-
 /* Stdout going to the same terminal would continue the progress line: clear it first. */
 static void progress_clear(void) {
     static int out_tty = -1;

@@ -256,12 +256,12 @@ def screen(raw):
     return lines
 
 
-def on_pty(argv, timeout=60):
-    """Runs argv with a pty as stdout and stderr; returns (exit status, raw bytes)."""
+def on_pty(argv, timeout=60, stdout=None):
+    """Runs argv with a pty as stderr and stdout (or the file stdout); returns (exit status, raw bytes)."""
     master, slave = pty.openpty()
     e = {k: v for k, v in os.environ.items() if k != 'OPT_SIMD'}
     e['OPT_DEVICE'] = 'cpu'
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=e)
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout or slave, stderr=slave, env=e)
     os.close(slave)
     raw, t0 = b'', time.time()
     while time.time() - t0 < timeout:
@@ -302,6 +302,12 @@ def test_progress(prompts):
         if extra:
             bars = re.findall(r'block \d+/\d+ (?:prefill|token \d+/24)', raw.decode('utf-8', 'replace'))
             check(bool(bars), 'progress under a policy names the block, its phase and token', repr(raw[-400:]))
+    # an error while the progress line shows starts a line of its own (stdout a full disk)
+    with open('/dev/full', 'wb') as full:
+        rc, raw = on_pty([OPT] + base, stdout=full)
+    shown = screen(raw)
+    check(rc == 1 and any(l.startswith('opt: <stdout>: write failed') for l in shown),
+          'an error while the progress line shows is on a line of its own', 'exit %s; screen: %r' % (rc, shown[-3:]))
     # not a terminal: no progress line at all
     r = opt(base)
     check(r.rc == 0 and r.err == b'', 'stderr not a terminal: no progress line', r.errtext[:200])
