@@ -1268,13 +1268,10 @@ static double file_number(const char *dir, const char *name) {
 
 double mem_usable(void) {
     char line[4200];
-    double avail = -1;
-    FILE *f = fopen("/proc/meminfo", "r");
-    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, "MemAvailable:", 13)) avail = strtod(line + 13, NULL) * 1024;
-    if (f) fclose(f);
+    double avail = 1024.0 * (double)meminfo_kb("MemAvailable:");
     if (avail < 0) avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     /* our cgroup and its ancestors: each limit less its usage (v2: "0::PATH", v1: "N:...memory...:PATH") */
-    f = fopen("/proc/self/cgroup", "r");
+    FILE *f = fopen("/proc/self/cgroup", "r");
     while (f && fgets(line, sizeof line, f)) {
         char *a = strchr(line, ':'), *b = a ? strchr(a + 1, ':') : NULL;
         if (!b) continue;

@@ -119,9 +119,14 @@ static void dir_remove_flat(const char *path) {
     }
 }
 
+void tmp_remove(int slot) {
+    if (slot < 0 || !g_tmp[slot][0]) return;
+    if (g_tmp_dir[slot]) dir_remove_flat(g_tmp[slot]); else unlink(g_tmp[slot]);
+    g_tmp[slot][0] = 0;
+}
+
 static void tmp_unlink_all(void) {
-    for (int i = 0; i < TMP_SLOTS; i++)
-        if (g_tmp[i][0]) { if (g_tmp_dir[i]) dir_remove_flat(g_tmp[i]); else unlink(g_tmp[i]); }
+    for (int i = 0; i < TMP_SLOTS; i++) tmp_remove(i);
 }
 
 static void tmp_on_signal(int sig) {
@@ -156,12 +161,6 @@ int tmp_add(const char *path, int dir) {
 }
 
 void tmp_keep(int slot) { if (slot >= 0) g_tmp[slot][0] = 0; }
-
-void tmp_remove(int slot) {
-    if (slot < 0 || !g_tmp[slot][0]) return;
-    if (g_tmp_dir[slot]) dir_remove_flat(g_tmp[slot]); else unlink(g_tmp[slot]);
-    g_tmp[slot][0] = 0;
-}
 
 void *check_malloc(size_t n, const char *what) {
     void *p = malloc(n ? n : 1);
@@ -3815,9 +3814,6 @@ static float logprob_at(const float *logits, int n, int target) {
     return logits[target] - mx - logf(lanes_sum16(l));
 }
 
-/* The progress line, on stderr when it is a terminal: jobs done, and under a
- * policy (whose blocks may take hours) the block, its phase and token too.
- * frac: the share of the work done, for the ETA. */
 /* Stdout going to the same terminal would continue the progress line: clear it first. */
 static void progress_clear(void) {
     static int out_tty = -1;
@@ -3826,6 +3822,9 @@ static void progress_clear(void) {
     if (out_tty) { fputs("\r\033[K", stderr); g_bar = false; }
 }
 
+/* The progress line, on stderr when it is a terminal: jobs done, and under a
+ * policy (whose blocks may take hours) the block, its phase and token too.
+ * frac: the share of the work done, for the ETA. */
 static void progress(const Engine *e, int done, int total, double t0, double frac, const char *phase) {
     static double last;
     static int err_tty = -1;
@@ -4204,9 +4203,6 @@ static void usage(FILE *f) {
 static bool is_help(const char *a) { return !strcmp(a, "-h") || !strcmp(a, "--help"); }
 
 static void cmd_help(const char *cmd) {
-    static char plan[] = "plan", probe[] = "probe", help[] = "--help"; /* lp.c keeps these two helps */
-    if (cmd && !strcmp(cmd, plan)) { plan_main(2, (char *[]){plan, help}); return; }
-    if (cmd && !strcmp(cmd, probe)) { probe_main(2, (char *[]){probe, help}); return; }
     for (size_t i = 0; i < sizeof help_text / sizeof *help_text; i++)
         if (cmd && !strcmp(cmd, help_text[i][0])) { fputs(help_text[i][1], stdout); return; }
     usage(stdout);
@@ -4733,12 +4729,11 @@ static int device_pick(const Opts *o, const Model *m, int slots, int cap, int ro
         if (!gpu_available()) die("--device gpu: no usable GPU (%s)", gpu_describe());
         return 1;
     }
+    double fr = gpu_available() ? gpu_free_bytes() : 0; /* creates the context, which can fail too */
     if (!gpu_available()) { /* no driver or no device: a CPU machine, nothing to say */
         if (gpu_present()) fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe());
         return 0;
     }
-    double fr = gpu_free_bytes(); /* creates the context, which can fail too */
-    if (!gpu_available()) { fprintf(stderr, "opt: no usable GPU (%s); running on the CPU\n", gpu_describe()); return 0; }
     if (o->offload) return 1; /* a placement policy streams what does not fit */
     const Config *c = &m->cfg;
     double kv = 2.0 * c->n_layer * (double)slots * c->hidden * cap * (o->compress_cache ? 0.5625 / 2 : 2);
@@ -4877,7 +4872,7 @@ static void cmd_convert(const Opts *o) {
     model_free(&m);
 }
 
-static long mem_total_kb(const char *key) {
+long meminfo_kb(const char *key) {
     FILE *f = fopen("/proc/meminfo", "r");
     char line[256];
     long v = -1;
@@ -4928,7 +4923,7 @@ static void cmd_info(const Opts *o) {
     printf("files        %d\n", m.ck.n_files);
     for (int i = 0; i < m.ck.n_files; i++) printf("  %s (%.2f GiB)\n", m.ck.files[i].path, (double)m.ck.files[i].size / (1 << 30));
     printf("machine      %d threads, SIMD %s (best %s)%s, %.1f GiB RAM (%.1f GiB available)\n", omp_get_max_threads(), simd_names[g_simd],
-           simd_names[g_simd_max], g_vnni ? ", AVX-512 VNNI" : "", (double)mem_total_kb("MemTotal:") / (1 << 20), (double)mem_total_kb("MemAvailable:") / (1 << 20));
+           simd_names[g_simd_max], g_vnni ? ", AVX-512 VNNI" : "", (double)meminfo_kb("MemTotal:") / (1 << 20), (double)meminfo_kb("MemAvailable:") / (1 << 20));
     printf("gpu          %s\n", gpu_describe());
     model_free(&m);
 }
@@ -5057,7 +5052,6 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof cmd_names / sizeof *cmd_names; i++) known |= !strcmp(o.cmd, cmd_names[i]);
     if (is_help(a1)) usage(stdout);
     else if (!strcmp(o.cmd, "help")) cmd_help(argc > 2 ? argv[2] : NULL);
-    else if (!strcmp(o.cmd, "lp") && argc == 3 && is_help(argv[2])) cmd_help("lp");
     else if (!strcmp(o.cmd, "lp")) rc = lp_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "plan")) rc = plan_main(argc - 1, argv + 1);
     else if (!strcmp(o.cmd, "probe")) rc = probe_main(argc - 1, argv + 1);

@@ -639,6 +639,7 @@ void config_load(Config *c, const char *dir);     /* config.json of a checkpoint
 void shape_config(Config *c, const char *shape);  /* "opt-1.3b" or HxLxAxF; dies on error */
 int64_t config_params(const Config *c);           /* parameter count */
 double now_sec(void);                             /* monotonic seconds */
+long meminfo_kb(const char *key);                  /* a /proc/meminfo line ("MemAvailable:") in kB; -1 absent */
 int tmp_add(const char *path, int dir);           /* removed at exit and on a fatal signal (dir: flat); returns its slot */
 void tmp_keep(int slot);                          /* no longer temporary (renamed into place): left alone */
 void tmp_remove(int slot);                        /* removed now */
