@@ -1,9 +1,12 @@
 # opt: `make` builds ./opt; `make test`, `make run`, `make bench`.
 #   CUDA=0         build without CUDA even where nvcc exists (a fully static binary)
+#   MPI=1          pipeline stages across processes and nodes (mpirun -np N ./opt ...), built
+#                  with the system's mpicc (Open MPI or MPICH); the default binary has no MPI
 #   MODEL=DIR      checkpoint for `make run` (default: a synthetic OPT-125m)
 CC      ?= gcc
 NVCC    ?= nvcc
 PYTHON  ?= /usr/bin/python3
+MPICC   ?= mpicc
 WARN     = -Wall -Wextra
 # -ffp-contract=off: every fused multiply-add is written out, so all SIMD
 # levels round identically (see the kernels section of opt.c).
@@ -34,13 +37,20 @@ else
   EXTRA_OBJ   =
 endif
 
+ifeq ($(MPI),1)
+  CC         := $(MPICC)
+  SRC        += pipe.c
+  CFLAGS     += -DOPT_MPI
+  LDFLAGS_OPT := $(filter-out -static,$(LDFLAGS_OPT))
+endif
+
 all: opt
 
 # Objects per configuration; build/last-config changes when CUDA= does, so the
 # binary is relinked.
-BUILD = build/$(if $(filter 1,$(CUDA)),cuda,cpu)
+BUILD = build/$(if $(filter 1,$(CUDA)),cuda,cpu)$(if $(filter 1,$(MPI)),-mpi,)
 OBJ   = $(SRC:%.c=$(BUILD)/%.o)
-$(shell mkdir -p build; [ "$$(cat build/last-config 2>/dev/null)" = "$(CUDA)" ] || echo $(CUDA) > build/last-config)
+$(shell mkdir -p build; [ "$$(cat build/last-config 2>/dev/null)" = "$(CUDA)$(MPI)" ] || echo $(CUDA)$(MPI) > build/last-config)
 
 $(BUILD)/%.o: %.c $(HDR) tokenizer/vocab.json tokenizer/merges.txt
 	@mkdir -p $(BUILD)
@@ -48,7 +58,7 @@ $(BUILD)/%.o: %.c $(HDR) tokenizer/vocab.json tokenizer/merges.txt
 
 opt: $(OBJ) $(EXTRA_OBJ) $(MI_OBJ) build/last-config
 	$(CC) -o $@ $(OBJ) $(EXTRA_OBJ) $(MI_OBJ) $(LDFLAGS_OPT)
-	@echo "built ./opt: CUDA $(if $(filter 1,$(CUDA)),✓,✗)  mimalloc ✓  OpenMP ✓  $(if $(filter 1,$(CUDA)),dynamic glibc,static)"
+	@echo "built ./opt: CUDA $(if $(filter 1,$(CUDA)),✓,✗)  MPI $(if $(filter 1,$(MPI)),✓,✗)  mimalloc ✓  OpenMP ✓  $(if $(filter 1,$(CUDA) $(MPI)),dynamic glibc,static)"
 
 build/cuda/kernels.o: kernels.cu opt.h
 	@mkdir -p build/cuda
@@ -62,9 +72,14 @@ $(MI_OBJ):
 opt-asan: $(SRC) $(HDR)
 	$(CC) $(filter-out -DOPT_CUDA,$(CFLAGS)) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -o $@ $(SRC) -lm -lpthread
 
+# The pipeline build (MPI=1's CPU variant) the tests run beside the plain one: tests/run.sh mpi.
+opt-mpi: $(SRC) pipe.c $(HDR) $(MI_OBJ)
+	$(MPICC) $(filter-out -DOPT_CUDA,$(CFLAGS)) -DOPT_MPI -o $@ $(filter-out pipe.c,$(SRC)) pipe.c $(MI_OBJ) -lm
+
 # tests/deps.sh installs what the tests need (numpy, torch, tokenizers, GLPK) when it is missing
 test: opt opt-asan
 	@PYTHON=$(PYTHON) sh tests/deps.sh
+	@$(MAKE) -s opt-mpi
 	@PYTHON=$(PYTHON) sh tests/run.sh
 
 # Without MODEL=, a synthetic OPT-125m (random weights) made once; opt synth renames its
@@ -113,6 +128,6 @@ fuzz: build/fuzz/libfuzzer
 	done
 
 clean:
-	rm -rf opt opt-asan build
+	rm -rf opt opt-asan opt-mpi build
 
 .PHONY: all test run bench clean fuzz

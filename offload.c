@@ -645,7 +645,7 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
     }
     int L = c->n_layer, H = c->n_head, h = c->hidden;
     off_t wfile_at = 0;
-    o->tied = m->lm_head.data == m->embed.data && m->lm_head.gen == m->embed.gen;
+    o->tied = m->embed.rows && m->lm_head.data == m->embed.data && m->lm_head.gen == m->embed.gen;
     if (D) { /* the device's model: vectors and matrix views set below */
         o->dm = *m;
         o->dm.layers = check_malloc(sizeof(Layer) * (size_t)L, "the device model");
@@ -848,7 +848,7 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
         o->dxg = off_alloc(o, TIER_GPU, sizeof(float) * (size_t)rows_max * o->hgpu + 1, "resident activations");
         o->dstep = off_alloc(o, TIER_GPU, sizeof(int) * 3 * (size_t)rows_max, "step indices");
         o->hstep = check_malloc(sizeof(int) * 3 * (size_t)rows_max, "step indices");
-        o->dfinal = off_alloc(o, TIER_GPU, sizeof(float) * (size_t)rows_max * c->embed_dim, "final hidden states");
+        o->dfinal = off_alloc(o, TIER_GPU, sizeof(float) * (size_t)rows_max * (model_last(m) ? c->embed_dim : h), "final hidden states");
         o->dhid = off_alloc(o, TIER_GPU, sizeof(float) * 64 * (size_t)c->embed_dim, "logits input");
         o->dlog = off_alloc(o, TIER_GPU, sizeof(float) * 64 * (size_t)c->vocab, "logits");
         o->hybrid = *D->be;
@@ -1308,10 +1308,10 @@ typedef struct {
     int *slot_rel;         /* (n) */
 } Batches;
 
-static void forward_cpu(Offload *o, const Step *st, Batches *B, float *out) {
+static void forward_cpu(Offload *o, const Step *st, Batches *B, const float *xin, float *out) {
     Model *m = o->m;
     const Config *c = &m->cfg;
-    int L = c->n_layer, nb = o->nb, *r_at = B->r_at, buf[64], nx[64], first = nb;
+    int L = c->n_layer, nb = o->nb, *r_at = B->r_at, buf[64], nx[64], first = nb, h = c->hidden;
     Step *sub = B->sub;
     double t0;
     /* batches with rows alternate buffers (a finished batch in between must not make two neighbours share one) */
@@ -1325,7 +1325,8 @@ static void forward_cpu(Offload *o, const Step *st, Batches *B, float *out) {
     for (int b = first; b < nb; b = nx[b]) {
         stage_x(o, b, buf[b], r_at[b], r_at[b]); /* only fences the buffer */
         t0 = now_sec();
-        model_embed(m, &sub[b], o->xs[buf[b]], &o->s);
+        if (xin) memcpy(o->xs[buf[b]], xin + (size_t)r_at[b] * h, sizeof(float) * (size_t)sub[b].n * h); /* a later pipeline stage */
+        else model_embed(m, &sub[b], o->xs[buf[b]], &o->s);
         o->t_compute += now_sec() - t0;
         store_x(o, b, buf[b], r_at[b], r_at[b + 1]);
     }
@@ -1352,7 +1353,8 @@ static void forward_cpu(Offload *o, const Step *st, Batches *B, float *out) {
         stage_x(o, b, buf[b], r_at[b], r_at[b + 1]);
         float *x = use_x(o, buf[b], r_at[b], r_at[b + 1]);
         t0 = now_sec();
-        model_final(m, x, sub[b].n, out + (size_t)r_at[b] * c->embed_dim, &o->s);
+        if (model_last(m)) model_final(m, x, sub[b].n, out + (size_t)r_at[b] * c->embed_dim, &o->s);
+        else memcpy(out + (size_t)r_at[b] * h, x, sizeof(float) * (size_t)sub[b].n * h); /* to the next stage */
         o->t_compute += now_sec() - t0;
     }
     stage_weights(o, 1); /* the next step's first layer reads during the logits and sampling */
@@ -1362,7 +1364,7 @@ static void forward_cpu(Offload *o, const Step *st, Batches *B, float *out) {
 /* Device mode. The (layer, batch) pairs run as one stream, alternating
  * buffers; each pair's host work is done one pair later, so that the host
  * never waits for the batch the device is computing. */
-static void forward_dev(Offload *o, const Step *st, Batches *B, float *out) {
+static void forward_dev(Offload *o, const Step *st, Batches *B, const float *xin, float *out) {
     const Device *D = o->dev;
     Model *m = o->m;
     const Config *c = &m->cfg;
@@ -1390,7 +1392,8 @@ static void forward_dev(Offload *o, const Step *st, Batches *B, float *out) {
         if (!n) continue;
         stage_x(o, k, 0, r0, r0);
         double t0 = now_sec();
-        model_embed(m, &sub[k], o->hs.x, &o->hs);
+        if (xin) memcpy(o->hs.x, xin + (size_t)r0 * h, f * (size_t)n * h); /* a later pipeline stage */
+        else model_embed(m, &sub[k], o->hs.x, &o->hs);
         o->t_compute += now_sec() - t0;
         dcopy(o, o->dxg + (size_t)r0 * hg, f * hg, o->hs.x, f * h, f * hg, (size_t)n, 0, 1);
         for (int r = 0; r < n; r++) memcpy(o->xs[0] + (size_t)r * hh, o->hs.x + (size_t)r * h + hg, f * hh);
@@ -1432,7 +1435,8 @@ static void forward_dev(Offload *o, const Step *st, Batches *B, float *out) {
         dev_x_in(o, k, b, r0, r_at[k + 1]);
         D->record(o->up[b], 1);
         D->wait(0, o->up[b]);
-        model_final(&o->dm, o->dxs[b], sub[k].n, o->dfinal + (size_t)r0 * E, &o->s);
+        if (model_last(m)) model_final(&o->dm, o->dxs[b], sub[k].n, o->dfinal + (size_t)r0 * E, &o->s);
+        else D->be->copy(o->dfinal + (size_t)r0 * h, o->dxs[b], (size_t)sub[k].n * h); /* to the next stage */
         D->record(o->c_done[b], 0);
         D->wait(2, o->c_done[b]);
         D->record(o->down[b], 2);
@@ -1441,12 +1445,12 @@ static void forward_dev(Offload *o, const Step *st, Batches *B, float *out) {
     D->record(o->w_free[2], 0);
     D->record(o->ev[2], 0);
     D->wait(2, o->ev[2]);
-    dcopy(o, out, 0, o->dfinal, 0, f * (size_t)st->n * E, 1, 1, 2);
+    dcopy(o, out, 0, o->dfinal, 0, f * (size_t)st->n * (model_last(m) ? E : h), 1, 1, 2);
     D->record(o->ev[2], 2);
     dev_sync(o, o->ev[2]);
 }
 
-void offload_forward(Offload *o, const Step *st, float *out) {
+void offload_forward(Offload *o, const Step *st, const float *xin, float *out) {
     int nb = o->nb, bs = o->gbs * nb, k = 0;
     Batches B;
     B.pos0 = check_malloc(sizeof(int) * 3 * (size_t)bs, "step");
@@ -1471,8 +1475,8 @@ void offload_forward(Offload *o, const Step *st, float *out) {
         B.sub[b] = (Step){B.r_at[b + 1] - B.r_at[b], st->tok + B.r_at[b], B.slot_rel + B.r_at[b], st->pos + B.r_at[b], NULL};
         check(B.sub[b].n <= o->xs_rows, "a batch of %d rows exceeds the plan's %d", B.sub[b].n, o->xs_rows);
     }
-    if (o->dev) forward_dev(o, st, &B, out);
-    else forward_cpu(o, st, &B, out);
+    if (o->dev) forward_dev(o, st, &B, xin, out);
+    else forward_cpu(o, st, &B, xin, out);
     free(B.pos0);
     free(B.slot_rel);
 }

@@ -27,7 +27,9 @@
 /* ----------------------------------------------------------------------------
  * Utilities */
 
-static const char *g_prog = "opt";
+static const char *g_prog = "opt";  /* names us in messages ("opt (rank 2 on node7)" in a pipeline) */
+const Comm *g_comm;
+FILE *g_err;
 static bool g_bar; /* a progress line is open on stderr (a terminal): a message ends it first */
 
 static void bar_end(void) {
@@ -37,9 +39,12 @@ static void bar_end(void) {
 /* The first thread to die reports and exits; any other (an OpenMP worker
  * hitting the same bad value) waits for that exit instead of interleaving
  * its message and racing exit(). */
+static volatile sig_atomic_t g_signalled; /* a fatal signal is ending us: its files are going */
+
 static void die_begin(void) {
     static atomic_flag dying = ATOMIC_FLAG_INIT;
-    if (atomic_flag_test_and_set(&dying)) for (;;) pause();
+    /* another thread's signal handler removing our files is what made this one fail: say nothing */
+    if (atomic_flag_test_and_set(&dying) || g_signalled) for (;;) pause();
 }
 
 /* Fuzz builds only: a harness catches die() and goes on with the next input. */
@@ -52,30 +57,44 @@ char g_fuzz_msg[256];
 #define FUZZ_CATCH(fmt) ((void)0)
 #endif
 
+static void tmp_unlink_own(void);
+
+/* After the message: the temporary files removed (by exit), and the exit. A
+ * pipeline rank takes every other rank down with it (their signal handlers
+ * clean up), having removed its own files. */
+static _Noreturn void die_end(void) {
+    if (g_comm) { tmp_unlink_own(); g_comm->abort(); }
+    exit(1);
+}
+
 void die(const char *fmt, ...) {
     FUZZ_CATCH(fmt);
     die_begin();
     bar_end();
+    FILE *f = g_err ? g_err : stderr;
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", g_prog);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    fprintf(f, "%s: ", g_prog);
+    vfprintf(f, fmt, ap);
+    fputc('\n', f);
+    fflush(f);
     va_end(ap);
-    exit(1);
+    die_end();
 }
 
 void die_at(const char *file, int line, const char *fmt, ...) {
     FUZZ_CATCH(fmt);
     die_begin();
     bar_end();
+    FILE *f = g_err ? g_err : stderr;
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: %s:%d: ", g_prog, file, line);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    fprintf(f, "%s: %s:%d: ", g_prog, file, line);
+    vfprintf(f, fmt, ap);
+    fputc('\n', f);
+    fflush(f);
     va_end(ap);
-    exit(1);
+    die_end();
 }
 
 void warn_once(int *flag, const char *fmt, ...) {
@@ -129,7 +148,18 @@ static void tmp_unlink_all(void) {
     for (int i = 0; i < TMP_SLOTS; i++) tmp_remove(i);
 }
 
+/* A dying pipeline rank's: its files, but not the job's shared directory,
+ * which the other ranks may be creating files in: they remove it when the
+ * launcher ends them. */
+static void tmp_unlink_own(void) {
+    for (int i = 0; i < TMP_SLOTS; i++) {
+        if (g_tmp[i][0] && !g_tmp_dir[i]) unlink(g_tmp[i]);
+        g_tmp[i][0] = 0; /* MPI_Abort may exit(): nothing left for atexit */
+    }
+}
+
 static void tmp_on_signal(int sig) {
+    g_signalled = 1;
     tmp_unlink_all();
     raise(sig); /* SA_RESETHAND: the default action, once the handler returns */
 }
@@ -1408,6 +1438,7 @@ void model_load(Model *m, const char *dir) {
     }
     m->lm_head = !m->dummy && ck_find(&m->ck, "lm_head.weight") ? model_matrix(m, "lm_head.weight", c->vocab, e) : m->embed;
     m->layers = check_calloc((size_t)c->n_layer * sizeof(Layer), "layers");
+    m->n_layer_all = c->n_layer;
     for (int l = 0; l < c->n_layer; l++) {
         Layer *L = &m->layers[l];
         char k[128];
@@ -1438,6 +1469,19 @@ void model_load(Model *m, const char *dir) {
     }
 }
 
+void model_stage(Model *m, int l0, int l1) {
+    int L = m->cfg.n_layer;
+    check(0 <= l0 && l0 < l1 && l1 <= L, "stage layers [%d, %d) of %d", l0, l1, L);
+    Layer *all = m->layers;
+    m->layers = check_malloc(sizeof(Layer) * (size_t)(l1 - l0), "layers");
+    memcpy(m->layers, all + l0, sizeof(Layer) * (size_t)(l1 - l0));
+    free(all);
+    m->layer0 = l0;
+    m->cfg.n_layer = l1 - l0;
+    if (l0 > 0) m->embed = m->pos = m->proj_in = (Tensor){0};
+    if (l1 < L) { m->lm_head = m->proj_out = (Tensor){0}; m->lnfw = m->lnfb = NULL; }
+}
+
 void *model_own(Model *m, size_t bytes, const char *what) {
     if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
     return m->q4[m->n_q4++] = check_malloc(bytes, what);
@@ -1448,10 +1492,11 @@ void *model_own(Model *m, size_t bytes, const char *what) {
 void model_compress(Model *m, int group) {
     Tensor *mats[8 + 6 * 1024];
     int n = 0;
-    bool tied = m->lm_head.data == m->embed.data;
-    mats[n++] = &m->embed;
-    if (!tied) mats[n++] = &m->lm_head;
-    if (m->proj_in.data) { mats[n++] = &m->proj_in; mats[n++] = &m->proj_out; }
+    bool tied = m->embed.rows && m->lm_head.data == m->embed.data && m->lm_head.gen == m->embed.gen;
+    if (m->embed.rows) mats[n++] = &m->embed; /* a later pipeline stage has none */
+    if (!tied && m->lm_head.rows) mats[n++] = &m->lm_head;
+    if (m->proj_in.data) mats[n++] = &m->proj_in;
+    if (m->proj_out.data) mats[n++] = &m->proj_out;
     for (int l = 0; l < m->cfg.n_layer; l++) {
         Layer *L = &m->layers[l];
         Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
@@ -2589,8 +2634,10 @@ void model_materialize(Model *m) {
     if (!m->dummy) return;
     Tensor *mats[8 + 6 * 1024];
     int n = 0;
+    bool tied = m->embed.rows && m->lm_head.gen == m->embed.gen; /* a last pipeline stage's lm_head is its own */
     mats[n++] = &m->embed;
     mats[n++] = &m->pos;
+    if (!tied) mats[n++] = &m->lm_head;
     for (int l = 0; l < m->cfg.n_layer; l++) {
         Layer *L = &m->layers[l];
         Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
@@ -2609,7 +2656,7 @@ void model_materialize(Model *m) {
         mats[i]->data = p;
         mats[i]->gen = 0;
     }
-    m->lm_head = m->embed;
+    if (tied) m->lm_head = m->embed;
 }
 
 static void write_all(FILE *f, const void *p, size_t n, const char *path) {
@@ -3846,178 +3893,448 @@ static void progress(const Engine *e, int done, int total, double t0, double fra
     if (done == total) fputc('\n', stderr);
 }
 
+/* The scheduler's state: which job each cache slot holds. Only the process
+ * that reads the input (rank 0 of a pipeline) has one. */
+typedef struct {
+    Job *jobs;             /* (n_jobs) */
+    int n_jobs;
+    int *job_of;           /* (slots) the job in each slot, -1 free */
+    int *fed;              /* (slots) its prompt tokens fed so far */
+    int next_job;          /* the next job to start */
+    int next_emit;         /* the next job to print (output keeps input order) */
+    int n_done;            /* jobs finished */
+} Sched;
+
+/* One step's rows, as the scheduler built them. */
+typedef struct {
+    int n;                 /* rows */
+    int *tok, *slot, *pos; /* (rows_max) each row's token, cache slot and position */
+    int *need;             /* (rows_max) the job that takes the row's logits, -1 none */
+    int *tgt;              /* (rows_max) score: the token whose log-probability the row gives */
+    bool prefill;          /* some rows are prompt tokens */
+} Rows;
+
+static void rows_init(Rows *r, int rows_max) {
+    r->tok = check_malloc(sizeof(int) * 5 * (size_t)rows_max, "step");
+    r->slot = r->tok + rows_max; r->pos = r->slot + rows_max; r->need = r->pos + rows_max; r->tgt = r->need + rows_max;
+}
+
+static void sched_init(Sched *q, Job *jobs, int n_jobs, int slots) {
+    *q = (Sched){.jobs = jobs, .n_jobs = n_jobs};
+    q->job_of = check_malloc(sizeof(int) * 2 * (size_t)slots, "slots");
+    q->fed = q->job_of + slots;
+    for (int i = 0; i < slots; i++) q->job_of[i] = -1, q->fed[i] = 0;
+}
+
+static bool sched_idle(const Sched *q, int s0, int s1) {
+    for (int i = s0; i < s1; i++) if (q->job_of[i] >= 0) return false;
+    return true;
+}
+
+/* The next step of slots [s0, s1): free slots take the next jobs (under a
+ * policy only when all of them are free: FlexGen's blocks), decoding slots
+ * give a row each, prompt chunks fill the rest up to rows_max. */
+static void sched_step(Engine *e, Sched *q, int s0, int s1, bool blocks, int rows_max, Rows *r) {
+    if (!blocks || sched_idle(q, s0, s1))
+        for (int i = s0; i < s1 && q->next_job < q->n_jobs; i++)
+            if (q->job_of[i] < 0) { q->job_of[i] = q->next_job++; q->fed[i] = 0; }
+    int n = 0;
+    r->prefill = false;
+    for (int i = s0; i < s1; i++) {
+        Job *j = q->job_of[i] >= 0 ? &q->jobs[q->job_of[i]] : NULL;
+        if (!j || q->fed[i] < j->n_ids) continue;
+        r->tok[n] = j->out[j->n_out - 1]; r->slot[n] = i; r->pos[n] = j->n_ids + j->n_out - 1; r->need[n] = q->job_of[i]; r->tgt[n] = 0;
+        n++;
+    }
+    for (int i = s0; i < s1 && n < rows_max; i++) {
+        Job *j = q->job_of[i] >= 0 ? &q->jobs[q->job_of[i]] : NULL;
+        if (!j || q->fed[i] >= j->n_ids) continue;
+        int k = j->n_ids - q->fed[i] < rows_max - n ? j->n_ids - q->fed[i] : rows_max - n;
+        for (int t = 0; t < k; t++, n++) {
+            int p = q->fed[i] + t;
+            r->tok[n] = j->ids[p]; r->slot[n] = i; r->pos[n] = p;
+            r->need[n] = e->score ? (p + 1 < j->n_ids ? q->job_of[i] : -1) : (p + 1 == j->n_ids && e->max_new > 0 ? q->job_of[i] : -1);
+            r->tgt[n] = e->score && p + 1 < j->n_ids ? j->ids[p + 1] : 0;
+        }
+        q->fed[i] += k;
+        e->n_prompt_tok += k;
+        r->prefill = true;
+    }
+    r->n = n;
+}
+
+/* The step's outputs into the jobs: a token per generating row, a
+ * log-probability per scored one. */
+static void sched_apply(Engine *e, Sched *q, const Rows *r, const int *rtok, const float *rlp) {
+    for (int i = 0; i < r->n; i++) {
+        if (r->need[i] < 0) continue;
+        Job *j = &q->jobs[r->need[i]];
+        if (e->score) { j->lp[r->pos[i]] = rlp[i]; continue; }
+        if (rtok[i] < 0 || rtok[i] >= e->m->cfg.vocab) die("internal: sampled token %d of a %d-token vocabulary", rtok[i], e->m->cfg.vocab);
+        j->out[j->n_out++] = rtok[i];
+        e->n_gen_tok++;
+        if (e->on_token) progress_clear(), e->on_token(e->ctx, j, r->need[i]);
+    }
+}
+
+/* Frees the finished sequences' slots in [s0, s1) and prints, in input
+ * order, every job that is done. */
+static void sched_retire(Engine *e, Sched *q, int s0, int s1) {
+    for (int i = s0; i < s1; i++) {
+        Job *j = q->job_of[i] >= 0 ? &q->jobs[q->job_of[i]] : NULL;
+        if (!j || q->fed[i] < j->n_ids) continue;
+        bool fin = e->score || j->n_out >= e->max_new || (!e->ignore_eos && j->n_out && j->out[j->n_out - 1] == e->m->cfg.eos);
+        if (fin) { j->done = true; q->job_of[i] = -1; q->n_done++; }
+    }
+    while (q->next_emit < q->n_jobs && q->jobs[q->next_emit].done) {
+        progress_clear();
+        e->emit(e->ctx, &q->jobs[q->next_emit], q->next_emit);
+        q->next_emit++;
+    }
+}
+
+/* The run's shape: positions per sequence, slots, and the most rows of a step
+ * (a block's prompts are one step). */
+typedef struct { int cap, slots, rows_max; } RunShape;
+
+static RunShape engine_shape(const Engine *e, const Job *jobs, int n_jobs) {
+    RunShape sh = {1, 0, 1};
+    for (int i = 0; i < n_jobs; i++) {
+        int need = jobs[i].n_ids + (e->score ? 0 : e->max_new);
+        sh.cap = need > sh.cap ? need : sh.cap;
+    }
+    bool blocks = e->offcfg != NULL;
+    sh.slots = blocks ? e->offcfg->pol.gpu_batch_size * e->offcfg->pol.num_gpu_batches : e->slots < n_jobs ? e->slots : n_jobs;
+    int block_rows = 1;
+    for (int i = 0; blocks && i < n_jobs; i += sh.slots) {
+        int sum = 0;
+        for (int k = i; k < i + sh.slots && k < n_jobs; k++) sum += jobs[k].n_ids;
+        block_rows = sum > block_rows ? sum : block_rows;
+    }
+    sh.rows_max = blocks ? (block_rows > sh.slots ? block_rows : sh.slots) : e->step_rows > sh.slots ? e->step_rows : sh.slots;
+    return sh;
+}
+
+/* The buffers a step runs in: the cache and workspace in RAM, on the GPU, or
+ * an offloading plan's. Each pipeline stage opens its own, for its layers. */
+typedef struct {
+    KVCache kv;            /* the cache (without a policy) */
+    Scratch s;             /* the workspace (without a policy) */
+    Offload *off;          /* the policy's placement, or NULL */
+    Model dm;              /* the device copy of the model (GPU, no policy) */
+    const Model *fm;       /* the model the forward pass reads */
+    const Device *pd;      /* offloading's device: final, hid and logits cross PCIe */
+    float *final;          /* (rows_max, max(hidden, embed_dim)) the step's last hidden states */
+    float *logits, *hid;   /* (64, vocab), (64, embed_dim) the rows needing logits */
+    ProbId *work;          /* (vocab) the sampler's */
+} Bufs;
+
+static void bufs_open(Engine *e, Bufs *b, RunShape sh) {
+    const Config *c = &e->m->cfg;
+    DType kv_dt = e->compress_cache ? DT_Q4 : DT_F32;
+    memset(b, 0, sizeof *b);
+    b->fm = e->m;
+    if (e->offcfg) {
+        b->pd = e->offcfg->dev;
+        b->off = offload_open((Model *)e->m, e->offcfg, sh.rows_max, sh.cap, kv_dt, e->group);
+        int w = c->hidden > c->embed_dim ? c->hidden : c->embed_dim; /* a stage before the last passes on (n, hidden) */
+        b->final = host_pinned(b->pd, sizeof(float) * (size_t)sh.rows_max * w, "final hidden states");
+    } else if (e->gpu) {
+        gpu_model_upload(e->m, &b->dm);
+        b->fm = &b->dm;
+        gpu_kv_init(&b->kv, c, sh.slots, sh.cap, e->compress_cache ? DT_Q4 : DT_F16, e->group);
+        gpu_scratch_init(&b->s, c, sh.rows_max, sh.cap);
+        b->final = b->s.e;
+    } else {
+        kv_init(&b->kv, c, sh.slots, sh.cap, kv_dt, e->group);
+        scratch_init(&b->s, c, sh.rows_max, sh.cap);
+        b->final = b->s.e;
+    }
+    b->logits = host_pinned(b->pd, sizeof(float) * 64 * (size_t)c->vocab, "logits");
+    b->hid = host_pinned(b->pd, sizeof(float) * 64 * (size_t)c->embed_dim, "logits input");
+    b->work = check_malloc(sizeof(ProbId) * (size_t)c->vocab, "sampler");
+}
+
+static void bufs_close(Engine *e, Bufs *b) {
+    if (b->off) {
+        offload_stats(b->off, &e->ostats);
+        offload_close(b->off);
+        host_pinned_free(b->pd, b->final);
+    } else if (e->gpu) {
+        gpu_sync();
+        gpu_graphs_reset();
+        gpu_kv_free(&b->kv);
+        gpu_scratch_free(&b->s);
+    } else {
+        kv_free(&b->kv);
+        scratch_free(&b->s);
+    }
+    host_pinned_free(b->pd, b->logits); host_pinned_free(b->pd, b->hid); free(b->work);
+}
+
+/* Logits of the rows that need them, 64 at a time, from final hidden states
+ * (n, embed_dim); then a token per generating row (jobs[need].rng draws it) or
+ * the target's log-probability per scored row. */
+static void engine_outputs(const Engine *e, Bufs *b, const Rows *r, Job *jobs, int *rtok, float *rlp) {
+    const Config *c = &e->m->cfg;
+    for (int r0 = 0; r0 < r->n;) {
+        int idx[64], cnt = 0;
+        for (; r0 < r->n && cnt < 64; r0++)
+            if (r->need[r0] >= 0) {
+                memcpy(b->hid + (size_t)cnt * c->embed_dim, b->final + (size_t)r0 * c->embed_dim, sizeof(float) * c->embed_dim);
+                idx[cnt++] = r0;
+            }
+        if (!cnt) continue;
+        if (b->off) offload_logits(b->off, b->logits, b->hid, cnt);
+        else model_logits(e->m, b->logits, b->hid, cnt);
+        for (int q = 0; q < cnt; q++) {
+            int i = idx[q];
+            const float *lg = b->logits + (size_t)q * c->vocab;
+            if (e->score) rlp[i] = logprob_at(lg, c->vocab, r->tgt[i]);
+            else rtok[i] = sample(&e->sc, lg, c->vocab, jobs[r->need[i]].rng, b->work);
+        }
+    }
+}
+
+/* The GPU without a policy: the step as a CUDA graph when its shape has come
+ * before, and lm_head, sampling and log-probabilities on the device. */
+static void engine_gpu_step(Engine *e, Bufs *b, const Rows *r, Job *jobs, char *seen, int *rtok, float *rlp) {
+    static int *gidx, *gtgt, *gtok, cap;
+    static float *gu, *glp;
+    if (r->n > cap) {
+        cap = r->n;
+        gidx = check_realloc(gidx, sizeof(int) * 3 * (size_t)cap, "logit rows"); gtgt = gidx + cap; gtok = gtgt + cap;
+        gu = check_realloc(gu, sizeof(float) * 2 * (size_t)cap, "uniforms"); glp = gu + cap;
+    }
+    Step st = {r->n, r->tok, r->slot, r->pos, NULL};
+    gpu_step_upload(&st, &b->s);
+    if (r->prefill || !gpu_graph_launch(r->n)) { /* decode shapes: plain once, captured the second time, replayed after */
+        bool capture = !r->prefill && seen[r->n] && !gpu_profile(NULL);
+        if (capture) gpu_capture_begin();
+        model_forward(b->fm, &b->kv, &st, &b->s);
+        if (capture) gpu_capture_end(r->n);
+        if (!r->prefill) seen[r->n] = 1;
+    }
+    int cnt = 0;
+    for (int i = 0; i < r->n; i++) {
+        if (r->need[i] < 0) continue;
+        gidx[cnt] = i;
+        gtgt[cnt] = r->tgt[i];
+        gu[cnt++] = (float)((double)(rng_next(jobs[r->need[i]].rng) >> 11) * 0x1.0p-53);
+    }
+    if (cnt) gpu_logits(b->fm, b->final, e->m->cfg.embed_dim, gidx, cnt, e->score ? gtgt : NULL, e->sc.temperature, e->sc.top_k, e->sc.top_p, gu, gtok, glp);
+    for (int q = 0; q < cnt; q++) rtok[gidx[q]] = gtok[q], rlp[gidx[q]] = glp[q];
+}
+
 /* Runs every job. Without a policy: continuous batching, the cache in RAM.
  * With one (e->off): FlexGen's blocks of gbs * nb sequences, each prefilled
  * at once and decoded in lockstep by offload_forward. */
 void engine_run(Engine *e, Job *jobs, int n_jobs) {
-    const Config *c = &e->m->cfg;
-    int cap = 1, block_rows = 1;
-    for (int i = 0; i < n_jobs; i++) {
-        int need = jobs[i].n_ids + (e->score ? 0 : e->max_new);
-        cap = need > cap ? need : cap;
-    }
+    if (n_jobs < 1) return;
+    RunShape sh = engine_shape(e, jobs, n_jobs);
+    if (sh.slots < 1) return;
     bool blocks = e->offcfg != NULL;
-    int slots = blocks ? e->offcfg->pol.gpu_batch_size * e->offcfg->pol.num_gpu_batches : e->slots < n_jobs ? e->slots : n_jobs;
-    if (slots < 1 || n_jobs < 1) return;
-    for (int i = 0; i < n_jobs; i += slots) { /* a block's prompts are one step */
-        int sum = 0;
-        for (int k = i; k < i + slots && k < n_jobs; k++) sum += jobs[k].n_ids;
-        block_rows = sum > block_rows ? sum : block_rows;
-    }
-    int rows_max = blocks ? (block_rows > slots ? block_rows : slots) : e->step_rows > slots ? e->step_rows : slots;
-    DType kv_dt = e->compress_cache ? DT_Q4 : DT_F32;
-    KVCache kv = {0};
-    Scratch s = {0};
-    Offload *off = NULL;
-    Model dm; /* the device copy of the model, on the GPU */
-    const Model *fm = e->m; /* the model the forward pass reads */
-    float *final = NULL; /* (rows_max, embed_dim) final hidden states */
-    const Device *pd = blocks ? e->offcfg->dev : NULL; /* offloading's device: final, hid and logits cross PCIe */
-    if (blocks) {
-        off = offload_open((Model *)e->m, e->offcfg, rows_max, cap, kv_dt, e->group);
-        final = host_pinned(pd, sizeof(float) * (size_t)rows_max * c->embed_dim, "final hidden states");
-    } else if (e->gpu) {
-        gpu_model_upload(e->m, &dm);
-        fm = &dm;
-        gpu_kv_init(&kv, c, slots, cap, e->compress_cache ? DT_Q4 : DT_F16, e->group);
-        gpu_scratch_init(&s, c, rows_max, cap);
-        final = s.e;
-    } else {
-        kv_init(&kv, c, slots, cap, kv_dt, e->group);
-        scratch_init(&s, c, rows_max, cap);
-        final = s.e;
-    }
-    int *gidx = check_malloc(sizeof(int) * 2 * (size_t)rows_max, "logit rows"), *gtgt = gidx + rows_max; /* GPU: rows, targets */
-    float *gu = check_malloc(sizeof(float) * (size_t)rows_max, "uniforms"), *glp = check_malloc(sizeof(float) * (size_t)rows_max, "log-probs");
-    int *gtok = check_malloc(sizeof(int) * (size_t)rows_max, "tokens");
-    char *seen = check_calloc((size_t)rows_max + 1, "graph shapes"); /* GPU: decode shapes run once */
-    int lrows = 64; /* logits are computed 64 rows at a time */
-    float *logits = host_pinned(pd, sizeof(float) * (size_t)lrows * c->vocab, "logits");
-    float *hid = host_pinned(pd, sizeof(float) * (size_t)lrows * c->embed_dim, "logits input");
-    ProbId *work = check_malloc(sizeof(ProbId) * (size_t)c->vocab, "sampler");
-    int *tok = check_malloc(sizeof(int) * 3 * (size_t)rows_max, "step"), *slot = tok + rows_max, *pos = slot + rows_max;
-    int *need = check_malloc(sizeof(int) * (size_t)rows_max, "step"); /* row -> job needing its logits, or -1 */
-    int *job_of = check_malloc(sizeof(int) * (size_t)slots, "slots"), *fed = check_calloc(sizeof(int) * (size_t)slots, "slots");
-    for (int i = 0; i < slots; i++) job_of[i] = -1;
-    int next_job = 0, next_emit = 0, n_done = 0, busy = 0;
+    Bufs b;
+    bufs_open(e, &b, sh);
+    Sched q;
+    sched_init(&q, jobs, n_jobs, sh.slots);
+    Rows r;
+    rows_init(&r, sh.rows_max);
+    int *rtok = check_malloc(sizeof(int) * (size_t)sh.rows_max, "step");
+    float *rlp = check_malloc(sizeof(float) * (size_t)sh.rows_max, "step");
+    char *seen = check_calloc((size_t)sh.rows_max + 1, "graph shapes"); /* GPU: decode shapes run once */
     /* blocks: one prefill step, then a decode step per token (fewer when all stop early) */
-    int n_blocks = (n_jobs + slots - 1) / slots, per_block = e->score || e->max_new < 1 ? 1 : e->max_new, bstep = 0;
+    int n_blocks = (n_jobs + sh.slots - 1) / sh.slots, per_block = e->score || e->max_new < 1 ? 1 : e->max_new, bstep = 0;
     char ph[64] = ""; /* the block's phase, for the progress line */
     double t0 = now_sec();
-    while (n_done < n_jobs) {
-        if (!blocks || !busy) { /* a block starts only when the last one has finished */
-            for (int i = 0; i < slots && next_job < n_jobs; i++)
-                if (job_of[i] < 0) { job_of[i] = next_job++; fed[i] = 0; busy++; }
-            bstep = 0;
-        }
-        int n = 0;
-        bool prefill = false;
-        for (int i = 0; i < slots; i++) { /* decoding slots: one row each */
-            Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
-            if (!j || fed[i] < j->n_ids) continue;
-            tok[n] = j->out[j->n_out - 1]; slot[n] = i; pos[n] = j->n_ids + j->n_out - 1; need[n] = job_of[i];
-            n++;
-        }
-        for (int i = 0; i < slots && n < rows_max; i++) { /* prompt chunks fill the rest */
-            Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
-            if (!j || fed[i] >= j->n_ids) continue;
-            int k = j->n_ids - fed[i] < rows_max - n ? j->n_ids - fed[i] : rows_max - n;
-            for (int r = 0; r < k; r++, n++) {
-                int p = fed[i] + r;
-                tok[n] = j->ids[p]; slot[n] = i; pos[n] = p;
-                need[n] = e->score ? (p + 1 < j->n_ids ? job_of[i] : -1) : (p + 1 == j->n_ids && e->max_new > 0 ? job_of[i] : -1);
-            }
-            fed[i] += k;
-            e->n_prompt_tok += k;
-            prefill = true;
-        }
-        int blk = (next_job - 1) / slots;
+    while (q.n_done < n_jobs) {
+        if (sched_idle(&q, 0, sh.slots)) bstep = 0;
+        sched_step(e, &q, 0, sh.slots, blocks, sh.rows_max, &r);
+        int blk = (q.next_job - 1) / sh.slots;
         if (blocks) {
-            if (prefill) snprintf(ph, sizeof ph, "block %d/%d prefill", blk + 1, n_blocks);
+            if (r.prefill) snprintf(ph, sizeof ph, "block %d/%d prefill", blk + 1, n_blocks);
             else snprintf(ph, sizeof ph, "block %d/%d token %d/%d", blk + 1, n_blocks, bstep + 1, per_block);
-            progress(e, n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
+            progress(e, q.n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
         }
         double ts = now_sec();
-        Step st = {n, tok, slot, pos, NULL};
-        if (off) offload_forward(off, &st, final);
-        else if (e->gpu) {
-            gpu_step_upload(&st, &s);
-            if (prefill || !gpu_graph_launch(n)) { /* decode shapes: plain once, captured the second time, replayed after */
-                bool capture = !prefill && seen[n] && !gpu_profile(NULL);
-                if (capture) gpu_capture_begin();
-                model_forward(fm, &kv, &st, &s);
-                if (capture) gpu_capture_end(n);
-                if (!prefill) seen[n] = 1;
-            }
-            int cnt = 0;
-            for (int r = 0; r < n; r++) {
-                if (need[r] < 0) continue;
-                Job *j = &jobs[need[r]];
-                gidx[cnt] = r;
-                gtgt[cnt] = e->score ? j->ids[pos[r] + 1] : 0;
-                gu[cnt++] = (float)((double)(rng_next(j->rng) >> 11) * 0x1.0p-53);
-            }
-            if (cnt) gpu_logits(fm, final, c->embed_dim, gidx, cnt, e->score ? gtgt : NULL, e->sc.temperature, e->sc.top_k, e->sc.top_p, gu, gtok, glp);
-            for (int q = 0; q < cnt; q++) {
-                int r = gidx[q];
-                Job *j = &jobs[need[r]];
-                if (e->score) { j->lp[pos[r]] = glp[q]; continue; }
-                if (gtok[q] < 0 || gtok[q] >= c->vocab) die("internal: the GPU sampled token %d of a %d-token vocabulary", gtok[q], c->vocab);
-                j->out[j->n_out++] = gtok[q];
-                e->n_gen_tok++;
-                if (e->on_token) progress_clear(), e->on_token(e->ctx, j, need[r]);
-            }
-            n = 0; /* logits done */
-        } else model_forward(e->m, &kv, &st, &s);
-        for (int r0 = 0; r0 < n;) { /* logits for the rows that need them, in groups */
-            int idx[64], cnt = 0;
-            for (; r0 < n && cnt < lrows; r0++)
-                if (need[r0] >= 0) {
-                    memcpy(hid + (size_t)cnt * c->embed_dim, final + (size_t)r0 * c->embed_dim, sizeof(float) * c->embed_dim);
-                    idx[cnt++] = r0;
-                }
-            if (!cnt) continue;
-            if (off) offload_logits(off, logits, hid, cnt);
-            else model_logits(e->m, logits, hid, cnt);
-            for (int q = 0; q < cnt; q++) {
-                int r = idx[q];
-                Job *j = &jobs[need[r]];
-                const float *lg = logits + (size_t)q * c->vocab;
-                if (e->score) { j->lp[pos[r]] = logprob_at(lg, c->vocab, j->ids[pos[r] + 1]); continue; }
-                int t = sample(&e->sc, lg, c->vocab, j->rng, work);
-                j->out[j->n_out++] = t;
-                e->n_gen_tok++;
-                if (e->on_token) progress_clear(), e->on_token(e->ctx, j, need[r]);
-            }
-        }
+        Step st = {r.n, r.tok, r.slot, r.pos, NULL};
+        if (b.off) offload_forward(b.off, &st, NULL, b.final), engine_outputs(e, &b, &r, jobs, rtok, rlp);
+        else if (e->gpu) engine_gpu_step(e, &b, &r, jobs, seen, rtok, rlp);
+        else model_forward(e->m, &b.kv, &st, &b.s), engine_outputs(e, &b, &r, jobs, rtok, rlp);
+        sched_apply(e, &q, &r, rtok, rlp);
         double dt = now_sec() - ts;
-        if (prefill) e->t_prefill += dt; else e->t_decode += dt;
-        for (int i = 0; i < slots; i++) { /* retire finished sequences */
-            Job *j = job_of[i] >= 0 ? &jobs[job_of[i]] : NULL;
-            if (!j || fed[i] < j->n_ids) continue;
-            bool fin = e->score || j->n_out >= e->max_new || (!e->ignore_eos && j->n_out && j->out[j->n_out - 1] == c->eos);
-            if (fin) { j->done = true; job_of[i] = -1; n_done++; busy--; }
-        }
+        if (r.prefill) e->t_prefill += dt; else e->t_decode += dt;
+        sched_retire(e, &q, 0, sh.slots);
         bstep++;
-        while (next_emit < n_jobs && jobs[next_emit].done) { progress_clear(); e->emit(e->ctx, &jobs[next_emit], next_emit); next_emit++; }
-        if (blocks) progress(e, n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
-        else progress(e, n_done, n_jobs, t0, (double)n_done / n_jobs, NULL);
+        if (blocks) progress(e, q.n_done, n_jobs, t0, ((double)blk * per_block + bstep) / ((double)n_blocks * per_block), ph);
+        else progress(e, q.n_done, n_jobs, t0, (double)q.n_done / n_jobs, NULL);
     }
-    if (off) {
-        offload_stats(off, &e->ostats);
-        offload_close(off);
-        host_pinned_free(pd, final);
-    } else if (e->gpu) {
-        gpu_sync();
-        gpu_graphs_reset();
-        gpu_kv_free(&kv);
-        gpu_scratch_free(&s);
+    bufs_close(e, &b);
+    free(q.job_of); free(r.tok); free(rtok); free(rlp); free(seen);
+}
+
+/* ----------------------------------------------------------------------------
+ * Pipeline stages (mpirun -np N; pipe.c is the transport). Stage r holds a
+ * contiguous range of layers; stage 0 also reads the input, schedules, embeds
+ * and prints; the last stage applies the output and the sampler. The slots
+ * are split into G >= N groups, each stepping on its own: stage 0 sends group
+ * g's step (its rows and hidden states) down the pipe, and starts g's next
+ * step when the last stage has sent back its tokens, computing the other
+ * groups' steps meanwhile, so that every stage is busy in the steady state.
+ * Messages between two ranks arrive in the order sent and every stage takes
+ * the groups in the order they come, so the results come back in the order
+ * the steps went out. Rows are independent, so the output is bit for bit the
+ * single process's. */
+
+enum { MSG_HDR = 4 };      /* a message's header ints: rows (-1: the end), prefill, group, 0 */
+
+static size_t msg_bytes(int n, int h) { return sizeof(int) * (MSG_HDR + 5 * (size_t)n) + sizeof(float) * (size_t)n * h; }
+
+/* Lays a step's message out in buf: header, the rows' five index arrays,
+ * then (n, h) floats, which the caller writes (msg_x). */
+static void msg_pack(char *buf, const Rows *r, int group) {
+    int *hd = (int *)buf, n = r->n;
+    hd[0] = n; hd[1] = r->prefill; hd[2] = group; hd[3] = 0;
+    const int *src[5] = {r->tok, r->slot, r->pos, r->need, r->tgt};
+    for (int i = 0; i < 5; i++) memcpy(hd + MSG_HDR + (size_t)i * n, src[i], sizeof(int) * (size_t)n);
+}
+
+static float *msg_x(char *buf, int n) { return (float *)(buf + sizeof(int) * (MSG_HDR + 5 * (size_t)n)); }
+
+/* A received message as Rows pointing into it; its group. */
+static int msg_view(char *buf, size_t got, int h, Rows *r) {
+    int *hd = (int *)buf, n = hd[0];
+    check(got >= sizeof(int) * MSG_HDR && (n < 0 || got == msg_bytes(n, h)), "pipeline message of %zu bytes", got);
+    r->n = n;
+    r->prefill = hd[1];
+    int *p = hd + MSG_HDR;
+    r->tok = p; r->slot = p + n; r->pos = p + 2 * (size_t)(n > 0 ? n : 0); r->need = p + 3 * (size_t)(n > 0 ? n : 0); r->tgt = p + 4 * (size_t)(n > 0 ? n : 0);
+    return hd[2];
+}
+
+/* This stage's layers over a step: from the embeddings (stage 0) or the
+ * hidden states xin; into b->final (the last stage) or xout. */
+static void stage_forward(const Engine *e, Bufs *b, const Rows *r, const float *xin, float *xout) {
+    const Model *m = e->m;
+    Step st = {r->n, r->tok, r->slot, r->pos, NULL};
+    size_t nh = (size_t)r->n * m->cfg.hidden;
+    if (b->off) { offload_forward(b->off, &st, xin, model_last(m) ? b->final : xout); return; }
+    Scratch *s = &b->s;
+    for (int i = 0; i < r->n; i++) check(r->pos[i] < b->kv.layer[0].cap, "position %d beyond the cache", r->pos[i]);
+    if (xin) memcpy(s->x, xin, sizeof(float) * nh);
+    else model_embed(m, &st, s->x, s);
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        layer_forward(m, &m->layers[l], l, &b->kv.layer[l], &st, s->x, s);
+        g_comm->progress();
+    }
+    if (model_last(m)) model_final(m, s->x, r->n, s->e, s);
+    else memcpy(xout, s->x, sizeof(float) * nh);
+}
+
+/* Group g's slots: whole GPU batches under a policy. */
+static void group_range(const Engine *e, RunShape sh, int G, int g, int *s0, int *s1) {
+    int unit = e->offcfg ? e->offcfg->pol.gpu_batch_size : 1, units = sh.slots / unit;
+    *s0 = (int)((int64_t)units * g / G) * unit;
+    *s1 = (int)((int64_t)units * (g + 1) / G) * unit;
+}
+
+/* Every rank runs this with the same sh and G; rank 0 has the jobs, the last
+ * rank their random streams (jobs[i].rng). */
+static void engine_pipe(Engine *e, Job *jobs, int n_jobs, RunShape sh, int G) {
+    const Comm *cm = g_comm;
+    int rank = cm->rank, N = cm->size, h = e->m->cfg.hidden;
+    bool last = rank == N - 1;
+    Bufs b;
+    bufs_open(e, &b, sh);
+    size_t cap = msg_bytes(sh.rows_max, h), rcap = sizeof(int) * (MSG_HDR + 2 * (size_t)sh.rows_max);
+    double t0 = now_sec();
+    if (rank == 0) {
+        Sched q;
+        sched_init(&q, jobs, n_jobs, sh.slots);
+        Rows *gr = check_malloc(sizeof(Rows) * (size_t)G, "groups");
+        char **out = check_calloc(sizeof(char *) * (size_t)G, "groups");
+        void **sreq = check_calloc(sizeof(void *) * (size_t)G, "groups");
+        int *fifo = check_malloc(sizeof(int) * 2 * (size_t)G, "groups"), *fly = fifo + G, head = 0, count = 0, pre_left = 0;
+        for (int g = 0; g < G; g++) { rows_init(&gr[g], sh.rows_max); out[g] = check_malloc(cap, "pipeline messages"); fly[g] = 0; }
+        char *res = check_malloc(rcap, "pipeline results");
+        void *rreq = cm->irecv(res, rcap, N - 1);
+        for (;;) {
+            for (int g = 0; g < G; g++) { /* every group not in the pipe that has work goes in */
+                int s0, s1;
+                if (fly[g]) continue;
+                group_range(e, sh, G, g, &s0, &s1);
+                sched_step(e, &q, s0, s1, e->offcfg != NULL, sh.rows_max, &gr[g]);
+                if (!gr[g].n) continue;
+                if (sreq[g]) cm->wait(sreq[g]);
+                msg_pack(out[g], &gr[g], g);
+                stage_forward(e, &b, &gr[g], NULL, msg_x(out[g], gr[g].n));
+                sreq[g] = cm->isend(out[g], msg_bytes(gr[g].n, h), 1);
+                fly[g] = 1;
+                fifo[(head + count++) % G] = g;
+                pre_left += gr[g].prefill;
+            }
+            if (!count) break;
+            int g = fifo[head], s0, s1;
+            head = (head + 1) % G, count--;
+            size_t got = cm->wait(rreq);
+            int *hd = (int *)res;
+            check(got == sizeof(int) * (MSG_HDR + 2 * (size_t)gr[g].n) && hd[0] == gr[g].n && hd[2] == g, "pipeline result for group %d out of order", g);
+            sched_apply(e, &q, &gr[g], hd + MSG_HDR, (const float *)(hd + MSG_HDR + gr[g].n));
+            rreq = cm->irecv(res, rcap, N - 1);
+            fly[g] = 0;
+            if (gr[g].prefill && --pre_left == 0 && !e->t_prefill) e->t_prefill = now_sec() - t0; /* every group's first tokens */
+            group_range(e, sh, G, g, &s0, &s1);
+            sched_retire(e, &q, s0, s1);
+            progress(e, q.n_done, n_jobs, t0, (double)q.n_done / n_jobs, NULL);
+        }
+        int stop[MSG_HDR] = {-1, 0, 0, 0};
+        cm->wait(cm->isend(stop, sizeof stop, 1));
+        cm->wait(rreq); /* the last stage's end */
+        for (int g = 0; g < G; g++) { if (sreq[g]) cm->wait(sreq[g]); free(out[g]); free(gr[g].tok); }
+        free(gr); free(out); free(sreq); free(fifo); free(res); free(q.job_of);
     } else {
-        kv_free(&kv);
-        scratch_free(&s);
+        char *in[2], *out[2];
+        void *rq[2], *sq[2] = {NULL, NULL};
+        for (int i = 0; i < 2; i++) {
+            in[i] = check_malloc(cap, "pipeline messages");
+            out[i] = check_malloc(last ? rcap : cap, "pipeline messages");
+            rq[i] = cm->irecv(in[i], cap, rank - 1); /* posted ahead: the next step arrives while this one computes */
+        }
+        int *rtok = check_malloc(sizeof(int) * (size_t)sh.rows_max, "step");
+        float *rlp = check_malloc(sizeof(float) * (size_t)sh.rows_max, "step");
+        for (int i = 0, j = 0;; i ^= 1, j ^= 1) {
+            Rows r;
+            int g = msg_view(in[i], cm->wait(rq[i]), h, &r);
+            if (sq[j]) cm->wait(sq[j]);
+            if (r.n < 0) { /* the end: passed on, and the other receive withdrawn */
+                int stop[MSG_HDR] = {-1, 0, 0, 0};
+                cm->wait(cm->isend(stop, sizeof stop, last ? 0 : rank + 1));
+                cm->cancel(rq[i ^ 1]);
+                if (sq[j ^ 1]) cm->wait(sq[j ^ 1]);
+                break;
+            }
+            if (last) {
+                stage_forward(e, &b, &r, msg_x(in[i], r.n), NULL);
+                memset(rtok, 0, sizeof(int) * (size_t)r.n);
+                memset(rlp, 0, sizeof(float) * (size_t)r.n);
+                engine_outputs(e, &b, &r, jobs, rtok, rlp);
+                int *hd = (int *)out[j];
+                hd[0] = r.n; hd[1] = r.prefill; hd[2] = g; hd[3] = 0;
+                memcpy(hd + MSG_HDR, rtok, sizeof(int) * (size_t)r.n);
+                memcpy(hd + MSG_HDR + r.n, rlp, sizeof(float) * (size_t)r.n);
+                sq[j] = cm->isend(out[j], sizeof(int) * (MSG_HDR + 2 * (size_t)r.n), 0);
+            } else {
+                msg_pack(out[j], &r, g);
+                stage_forward(e, &b, &r, msg_x(in[i], r.n), msg_x(out[j], r.n));
+                sq[j] = cm->isend(out[j], msg_bytes(r.n, h), rank + 1);
+            }
+            rq[i] = cm->irecv(in[i], cap, rank - 1);
+        }
+        for (int i = 0; i < 2; i++) free(in[i]), free(out[i]);
+        free(rtok); free(rlp);
     }
-    free(gidx); free(gu); free(glp); free(gtok); free(seen);
-    host_pinned_free(pd, logits); host_pinned_free(pd, hid); free(work); free(tok); free(need); free(job_of); free(fed);
+    if (rank == 0) e->t_decode = now_sec() - t0 - e->t_prefill;
+    bufs_close(e, &b);
 }
 
 /* ----------------------------------------------------------------------------
@@ -4059,6 +4376,7 @@ typedef struct {
     const char *hw;        /* --hw for --policy auto: t4, h100 or a probe file */
     OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
     int help;              /* -h: print the command's help instead of running it */
+    const char *stages;    /* --stages N0,N1,...: decoder layers per pipeline stage (NULL: balanced) */
 } Opts;
 
 #define DEVICE_HELP \
@@ -4069,7 +4387,9 @@ typedef struct {
      "      --group-size N     4-bit group size: 32, 64 (default) or 128\n" \
      "      --compute C        CPU GEMM arithmetic: f32 (default; the reference the exactness tests\n" \
      "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; faster\n" \
-     "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n"
+     "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n" \
+     "      --stages N0,N1,... decoder layers per pipeline stage, one count per mpirun rank (make\n" \
+     "                         MPI=1; default: balanced by the cost model; README: pipeline stages)\n"
 #define OFFLOAD_HELP \
      "  Offloading (FlexGen's block schedule; any of these turns it on):\n" \
      "      --percent WG WC CG CC AG AC  percent of weights, KV cache and activations on GPU and CPU;\n" \
@@ -4297,6 +4617,7 @@ static const OptSpec opt_specs[] = {
     O("--no-tie", NULL, C_SYNTH, A_CLEAR, tie, 0, 0, NULL, 0, 0),
     O("--outliers", NULL, C_SYNTH, A_SET, outliers, 0, 0, NULL, 0, 0),
     O("--device", NULL, C_MODEL, A_STR, device, 0, 0, "cpu|gpu|auto", 0, 0),
+    O("--stages", NULL, C_MODEL, A_STR, stages, 0, 0, NULL, 0, 0),
     O("--compress-weight", NULL, C_MODEL, A_SET, compress_weight, 0, 0, NULL, 0, 0),
     O("--compress-cache", NULL, C_MODEL, A_SET, compress_cache, 0, 0, NULL, 0, 0),
     O("--compute", NULL, C_MODEL, A_STR, compute, 0, 0, "f32|bf16", 0, 0),
@@ -4756,34 +5077,189 @@ static const Device *off_device(int gpu) {
     return gpu ? &gpu_device : h && !strcmp(h, "1") ? &host_device : NULL;
 }
 
+/* Rank 0 goes first through a step every rank would fail alike (the options,
+ * the model's files): call with done = false before it, true after, so such
+ * an error is printed once, by rank 0. */
+static void pipe_first(bool done) {
+    int ok = 1;
+    if (g_comm && (g_comm->rank == 0) == done) g_comm->bcast(&ok, sizeof ok);
+}
+
+/* --- pipeline set-up (mpirun -np N): every rank runs the same command; rank 0
+ * reads the input, and the ranks agree on the layers, the model and the block --- */
+
+/* This rank's layers [*l0, *l1): --stages, else the cost model's split. */
+static void pipe_layers(const Opts *o, const Config *c, int prompt_len, int gen_len, int *l0, int *l1) {
+    int N = g_comm ? g_comm->size : 1, rank = g_comm ? g_comm->rank : 0, L = c->n_layer, *n = check_calloc(sizeof(int) * (size_t)N, "stages");
+    if (o->stages) {
+        const char *p = o->stages;
+        int k = 0, sum = 0;
+        for (; *p && k <= N; k++) {
+            char *e;
+            long v = strtol(p, &e, 10);
+            if (e == p || v < 1 || v > L || (*e && *e != ',')) die("--stages %s: expected layer counts like 12,12, each at least 1", o->stages);
+            if (k < N) n[k] = (int)v;
+            sum += (int)v;
+            p = *e ? e + 1 : e;
+        }
+        if (k != N) die("--stages %s: %d stages, but %d %s (mpirun -np %d)", o->stages, k, N, N == 1 ? "process runs" : "ranks run", k);
+        if (sum != L) die("--stages %s: %d layers, but %s has %d", o->stages, sum, c->name, L);
+    } else if (N > L || plan_stage_split(c, N, prompt_len, gen_len, n) < 0) die("%d pipeline stages for %d layers: at most one stage per layer", N, L);
+    *l0 = 0;
+    for (int i = 0; i < rank; i++) *l0 += n[i];
+    *l1 = *l0 + n[rank];
+    free(n);
+}
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const uint8_t *)p)[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* What rank 0 compares every rank's against before any work. */
+typedef struct {
+    uint64_t model;        /* digest of the config and the checkpoint's file sizes */
+    char version[32];      /* OPT_VERSION and build */
+    char host[64];         /* for the message */
+    int policy[3];         /* offloading or not, gpu_batch_size, num_gpu_batches */
+} PipeId;
+
+/* Same binary, same model, same block on every rank, else one line from rank 0. */
+static void pipe_check(const Model *m, const Opts *o) {
+    const Config *c = &m->cfg;
+    PipeId me = {0}, *all = check_calloc(sizeof(PipeId) * (size_t)g_comm->size, "ranks");
+    int cf[] = {m->n_layer_all, c->hidden, c->ffn, c->n_head, c->vocab, c->max_pos, c->embed_dim, c->pre_ln, c->final_ln, c->bias, c->ln_affine};
+    me.model = fnv(0xcbf29ce484222325ull, cf, sizeof cf);
+    for (int i = 0; i < m->ck.n_files; i++) me.model = fnv(me.model, &m->ck.files[i].size, sizeof m->ck.files[i].size);
+    if (m->dummy) me.model = fnv(me.model, c->name, strlen(c->name));
+#ifdef OPT_CUDA
+    snprintf(me.version, sizeof me.version, "%s cuda", OPT_VERSION);
+#else
+    snprintf(me.version, sizeof me.version, "%s cpu", OPT_VERSION);
+#endif
+    snprintf(me.host, sizeof me.host, "%s", g_comm->host);
+    me.policy[0] = o->offload;
+    me.policy[1] = o->offload ? o->off.pol.gpu_batch_size : 0;
+    me.policy[2] = o->offload ? o->off.pol.num_gpu_batches : 0;
+    g_comm->gather(&me, sizeof me, all);
+    for (int r = 1; g_comm->rank == 0 && r < g_comm->size; r++) {
+        if (strcmp(all[r].version, me.version))
+            die("rank %d on %s runs opt %s, rank 0 on %s runs %s: every rank needs the same binary", r, all[r].host, all[r].version, me.host, me.version);
+        if (all[r].model != me.model)
+            die("rank %d on %s loaded a different model than rank 0 on %s (config or file sizes differ): every rank needs the same -m", r, all[r].host, me.host);
+        if (memcmp(all[r].policy, me.policy, sizeof me.policy))
+            die("rank %d on %s has a block of %d x %d sequences%s, rank 0 on %s %d x %d%s: the stages need one block shape", r, all[r].host, all[r].policy[1],
+                all[r].policy[2], all[r].policy[0] ? "" : " (no policy)", me.host, me.policy[1], me.policy[2], me.policy[0] ? "" : " (no policy)");
+    }
+    free(all);
+}
+
+/* --policy auto chooses per stage, for its own layers and node; the block is
+ * the smallest of their choices, which fits every stage's memory. */
+static void pipe_block(Opts *o) {
+    int me[2] = {o->off.pol.gpu_batch_size, o->off.pol.num_gpu_batches}, *all = check_calloc(sizeof(int) * 2 * (size_t)g_comm->size, "ranks");
+    g_comm->gather(me, sizeof me, all);
+    for (int r = 1; r < g_comm->size; r++)
+        for (int i = 0; i < 2; i++) if (all[2 * r + i] < all[i]) all[i] = all[2 * r + i];
+    g_comm->bcast(all, sizeof me);
+    o->off.pol.gpu_batch_size = all[0];
+    o->off.pol.num_gpu_batches = all[1];
+    free(all);
+}
+
+/* Groups in flight: one per stage, from whole GPU batches under a policy. */
+static int pipe_groups(const Opts *o, RunShape sh) {
+    int N = g_comm->size, units = o->offload ? o->off.pol.num_gpu_batches : sh.slots, G = units < N ? units : N;
+    if (G < N && g_comm->rank == 0)
+        fprintf(stderr, "opt: the block splits into %d group%s for %d stages, so stages idle; give %s %d or more\n", G, G == 1 ? "" : "s", N,
+                o->offload ? "--num-gpu-batches" : "-b", N);
+    return G;
+}
+
+/* The engine on every rank: rank 0's jobs, the shape of the run and the
+ * sequences' random streams (which the last stage samples with) sent to all. */
+static void pipe_run(Opts *o, Engine *e, Job *jobs, int n_jobs) {
+    RunShape sh = g_comm->rank == 0 ? engine_shape(e, jobs, n_jobs) : (RunShape){0};
+    g_comm->bcast(&sh, sizeof sh);
+    bool owned = !jobs;
+    if (owned) jobs = check_calloc(sizeof(Job) * (size_t)n_jobs, "jobs");
+    uint64_t *rng = check_malloc(sizeof(uint64_t) * 2 * (size_t)n_jobs, "random streams");
+    for (int i = 0; g_comm->rank == 0 && i < n_jobs; i++) memcpy(rng + 2 * i, jobs[i].rng, sizeof jobs[i].rng);
+    g_comm->bcast(rng, sizeof(uint64_t) * 2 * (size_t)n_jobs);
+    for (int i = 0; i < n_jobs; i++) memcpy(jobs[i].rng, rng + 2 * i, sizeof jobs[i].rng);
+    free(rng);
+    engine_pipe(e, jobs, n_jobs, sh, pipe_groups(o, sh));
+    if (owned) free(jobs);
+}
+
+/* A pipeline's offload files on a host live in one directory, named after
+ * rank 0's PID, that every rank there removes when it ends, however it ends:
+ * so a rank killed with SIGKILL leaves nothing once the others have exited. */
+static void pipe_offload_dir(Opts *o) {
+    static char dir[4000];
+    int pid0 = (int)getpid();
+    g_comm->bcast(&pid0, sizeof pid0);
+    snprintf(dir, sizeof dir, "%s/opt-pipe-%d", o->off.dir ? o->off.dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", pid0);
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) die("%s: cannot create the offload directory: %s", dir, strerror(errno));
+    tmp_add(dir, 1);
+    o->off.dir = dir;
+}
+
+/* A stage computes on the GPU through the offloading engine, which takes hidden
+ * states in and out of device memory; without a policy it computes on the CPU. */
+static int pipe_device(const Opts *o, int gpu) {
+    if (!g_comm || !gpu || o->offload) return gpu;
+    if (o->device && !strcmp(o->device, "gpu"))
+        die("--device gpu: pipeline stages reach the GPU through a placement policy (e.g. --percent 100 0 100 0 100 0)");
+    if (g_comm->rank == 0) fprintf(stderr, "opt: pipeline stages without a placement policy compute on the CPU (--percent 100 0 100 0 100 0 puts them on the GPU)\n");
+    return 0;
+}
+
+/* A stage's model: its layers only, checked against every other rank's. */
+static void pipe_model(const Opts *o, Model *m, int prompt_len, int gen_len) {
+    int l0 = 0, l1 = m->cfg.n_layer;
+    pipe_first(false);
+    pipe_layers(o, &m->cfg, prompt_len, gen_len, &l0, &l1);
+    pipe_first(true);
+    if (g_comm) { model_stage(m, l0, l1); pipe_check(m, o); }
+}
+
 static void cmd_run(const Opts *o) {
     bool score = !strcmp(o->cmd, "score");
     if (!o->model) die("opt %s: -m DIR is required (see opt %s --help)", o->cmd, o->cmd);
     Model m;
+    pipe_first(false);
     model_load(&m, o->model);
+    pipe_first(true);
+    Tokenizer *tok = NULL;
+    Job *jobs = NULL;
+    int n_jobs = 0, longest = 1, in[2]; /* a pipeline's input is rank 0's */
+    if (!g_comm || g_comm->rank == 0) {
+        tok = tokenizer_for(o->model);
+        jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
+        for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
+    }
+    in[0] = n_jobs, in[1] = longest;
+    if (g_comm) g_comm->bcast(in, sizeof in);
+    n_jobs = in[0], longest = in[1];
+    pipe_model(o, &m, longest, score ? 1 : o->max_new);
     if (o->compress_weight) model_compress(&m, o->group);
     if (!o->offload || o->compress_weight) model_materialize(&m);
-    Tokenizer *tok = tokenizer_for(o->model);
-    int n_jobs;
-    Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
-    if (o->policy_auto && n_jobs) {
-        int longest = 0;
-        for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
-        policy_auto((Opts *)o, &m.cfg, longest, score ? 1 : o->max_new, n_jobs);
-    }
+    if (g_comm && o->offload) pipe_offload_dir((Opts *)o);
+    if (o->policy_auto && n_jobs) policy_auto((Opts *)o, &m.cfg, longest, score ? 1 : o->max_new, n_jobs);
+    if (g_comm && o->policy_auto) pipe_block((Opts *)o);
     if (o->stream && n_jobs != 1) die("--stream takes exactly one prompt (got %d)", n_jobs);
     Printer pr = {.o = o, .tok = tok, .out = stdout};
-    int longest = 1;
-    for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
-    int gpu = device_pick(o, &m, o->batch, longest + (score ? 0 : o->max_new), o->step_rows > o->batch ? o->step_rows : o->batch);
+    int gpu = pipe_device(o, device_pick(o, &m, o->batch, longest + (score ? 0 : o->max_new), o->step_rows > o->batch ? o->step_rows : o->batch));
     ((Opts *)o)->off.dev = off_device(gpu);
     Engine e = {.m = &m, .gpu = gpu, .slots = o->batch, .max_new = o->max_new, .score = score, .ignore_eos = o->ignore_eos,
                 .step_rows = o->step_rows, .sc = o->sc, .emit = score ? emit_score : emit_generate,
                 .compress_cache = o->compress_cache, .group = o->group, .offcfg = o->offload ? &o->off : NULL,
                 .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
-    engine_run(&e, jobs, n_jobs);
+    if (g_comm && n_jobs) pipe_run((Opts *)o, &e, jobs, n_jobs);
+    else engine_run(&e, jobs, n_jobs);
     free(jobs);
-    tok_free(tok);
+    if (tok) tok_free(tok);
     model_free(&m);
 }
 
@@ -4937,13 +5413,18 @@ static void bench_emit(void *ctx, Job *j, int index) {
 static void cmd_bench(const Opts *o) {
     if (!o->model) die("opt bench: -m DIR is required");
     Model m;
+    pipe_first(false);
     model_load(&m, o->model);
+    pipe_first(true);
+    int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
+    pipe_model(o, &m, P, G);
     if (o->compress_weight) model_compress(&m, o->group);
     if (!o->offload || o->compress_weight) model_materialize(&m);
-    int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
+    if (g_comm && o->offload) pipe_offload_dir((Opts *)o);
     if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);
+    if (g_comm && o->policy_auto) pipe_block((Opts *)o);
     int B = o->offload ? o->off.pol.gpu_batch_size * o->off.pol.num_gpu_batches : o->batch;
-    int gpu = device_pick(o, &m, B, P + G, B * P > o->step_rows ? B * P : o->step_rows);
+    int gpu = pipe_device(o, device_pick(o, &m, B, P + G, B * P > o->step_rows ? B * P : o->step_rows));
     ((Opts *)o)->off.dev = off_device(gpu);
     if (P + G > m.cfg.max_pos) die("--prompt-len %d + --gen-len %d exceed the model's %d positions", P, G, m.cfg.max_pos);
     for (int pass = o->offload; pass < 2; pass++) { /* pass 0 warms the page cache and the allocator; offloading reads for real */
@@ -4962,9 +5443,10 @@ static void cmd_bench(const Opts *o) {
                     .offcfg = pass && o->offload ? &o->off : NULL};
         double p0[2];
         gpu_profile(p0);
-        engine_run(&e, jobs, n);
+        if (g_comm) pipe_run((Opts *)o, &e, jobs, n); /* every rank makes the same jobs */
+        else engine_run(&e, jobs, n);
         free(jobs);
-        if (!pass) continue;
+        if (!pass || (g_comm && g_comm->rank > 0)) continue;
         double pre = e.t_prefill, dec = e.t_decode;
         double pre_tp = (double)B * P / pre, dec_tp = G > 1 ? (double)B * (G - 1) / dec : 0, tot = (double)B * G / (pre + dec);
         double peak = (double)peak_rss_kb() / (1 << 20), G2 = 1 << 30;
@@ -5042,6 +5524,13 @@ int gpu_profile(double ms[2]) { if (ms) ms[0] = ms[1] = 0; return 0; }
 
 #ifndef OPT_NO_MAIN
 int main(int argc, char **argv) {
+#ifdef OPT_MPI
+    if (pipe_start(&argc, &argv)) {
+        static char prog[160];
+        snprintf(prog, sizeof prog, "opt (rank %d on %s)", g_comm->rank, g_comm->host);
+        g_prog = prog;
+    }
+#endif
     simd_init();
     Opts o = {.cmd = "generate", .batch = 16, .group = 64, .sq = {.alpha = 0.5f, .samples = 512, .len = 512},
               .off = {.pol = {.gpu_batch_size = 16, .num_gpu_batches = 1, .w_cpu = 100, .c_cpu = 100, .a_cpu = 100, .overlap = 1, .group_size = 64}}, .max_new = 32, .sc = {.temperature = 0, .top_k = 0, .top_p = 1}, .tie = 1, .step_rows = 1024};
@@ -5050,6 +5539,10 @@ int main(int argc, char **argv) {
     if (argc > 1 && (a1[0] != '-' || !strcmp(a1, "--version"))) { o.cmd = a1[0] != '-' ? a1 : "version"; first = 2; }
     bool known = false;
     for (size_t i = 0; i < sizeof cmd_names / sizeof *cmd_names; i++) known |= !strcmp(o.cmd, cmd_names[i]);
+    if (g_comm && strcmp(o.cmd, "generate") && strcmp(o.cmd, "score") && strcmp(o.cmd, "bench")) {
+        pipe_first(false);
+        die("opt %s runs in one process; generate, score and bench run as pipeline stages (without mpirun: %s)", o.cmd, o.cmd);
+    }
     if (is_help(a1)) usage(stdout);
     else if (!strcmp(o.cmd, "help")) cmd_help(argc > 2 ? argv[2] : NULL);
     else if (!strcmp(o.cmd, "lp")) rc = lp_main(argc - 1, argv + 1);
@@ -5057,7 +5550,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(o.cmd, "probe")) rc = probe_main(argc - 1, argv + 1);
     else if (!known) { fprintf(stderr, "opt: unknown command '%s' (see opt --help)\n", o.cmd); return 2; }
     else {
+        pipe_first(false);
         opts_parse(&o, argc - first, argv + first);
+        pipe_first(true);
         if (o.threads) omp_set_num_threads(o.threads);
         compute_set(o.compute);
         if (o.help) cmd_help(o.cmd);
@@ -5072,6 +5567,9 @@ int main(int argc, char **argv) {
     /* data on stdout is complete only if it reached its file: a full disk is an error */
     int bad = fflush(stdout), err = errno;
     if (bad || ferror(stdout)) die("<stdout>: write failed: %s", strerror(bad ? err : EIO));
+#ifdef OPT_MPI
+    pipe_end();
+#endif
     return rc;
 }
 #endif

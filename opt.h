@@ -372,6 +372,10 @@ void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Po
 int plan_search(const Config *c, const Hardware *hw, const PlanReq *req, Policy *out, PlanResult *res);
 /* `opt plan ...` and `opt probe ...` (argv[0] is the command name); return the exit status. */
 int plan_main(int argc, char **argv);
+/* Splits c->n_layer decoder layers into n_stages contiguous stages of layers[i] >= 1 layers each,
+ * balanced by the cost model: stage 0 also embeds, the last stage also applies the final LayerNorm,
+ * project_out, lm_head and the sampler to the rows needing logits. 0, or -1 when n_stages > n_layer. */
+int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers);
 int probe_main(int argc, char **argv);
 
 /* ----------------------------------------------------------------------------
@@ -435,7 +439,9 @@ typedef struct {
     Tensor proj_out;       /* (embed_dim, hidden), likewise */
     float *lnfw, *lnfb;    /* (hidden) decoder.final_layer_norm, NULL when absent */
     Tensor lm_head;        /* (vocab, embed_dim), the embedding when tied */
-    Layer *layers;         /* (n_layer) */
+    Layer *layers;         /* (cfg.n_layer) the decoder layers this process holds */
+    int layer0;            /* the first one's index in the whole model (a pipeline stage's), else 0 */
+    int n_layer_all;       /* the whole model's layers (cfg.n_layer but on a pipeline stage) */
     Checkpoint ck;         /* the mapped files the tensors point into */
     float *owned;          /* one allocation holding every f32 1-D tensor */
     size_t owned_n, owned_used; /* its size and fill, in floats */
@@ -454,6 +460,12 @@ void model_compress(Model *m, int group);         /* every matrix to 4 bits */
 void model_materialize(Model *m);                 /* a dummy model's matrices into RAM */
 void dummy_rows(const Model *m, const Tensor *t, int64_t r0, int64_t n, void *out); /* rows of a dummy tensor, as f16 */
 void model_free(Model *m);
+/* Keeps layers [l0, l1) only, as a pipeline stage: cfg.n_layer becomes l1 - l0, and the
+ * embedding (l0 > 0) and the output (l1 < n_layer) are dropped, so nothing downstream
+ * (compression, placement, the cache) touches what another stage holds. */
+void model_stage(Model *m, int l0, int l1);
+static inline bool model_first(const Model *m) { return m->layer0 == 0; } /* embeds (stage 0, or the whole model) */
+static inline bool model_last(const Model *m) { return m->layer0 + m->cfg.n_layer == m->n_layer_all; } /* has the output */
 void *model_own(Model *m, size_t bytes, const char *what); /* memory freed with the model */
 void native_write(const Model *m, const char *path, int group); /* opt convert's output; group > 0: 4-bit matrices */
 
@@ -601,8 +613,10 @@ typedef struct Offload Offload;
 Offload *offload_open(Model *m, const OffloadCfg *c, int rows_max, int cap, DType kv_dt, int group);
 /* One step over a block (slots 0 .. gbs*nb-1), layer by layer, batch by batch;
  * final hidden states of the rows into out (n, embed_dim). The output unit
- * (lm_head) stays staged for model_logits until the next step. */
-void offload_forward(Offload *o, const Step *st, float *out);
+ * (lm_head) stays staged for model_logits until the next step. On a pipeline
+ * stage, xin (n, hidden) replaces the embeddings after stage 0, and out gets
+ * the last layer's (n, hidden) before the last stage. */
+void offload_forward(Offload *o, const Step *st, const float *xin, float *out);
 /* Logits (rows <= 64, vocab) of final hidden rows, on the compute device. */
 void offload_logits(Offload *o, float *logits, const float *hid, int rows);
 void offload_stats(const Offload *o, OffloadStats *s);
@@ -645,6 +659,28 @@ void tmp_keep(int slot);                          /* no longer temporary (rename
 void tmp_remove(int slot);                        /* removed now */
 double size_parse(const char *flag, const char *v); /* "16G", "1.5T", "512M" (binary units) -> bytes; dies otherwise (lp.c) */
 void size_format(char *out, size_t cap, double bytes); /* "1.5 GiB", "300 MiB" (lp.c) */
+
+/* ----------------------------------------------------------------------------
+ * Pipeline stages across processes (pipe.c, built with make MPI=1): the
+ * transport the engine uses, one message at a time, in order per pair of ranks. */
+
+typedef struct {
+    int rank, size;        /* this process's stage, and the number of stages */
+    const char *host;      /* this process's host name, for messages */
+    void *(*isend)(const void *p, size_t n, int to);   /* posts a send of n bytes; returns its request */
+    void *(*irecv)(void *p, size_t cap, int from);     /* posts a receive of up to cap bytes */
+    size_t (*wait)(void *req);                          /* completes a request: bytes received (sends: 0) */
+    void (*bcast)(void *p, size_t n);                   /* rank 0's n bytes to every rank */
+    void (*gather)(const void *p, size_t n, void *all); /* every rank's n bytes to rank 0's all (size * n) */
+    void (*cancel)(void *req);                          /* withdraws a posted receive */
+    void (*abort)(void);                                /* die(): ends every rank, after this one's message */
+    void (*progress)(void);                             /* lets MPI move posted messages (between layers) */
+} Comm;
+extern const Comm *g_comm; /* NULL: one process */
+extern FILE *g_err;        /* where die() writes (NULL: stderr); a quiet pipeline rank's real stderr */
+/* Starts MPI when launched with more than one rank (sets g_comm): the number of ranks, else 0. */
+int pipe_start(int *argc, char ***argv);
+void pipe_end(void);       /* after a successful run */
 
 /* ----------------------------------------------------------------------------
  * kernels.cu (CUDA builds); opt.c has the stand-ins for CPU-only builds. */

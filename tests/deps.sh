@@ -11,6 +11,7 @@
 #   glpsol       GLPK, the reference for `opt lp`
 #   unicode-data the Unicode tables unicode_tab.h is checked against
 #   OpenBLAS     so that numpy's reference is fast (its pthread build)
+#   Open MPI     mpicc and mpirun, for the pipeline build (make opt-mpi) and its tests
 set -u
 PYTHON=${PYTHON:-/usr/bin/python3}
 
@@ -31,6 +32,7 @@ if [ -n "$missing_pip" ] && ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
 fi
 command -v glpsol >/dev/null 2>&1 || missing_apt="$missing_apt glpk-utils"
 [ -f /usr/share/unicode/UnicodeData.txt ] || missing_apt="$missing_apt unicode-data"
+{ command -v mpicc && command -v mpirun; } >/dev/null 2>&1 || missing_apt="$missing_apt openmpi-bin libopenmpi-dev"
 if [ $debian_py = 1 ] && ! ls /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas*.so* >/dev/null 2>&1 &&
    ! ls /usr/lib/*/openblas-pthread/libopenblas*.so* >/dev/null 2>&1; then
     missing_apt="$missing_apt libopenblas0-pthread"

@@ -22,6 +22,8 @@
 #   exit     tests/test_exit.py: interrupted synth/convert leave nothing, the progress line on
 #            a terminal, info's counts, a CUDA build's silence without a driver (--cuda)
 #   plan     tests/test_plan.sh: the cost model, `opt plan`, `opt probe`
+#   mpi      tests/test_mpi.py: pipeline stages (./opt-mpi under mpirun, 2-4 ranks) print the
+#            single process's bytes; start-up checks; a failing, a killed, an over-budget rank
 #   readme   tests/test_readme.py: every command of README.md's ```sh blocks, as written
 #   cuda     a smoke test of a CUDA build, when one is given (--cuda PATH or $OPT_CUDA)
 #   gpu      tests/gpu.sh: the GPU tests, where there is a GPU (skipped otherwise)
@@ -29,7 +31,7 @@
 # One line per group (PASS/FAIL/SKIP and seconds), the failures' details under a failed
 # group, then a summary. Exit status 0 only when no group failed.
 #
-# Environment: OPT (default ./opt), OPT_ASAN (./opt-asan), PYTHON (/usr/bin/python3),
+# Environment: OPT (default ./opt), OPT_ASAN (./opt-asan), OPT_MPI (./opt-mpi), PYTHON (/usr/bin/python3),
 # CC (cc), TEST_SEED (test_kernels' seed; default from the clock, printed),
 # OPT_REAL_MODEL_DIR (a real opt-125m/350m checkpoint for test_model's published
 # outputs), VERBOSE=1 (print every group's whole log).
@@ -41,7 +43,7 @@ OPT_ASAN=${OPT_ASAN:-./opt-asan}
 PYTHON=${PYTHON:-/usr/bin/python3}
 CC=${CC:-cc}
 CUDA_BIN=${OPT_CUDA:-}
-GROUPS="kernels tok lp model bad cli fuzz w8a8 q4 offload exit plan readme cuda gpu"
+GROUPS="kernels tok lp model bad cli fuzz w8a8 q4 offload exit plan mpi readme cuda gpu"
 SEL=""
 while [ $# -gt 0 ]; do
     case $1 in
@@ -178,7 +180,11 @@ run_q4() { group q4 "$OPT" "$PYTHON" tests/test_q4.py --opt "$OPT" --cc "$CC" --
 run_offload() { group offload "$OPT" "$PYTHON" tests/test_offload.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/offload"; }
 run_exit() { group exit "$OPT" "$PYTHON" tests/test_exit.py --opt "$OPT" ${CUDA_BIN:+--cuda "$CUDA_BIN"} --tmp "$TMP/exit"; }
 run_plan() { group plan "$OPT" sh tests/test_plan.sh "$OPT"; }
-run_readme() { group readme "$OPT" "$PYTHON" tests/test_readme.py --opt "$OPT" --tmp "$TMP/readme"; }
+run_mpi() {
+    if ! command -v mpirun >/dev/null 2>&1; then result mpi SKIP "no mpirun (tests/deps.sh installs Open MPI)"; return; fi
+    group mpi "${OPT_MPI:-./opt-mpi}" "$PYTHON" tests/test_mpi.py --opt "$OPT" --mpi "${OPT_MPI:-./opt-mpi}" --tmp "$TMP/mpi"
+}
+run_readme() { group readme "$OPT" "$PYTHON" tests/test_readme.py --opt "$OPT" --mpi "${OPT_MPI:-./opt-mpi}" --tmp "$TMP/readme"; }
 
 run_gpu() {
     log=$TMP/gpu.log

@@ -1,0 +1,83 @@
+#!/bin/sh
+# bench/pipeline.sh: issue 12's pipeline benchmark on this machine. A synthetic OPT-1.3b (opt
+# synth, cached in bench/models/), one block of B sequences: 2 pipeline ranks x 1 thread
+# (mpirun -np 2 ./opt-mpi) against 1 process x 1 thread (./opt-mpi without a launcher, which is
+# the plain binary), interleaved rounds. Pipeline efficiency = (throughput ratio) / 2. Twice:
+# weights in RAM (no policy: continuous batching, the block split into 2 groups of B/2), and
+# weights on disk (--percent 0 0 0 100 0 100, 2 GPU batches of B/2: each stage streams only its
+# own half of the weights from the checkpoint with O_DIRECT). Writes the "pipeline" section of
+# bench/RESULTS.md. Not run by the tests: a benchmark reports, it does not assert.
+#
+# Environment knobs (defaults in brackets):
+#   REPS  rounds [2]     B  block [16]     P, G  prompt and generation lengths [64, 16]
+#   OUT   raw output [build/bench-pipeline]      RESULTS  [bench/RESULTS.md]
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/usr/bin/python3}
+REPS=${REPS:-2}
+B=${B:-16}
+P=${P:-64}
+G=${G:-16}
+OUT=${OUT:-build/bench-pipeline}
+RESULTS=${RESULTS:-bench/RESULTS.md}
+MODEL=bench/models/opt-1.3b
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
+
+log() { printf '[pipeline %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+[ -x ./opt-mpi ] || { log "building ./opt-mpi"; make opt-mpi >&2; }
+mkdir -p "$OUT" bench/models
+rm -f "$OUT"/*.json "$OUT"/*.err
+cp ./opt-mpi "$OUT/opt-mpi"  # a snapshot: a rebuild during the run cannot mix two versions
+OPT=$OUT/opt-mpi
+if [ ! -f "$MODEL/config.json" ] || [ ! -f "$MODEL/model.safetensors" ]; then
+    log "synthesizing $MODEL"
+    ./opt-mpi synth --shape opt-1.3b --seed 0 -o "$MODEL" >&2
+fi
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) logical CPUs)"
+    echo "mpi: $(mpirun --version 2>&1 | head -n 1)"
+    echo "opt: git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- opt.c opt.h offload.c quant.c lp.c pipe.c 2>/dev/null || echo ' + uncommitted changes')"
+    echo "load_start: $(cut -d' ' -f1-3 /proc/loadavg)"
+} > "$OUT/machine.txt"
+
+H=$((B / 2))
+run() { # run NAME RANKS ARGS...: one bench, its JSON in $OUT/NAME.RANKS.REP.json
+    name=$1 ranks=$2
+    shift 2
+    f=$OUT/$name.$ranks.$rep
+    if [ "$ranks" = 1 ]; then "$OPT" bench -m "$MODEL" -t 1 --json "$@" >"$f.json" 2>"$f.err"
+    else mpirun -q --bind-to none -np "$ranks" "$OPT" bench -m "$MODEL" -t 1 --json "$@" >"$f.json" 2>"$f.err"
+    fi || { log "FAILED: $name $ranks: $(tail -n 2 "$f.err")"; exit 1; }
+    log "$name, $ranks rank(s): $(sed 's/.*"total_throughput": \([0-9.]*\).*/total \1 token\/s/' "$f.json")"
+}
+rep=1
+while [ $rep -le "$REPS" ]; do
+    for ranks in 1 2; do
+        run ram "$ranks" --prompt-len "$P" --gen-len "$G" -b "$B"
+        run disk "$ranks" --prompt-len "$P" --gen-len "$G" --percent 0 0 0 100 0 100 --gpu-batch-size "$H" --num-gpu-batches 2 --offload-dir "$OUT"
+    done
+    rep=$((rep + 1))
+done
+echo "load_end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"
+
+"$PYTHON" - "$OUT" "$B" "$P" "$G" "$REPS" <<'EOF' | "$PYTHON" bench/section.py pipeline "$RESULTS"
+import glob, json, os, statistics, sys
+out, B, P, G, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def med(name, ranks, key):
+    v = [json.load(open(f))[key] for f in glob.glob('%s/%s.%d.*.json' % (out, name, ranks))]
+    return statistics.median(v)
+print('## Pipeline stages over MPI on this machine (bench/pipeline.sh, issue 12)\n')
+for l in open(os.path.join(out, 'machine.txt')):
+    print('- ' + l.strip())
+print('- command: `sh bench/pipeline.sh` (B=%d P=%d G=%d REPS=%d); a synthetic OPT-1.3b (f16), `bench --json -t 1`, '
+      'medians of %d interleaved rounds' % (B, P, G, reps, reps))
+print('\nEfficiency = (2-rank throughput / 1-rank throughput) / 2; the goal is >= 0.85.\n')
+print('| weights | phase | 1 rank x 1 thread (token/s) | 2 ranks x 1 thread (token/s) | ratio | efficiency |')
+print('|---|---|---:|---:|---:|---:|')
+for name, label in (('ram', 'in RAM (no policy, 2 groups of %d)' % (B // 2)), ('disk', 'on disk, each stage its half (`--percent 0 0 0 100 0 100`, 2 x %d)' % (B // 2))):
+    for key, ph in (('prefill_throughput', 'prefill'), ('decode_throughput', 'decode'), ('total_throughput', 'total')):
+        a, b = med(name, 1, key), med(name, 2, key)
+        print('| %s | %s | %.2f | %.2f | %.2fx | %.2f |' % (label, ph, a, b, b / a, b / a / 2))
+EOF
+log "wrote the pipeline section of $RESULTS"
