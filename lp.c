@@ -1774,6 +1774,38 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
     return found ? 0 : -1;
 }
 
+/* ---- pipeline stages ---- */
+
+/* The layer split that `opt generate` uses when --stages is not given: cheap (no LP, no probe)
+ * and deterministic. A stage is weighed by the matmul work of one row through it, in units of
+ * one decoder layer's 4h^2 + 2hf weights: a layers cost a; stage 0 adds project_in (e h, on
+ * every row; the embedding itself is a lookup), the last stage project_out and lm_head
+ * (e h + V e) on the rows that need logits: one per prompt in prefill and every decode row,
+ * n of the s + n - 1 rows a sequence passes through. Attention, LayerNorms and the sampler are
+ * left out (attention is the same in every layer, the rest is small). For OPT-125m lm_head is
+ * 5.5 layers of work per row, so the last stage of a short-prompt workload holds fewer layers.
+ * Every stage starts with one layer and each further layer goes to the stage that is cheapest
+ * (the first on a tie). That minimises the slowest stage exactly: when the slowest stage, at
+ * cost M, got its last layer, every stage cost at least M - 1, so each already held the most
+ * layers a stage can hold at a cost under M; a split whose slowest stage is cheaper than M
+ * would hold fewer than the L layers. */
+int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers) {
+    int n = n_stages;
+    if (n < 1 || n > c->n_layer) return -1;
+    double h = c->hidden, e = c->embed_dim, unit = 4 * h * h + 2 * h * c->ffn;
+    double rows = prompt_len + gen_len - 1.0, share = rows > 0 && gen_len > 0 ? gen_len / rows : 1;
+    double proj = e != h ? e * h : 0, cost[n];
+    for (int i = 0; i < n; i++)
+        layers[i] = 1, cost[i] = 1 + (i == 0 ? proj / unit : 0) + (i == n - 1 ? (proj + (double)c->vocab * e) * share / unit : 0);
+    for (int k = n; k < c->n_layer; k++) {
+        int low = 0;
+        for (int i = 1; i < n; i++)
+            if (cost[i] < cost[low]) low = i;
+        layers[low]++, cost[low]++;
+    }
+    return 0;
+}
+
 /* ---- opt plan ---- */
 
 const char plan_usage[] =
