@@ -344,6 +344,11 @@ typedef struct {
     int cpu_attention;         /* -1: search both, 0: never, 1: always (when the cache is off-GPU) */
     int max_gpu_batch;         /* largest gpu_batch_size tried */
     int max_block;             /* largest gpu_batch_size * num_gpu_batches tried */
+    int block;                 /* 0, or the one block size tried (a pipeline's group) */
+    int embed, output;         /* the layers' node also embeds / applies the final LayerNorm,
+                                * project_out and lm_head (1 and 1 unless a pipeline stage) */
+    int groups;                /* blocks whose KV cache the node keeps: a pipeline stage keeps
+                                * every micro-batch group's (1 unless a pipeline stage) */
 } PlanReq;
 void plan_req_default(PlanReq *r, const Hardware *hw); /* FlexGen's workload, hw's budgets */
 
