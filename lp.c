@@ -2202,7 +2202,8 @@ static double bw_parse(const char *flag, const char *v) {
         bw = x * pow(1000, ex) / 8;
     else if (!*u || !strcmp(u, "B") || !strcmp(u, "iB") || !strcmp(u, "/s") || !strcmp(u, "B/s") || !strcmp(u, "iB/s"))
         bw = x * ldexp(1, 10 * ex);
-    if (e == v || errno || !isfinite(x) || !(isdigit((unsigned char)v[0]) || v[0] == '.') || !ex || !(bw > 0))
+    int bare = !at && (!*u || !strcmp(u, "/s")); /* bits or bytes? */
+    if (e == v || errno || !isfinite(x) || !(isdigit((unsigned char)v[0]) || v[0] == '.') || bare || !(bw > 0))
         die("%s '%s': not a link bandwidth (use e.g. 10Gb or 100Gbit: bits/s, decimal; or 1.25G: bytes/s, 1G = 2^30)", flag, v);
     return bw;
 }
