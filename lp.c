@@ -900,6 +900,13 @@ int lp_main(int argc, char **argv) {
  * (PLAN_CPU_SLACK): the CPU's throughput curve is flat long before memory runs out, and the
  * largest block would only add waiting (OPT-125m, 512 + 32: block 256 for 2% more than 8).
  *
+ * A pipeline stage (PlanReq.embed, output, groups; `opt plan --stages`, below): l is its layers;
+ * its embedding "layer" holds the token table if it embeds or applies lm_head (tied), the
+ * positions and project_in if it embeds, project_out, the final LayerNorm and lm_head's GEMM and
+ * logits if it applies the output; only the output's weights stream (the CPU looks embeddings
+ * up), so a stage that only embeds moves nothing for them. A middle stage has no such "layer".
+ * It keeps the cache of all its micro-batch groups: C = kv(s + n) b l G.
+ *
  * Left out, stated: quantizing the new cache entries (small against attention), the logits'
  * copy (greedy sampling stays on the GPU), CPU memory bandwidth taken by staging copies, the
  * CPU attention overlapping the next batch's GPU work (the engine may do better than this). */
@@ -1840,6 +1847,13 @@ const char plan_usage[] =
     "                      POLICY is generate's flags, with generate's defaults: --percent (0 100 0\n"
     "                      100 0 100), --gpu-batch-size (16), --num-gpu-batches (1), --cpu-attention,\n"
     "                      --compress-weight, --compress-cache, --pin-weights, --no-overlap\n"
+    "  --stages N          a pipeline over N nodes of the given hardware, each with the budgets:\n"
+    "                      the layer split (generate's without --stages), each stage's policy,\n"
+    "                      the micro-batch groups, link times, the bubble and the throughput,\n"
+    "                      against one node's (the cost model's pipeline: DESIGN.md)\n"
+    "  --nodes-bw BW       the link between consecutive stages, default 10Gb (10 Gb/s Ethernet):\n"
+    "                      10Gb, 100Gbit, 25Gbps are bits/s (decimal, as links are rated); 1.25G,\n"
+    "                      1.25GiB/s are bytes/s (binary, as the budgets)\n"
     "  --json              one JSON object on one line on stdout (also when nothing fits)\n"
     "  Exit status 1 when nothing fits; the message names the smallest budgets that would.\n";
 
