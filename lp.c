@@ -1800,9 +1800,9 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
  * 5.5 layers of work per row, so the last stage of a short-prompt workload holds fewer layers.
  * Every stage starts with one layer and each further layer goes to the stage that is cheapest
  * (the first on a tie). That minimises the slowest stage exactly: when the slowest stage, at
- * cost M, got its last layer, every stage cost at least M - 1, so each already held the most
- * layers a stage can hold at a cost under M; a split whose slowest stage is cheaper than M
- * would hold fewer than the L layers. */
+ * cost M, got its last layer (if it ever got one: one layer is every split's least), every
+ * stage cost at least M - 1, so each already held the most layers a stage can hold at a cost
+ * under M; a split whose slowest stage is cheaper than M would hold fewer than the L layers. */
 int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers) {
     int n = n_stages;
     if (n < 1 || n > c->n_layer) return -1;
@@ -2069,9 +2069,9 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
  * and keeps the KV cache of all G groups (PlanReq.groups). A stage's times per group, P_i
  * (prefill) and D_i (one decode step), are the cost model's for its layers plus its embedding
  * or output. Between consecutive stages a group's hidden states cross a link of bandwidth bw:
- * c_p = m s h x / bw in prefill, c_d = m h x / bw per decode step (x = 2 bytes, f16; 4 on the
- * CPU-only path, f32); the sampled tokens go back from the last stage to stage 0, c_t = 4 m / bw
- * (the token ring). Links are full-duplex, their transfers overlap the stages' compute (MPI's
+ * c_p = m s h x / bw in prefill, c_d = m h x / bw per decode step, x = 4 bytes (PIPE_X: the
+ * engine's hidden states are f32, on the GPU too; f16 on the wire would halve these); the
+ * sampled tokens go back from the last stage to stage 0, c_t = 4 m / bw (the token ring). Links are full-duplex, their transfers overlap the stages' compute (MPI's
  * non-blocking sends), and latency and protocol overhead are left out: with stage steps of a
  * millisecond or more, tens of microseconds do not count.
  * Stages and links are servers in a ring that serve groups first come, first served: (token t,
@@ -2090,6 +2090,8 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
  * cache of G groups); each block size m they chose is then tried for all stages (the search
  * with that one block), and the (G, m) of highest total throughput wins, the smaller G on a tie.
  * G stops growing when a stage no longer fits (the cache grows with G). */
+
+#define PIPE_X 4.0 /* bytes per hidden-state value between stages (f32) */
 
 typedef struct {
     int first, layers;         /* decoder layers [first, first + layers) */
@@ -2111,11 +2113,11 @@ typedef struct {
 } PipePlan;
 
 /* The makespan of the ring (see above) and what follows from it. */
-static void pipe_simulate(PipePlan *pp, const PlanReq *rq, double x_bytes, double h) {
+static void pipe_simulate(PipePlan *pp, const PlanReq *rq, double h) {
     int N = pp->n, G = pp->groups, n = rq->gen_len;
     double m = pp->group;
-    pp->c_pre = N > 1 ? m * rq->prompt_len * h * x_bytes / pp->bw : 0;
-    pp->c_dec = N > 1 ? m * h * x_bytes / pp->bw : 0;
+    pp->c_pre = N > 1 ? m * rq->prompt_len * h * PIPE_X / pp->bw : 0;
+    pp->c_dec = N > 1 ? m * h * PIPE_X / pp->bw : 0;
     pp->c_tok = N > 1 ? 4 * m / pp->bw : 0;
     double stage[N], link[N], back[G];
     for (int i = 0; i < N; i++) stage[i] = link[i] = 0;
@@ -2163,16 +2165,16 @@ static int pipe_stage_plan(const Config *c, const Hardware *hw, const PlanReq *r
  * every stage). */
 static int pipe_plan(const Config *c, const Hardware *hw, const PlanReq *rq, int n, double bw, PipePlan *best, int *bad) {
     int split[n];
-    PipeStage *free_st = check_calloc(3 * n * sizeof *free_st, "pipeline stages"), *st = free_st + n;
+    PipeStage *free_st = check_calloc(2 * n * sizeof *free_st, "pipeline stages"), *st = free_st + n;
     PipePlan pp = {.n = n, .bw = bw, .st = st};
-    *best = pp, best->st = st + n, *bad = -1;
+    *best = pp, best->st = check_calloc(n * sizeof *st, "pipeline stages"), *bad = -1;
     plan_stage_split(c, n, rq->prompt_len, rq->gen_len, split);
     for (int i = 0, at = 0; i < n; at += split[i++])
         free_st[i] = st[i] = best->st[i] = (PipeStage){.first = at, .layers = split[i], .embed = i == 0, .output = i == n - 1};
-    int gs[7] = {n, n + 1, n + 2, n * 3 / 2, 2 * n, 3 * n, 4 * n}, found = 0;
-    double x_bytes = hw->has_gpu ? 2 : 4;
+    int gs[7] = {n, n + 1, n + 2, n * 3 / 2, 2 * n, 3 * n, 4 * n}, found = 0, tried = 0;
     for (int gi = 0; gi < (n > 1 ? 7 : 1); gi++) {
-        if (gi && gs[gi] <= gs[gi - 1]) continue;
+        if (gs[gi] <= tried) continue; /* ascending, once each */
+        tried = gs[gi];
         PlanReq rg = *rq;
         rg.groups = pp.groups = gs[gi];
         int ok = 1;
@@ -2190,7 +2192,7 @@ static int pipe_plan(const Config *c, const Hardware *hw, const PlanReq *rq, int
             }
             if (!ok) { ok = 1; continue; }
             pp.group = m;
-            pipe_simulate(&pp, rq, x_bytes, c->hidden);
+            pipe_simulate(&pp, rq, c->hidden);
             if (!found || pp.tput_total > best->tput_total * (1 + 1e-9)) {
                 PipeStage *keep = best->st;
                 *best = pp, best->st = keep, found = 1;
@@ -2198,8 +2200,7 @@ static int pipe_plan(const Config *c, const Hardware *hw, const PlanReq *rq, int
             }
         }
     }
-    memmove(free_st, best->st, n * sizeof *st); /* the caller frees best->st */
-    best->st = free_st;
+    free(free_st);
     return found ? 0 : -1;
 }
 

@@ -86,7 +86,7 @@ Prompt 512, 32 generated; throughput by FlexGen's definitions over the whole blo
 T4 node, 16 GB GPU, 208 GB RAM, 1.5 TB NVMe; `h100`: an H100 PCIe node, 80 GB GPU, 256 GiB RAM, 3.5
 TiB NVMe) with its full budgets; the layers are split as `opt generate` splits them
 (`plan_stage_split`); each stage has its own policy (the one shown is a middle stage's) and keeps the
-KV cache of all G groups; a group's hidden states cross each link in f16, the sampled tokens come
+KV cache of all G groups; a group's hidden states cross each link in f32, the sampled tokens come
 back from the last stage; links are full-duplex, overlap compute, and their latency is left out. "One
 node" is plain `opt plan` on one such node. The speed-up is more than the node count where one node
 must stream its weights from disk and N nodes hold them in RAM (or GPU memory): the pipeline's

@@ -578,6 +578,13 @@ def ring(j, n):
 
 
 J6 = 2e-5  # --json's numbers have 6 significant digits
+def pipe_numbers(j, s, n):
+    """Prefill, decode and total throughput and the bubble, from the ring (FlexGen's definitions)."""
+    tp, T = ring(j, n)
+    busy = max(j["groups"] * (st["time"]["prefill"] + st["time"]["decode"]) for st in j["stage"])
+    return j["block"] * s / tp, j["block"] * (n - 1) / (T - tp), j["block"] * n / T, 1 - busy / T
+
+
 SPLITS = [("opt-175b", "t4", 4, []), ("opt-175b", "h100", 7, []), ("opt-1.3b", "t4", 24, []), ("opt-125m", "h100", 5, ["--prompt-len", "32"]),
           ("opt-350m", "t4", 3, ["--compress-weight"])]
 
@@ -602,14 +609,14 @@ for (model, hw, N, extra), (rc, j, err) in zip(SPLITS, pmap(split_case, SPLITS))
           "%s: %d groups of %d, block %d, stage blocks %r" % (what, j["groups"], j["group"], j["block"], [block_of(s["flags"]) for s in st]))
     # the ring, recomputed here from the times the plan reports
     tp, T = ring(j, 32)
-    B, s_len, n = j["block"], 32 if "--prompt-len" in extra else 512, 32
+    pre, dec, tot, bub = pipe_numbers(j, 32 if "--prompt-len" in extra else 512, 32)
     check(close(j["time"]["prefill"], tp, J6) and close(j["time"]["total"], T, J6),
           "%s: block time %g (prefill %g), the ring gives %g (%g)" % (what, j["time"]["total"], j["time"]["prefill"], T, tp))
-    check(close(j["throughput"]["total"], B * n / T, J6) and close(j["throughput"]["prefill"], B * s_len / tp, J6)
-          and close(j["throughput"]["decode"], B * (n - 1) / (T - tp), J6), "%s: throughput %r" % (what, j["throughput"]))
+    t = j["throughput"]
+    check(close(t["total"], tot, J6) and close(t["prefill"], pre, J6) and close(t["decode"], dec, J6), "%s: throughput %r" % (what, t))
     busy = [j["groups"] * (s["time"]["prefill"] + s["time"]["decode"]) for s in st]
-    b = j["bottleneck_stage"]
-    check(busy[b] >= max(busy) * (1 - J6) and abs(j["bubble"] - (1 - busy[b] / T)) < 1e-4, "%s: bubble %g of stage %d, busy %r of %g" % (what, j["bubble"], b, busy, T))
+    check(busy[j["bottleneck_stage"]] >= max(busy) * (1 - J6) and abs(j["bubble"] - bub) < 1e-4,
+          "%s: bubble %g of stage %d, busy %r of %g" % (what, j["bubble"], j["bottleneck_stage"], busy, T))
     check(j["single"] is None or j["single"]["throughput"]["total"] > 0, "%s: one node's prediction" % what)
 
 # the ring's rules by hand, on a tiny pipeline: two stages of 4 and 3 s in prefill, 1 and 2 s per decode
@@ -619,6 +626,10 @@ hand = {"stages": 2, "groups": 2, "stage": [{"time": {"prefill": 4.0, "decode": 
 # prefill: stage 0 ends groups at 4, 8; link to 5, 9; stage 1 at 8, 12 (prefill time 12); tokens back at 8.25, 12.25
 # decode: stage 0 at max(8.25, 8) + 1 = 9.25, 13.25; links 9.75, 13.75; stage 1 at max(9.75, 12) + 2 = 14, 16
 check(ring(hand, 2) == (12.0, 16.0), "the ring by hand: %r, not (12, 16)" % (ring(hand, 2),))
+# busy 2 x (4 + 1) = 10 s and 2 x (3 + 2) = 10 s of 16: a bubble of 3/8; with 1 sequence per group
+# and prompt 8, prefill 2 x 8 / 12, decode 2 x 1 / (16 - 12), total 2 x 2 / 16 token/s
+hand.update(group=1, block=2)
+check(pipe_numbers(hand, 8, 2) == (2 * 8 / 12, 2 / 4, 4 / 16, 3 / 8), "the ring's throughput and bubble by hand: %r" % (pipe_numbers(hand, 8, 2),))
 
 # a faster link never predicts less, and more when the links matter (OPT-125m: a small step per stage)
 BWS = ["1Gb", "10Gb", "100Gb", "1000Gb"]
