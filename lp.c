@@ -2071,9 +2071,10 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
  * or output. Between consecutive stages a group's hidden states cross a link of bandwidth bw:
  * c_p = m s h x / bw in prefill, c_d = m h x / bw per decode step, x = 4 bytes (PIPE_X: the
  * engine's hidden states are f32, on the GPU too; f16 on the wire would halve these); the
- * sampled tokens go back from the last stage to stage 0, c_t = 4 m / bw (the token ring). Links are full-duplex, their transfers overlap the stages' compute (MPI's
- * non-blocking sends), and latency and protocol overhead are left out: with stage steps of a
- * millisecond or more, tens of microseconds do not count.
+ * sampled tokens go back from the last stage to stage 0, c_t = 4 m / bw (the token ring).
+ * Links are full-duplex, their transfers overlap the stages' compute (MPI's non-blocking
+ * sends), and latency and protocol overhead are left out: against stage steps of milliseconds,
+ * tens of microseconds do not count.
  * Stages and links are servers in a ring that serve groups first come, first served: (token t,
  * group g) in lexicographic order. Job (t, g) at stage i starts at max(its arrival, the end of
  * the stage's previous job) and takes P_i (t = 0) or D_i; its send starts at max(that end, the
