@@ -900,6 +900,13 @@ int lp_main(int argc, char **argv) {
  * (PLAN_CPU_SLACK): the CPU's throughput curve is flat long before memory runs out, and the
  * largest block would only add waiting (OPT-125m, 512 + 32: block 256 for 2% more than 8).
  *
+ * A pipeline stage (PlanReq.embed, output, groups; `opt plan --stages`, below): l is its layers;
+ * its embedding "layer" holds the token table if it embeds or applies lm_head (tied), the
+ * positions and project_in if it embeds, project_out, the final LayerNorm and lm_head's GEMM and
+ * logits if it applies the output; only the output's weights stream (the CPU looks embeddings
+ * up), so a stage that only embeds moves nothing for them. A middle stage has no such "layer".
+ * It keeps the cache of all its micro-batch groups: C = kv(s + n) b l G.
+ *
  * Left out, stated: quantizing the new cache entries (small against attention), the logits'
  * copy (greedy sampling stays on the GPU), CPU memory bandwidth taken by staging copies, the
  * CPU attention overlapping the next batch's GPU work (the engine may do better than this). */
@@ -1044,7 +1051,7 @@ void hw_load(Hardware *hw, const char *spec) {
 
 void plan_req_default(PlanReq *r, const Hardware *hw) {
     *r = (PlanReq){.prompt_len = 512, .gen_len = 32, .group_size = 64, .cpu_attention = -1,
-                   .max_gpu_batch = 512, .max_block = 4096,
+                   .max_gpu_batch = 512, .max_block = 4096, .embed = 1, .output = 1, .groups = 1,
                    .budget = {hw->has_gpu ? hw->gpu_mem : 0, hw->cpu_mem, hw->disk_mem},
                    .usable = {0.9, 0.9, 0.95}};
 }
@@ -1192,7 +1199,7 @@ static void cost_cpu_steps(CostModel *M, const Config *c, const Hardware *hw, co
     int cw = rq->compress_weight, cc = rq->compress_cache, ov = sh->overlap;
     double rw = cw ? (4 + 32 / G) / 16 : 1, PL = 4 * h * h + 2 * h * f, wbytes = 2 * PL * rw;
     double rd = hw->disk_read_bw, wr = hw->disk_write_bw, copy = 2 / hw->cpu_mem_bw, req = hw->io_req_cpu_s;
-    double Ao = 2 * (V * e + (e != h ? e * h : 0)) * rw;                 /* the output unit's bytes */
+    double Ao = rq->output ? 2 * (V * e + (e != h ? e * h : 0)) * rw : 0; /* the output unit's bytes */
     if (ov) M->mult[T_P] = l - 1, M->mult[T_G] = (l - 1) * (n - 1);
     CostLin layer[2] = {{0}}, disk[2] = {{0}};                          /* one layer's compute and disk */
     for (int ph = 0; ph < 2; ph++) {
@@ -1226,7 +1233,7 @@ static void cost_cpu_steps(CostModel *M, const Config *c, const Hardware *hw, co
         lin_add(&M->time[t][CH_DISK], 1, *dk);
         /* the embedding "layer": the first read, the last layer against the output unit, logits */
         double logits = 0;
-        for (double r0 = 0; r0 < b; r0 += 64) logits += cost_cpu_gemm(hw, cw, fmin(64, b - r0), V * e, 2 * V * e * rw);
+        for (double r0 = 0; rq->output && r0 < b; r0 += 64) logits += cost_cpu_gemm(hw, cw, fmin(64, b - r0), V * e, 2 * V * e * rw);
         CostLin first = lin_x(WL / rd, X_WN, -1), out = lin_x(Ao / rd, X_WN, -1);
         lin_add(&M->moved[te][MV_READ], 1, lin_x(Ao, X_WN, -1));
         if (ov) { /* the first layer's read, then the last layer (its "next" read is the output unit) */
@@ -1256,11 +1263,15 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
     double cb = cc ? (4 + 32 / G) / 8 : gpu ? 2 : 4;                     /* bytes per cached value */
     double PL = 4 * h * h + 2 * h * f;                                   /* matrix weights of a layer */
     double WL = 2 * PL * rw + 2 * ((c->bias ? 5 * h + f : 0) + (c->ln_affine ? 4 * h : 0));
-    double PE = V * e + (c->max_pos + 2.0) * h + (e != h ? 2 * e * h : 0);
-    double WE = 2 * PE * rw + (c->final_ln && c->ln_affine ? 4 * h : 0);
+    /* the embedding "layer" of a pipeline stage: the token table if it embeds or applies lm_head
+     * (tied), positions and project_in if it embeds, project_out and the final LayerNorm if it
+     * applies the output; only the output's weights stream (the CPU looks the embeddings up) */
+    int has_in = rq->embed, has_out = rq->output;
+    double PE = (has_in || has_out ? V * e : 0) + (has_in ? (c->max_pos + 2.0) * h : 0) + (e != h ? (has_in + has_out) * e * h : 0);
+    double WE = 2 * PE * rw + (has_out && c->final_ln && c->ln_affine ? 4 * h : 0), WEm = has_out ? WE : 0;
     double W = l * WL + WE;
     double kv1 = 2 * h * cb, ctx = s + n / 2, ctxm = s + n;            /* kv bytes per position */
-    double C = kv1 * ctxm * b * l;
+    double C = kv1 * ctxm * b * l * rq->groups;
     double x = gpu ? 2 : 4;                                              /* bytes per activation */
     double Ap = x * s * h * b, Ag = x * h * b;
     M->mult[T_P] = l, M->mult[T_G] = l * (n - 1), M->mult[T_EP] = 1, M->mult[T_EG] = n - 1;
@@ -1274,8 +1285,8 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
         int emb = t == T_EP || t == T_EG, pre = t == T_P;
         double A = pre ? Ap : Ag;
         if (emb) {
-            if (gpu) cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WE, X_WC, X_WN));
-            cost_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WE, X_WN, -1));
+            if (gpu) cost_move(M, t, CH_H2D, MV_H2D, hw->h2d_bw, lin_x(WEm, X_WC, X_WN));
+            cost_move(M, t, CH_DISK, MV_READ, hw->disk_read_bw, lin_x(WEm, X_WN, -1));
             continue;
         }
         if (gpu) {
@@ -1314,8 +1325,9 @@ static void cost_build(CostModel *M, const Config *c, const Hardware *hw, const 
     double bmm_p = gpu ? hw->gpu_bmm_flops_p : hw->cpu_gemm_flops_g;     /* small per-head GEMMs */
     lin_add(&M->time[T_P][CH_COMP], k, lin_c(mm_p + 4 * g * s * s * h / bmm_p + dq + o));
     lin_add(&M->time[T_G][CH_COMP], k, lin_c(mm_g + dq + o));
-    lin_add(&M->time[T_EP][CH_COMP], k, lin_c(mm_e + dqe + o));
-    lin_add(&M->time[T_EG][CH_COMP], k, lin_c(mm_e + dqe + o));
+    double te = has_out ? mm_e + dqe + o : has_in ? o : 0;
+    lin_add(&M->time[T_EP][CH_COMP], k, lin_c(te));
+    lin_add(&M->time[T_EG][CH_COMP], k, lin_c(te));
     double aw = 4 * b * ctx * h;                                         /* decode attention FLOPs */
     double cpu_attn = cc ? hw->cpu_attn_q4_bw : hw->cpu_attn_bw;
     if (hw->cpu_attn_c[0] || hw->cpu_attn_c[1] || hw->cpu_attn_c[2]) {  /* FlexGen's T4 fit */
@@ -1340,9 +1352,9 @@ peaks:; /* a label before a declaration: C23, or this empty statement */
     /* one GPU batch's intermediates: the residual stream, LayerNorm output, q, k, v and the
      * attention output live through attention, the scores (nh s^2, not a fused kernel's tiles)
      * only within it and the FFN's hidden layer only within the MLP; f32 logits at the end */
-    double ws_p = x * g * (6 * s * h + fmax(nh * s * s, s * f)) + 4 * g * V;
-    double ws_g = x * g * (6 * h + fmax(nh * ctxm, f)) + 4 * g * V;
-    double dq_ws = cw ? 2 * fmax(h * f, V * e) : 0;
+    double ws_p = x * g * (6 * s * h + fmax(nh * s * s, s * f)) + 4 * g * V * has_out;
+    double ws_g = x * g * (6 * h + fmax(nh * ctxm, f)) + 4 * g * V * has_out;
+    double dq_ws = cw ? 2 * fmax(h * f, V * e * has_out) : 0;
     for (int ph = 0; ph < 2; ph++) {
         int pre = ph == PH_PRE;
         double A = pre ? Ap : Ag, sp = pre ? s : 1;                    /* positions per batch step */
@@ -1350,7 +1362,7 @@ peaks:; /* a label before a declaration: C23, or this empty statement */
         if (gpu) {
             lin_add(&m[ph], 1, lin_x(W, X_WG, -1));
             lin_add(&m[ph], 1, lin_x(C, X_CG, -1));
-            lin_add(&m[ph], 1, lin_x(2 * WL + WE, X_WC, X_WN));
+            lin_add(&m[ph], 1, lin_x(2 * WL + WEm, X_WC, X_WN));
             lin_add(&m[ph], 1, lin_x(A, X_AG, -1));
             lin_add(&m[ph], 1, lin_x(2 * x * sp * h * g, X_AC, X_AN));
             lin_add(&m[ph], 1, lin_c(dq_ws + (pre ? ws_p : ws_g)));
@@ -1361,7 +1373,7 @@ peaks:; /* a label before a declaration: C23, or this empty statement */
         m = M->mem[TIER_CPU];
         lin_add(&m[ph], 1, lin_x(W, X_WC, -1));
         lin_add(&m[ph], 1, lin_x(C, X_CC, -1));
-        lin_add(&m[ph], 1, lin_x(2 * WL + WE, X_WN, -1));
+        lin_add(&m[ph], 1, lin_x(2 * WL + WEm, X_WN, -1));
         if (!sh->pin && gpu) lin_add(&m[ph], 1, lin_x(2 * WL, X_WC, -1));
         lin_add(&m[ph], 1, lin_x(A, X_AC, -1));
         lin_add(&m[ph], 1, lin_x(2 * kv1 * (pre ? s : ctxm) * g, X_CN, -1));
@@ -1691,7 +1703,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
     int nc = 0;
     for (int ca = 0; ca <= (hw->has_gpu ? 1 : 0); ca++) {
         if (rq->cpu_attention >= 0 && ca != rq->cpu_attention && hw->has_gpu) continue;
-        for (int g = 1; g <= rq->max_gpu_batch && g <= rq->max_block && nc < 2 * 64; g = plan_gbs_next(g)) {
+        for (int g = 1; g <= rq->max_gpu_batch && g <= (rq->block ? rq->block : rq->max_block) && nc < 2 * 64; g = plan_gbs_next(g)) {
             PlanShape sh = {g, 1, ca, 1, 1};
             CostModel M;
             cost_build(&M, c, hw, rq, &sh);
@@ -1709,7 +1721,9 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
         int g = cand[i].g, ca = cand[i].ca;
         if (found && cand[i].ub < br.tput_total * (1 - 1e-9)) break; /* sorted: none left can win */
         if (g >= g_unfit[ca]) continue; /* memory grows with g too */
-        for (int k = 1; (long)g * k <= rq->max_block; k++) {
+        if (rq->block && rq->block % g) continue;
+        int k0 = rq->block ? rq->block / g : 1, k1 = rq->block ? k0 : rq->max_block / g;
+        for (int k = k0; k <= k1; k++) {
             PlanShape sh = {g, k, ca, 1, 1};
             CostModel M;
             cost_build(&M, c, hw, rq, &sh);
@@ -1720,7 +1734,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
              * is. Throughput is not monotone in k, so there is no stop at its first drop (as in
              * FlexGen's search): only the exact bound below ends k early. */
             if (st == LP_INFEASIBLE) {
-                if (k == 1) g_unfit[ca] = g;
+                if (k == k0) g_unfit[ca] = g;
                 break;
             }
             if (st != LP_OPTIMAL) continue;
@@ -1742,7 +1756,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
      * curve is flat long before the memory runs out: on this machine OPT-125m (512 + 32) gains 2%
      * from a block of 8 to one of 256, for 31 times the wait and the memory. Blocks in order of
      * size, GPU batch size ascending within one; stops at the first that qualifies. */
-    if (found && !hw->has_gpu) {
+    if (found && !hw->has_gpu && !rq->block) {
         double want = br.tput_total * (1 - PLAN_CPU_SLACK);
         int bb = best.gpu_batch_size * best.num_gpu_batches, done = 0;
         for (int blk = 1; blk < bb && !done; blk++)
@@ -1774,6 +1788,38 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
     return found ? 0 : -1;
 }
 
+/* ---- pipeline stages ---- */
+
+/* The layer split that `opt generate` uses when --stages is not given: cheap (no LP, no probe)
+ * and deterministic. A stage is weighed by the matmul work of one row through it, in units of
+ * one decoder layer's 4h^2 + 2hf weights: a layers cost a; stage 0 adds project_in (e h, on
+ * every row; the embedding itself is a lookup), the last stage project_out and lm_head
+ * (e h + V e) on the rows that need logits: one per prompt in prefill and every decode row,
+ * n of the s + n - 1 rows a sequence passes through. Attention, LayerNorms and the sampler are
+ * left out (attention is the same in every layer, the rest is small). For OPT-125m lm_head is
+ * 5.5 layers of work per row, so the last stage of a short-prompt workload holds fewer layers.
+ * Every stage starts with one layer and each further layer goes to the stage that is cheapest
+ * (the first on a tie). That minimises the slowest stage exactly: when the slowest stage, at
+ * cost M, got its last layer (if it ever got one: one layer is every split's least), every
+ * stage cost at least M - 1, so each already held the most layers a stage can hold at a cost
+ * under M; a split whose slowest stage is cheaper than M would hold fewer than the L layers. */
+int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers) {
+    int n = n_stages;
+    if (n < 1 || n > c->n_layer) return -1;
+    double h = c->hidden, e = c->embed_dim, unit = 4 * h * h + 2 * h * c->ffn;
+    double rows = prompt_len + gen_len - 1.0, share = rows > 0 && gen_len > 0 ? gen_len / rows : 1;
+    double proj = e != h ? e * h : 0, cost[n];
+    for (int i = 0; i < n; i++)
+        layers[i] = 1, cost[i] = 1 + (i == 0 ? proj / unit : 0) + (i == n - 1 ? (proj + (double)c->vocab * e) * share / unit : 0);
+    for (int k = n; k < c->n_layer; k++) {
+        int low = 0;
+        for (int i = 1; i < n; i++)
+            if (cost[i] < cost[low]) low = i;
+        layers[low]++, cost[low]++;
+    }
+    return 0;
+}
+
 /* ---- opt plan ---- */
 
 const char plan_usage[] =
@@ -1801,6 +1847,13 @@ const char plan_usage[] =
     "                      POLICY is generate's flags, with generate's defaults: --percent (0 100 0\n"
     "                      100 0 100), --gpu-batch-size (16), --num-gpu-batches (1), --cpu-attention,\n"
     "                      --compress-weight, --compress-cache, --pin-weights, --no-overlap\n"
+    "  --stages N          a pipeline over N nodes of the given hardware, each with the budgets:\n"
+    "                      the layer split (generate's without --stages), each stage's policy,\n"
+    "                      the micro-batch groups, link times, the bubble and the throughput,\n"
+    "                      against one node's (the cost model's pipeline: DESIGN.md)\n"
+    "  --nodes-bw BW       the link between consecutive stages, default 10Gb (10 Gb/s Ethernet):\n"
+    "                      10Gb, 100Gbit, 25Gbps are bits/s (decimal, as links are rated); 1.25G,\n"
+    "                      1.25GiB/s are bytes/s (binary, as the budgets)\n"
     "  --json              one JSON object on one line on stdout (also when nothing fits)\n"
     "  Exit status 1 when nothing fits; the message names the smallest budgets that would.\n";
 
@@ -2007,12 +2060,260 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
     if (!eval) printf("search      %d LPs (%d feasible) in %.2f s\n", r->n_lp, r->n_feasible, secs);
 }
 
+/* ---- opt plan --stages: a pipeline over identical nodes ----
+ *
+ * N nodes, each the given hardware with the full budgets, run N pipeline stages: stage i holds
+ * the plan_stage_split layers (what `opt generate` runs without --stages), stage 0 also embeds
+ * and the last stage applies the output. The block is split into G >= N micro-batch groups of m
+ * sequences; every stage runs a group as one offloading block of its own policy (g_i x k_i = m)
+ * and keeps the KV cache of all G groups (PlanReq.groups). A stage's times per group, P_i
+ * (prefill) and D_i (one decode step), are the cost model's for its layers plus its embedding
+ * or output. Between consecutive stages a group's hidden states cross a link of bandwidth bw:
+ * c_p = m s h x / bw in prefill, c_d = m h x / bw per decode step, x = 4 bytes (PIPE_X: the
+ * engine's hidden states are f32, on the GPU too; f16 on the wire would halve these); the
+ * sampled tokens go back from the last stage to stage 0, c_t = 4 m / bw (the token ring).
+ * Links are full-duplex, their transfers overlap the stages' compute (MPI's non-blocking
+ * sends), and latency and protocol overhead are left out: against stage steps of milliseconds,
+ * tens of microseconds do not count.
+ * Stages and links are servers in a ring that serve groups first come, first served: (token t,
+ * group g) in lexicographic order. Job (t, g) at stage i starts at max(its arrival, the end of
+ * the stage's previous job) and takes P_i (t = 0) or D_i; its send starts at max(that end, the
+ * end of the link's previous send). Group g's step t + 1 arrives at stage 0 when its tokens of
+ * step t have come back. The block's makespan T is when the last stage ends (n - 1, G - 1); the
+ * prefill time Tp when it ends (0, G - 1); Td = T - Tp. Throughput, FlexGen's definitions over
+ * the block B = G m: prefill B s / Tp, decode B (n - 1) / Td, total B n / T. In steady state a
+ * decode step of all G groups takes max(G max_i D_i, G c_d, R) with R = sum_i D_i + (N - 1) c_d
+ * + c_t the round trip of one group: G ~ N keeps the slowest stage busy once R <= G max D_i. The
+ * bubble is the bottleneck stage's idle share of T: 1 - G (P_b + (n - 1) D_b) / T (fill, drain
+ * and waits). One stage, one group: T = P + (n - 1) D, plain plan's prediction.
+ * The search: for G in N, N + 1, N + 2, 3N/2, 2N, 3N, 4N (one stage: G = 1), each kind of stage
+ * (stage 0, the last, the middle ones: 2-4 kinds) is planned freely (plan_search with the
+ * cache of G groups); each block size m they chose is then tried for all stages (the search
+ * with that one block), and the (G, m) of highest total throughput wins, the smaller G on a tie.
+ * G stops growing when a stage no longer fits (the cache grows with G). */
+
+#define PIPE_X 4.0 /* bytes per hidden-state value between stages (f32) */
+
+typedef struct {
+    int first, layers;         /* decoder layers [first, first + layers) */
+    int embed, output;         /* stage 0 also embeds, the last applies the output */
+    Policy p;                  /* its own policy; its block is the group */
+    PlanResult r;              /* its prediction for one group: t_prefill, t_decode */
+} PipeStage;
+
+typedef struct {
+    int n, groups, group;      /* stages N, micro-batch groups G, sequences per group m */
+    double bw;                 /* link bandwidth between consecutive stages, bytes/s */
+    double c_pre, c_dec, c_tok;/* seconds on a link per group: prefill's hidden states, one
+                                * decode step's, the sampled tokens back to stage 0 */
+    double t_prefill, t_decode;/* the block: until the last group's first token, then the rest */
+    double tput_prefill, tput_decode, tput_total; /* token/s over the block G m */
+    double bubble;             /* idle share of the bottleneck stage over the block */
+    int bottleneck;            /* the stage busiest over the block */
+    PipeStage *st;             /* (n) */
+} PipePlan;
+
+/* The makespan of the ring (see above) and what follows from it. */
+static void pipe_simulate(PipePlan *pp, const PlanReq *rq, double h) {
+    int N = pp->n, G = pp->groups, n = rq->gen_len;
+    double m = pp->group;
+    pp->c_pre = N > 1 ? m * rq->prompt_len * h * PIPE_X / pp->bw : 0;
+    pp->c_dec = N > 1 ? m * h * PIPE_X / pp->bw : 0;
+    pp->c_tok = N > 1 ? 4 * m / pp->bw : 0;
+    double stage[N], link[N], back[G];
+    for (int i = 0; i < N; i++) stage[i] = link[i] = 0;
+    for (int t = 0; t < n; t++) {
+        for (int g = 0; g < G; g++) {
+            double at = t ? back[g] : 0;
+            for (int i = 0; i < N; i++) {
+                const PlanResult *r = &pp->st[i].r;
+                stage[i] = fmax(at, stage[i]) + (t ? r->t_decode / (n - 1) : r->t_prefill);
+                if (N == 1) { at = stage[i]; continue; }
+                at = link[i] = fmax(stage[i], link[i]) + (i < N - 1 ? (t ? pp->c_dec : pp->c_pre) : pp->c_tok);
+            }
+            back[g] = at;
+        }
+        if (!t) pp->t_prefill = stage[N - 1];
+    }
+    double T = stage[N - 1], busy = -1, B = G * m;
+    pp->t_decode = T - pp->t_prefill;
+    for (int i = 0; i < N; i++) {
+        double b = G * (pp->st[i].r.t_prefill + pp->st[i].r.t_decode);
+        if (b > busy) busy = b, pp->bottleneck = i;
+    }
+    pp->bubble = fmax(0, 1 - busy / T);
+    pp->tput_prefill = B * rq->prompt_len / pp->t_prefill;
+    pp->tput_decode = n > 1 ? B * (n - 1) / pp->t_decode : 0;
+    pp->tput_total = B * n / T;
+}
+
+/* Plans stage i (its layers, embedding, output) with rq, reusing an earlier stage alike. */
+static int pipe_stage_plan(const Config *c, const Hardware *hw, const PlanReq *rq, PipeStage *st, int i) {
+    for (int j = 0; j < i; j++)
+        if (st[j].layers == st[i].layers && st[j].embed == st[i].embed && st[j].output == st[i].output) {
+            st[i].p = st[j].p, st[i].r = st[j].r;
+            return 0;
+        }
+    Config ci = *c;
+    ci.n_layer = st[i].layers;
+    PlanReq r = *rq;
+    r.embed = st[i].embed, r.output = st[i].output;
+    return plan_search(&ci, hw, &r, &st[i].p, &st[i].r);
+}
+
+/* The best pipeline of 1 <= n <= c->n_layer stages (see above) into *best, whose st the caller
+ * frees: 0, or -1 when stage *bad does not fit even with G = n groups (-1: no group size fits
+ * every stage). */
+static int pipe_plan(const Config *c, const Hardware *hw, const PlanReq *rq, int n, double bw, PipePlan *best, int *bad) {
+    int split[n];
+    PipeStage *free_st = check_calloc(2 * n * sizeof *free_st, "pipeline stages"), *st = free_st + n;
+    PipePlan pp = {.n = n, .bw = bw, .st = st};
+    *best = pp, best->st = check_calloc(n * sizeof *st, "pipeline stages"), *bad = -1;
+    plan_stage_split(c, n, rq->prompt_len, rq->gen_len, split);
+    for (int i = 0, at = 0; i < n; at += split[i++])
+        free_st[i] = st[i] = best->st[i] = (PipeStage){.first = at, .layers = split[i], .embed = i == 0, .output = i == n - 1};
+    int gs[7] = {n, n + 1, n + 2, n * 3 / 2, 2 * n, 3 * n, 4 * n}, found = 0, tried = 0;
+    for (int gi = 0; gi < (n > 1 ? 7 : 1); gi++) {
+        if (gs[gi] <= tried) continue; /* ascending, once each */
+        tried = gs[gi];
+        PlanReq rg = *rq;
+        rg.groups = pp.groups = gs[gi];
+        int ok = 1;
+        for (int i = 0; i < n && ok; i++)
+            if (pipe_stage_plan(c, hw, &rg, free_st, i)) ok = 0, *bad = i;
+        if (!ok) break; /* more groups, more cache */
+        for (int i = 0; i < n; i++) {
+            int m = free_st[i].p.gpu_batch_size * free_st[i].p.num_gpu_batches, seen = 0;
+            for (int j = 0; j < i; j++) seen |= m == free_st[j].p.gpu_batch_size * free_st[j].p.num_gpu_batches;
+            if (seen) continue;
+            rg.block = m;
+            for (int j = 0; j < n && ok; j++) {
+                if (free_st[j].p.gpu_batch_size * free_st[j].p.num_gpu_batches == m) st[j] = free_st[j];
+                else if (pipe_stage_plan(c, hw, &rg, st, j)) ok = 0;
+            }
+            if (!ok) { ok = 1; continue; }
+            pp.group = m;
+            pipe_simulate(&pp, rq, c->hidden);
+            if (!found || pp.tput_total > best->tput_total * (1 + 1e-9)) {
+                PipeStage *keep = best->st;
+                *best = pp, best->st = keep, found = 1;
+                memcpy(keep, st, n * sizeof *st);
+            }
+        }
+    }
+    free(free_st);
+    return found ? 0 : -1;
+}
+
+/* --nodes-bw: "10Gb", "100Gbit", "25Gbps" (bits/s, decimal, as links are rated) or "1.25G",
+ * "1.25GiB/s" (bytes/s in plan's binary units); dies with one line otherwise. */
+static double bw_parse(const char *flag, const char *v) {
+    char *e;
+    errno = 0;
+    double x = strtod(v, &e);
+    const char *at = *e ? strchr("KMGT", toupper((unsigned char)*e)) : NULL, *u = at ? e + 1 : e;
+    int ex = at ? (int)(at - "KMGT") + 1 : 0;
+    double bw = -1;
+    if (!strcmp(u, "b") || !strcmp(u, "bit") || !strcmp(u, "bps") || !strcmp(u, "b/s") || !strcmp(u, "bit/s"))
+        bw = x * pow(1000, ex) / 8;
+    else if (!*u || !strcmp(u, "B") || !strcmp(u, "iB") || !strcmp(u, "/s") || !strcmp(u, "B/s") || !strcmp(u, "iB/s"))
+        bw = x * ldexp(1, 10 * ex);
+    int bare = !at && (!*u || !strcmp(u, "/s")); /* bits or bytes? */
+    if (e == v || errno || !isfinite(x) || !(isdigit((unsigned char)v[0]) || v[0] == '.') || bare || !(bw > 0))
+        die("%s '%s': not a link bandwidth (use e.g. 10Gb or 100Gbit: bits/s, decimal; or 1.25G: bytes/s, 1G = 2^30)", flag, v);
+    return bw;
+}
+
+static void pipe_print(const Config *c, const Hardware *hw, const PlanReq *rq, const PipePlan *pp, const Policy *p1,
+                       const PlanResult *r1, int json, double secs) {
+    int N = pp->n, B = pp->groups * pp->group;
+    char flags[256];
+    if (json) {
+        FILE *f = stdout;
+        fprintf(f, "{\"model\": ");
+        json_write_str(f, c->name, strlen(c->name));
+        fprintf(f, ", \"hardware\": ");
+        json_write_str(f, hw->name, strlen(hw->name));
+        fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"pipeline\", \"feasible\": true, \"stages\": %d, ",
+                hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, N);
+        plan_json_num(f, "link_bw", pp->bw, 1);
+        fprintf(f, "\"groups\": %d, \"group\": %d, \"block\": %d, \"split\": [", pp->groups, pp->group, B);
+        for (int i = 0; i < N; i++) fprintf(f, "%s%d", i ? ", " : "", pp->st[i].layers);
+        fprintf(f, "], \"stage\": [");
+        for (int i = 0; i < N; i++) {
+            const PipeStage *s = &pp->st[i];
+            plan_policy_flags(flags, sizeof flags, &s->p);
+            fprintf(f, "%s{\"first_layer\": %d, \"layers\": %d, \"embed\": %s, \"output\": %s, \"flags\": ", i ? ", " : "",
+                    s->first, s->layers, s->embed ? "true" : "false", s->output ? "true" : "false");
+            json_write_str(f, flags, strlen(flags));
+            fprintf(f, ", \"time\": {");
+            plan_json_num(f, "prefill", s->r.t_prefill, 1);
+            plan_json_num(f, "decode", s->r.t_decode, 0);
+            fprintf(f, "}, \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"}, ", s->r.bound_prefill, s->r.bound_decode);
+            plan_json_tiers(f, "peak_bytes", s->r.peak);
+            fprintf(f, "}");
+        }
+        fprintf(f, "], \"link_time\": {");
+        plan_json_num(f, "prefill", pp->c_pre, 1);
+        plan_json_num(f, "decode", pp->c_dec, 1);
+        plan_json_num(f, "tokens", pp->c_tok, 0);
+        fprintf(f, "}, \"throughput\": {");
+        plan_json_num(f, "prefill", pp->tput_prefill, 1);
+        plan_json_num(f, "decode", pp->tput_decode, 1);
+        plan_json_num(f, "total", pp->tput_total, 0);
+        fprintf(f, "}, \"time\": {");
+        plan_json_num(f, "prefill", pp->t_prefill, 1);
+        plan_json_num(f, "decode", pp->t_decode, 1);
+        plan_json_num(f, "total", pp->t_prefill + pp->t_decode, 0);
+        fprintf(f, "}, \"bottleneck_stage\": %d, ", pp->bottleneck);
+        plan_json_num(f, "bubble", pp->bubble, 1);
+        fprintf(f, "\"single\": ");
+        if (r1) {
+            plan_policy_flags(flags, sizeof flags, p1);
+            fprintf(f, "{\"flags\": ");
+            json_write_str(f, flags, strlen(flags));
+            fprintf(f, ", \"block\": %d, \"throughput\": {", p1->gpu_batch_size * p1->num_gpu_batches);
+            plan_json_num(f, "prefill", r1->tput_prefill, 1);
+            plan_json_num(f, "decode", r1->tput_decode, 1);
+            plan_json_num(f, "total", r1->tput_total, 0);
+            fprintf(f, "}}, ");
+        } else {
+            fprintf(f, "null, ");
+        }
+        fprintf(f, "\"seconds\": %.3f}\n", secs);
+        return;
+    }
+    char bw[32];
+    snprintf(bw, sizeof bw, pp->bw * 8 >= 1e9 ? "%.4g Gb/s" : "%.4g Mb/s", pp->bw * 8 / (pp->bw * 8 >= 1e9 ? 1e9 : 1e6));
+    printf("pipeline    %s on %d x %s%s%s: %d group%s x %d sequences = block %d, prompt %d, generate %d\n", c->name, N, hw->name,
+           N > 1 ? ", links " : "", N > 1 ? bw : "", pp->groups, pp->groups > 1 ? "s" : "", pp->group, B, rq->prompt_len, rq->gen_len);
+    for (int i = 0; i < N; i++) {
+        const PipeStage *s = &pp->st[i];
+        char sz[3][32];
+        for (int t = 0; t < TIER_COUNT; t++) size_format(sz[t], sizeof sz[t], s->r.peak[t]);
+        plan_policy_flags(flags, sizeof flags, &s->p);
+        printf("stage %-5d layers %d-%d%s%s: %s\n", i, s->first, s->first + s->layers - 1, s->embed ? " + embedding" : "",
+               s->output ? " + output" : "", flags);
+        printf("            per group: prefill %.4g s, decode %.4g s/token (%s); peak gpu %s, cpu %s, disk %s\n", s->r.t_prefill,
+               rq->gen_len > 1 ? s->r.t_decode / (rq->gen_len - 1) : 0.0, s->r.bound_decode, sz[0], sz[1], sz[2]);
+    }
+    if (N > 1)
+        printf("links       per group and boundary: prefill %.3g s, decode %.3g s/token, tokens back %.3g s\n", pp->c_pre, pp->c_dec, pp->c_tok);
+    printf("time        prefill %.4g s   decode %.4g s   block %.4g s\n", pp->t_prefill, pp->t_decode, pp->t_prefill + pp->t_decode);
+    printf("bubble      stage %d (the busiest) idle %.1f%% of the block\n", pp->bottleneck, 100 * pp->bubble);
+    printf("throughput  prefill %.4g token/s   decode %.4g token/s   total %.4g token/s\n", pp->tput_prefill, pp->tput_decode, pp->tput_total);
+    if (r1) printf("one node    prefill %.4g token/s   decode %.4g token/s   total %.4g token/s (block %d): pipeline %.2fx\n", r1->tput_prefill,
+                   r1->tput_decode, r1->tput_total, p1->gpu_batch_size * p1->num_gpu_batches, pp->tput_total / r1->tput_total);
+    else printf("one node    no policy fits\n");
+    printf("search      %.2f s\n", secs);
+}
+
 static int g_probe_quiet; /* hw_probe without progress lines: `opt plan` sums them up in one */
 
 int plan_main(int argc, char **argv) {
-    const char *model = NULL, *hwspec = NULL, *eval = NULL;
+    const char *model = NULL, *hwspec = NULL, *eval = NULL, *bwspec = NULL;
     int json = 0, cw = 0, cc = 0, no_ca = 0;
-    long s = 512, n = 32, max_g = -1, max_b = -1;
+    long s = 512, n = 32, max_g = -1, max_b = -1, stages = 0;
     double bud[TIER_COUNT];
     int have_bud[TIER_COUNT] = {0};
     static const char *const mem_flags[TIER_COUNT] = {"--gpu-mem", "--cpu-mem", "--disk-mem"};
@@ -2034,6 +2335,8 @@ int plan_main(int argc, char **argv) {
         else if (!strcmp(a, "--compress-cache")) cc = 1;
         else if (!strcmp(a, "--no-cpu-attention")) no_ca = 1;
         else if (!strcmp(a, "--eval")) eval = PLAN_VAL();
+        else if (!strcmp(a, "--stages")) stages = count_parse(a, PLAN_VAL(), 1, 1 << 16);
+        else if (!strcmp(a, "--nodes-bw")) bwspec = PLAN_VAL();
         else if (!strcmp(a, "--json")) json = 1;
         else die("plan: unknown option '%s' (see opt plan --help)", a);
 #undef PLAN_VAL
@@ -2046,6 +2349,11 @@ int plan_main(int argc, char **argv) {
     else shape_config(&c, model);
     if (s + n > c.max_pos)
         die("plan: --prompt-len %ld + --gen-len %ld exceeds %s's %d positions", s, n, c.name, c.max_pos);
+    double link_bw = bwspec ? bw_parse("--nodes-bw", bwspec) : 10e9 / 8; /* 10 Gb/s Ethernet */
+    if (bwspec && !stages) die("plan: --nodes-bw is the link between pipeline stages; it needs --stages N");
+    if (stages && eval) die("plan: --eval predicts one node's policy; it does not combine with --stages");
+    if (stages > c.n_layer)
+        die("plan: --stages %ld: %s has %d decoder layers, and every stage holds at least one", stages, c.name, c.n_layer);
     Policy p;
     if (eval) { /* before the hardware: a mistyped policy costs no measuring */
         char *full = check_malloc(strlen(eval) + 40, "eval policy");
@@ -2079,6 +2387,31 @@ int plan_main(int argc, char **argv) {
 
     PlanResult r;
     double t0 = now_sec();
+    if (stages) {
+        PipePlan pp;
+        int bad, one = plan_search(&c, &hw, &rq, &p, &r);
+        if (pipe_plan(&c, &hw, &rq, (int)stages, link_bw, &pp, &bad) == 0) {
+            pipe_print(&c, &hw, &rq, &pp, &p, one ? NULL : &r, json, now_sec() - t0);
+            free(pp.st);
+            return 0;
+        }
+        char msg[512];
+        if (bad >= 0)
+            snprintf(msg, sizeof msg, "no policy fits stage %d of %ld (%d layers%s%s of %s, prompt %ld, generate %ld) on %s with the cache of %ld groups: more stages, or larger budgets",
+                     bad, stages, pp.st[bad].layers, bad == 0 ? " + embedding" : "", bad == stages - 1 ? " + output" : "", c.name, s, n, hw.name, stages);
+        else
+            snprintf(msg, sizeof msg, "no group size fits every stage of %s over %ld stages on %s", c.name, stages, hw.name);
+        free(pp.st);
+        if (json) {
+            printf("{\"model\": ");
+            json_write_str(stdout, c.name, strlen(c.name));
+            printf(", \"mode\": \"pipeline\", \"feasible\": false, \"error\": ");
+            json_write_str(stdout, msg, strlen(msg));
+            printf("}\n");
+        }
+        fprintf(stderr, "opt plan: %s\n", msg);
+        return 1;
+    }
     if (eval) {
         plan_eval(&c, &hw, &rq, &p, &r);
         plan_print(&c, &hw, &rq, &p, &r, json, 1, now_sec() - t0);

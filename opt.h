@@ -344,6 +344,11 @@ typedef struct {
     int cpu_attention;         /* -1: search both, 0: never, 1: always (when the cache is off-GPU) */
     int max_gpu_batch;         /* largest gpu_batch_size tried */
     int max_block;             /* largest gpu_batch_size * num_gpu_batches tried */
+    int block;                 /* 0, or the one block size tried (a pipeline's group) */
+    int embed, output;         /* the layers' node also embeds / applies the final LayerNorm,
+                                * project_out and lm_head (1 and 1 unless a pipeline stage) */
+    int groups;                /* blocks whose KV cache the node keeps: a pipeline stage keeps
+                                * every micro-batch group's (1 unless a pipeline stage) */
 } PlanReq;
 void plan_req_default(PlanReq *r, const Hardware *hw); /* FlexGen's workload, hw's budgets */
 
@@ -370,6 +375,10 @@ void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Po
  * policy of highest predicted total throughput in *out: 0 on success, -1 when nothing fits
  * (res->need then holds the smallest budgets that would). */
 int plan_search(const Config *c, const Hardware *hw, const PlanReq *req, Policy *out, PlanResult *res);
+/* Splits c->n_layer decoder layers into n_stages contiguous stages of layers[i] >= 1 layers each,
+ * balanced by the cost model: stage 0 also embeds, the last stage also applies the final LayerNorm,
+ * project_out, lm_head and the sampler to the rows needing logits. 0, or -1 when n_stages > n_layer. */
+int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers);
 /* `opt plan ...` and `opt probe ...` (argv[0] is the command name); return the exit status. */
 int plan_main(int argc, char **argv);
 /* Splits c->n_layer decoder layers into n_stages contiguous stages of layers[i] >= 1 layers each,

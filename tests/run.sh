@@ -4,7 +4,8 @@
 # Runs, in order (or only the GROUPs named):
 #   kernels  tests/test_kernels.c, compiled here against opt.c: gemm, attention, softmax,
 #            layernorm against double references and bitwise across SIMD levels, batch
-#            sizes and threads; f16/bf16 conversions; utf8_valid_prefix
+#            sizes and threads; f16/bf16 conversions; utf8_valid_prefix; plan_stage_split
+#            against a brute force
 #   tok      tests/test_tok.py: `opt tokenize` against the tokenizers library
 #   lp       tests/test_lp.sh: `opt lp` against GLPK
 #   model    tests/test_model.py: `opt score` / `opt generate` end to end against the numpy

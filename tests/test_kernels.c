@@ -32,6 +32,9 @@
  *                 across levels, grouped rows vs rows alone, split vs whole mixes
  *   softmax, layernorm   against double references; bitwise across levels,
  *                 in place vs out of place, row alone vs in a batch
+ *   stage-split   plan_stage_split (lp.c): layers sum to L, each >= 1, -1 when N > L; the
+ *                 slowest stage is no slower than any split's, by brute force over every split
+ *                 of small random configs; OPT-125m's last stage holds fewer layers (lm_head)
  */
 #ifndef OPT_NO_MAIN
 #define OPT_NO_MAIN
@@ -906,6 +909,84 @@ static void test_utf8(void) {
     group_end("utf8", buf);
 }
 
+/* ---- stage-split ---- */
+
+/* The slowest stage of a split, by the weights plan_stage_split documents, written out anew:
+ * a layer's 4h^2 + 2hf per row; stage 0 adds project_in on every row, the last stage
+ * project_out and lm_head on the share n / (s + n - 1) of rows that need logits. */
+static double split_cost(const Config *c, int s, int n, const int *layers, int N) {
+    double h = c->hidden, e = c->embed_dim, P = 4 * h * h + 2 * h * c->ffn, proj = e != h ? e * h : 0, worst = 0;
+    for (int i = 0; i < N; i++) {
+        double w = layers[i] * P + (i == 0 ? proj : 0) + (i == N - 1 ? (proj + (double)c->vocab * e) * n / (s + n - 1.0) : 0);
+        worst = fmax(worst, w);
+    }
+    return worst / P;
+}
+
+/* The least slowest stage over every split of L layers into N stages of >= 1 (compositions). */
+static double split_brute(const Config *c, int s, int n, int L, int N) {
+    int cut[16], layers[16];
+    double best = INFINITY;
+    for (int i = 0; i < N - 1; i++) cut[i] = i + 1; /* cuts 1 <= c_0 < ... < c_{N-2} <= L - 1 */
+    for (;;) {
+        for (int i = 0, prev = 0; i < N; i++) layers[i] = (i < N - 1 ? cut[i] : L) - prev, prev = i < N - 1 ? cut[i] : L;
+        best = fmin(best, split_cost(c, s, n, layers, N));
+        int i = N - 2;
+        while (i >= 0 && cut[i] == L - (N - 1 - i)) i--;
+        if (i < 0) break;
+        cut[i]++;
+        for (int j = i + 1; j < N - 1; j++) cut[j] = cut[j - 1] + 1;
+    }
+    return best;
+}
+
+static void test_stage_split(void) {
+    group_begin();
+    Config c;
+    int layers[128];
+    shape_config(&c, "opt-125m");
+    /* prompts as long as their answers: lm_head's 5.5 layers of work on half the rows */
+    g_checks++;
+    if (plan_stage_split(&c, 4, 32, 32, layers) || layers[3] >= layers[0] || layers[3] >= layers[1])
+        fail("opt-125m, 4 stages, 32 + 32: the last stage holds %d layers, stage 0 %d", layers[3], layers[0]);
+    g_checks++;
+    if (plan_stage_split(&c, 13, 32, 32, layers) != -1) fail("13 stages of 12 layers: not -1");
+    g_checks++;
+    if (plan_stage_split(&c, 0, 32, 32, layers) != -1) fail("0 stages: not -1");
+    shape_config(&c, "opt-175b");
+    for (int N = 1; N <= 96; N++) {
+        g_checks++;
+        long sum = 0;
+        int ok = !plan_stage_split(&c, N, 512, 32, layers);
+        for (int i = 0; ok && i < N; i++) ok = layers[i] >= 1, sum += layers[i];
+        if (!ok || sum != 96) fail("opt-175b, %d stages: a stage without layers, or %ld layers in all", N, sum);
+    }
+    long worse = 0;
+    for (int trial = 0; trial < 400; trial++) {
+        char spec[64];
+        int h = 8 * rnd_int(1, 64), L = rnd_int(1, 9);
+        snprintf(spec, sizeof spec, "%dx%dx1x%d", h, L, 8 * rnd_int(1, 256));
+        shape_config(&c, spec);
+        c.vocab = rnd_int(1, 60000);
+        if (rnd_int(0, 3) == 0) c.embed_dim = 8 * rnd_int(1, 64); /* project_in/out, like 350m */
+        int s = rnd_int(1, 2048), n = rnd_int(1, 256);
+        for (int N = 1; N <= L; N++) {
+            g_checks++;
+            if (plan_stage_split(&c, N, s, n, layers)) { fail("%s, %d stages: -1", spec, N); continue; }
+            long sum = 0;
+            int ok = 1;
+            for (int i = 0; i < N; i++) ok &= layers[i] >= 1, sum += layers[i];
+            double got = split_cost(&c, s, n, layers, N), want = split_brute(&c, s, n, L, N);
+            if (!ok || sum != L) fail("%s V %d e %d, %d stages: a stage without layers, or %ld layers", spec, c.vocab, c.embed_dim, N, sum);
+            else if (got > want * (1 + 1e-12)) worse++, fail("%s V %d e %d, s %d n %d, %d stages: slowest %.6g > %.6g (brute force)",
+                                                            spec, c.vocab, c.embed_dim, s, n, N, got, want);
+        }
+    }
+    char sum[64];
+    snprintf(sum, sizeof sum, "%ld splits slower than the brute force's", worse);
+    group_end("stage-split", sum);
+}
+
 int main(int argc, char **argv) {
     uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
     const char *env = getenv("TEST_SEED");
@@ -927,6 +1008,7 @@ int main(int argc, char **argv) {
     test_attention();
     test_softmax();
     test_layernorm();
+    test_stage_split();
     printf("test_kernels: %s (seed %llu)\n", g_failed_groups ? "FAILED" : "all passed", (unsigned long long)seed);
     return g_failed_groups ? 1 : 0;
 }

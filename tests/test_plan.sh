@@ -17,7 +17,12 @@
 # --cpu-mem), --pin-weights and --no-overlap. -m takes SHAPE, dummy:SHAPE and a directory alike;
 # --hw - reads the probe file from stdin, probe -o - writes it to stdout; --json is one line
 # (nothing fitting too); without --hw, plan measures this machine, says so in one stderr line, and
-# its plan runs here. Needs /usr/bin/python3 (standard library only). Takes ~40 s on 2 cores.
+# its plan runs here. Pipelines (--stages): one stage predicts what plain plan does; the split sums
+# to the layers, stages are contiguous, stage 0 embeds and the last applies the output, every stage's
+# block is the group; the block time, throughput and bubble follow from the stage and link times the
+# plan reports by the ring's rules (recomputed here, and the rules by hand on a tiny pipeline); a
+# faster link never predicts less; bad --stages and --nodes-bw give one line. Needs /usr/bin/python3
+# (standard library only). Takes ~60 s on 2 cores.
 set -eu
 OPT=${1:-./opt}
 HERE=$(cd "$(dirname "$0")" && pwd)
