@@ -381,10 +381,6 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *req, Policy 
 int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers);
 /* `opt plan ...` and `opt probe ...` (argv[0] is the command name); return the exit status. */
 int plan_main(int argc, char **argv);
-/* Splits c->n_layer decoder layers into n_stages contiguous stages of layers[i] >= 1 layers each,
- * balanced by the cost model: stage 0 also embeds, the last stage also applies the final LayerNorm,
- * project_out, lm_head and the sampler to the rows needing logits. 0, or -1 when n_stages > n_layer. */
-int plan_stage_split(const Config *c, int n_stages, int prompt_len, int gen_len, int *layers);
 int probe_main(int argc, char **argv);
 
 /* ----------------------------------------------------------------------------
