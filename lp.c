@@ -2302,6 +2302,21 @@ static void pipe_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
     printf("time        prefill %.4g s   decode %.4g s   block %.4g s\n", pp->t_prefill, pp->t_decode, pp->t_prefill + pp->t_decode);
     printf("bubble      stage %d (the busiest) idle %.1f%% of the block\n", pp->bottleneck, 100 * pp->bubble);
     printf("throughput  prefill %.4g token/s   decode %.4g token/s   total %.4g token/s\n", pp->tput_prefill, pp->tput_decode, pp->tput_total);
+    if (N > 1) { /* the whole block is G groups of each stage's own block: generate's flags for it */
+        char run[4096];
+        size_t at = (size_t)snprintf(run, sizeof run, "mpirun");
+        bool same = true;
+        for (int i = 1; i < N; i++) same &= !memcmp(&pp->st[i].p, &pp->st[0].p, sizeof(Policy));
+        for (int i = 0; i < (same ? 1 : N); i++) {
+            Policy q = pp->st[i].p;
+            q.num_gpu_batches *= pp->groups;
+            plan_policy_flags(flags, sizeof flags, &q);
+            at += (size_t)snprintf(run + at, at < sizeof run ? sizeof run - at : 0, "%s -np %d ./opt generate -m %s --stages ", i ? " :" : "", same ? N : 1, c->name);
+            for (int k = 0; k < N; k++) at += (size_t)snprintf(run + at, at < sizeof run ? sizeof run - at : 0, "%s%d", k ? "," : "", pp->st[k].layers);
+            at += (size_t)snprintf(run + at, at < sizeof run ? sizeof run - at : 0, " --micro-batches %d %s", pp->groups, flags);
+        }
+        printf("run         %s\n", run);
+    }
     if (r1) printf("one node    prefill %.4g token/s   decode %.4g token/s   total %.4g token/s (block %d): pipeline %.2fx\n", r1->tput_prefill,
                    r1->tput_decode, r1->tput_total, p1->gpu_batch_size * p1->num_gpu_batches, pp->tput_total / r1->tput_total);
     else printf("one node    no policy fits\n");

@@ -4377,6 +4377,7 @@ typedef struct {
     OffloadCfg off;        /* --percent, --gpu-batch-size, --num-gpu-batches, budgets, ... */
     int help;              /* -h: print the command's help instead of running it */
     const char *stages;    /* --stages N0,N1,...: decoder layers per pipeline stage (NULL: balanced) */
+    int micro;             /* --micro-batches: groups in flight through the stages (0: one per stage) */
 } Opts;
 
 #define DEVICE_HELP \
@@ -4389,7 +4390,9 @@ typedef struct {
      "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; faster\n" \
      "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n" \
      "      --stages N0,N1,... decoder layers per pipeline stage, one count per mpirun rank (make\n" \
-     "                         MPI=1; default: balanced by the cost model; README: pipeline stages)\n"
+     "                         MPI=1; default: balanced by the cost model; README: pipeline stages)\n" \
+     "      --micro-batches G  groups of the block in flight through the stages (default: one per\n" \
+     "                         rank; whole GPU batches under a policy)\n"
 #define OFFLOAD_HELP \
      "  Offloading (FlexGen's block schedule; any of these turns it on):\n" \
      "      --percent WG WC CG CC AG AC  percent of weights, KV cache and activations on GPU and CPU;\n" \
@@ -4618,6 +4621,7 @@ static const OptSpec opt_specs[] = {
     O("--outliers", NULL, C_SYNTH, A_SET, outliers, 0, 0, NULL, 0, 0),
     O("--device", NULL, C_MODEL, A_STR, device, 0, 0, "cpu|gpu|auto", 0, 0),
     O("--stages", NULL, C_MODEL, A_STR, stages, 0, 0, NULL, 0, 0),
+    O("--micro-batches", NULL, C_MODEL, A_INT, micro, 1, 1 << 16, NULL, 0, 0),
     O("--compress-weight", NULL, C_MODEL, A_SET, compress_weight, 0, 0, NULL, 0, 0),
     O("--compress-cache", NULL, C_MODEL, A_SET, compress_cache, 0, 0, NULL, 0, 0),
     O("--compute", NULL, C_MODEL, A_STR, compute, 0, 0, "f32|bf16", 0, 0),
@@ -5167,9 +5171,12 @@ static void pipe_block(Opts *o) {
     free(all);
 }
 
-/* Groups in flight: one per stage, from whole GPU batches under a policy. */
+/* Groups in flight: --micro-batches, else one per stage; whole GPU batches under a policy. */
 static int pipe_groups(const Opts *o, RunShape sh) {
-    int N = g_comm->size, units = o->offload ? o->off.pol.num_gpu_batches : sh.slots, G = units < N ? units : N;
+    int N = g_comm->size, units = o->offload ? o->off.pol.num_gpu_batches : sh.slots, G = o->micro ? o->micro : N;
+    if (G > units && o->micro && g_comm->rank == 0)
+        die("--micro-batches %d: the block has %d %s", G, units, o->offload ? "GPU batches (--num-gpu-batches)" : "sequences in flight");
+    G = G < units ? G : units;
     if (G < N && g_comm->rank == 0)
         fprintf(stderr, "opt: the block splits into %d group%s for %d stages, so stages idle; give %s %d or more\n", G, G == 1 ? "" : "s", N,
                 o->offload ? "--num-gpu-batches" : "-b", N);

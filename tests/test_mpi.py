@@ -101,6 +101,11 @@ def test_equivalence():
     args = ['generate', '-m', m350, '-f', pf, '-n', '5', '--percent', '50', '30', '40', '30', '50', '25', '--gpu-batch-size', '2', '--num-gpu-batches', '2']
     env = {'OPT_HOST_DEVICE': '1'}
     same('2 stages, device schedule (OPT_HOST_DEVICE=1) with GPU, CPU and disk shares', opt(args, env=env), mpirun(2, args, env=env))
+    # more groups in flight than stages: --micro-batches
+    args = ['generate', '-m', m5, '-f', pf, '-n', '7', '-b', '6', '--micro-batches', '3']
+    same('2 stages, --micro-batches 3 of -b 6', opt(args), mpirun(2, args))
+    args = ['generate', '-m', m350, '-f', pf, '-n', '5', '--gpu-batch-size', '1', '--num-gpu-batches', '5', '--micro-batches', '5'] + pols[0][1][:7]
+    same('2 stages, a policy, --micro-batches 5 (every GPU batch a group)', opt(args), mpirun(2, args))
     # MPMD: each stage its own policy, one block shape
     a0 = ['generate', '-m', m350, '-f', pf, '-n', '6', '--gpu-batch-size', '2', '--num-gpu-batches', '2', '--percent', '0', '100', '0', '100', '0', '100']
     a1 = a0[:-7] + ['--percent', '0', '0', '0', '20', '0', '0']
@@ -161,6 +166,7 @@ def test_refusals():
     one_line(mpirun(2, base + ['--stages', '2,2']), ['--stages 2,2: 4 layers, but', 'has 5'], '--stages summing to the wrong count')
     one_line(opt(base + ['--stages', '2,3']), ['--stages 2,3: 2 stages, but 1 process runs'], '--stages 2,3 in one process')
     one_line(mpirun(6, base), ['6 pipeline stages for 5 layers'], 'more stages than layers')
+    one_line(mpirun(2, base + ['-b', '3', '--micro-batches', '4']), ['--micro-batches 4: the block has 3 sequences in flight'], '--micro-batches over the block')
     one_line(mpirun(2, base + ['--bogus']), ['rank 0 on', '--bogus'], 'a bad option: one line, from rank 0 only')
     one_line(mpirun(2, ['tokenize', '-f', pf]), ['opt tokenize runs in one process'], 'tokenize under mpirun')
     m4 = os.path.join(TMP, 'm350')
