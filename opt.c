@@ -3193,6 +3193,7 @@ struct Tokenizer {
     int n_ranks;              /* merges.txt merge lines: ranks are 0 .. n_ranks - 1 */
     TokCacheSlot *cache;      /* (TOK_CACHE_SLOTS) filled by tok_encode */
     TokWork *work;            /* tok_bpe's working memory; it and the cache make tok_encode non-reentrant */
+    Json *vocab_json;         /* vocab.json parsed, held while it loads so that tok_free frees it after a die() */
 };
 
 static const char *const tok_special[2] = {"</s>", "<pad>"};
@@ -3253,11 +3254,13 @@ static void tok_byte_chars(uint32_t cp[256]) {
 
 /* ---- hash tables ---- */
 
-static uint32_t tok_hash_str(const char *s, size_t n) { /* FNV-1a */
-    uint32_t h = 2166136261u;
+/* FNV-1a, continued from h (2166136261 to start): a string hashes the same in two pieces */
+static uint32_t tok_hash_more(uint32_t h, const char *s, size_t n) {
     for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
     return h;
 }
+
+static uint32_t tok_hash_str(const char *s, size_t n) { return tok_hash_more(2166136261u, s, n); }
 
 static uint32_t tok_hash_pair(uint64_t pair) {
     return (uint32_t)((pair * 0x9E3779B97F4A7C15ull) >> 32);
@@ -3269,14 +3272,17 @@ static uint32_t tok_table_size(size_t n) { /* a power of two at least twice n: s
     return size;
 }
 
-static int tok_lookup_n(const Tokenizer *t, const char *s, size_t n) {
-    for (uint32_t h = tok_hash_str(s, n) & t->vocab_mask;; h = (h + 1) & t->vocab_mask) {
+/* The id of the string a then b, without joining them: a merge's halves. */
+static int tok_lookup_cat(const Tokenizer *t, const char *a, size_t na, const char *b, size_t nb) {
+    for (uint32_t h = tok_hash_more(tok_hash_str(a, na), b, nb) & t->vocab_mask;; h = (h + 1) & t->vocab_mask) {
         int id = t->vocab_slot[h];
         if (id < 0) return -1;
         const TokEntry *e = &t->tok[id];
-        if (e->str_len == n && !memcmp(t->strs + e->str, s, n)) return id;
+        if (e->str_len == na + nb && !memcmp(t->strs + e->str, a, na) && !memcmp(t->strs + e->str + na, b, nb)) return id;
     }
 }
+
+static int tok_lookup_n(const Tokenizer *t, const char *s, size_t n) { return tok_lookup_cat(t, s, n, "", 0); }
 
 static const TokMerge *tok_merge_find(const Tokenizer *t, int left, int right) {
     uint64_t pair = (uint64_t)left << 32 | (uint32_t)right;
@@ -3312,7 +3318,7 @@ static char *tok_file_read(const char *path, size_t *len) {
 /* vocab.json: {"token": id, ...}. Ids need not be dense, but each is used once. */
 static void tok_load_vocab(Tokenizer *t, const char *text, size_t n, const char *path) {
     char err[128];
-    Json *j = json_parse(text, n, err, sizeof err);
+    Json *j = t->vocab_json = json_parse(text, n, err, sizeof err);
     if (!j) die("%s: %s", path, err);
     if (j->type != J_OBJ) die("%s: expected a JSON object of token -> id", path);
     if (j->n == 0) die("%s: the vocabulary is empty", path);
@@ -3384,6 +3390,7 @@ static void tok_load_vocab(Tokenizer *t, const char *text, size_t n, const char 
         raw_at += e->raw_len;
     }
     json_free(j);
+    t->vocab_json = NULL;
 
     for (int b = 0; b < 256; b++) {
         char c[4];
@@ -3404,8 +3411,7 @@ static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char
     t->merge_mask = size - 1;
     t->merge_slot = check_malloc(size * sizeof *t->merge_slot, "the merges");
     for (uint32_t h = 0; h < size; h++) t->merge_slot[h].rank = -1;
-    char *both = NULL, shown[256];
-    size_t both_cap = 0;
+    char shown[256], shown2[256];
     int rank = 0, line_no = 0;
     for (size_t at = 0; at < n;) {
         const char *s = text + at, *nl = memchr(s, '\n', n - at), *e = nl ? nl : text + n;
@@ -3420,12 +3426,10 @@ static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char
         int a = tok_lookup_n(t, s, la), b = tok_lookup_n(t, sp + 1, lb);
         if (a < 0) die("%s:%d: \"%s\" is not in vocab.json", path, line_no, tok_shown(s, la, shown));
         if (b < 0) die("%s:%d: \"%s\" is not in vocab.json", path, line_no, tok_shown(sp + 1, lb, shown));
-        if (la + lb > both_cap) both = check_realloc(both, both_cap = 2 * (la + lb), "a merge");
-        memcpy(both, s, la);
-        memcpy(both + la, sp + 1, lb);
-        int ab = tok_lookup_n(t, both, la + lb);
+        int ab = tok_lookup_cat(t, s, la, sp + 1, lb);
         if (ab < 0)
-            die("%s:%d: the merged token \"%s\" is not in vocab.json", path, line_no, tok_shown(both, la + lb, shown));
+            die("%s:%d: the merged token \"%s%s\" is not in vocab.json", path, line_no, tok_shown(s, la, shown),
+                tok_shown(sp + 1, lb, shown2));
         /* a repeated pair takes its later rank, as HF's map insertion does */
         uint64_t pair = (uint64_t)a << 32 | (uint32_t)b;
         uint32_t h = tok_hash_pair(pair) & t->merge_mask;
@@ -3433,14 +3437,14 @@ static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char
         t->merge_slot[h] = (TokMerge){pair, rank++, ab};
     }
     t->n_ranks = rank;
-    free(both);
 }
 
-/* A tokenizer from the texts of vocab.json and merges.txt (which need no
- * NUL at the end, so embedded copies do); the names are for error messages. */
-static Tokenizer *tok_load_text(const char *vocab, size_t vocab_len, const char *vocab_name,
-                                const char *merges, size_t merges_len, const char *merges_name) {
-    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+/* Fills the zeroed t from the texts of vocab.json and merges.txt (which need
+ * no NUL at the end, so embedded copies do); the names are for error messages.
+ * The caller holds t, so that after a die() here tok_free frees what it has
+ * (the fuzz harness goes on). */
+static void tok_load_text(Tokenizer *t, const char *vocab, size_t vocab_len, const char *vocab_name,
+                          const char *merges, size_t merges_len, const char *merges_name) {
     tok_load_vocab(t, vocab, vocab_len, vocab_name);
     tok_load_merges(t, merges, merges_len, merges_name);
     for (uint32_t cp = 0; cp < 256; cp++) t->latin1[cp] = (uint8_t)tok_class_cp(cp);
@@ -3449,7 +3453,6 @@ static Tokenizer *tok_load_text(const char *vocab, size_t vocab_len, const char 
     t->work->first = check_malloc((size_t)(t->n_ranks + 1) * sizeof(int), "the merges");
     for (int r = 0; r < t->n_ranks; r++) t->work->first[r] = -1;
     t->work->rank_heap = check_malloc((size_t)(t->n_ranks + 1) * sizeof(int), "the merges");
-    return t;
 }
 
 Tokenizer *tok_load(const char *dir) {
@@ -3458,7 +3461,8 @@ Tokenizer *tok_load(const char *dir) {
     snprintf(vocab_path, n, "%s/vocab.json", dir);
     snprintf(merges_path, n, "%s/merges.txt", dir);
     char *vocab = tok_file_read(vocab_path, &vocab_len), *merges = tok_file_read(merges_path, &merges_len);
-    Tokenizer *t = tok_load_text(vocab, vocab_len, vocab_path, merges, merges_len, merges_path);
+    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+    tok_load_text(t, vocab, vocab_len, vocab_path, merges, merges_len, merges_path);
     free(vocab);
     free(merges);
     free(vocab_path);
@@ -3474,12 +3478,15 @@ void tok_free(Tokenizer *t) {
     free(t->vocab_slot);
     free(t->merge_slot);
     free(t->cache);
-    free(t->work->sym);
-    free(t->work->link);
-    free(t->work->order);
-    free(t->work->first);
-    free(t->work->rank_heap);
-    free(t->work);
+    if (t->work) {
+        free(t->work->sym);
+        free(t->work->link);
+        free(t->work->order);
+        free(t->work->first);
+        free(t->work->rank_heap);
+        free(t->work);
+    }
+    json_free(t->vocab_json);
     free(t);
 }
 
@@ -4602,8 +4609,10 @@ static Tokenizer *tokenizer_for(const char *dir) {
         free(v); free(m);
         if (have) return tok_load(dir);
     }
-    return tok_load_text(opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json), "built-in vocab.json", opt_merges_txt,
-                         (size_t)(opt_merges_txt_end - opt_merges_txt), "built-in merges.txt");
+    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+    tok_load_text(t, opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json), "built-in vocab.json", opt_merges_txt,
+                  (size_t)(opt_merges_txt_end - opt_merges_txt), "built-in merges.txt");
+    return t;
 }
 
 /* Reads every input line into jobs (validating all of it before any work). */
