@@ -87,7 +87,7 @@ bench: opt
 # libFuzzer comes with clang's runtime (Debian: libclang-rt-dev).
 # tests/run.sh fuzz replays the regression inputs through tests/fuzz/replay.c, built with
 # $(CC), plain and sanitized.
-FUZZ_TARGETS = json safetensors bin index native tok lines mps probe args
+FUZZ_TARGETS = json safetensors bin index native tok lines mps probe args jobs policy
 FUZZ_FLAGS   = -std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. $(WARN) -Wno-unused-function
 SECONDS     ?= 60
 CLANG       ?= clang
@@ -98,7 +98,7 @@ build/fuzz/libfuzzer: tests/fuzz/libfuzzer.c tests/fuzz/targets.c $(SRC) $(HDR)
 	    $(CLANG) -fsanitize=fuzzer -x c - -o build/fuzz/probe 2>/dev/null || \
 	    { echo "make fuzz: $(CLANG) has no libFuzzer; install it as root with: apt-get install -y libclang-rt-dev" >&2; exit 1; }
 	$(CLANG) $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-	    -o $@ tests/fuzz/libfuzzer.c quant.c offload.c lp.c -lm -lpthread
+	    -o $@ tests/fuzz/libfuzzer.c quant.c offload.c -lm -lpthread
 
 fuzz: build/fuzz/libfuzzer
 	@for t in $(FUZZ_TARGETS); do \

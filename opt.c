@@ -4432,9 +4432,10 @@ static void input_open(Input *in, const char *file) {
     if (!in->f) die("%s: %s", file, strerror(errno));
 }
 
-static void input_close(Input *in) {
-    if (in->f != stdin) fclose(in->f);
+static void input_close(Input *in) { /* a zeroed or closed in too */
+    if (in->f && in->f != stdin) fclose(in->f);
     free(in->buf);
+    memset(in, 0, sizeof *in);
 }
 
 /* Next line without its newline, escapes decoded in place; false at EOF.
@@ -4615,45 +4616,60 @@ static Tokenizer *tokenizer_for(const char *dir) {
     return t;
 }
 
-/* Reads every input line into jobs (validating all of it before any work). */
-static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int *n_jobs) {
-    Input in;
-    input_open(&in, o->file);
-    int cap = 64, n = 0;
-    Job *jobs = check_malloc(sizeof(Job) * (size_t)cap, "jobs");
+/* The prompts as jobs, and what reading them holds, so that jobs_free frees
+ * all of it after a die() too (the fuzz harness goes on). */
+typedef struct {
+    Job *job;  /* (n) the jobs; while reading, the last may be half-built */
+    int n;     /* jobs begun */
+    int cap;   /* capacity of job */
+    Input in;  /* the prompt file while it is read */
+    Json *obj; /* the --jsonl line being read, parsed */
+} Jobs;
+
+static void jobs_free(Jobs *js) {
+    for (int i = 0; i < js->n; i++) { Job *j = &js->job[i]; free(j->ids); free(j->out); free(j->lp); free(j->text); }
+    free(js->job);
+    input_close(&js->in);
+    json_free(js->obj);
+    memset(js, 0, sizeof *js);
+}
+
+/* Reads every input line into the zeroed js (validating all of it before any work). */
+static void read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, Jobs *js) {
+    Input *in = &js->in;
+    input_open(in, o->file);
     char *text;
     size_t len;
     bool score = !strcmp(o->cmd, "score"), left = o->truncate && !strcmp(o->truncate, "left");
     int limit = c->max_pos - (score ? 0 : o->max_new), n_cut = 0; /* prompt tokens that fit */
     char less[32] = "";
     if (!score) snprintf(less, sizeof less, " less -n %d", o->max_new);
-    while (input_line(&in, &text, &len, !o->jsonl)) {
+    while (input_line(in, &text, &len, !o->jsonl)) {
         if (o->jsonl && strspn(text, " \t") == len) continue; /* blank: no prompt; "index" counts prompts */
-        if (n == cap) jobs = check_realloc(jobs, sizeof(Job) * (size_t)(cap *= 2), "jobs");
-        Job *j = &jobs[n];
+        if (js->n == js->cap) js->job = check_realloc(js->job, sizeof(Job) * (size_t)(js->cap = js->cap ? 2 * js->cap : 64), "jobs");
+        Job *j = &js->job[js->n++];
         memset(j, 0, sizeof *j);
-        j->line = in.line;
+        j->line = in->line;
         const char *src = text;
         size_t srclen = len;
-        Json *js = NULL;
         if (o->jsonl) {
             char err[128];
-            js = json_parse(text, len, err, sizeof err);
-            if (!js || js->type != J_OBJ) die("%s:%d: not a JSON object%s%s", in.name, in.line, js ? "" : ": ", js ? "" : err);
-            const Json *pr = json_get(js, "prompt"), *ids = json_get(js, "ids");
+            const Json *obj = js->obj = json_parse(text, len, err, sizeof err);
+            if (!obj || obj->type != J_OBJ) die("%s:%d: not a JSON object%s%s", in->name, in->line, obj ? "" : ": ", obj ? "" : err);
+            const Json *pr = json_get(obj, "prompt"), *ids = json_get(obj, "ids");
             if (ids && ids->type == J_ARR) {
                 j->ids = check_malloc(sizeof(int) * (size_t)(ids->n + 1), "ids");
                 for (int i = 0; i < ids->n; i++) {
                     const Json *v = &ids->kids[i];
                     if (v->type != J_NUM || v->num < 0 || v->num >= c->vocab || v->num != floor(v->num))
-                        die("%s:%d: \"ids\" must hold integers in [0, %d)", in.name, in.line, c->vocab);
+                        die("%s:%d: \"ids\" must hold integers in [0, %d)", in->name, in->line, c->vocab);
                     j->ids[j->n_ids++] = (int)v->num;
                 }
             } else if (pr && pr->type == J_STR) { src = pr->str; srclen = pr->len; }
-            else die("%s:%d: expected {\"prompt\": \"...\"} or {\"ids\": [...]}", in.name, in.line);
+            else die("%s:%d: expected {\"prompt\": \"...\"} or {\"ids\": [...]}", in->name, in->line);
         }
         if (!j->ids) {
-            if (o->ids && !o->jsonl) parse_ids(src, in.name, in.line, c->vocab, &j->ids, &j->n_ids);
+            if (o->ids && !o->jsonl) parse_ids(src, in->name, in->line, c->vocab, &j->ids, &j->n_ids);
             else {
                 int *tmp = NULL, tcap = 0, k = tok_encode(tok, src, srclen, &tmp, &tcap);
                 j->ids = check_malloc(sizeof(int) * (size_t)(k + 1), "ids");
@@ -4664,14 +4680,15 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
             }
             if (o->jsonl || !o->ids) { j->text = check_malloc(srclen + 1, "prompt"); memcpy(j->text, src, srclen); j->text_len = srclen; }
         }
-        json_free(js);
-        if (j->n_ids == 0) die("%s:%d: no tokens", in.name, in.line);
+        json_free(js->obj);
+        js->obj = NULL;
+        if (j->n_ids == 0) die("%s:%d: no tokens", in->name, in->line);
         for (int i = 0; i < j->n_ids; i++) /* a small model's vocabulary may not hold every tokenizer id */
-            if (j->ids[i] >= c->vocab) die("%s:%d: token %d is outside the model's vocabulary of %d", in.name, in.line, j->ids[i], c->vocab);
+            if (j->ids[i] >= c->vocab) die("%s:%d: token %d is outside the model's vocabulary of %d", in->name, in->line, j->ids[i], c->vocab);
         if (j->n_ids > limit) {
-            if (limit < 1) die("%s:%d: -n %d leaves no room for a prompt in the model's %d positions", in.name, in.line, o->max_new, c->max_pos);
+            if (limit < 1) die("%s:%d: -n %d leaves no room for a prompt in the model's %d positions", in->name, in->line, o->max_new, c->max_pos);
             if (!left)
-                die("%s:%d: %d prompt tokens, more than the %d that fit (the model's %d positions%s; see --truncate)", in.name, in.line,
+                die("%s:%d: %d prompt tokens, more than the %d that fit (the model's %d positions%s; see --truncate)", in->name, in->line,
                     j->n_ids, limit, c->max_pos, less);
             memmove(j->ids + 1, j->ids + j->n_ids - (limit - 1), sizeof(int) * (size_t)(limit - 1)); /* BOS and the last tokens */
             j->n_ids = limit;
@@ -4679,15 +4696,12 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
         }
         if (score) j->lp = check_malloc(sizeof(float) * (size_t)(j->n_ids > 1 ? j->n_ids - 1 : 1), "log-probs");
         else j->out = check_malloc(sizeof(int) * (size_t)(o->max_new + 1), "generated ids");
-        rng_seed(j->rng, o->seed, (uint64_t)n);
-        n++;
+        rng_seed(j->rng, o->seed, (uint64_t)(js->n - 1));
     }
-    input_close(&in);
+    input_close(in);
     if (n_cut)
         fprintf(stderr, "opt: --truncate left: %d of %d prompts were longer than %d tokens (the model's %d positions%s); kept the first token and the last %d of each\n",
-                n_cut, n, limit, c->max_pos, less, limit - 1);
-    *n_jobs = n;
-    return jobs;
+                n_cut, js->n, limit, c->max_pos, less, limit - 1);
 }
 
 /* --policy auto: the cost model's best policy for this workload and these
@@ -4773,8 +4787,10 @@ static void cmd_run(const Opts *o) {
     if (o->compress_weight) model_compress(&m, o->group);
     if (!o->offload || o->compress_weight) model_materialize(&m);
     Tokenizer *tok = tokenizer_for(o->model);
-    int n_jobs;
-    Job *jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
+    Jobs js = {0};
+    read_jobs(o, tok, &m.cfg, &js);
+    Job *jobs = js.job;
+    int n_jobs = js.n;
     if (o->policy_auto && n_jobs) {
         int longest = 0;
         for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
@@ -4791,7 +4807,7 @@ static void cmd_run(const Opts *o) {
                 .compress_cache = o->compress_cache, .group = o->group, .offcfg = o->offload ? &o->off : NULL,
                 .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
     engine_run(&e, jobs, n_jobs);
-    free(jobs);
+    jobs_free(&js);
     tok_free(tok);
     model_free(&m);
 }

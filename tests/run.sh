@@ -146,7 +146,7 @@ run_cli() { group cli "$OPT" "$PYTHON" tests/test_cli.py --opt "$OPT" --asan "$O
 run_fuzz() {
     log=$TMP/fuzz.log
     flags="-std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. -Wall -Wextra -Wno-unused-function"
-    srcs="tests/fuzz/replay.c quant.c offload.c lp.c"
+    srcs="tests/fuzz/replay.c quant.c offload.c" # it includes opt.c and lp.c
     if ! { $CC $flags -o "$TMP/replay" $srcs -lm -lpthread &&
            $CC $flags -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
                -o "$TMP/replay-asan" $srcs -lm -lpthread; } >"$log" 2>&1; then
