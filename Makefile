@@ -86,7 +86,7 @@ bench: opt
 # SECONDS seconds, new inputs kept in build/fuzz/corpus/, crashes written to build/fuzz/.
 # libFuzzer comes with clang's runtime (Debian: libclang-rt-dev).
 # tests/run.sh fuzz replays the regression inputs through tests/fuzz/replay.c, built with
-# $(CC), plain and sanitized.
+# $(CC), plain and sanitized, then runs this for FUZZ_SECONDS (20) where libFuzzer is.
 FUZZ_TARGETS = json safetensors bin index native tok lines mps probe args jobs policy
 FUZZ_FLAGS   = -std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. $(WARN) -Wno-unused-function
 SECONDS     ?= 60
@@ -107,7 +107,7 @@ fuzz: build/fuzz/libfuzzer
 	    OPT_FUZZ_TARGET=$$t ASAN_OPTIONS=detect_leaks=0 build/fuzz/libfuzzer -max_total_time=$(SECONDS) \
 	        -print_final_stats=1 -artifact_prefix=build/fuzz/$$t- build/fuzz/corpus/$$t \
 	        $$(ls -d tests/fuzz/corpus/$$t tests/fuzz/regress/$$t 2>/dev/null) 2>build/fuzz/$$t.log || \
-	        { tail -n 60 build/fuzz/$$t.log; echo "make fuzz: $$t found a crash: build/fuzz/$$t-*"; exit 1; }; \
+	        { tail -n 60 build/fuzz/$$t.log; echo "make fuzz: $$t found a crash: $$(sed -n 's/.*Test unit written to //p' build/fuzz/$$t.log)"; exit 1; }; \
 	    grep -E '^#[0-9]+.*DONE|stat::number_of_executed_units|cov:' build/fuzz/$$t.log | tail -n 2; \
 	done
 
