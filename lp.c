@@ -1448,6 +1448,8 @@ static void plan_policy_check(const Policy *p, int has_gpu) {
         if (!has_gpu && v[2 * i] > 0) die("--percent: %g%% of the %s on a GPU, but the hardware has none", v[2 * i], what[i]);
     }
     if (p->gpu_batch_size < 1 || p->num_gpu_batches < 1) die("policy: --gpu-batch-size and --num-gpu-batches must be at least 1");
+    if ((long)p->gpu_batch_size * p->num_gpu_batches > 1 << 20) /* --max-block's bound; the cost model counts a block in int */
+        die("policy: a block of %ld sequences (--gpu-batch-size x --num-gpu-batches), more than 1048576", (long)p->gpu_batch_size * p->num_gpu_batches);
 }
 
 void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Policy *p, PlanResult *res) {
@@ -1923,11 +1925,12 @@ static void plan_policy_flags(char *out, size_t cap, const Policy *p) {
 }
 
 /* Parses the policy of --eval: generate's flags and defaults, so that a policy means here what
- * it means there. FlexGen's spellings, which generate rejects, are refused naming opt's. */
-static void plan_policy_parse(Policy *p, const char *text) {
-    char *buf = check_strdup(text), *tok[64];
+ * it means there. FlexGen's spellings, which generate rejects, are refused naming opt's. The
+ * words are split in text itself, which the caller owns: nothing is left to free after a die(). */
+static void plan_policy_parse(Policy *p, char *text) {
+    char *tok[64];
     int nt = 0;
-    for (char *q = strtok(buf, " \t\n"); q; q = strtok(NULL, " \t\n")) {
+    for (char *q = strtok(text, " \t\n"); q; q = strtok(NULL, " \t\n")) {
         if (nt == 64) die("--eval: too many words");
         tok[nt++] = q;
     }
@@ -1970,7 +1973,6 @@ static void plan_policy_parse(Policy *p, const char *text) {
         }
 #undef EVAL_VAL
     }
-    free(buf);
     plan_policy_check(p, 1); /* now, before any measuring; the GPU shares once the hardware is known */
 }
 

@@ -3240,6 +3240,7 @@ struct Tokenizer {
     int n_ranks;              /* merges.txt merge lines: ranks are 0 .. n_ranks - 1 */
     TokCacheSlot *cache;      /* (TOK_CACHE_SLOTS) filled by tok_encode */
     TokWork *work;            /* tok_bpe's working memory; it and the cache make tok_encode non-reentrant */
+    Json *vocab_json;         /* vocab.json parsed, held while it loads so that tok_free frees it after a die() */
 };
 
 static const char *const tok_special[2] = {"</s>", "<pad>"};
@@ -3300,11 +3301,13 @@ static void tok_byte_chars(uint32_t cp[256]) {
 
 /* ---- hash tables ---- */
 
-static uint32_t tok_hash_str(const char *s, size_t n) { /* FNV-1a */
-    uint32_t h = 2166136261u;
+/* FNV-1a, continued from h (2166136261 to start): a string hashes the same in two pieces */
+static uint32_t tok_hash_more(uint32_t h, const char *s, size_t n) {
     for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
     return h;
 }
+
+static uint32_t tok_hash_str(const char *s, size_t n) { return tok_hash_more(2166136261u, s, n); }
 
 static uint32_t tok_hash_pair(uint64_t pair) {
     return (uint32_t)((pair * 0x9E3779B97F4A7C15ull) >> 32);
@@ -3316,14 +3319,17 @@ static uint32_t tok_table_size(size_t n) { /* a power of two at least twice n: s
     return size;
 }
 
-static int tok_lookup_n(const Tokenizer *t, const char *s, size_t n) {
-    for (uint32_t h = tok_hash_str(s, n) & t->vocab_mask;; h = (h + 1) & t->vocab_mask) {
+/* The id of the string a then b, without joining them: a merge's halves. */
+static int tok_lookup_cat(const Tokenizer *t, const char *a, size_t na, const char *b, size_t nb) {
+    for (uint32_t h = tok_hash_more(tok_hash_str(a, na), b, nb) & t->vocab_mask;; h = (h + 1) & t->vocab_mask) {
         int id = t->vocab_slot[h];
         if (id < 0) return -1;
         const TokEntry *e = &t->tok[id];
-        if (e->str_len == n && !memcmp(t->strs + e->str, s, n)) return id;
+        if (e->str_len == na + nb && !memcmp(t->strs + e->str, a, na) && !memcmp(t->strs + e->str + na, b, nb)) return id;
     }
 }
+
+static int tok_lookup_n(const Tokenizer *t, const char *s, size_t n) { return tok_lookup_cat(t, s, n, "", 0); }
 
 static const TokMerge *tok_merge_find(const Tokenizer *t, int left, int right) {
     uint64_t pair = (uint64_t)left << 32 | (uint32_t)right;
@@ -3359,7 +3365,7 @@ static char *tok_file_read(const char *path, size_t *len) {
 /* vocab.json: {"token": id, ...}. Ids need not be dense, but each is used once. */
 static void tok_load_vocab(Tokenizer *t, const char *text, size_t n, const char *path) {
     char err[128];
-    Json *j = json_parse(text, n, err, sizeof err);
+    Json *j = t->vocab_json = json_parse(text, n, err, sizeof err);
     if (!j) die("%s: %s", path, err);
     if (j->type != J_OBJ) die("%s: expected a JSON object of token -> id", path);
     if (j->n == 0) die("%s: the vocabulary is empty", path);
@@ -3431,6 +3437,7 @@ static void tok_load_vocab(Tokenizer *t, const char *text, size_t n, const char 
         raw_at += e->raw_len;
     }
     json_free(j);
+    t->vocab_json = NULL;
 
     for (int b = 0; b < 256; b++) {
         char c[4];
@@ -3451,8 +3458,7 @@ static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char
     t->merge_mask = size - 1;
     t->merge_slot = check_malloc(size * sizeof *t->merge_slot, "the merges");
     for (uint32_t h = 0; h < size; h++) t->merge_slot[h].rank = -1;
-    char *both = NULL, shown[256];
-    size_t both_cap = 0;
+    char shown[256], shown2[256];
     int rank = 0, line_no = 0;
     for (size_t at = 0; at < n;) {
         const char *s = text + at, *nl = memchr(s, '\n', n - at), *e = nl ? nl : text + n;
@@ -3467,12 +3473,10 @@ static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char
         int a = tok_lookup_n(t, s, la), b = tok_lookup_n(t, sp + 1, lb);
         if (a < 0) die("%s:%d: \"%s\" is not in vocab.json", path, line_no, tok_shown(s, la, shown));
         if (b < 0) die("%s:%d: \"%s\" is not in vocab.json", path, line_no, tok_shown(sp + 1, lb, shown));
-        if (la + lb > both_cap) both = check_realloc(both, both_cap = 2 * (la + lb), "a merge");
-        memcpy(both, s, la);
-        memcpy(both + la, sp + 1, lb);
-        int ab = tok_lookup_n(t, both, la + lb);
+        int ab = tok_lookup_cat(t, s, la, sp + 1, lb);
         if (ab < 0)
-            die("%s:%d: the merged token \"%s\" is not in vocab.json", path, line_no, tok_shown(both, la + lb, shown));
+            die("%s:%d: the merged token \"%s%s\" is not in vocab.json", path, line_no, tok_shown(s, la, shown),
+                tok_shown(sp + 1, lb, shown2));
         /* a repeated pair takes its later rank, as HF's map insertion does */
         uint64_t pair = (uint64_t)a << 32 | (uint32_t)b;
         uint32_t h = tok_hash_pair(pair) & t->merge_mask;
@@ -3480,14 +3484,14 @@ static void tok_load_merges(Tokenizer *t, const char *text, size_t n, const char
         t->merge_slot[h] = (TokMerge){pair, rank++, ab};
     }
     t->n_ranks = rank;
-    free(both);
 }
 
-/* A tokenizer from the texts of vocab.json and merges.txt (which need no
- * NUL at the end, so embedded copies do); the names are for error messages. */
-static Tokenizer *tok_load_text(const char *vocab, size_t vocab_len, const char *vocab_name,
-                                const char *merges, size_t merges_len, const char *merges_name) {
-    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+/* Fills the zeroed t from the texts of vocab.json and merges.txt (which need
+ * no NUL at the end, so embedded copies do); the names are for error messages.
+ * The caller holds t, so that after a die() here tok_free frees what it has
+ * (the fuzz harness goes on). */
+static void tok_load_text(Tokenizer *t, const char *vocab, size_t vocab_len, const char *vocab_name,
+                          const char *merges, size_t merges_len, const char *merges_name) {
     tok_load_vocab(t, vocab, vocab_len, vocab_name);
     tok_load_merges(t, merges, merges_len, merges_name);
     for (uint32_t cp = 0; cp < 256; cp++) t->latin1[cp] = (uint8_t)tok_class_cp(cp);
@@ -3496,7 +3500,6 @@ static Tokenizer *tok_load_text(const char *vocab, size_t vocab_len, const char 
     t->work->first = check_malloc((size_t)(t->n_ranks + 1) * sizeof(int), "the merges");
     for (int r = 0; r < t->n_ranks; r++) t->work->first[r] = -1;
     t->work->rank_heap = check_malloc((size_t)(t->n_ranks + 1) * sizeof(int), "the merges");
-    return t;
 }
 
 Tokenizer *tok_load(const char *dir) {
@@ -3505,7 +3508,8 @@ Tokenizer *tok_load(const char *dir) {
     snprintf(vocab_path, n, "%s/vocab.json", dir);
     snprintf(merges_path, n, "%s/merges.txt", dir);
     char *vocab = tok_file_read(vocab_path, &vocab_len), *merges = tok_file_read(merges_path, &merges_len);
-    Tokenizer *t = tok_load_text(vocab, vocab_len, vocab_path, merges, merges_len, merges_path);
+    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+    tok_load_text(t, vocab, vocab_len, vocab_path, merges, merges_len, merges_path);
     free(vocab);
     free(merges);
     free(vocab_path);
@@ -3521,12 +3525,15 @@ void tok_free(Tokenizer *t) {
     free(t->vocab_slot);
     free(t->merge_slot);
     free(t->cache);
-    free(t->work->sym);
-    free(t->work->link);
-    free(t->work->order);
-    free(t->work->first);
-    free(t->work->rank_heap);
-    free(t->work);
+    if (t->work) {
+        free(t->work->sym);
+        free(t->work->link);
+        free(t->work->order);
+        free(t->work->first);
+        free(t->work->rank_heap);
+        free(t->work);
+    }
+    json_free(t->vocab_json);
     free(t);
 }
 
@@ -4750,9 +4757,10 @@ static void input_open(Input *in, const char *file) {
     if (!in->f) die("%s: %s", file, strerror(errno));
 }
 
-static void input_close(Input *in) {
-    if (in->f != stdin) fclose(in->f);
+static void input_close(Input *in) { /* a zeroed or closed in too */
+    if (in->f && in->f != stdin) fclose(in->f);
     free(in->buf);
+    memset(in, 0, sizeof *in);
 }
 
 /* Next line without its newline, escapes decoded in place; false at EOF.
@@ -4927,49 +4935,66 @@ static Tokenizer *tokenizer_for(const char *dir) {
         free(v); free(m);
         if (have) return tok_load(dir);
     }
-    return tok_load_text(opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json), "built-in vocab.json", opt_merges_txt,
-                         (size_t)(opt_merges_txt_end - opt_merges_txt), "built-in merges.txt");
+    Tokenizer *t = check_calloc(sizeof *t, "the tokenizer");
+    tok_load_text(t, opt_vocab_json, (size_t)(opt_vocab_json_end - opt_vocab_json), "built-in vocab.json", opt_merges_txt,
+                  (size_t)(opt_merges_txt_end - opt_merges_txt), "built-in merges.txt");
+    return t;
 }
 
-/* Reads every input line into jobs (validating all of it before any work). */
-static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int *n_jobs) {
-    Input in;
-    input_open(&in, o->file);
-    int cap = 64, n = 0;
-    Job *jobs = check_malloc(sizeof(Job) * (size_t)cap, "jobs");
+/* The prompts as jobs, and what reading them holds, so that jobs_free frees
+ * all of it after a die() too (the fuzz harness goes on). */
+typedef struct {
+    Job *job;  /* (n) the jobs; while reading, the last may be half-built */
+    int n;     /* jobs begun */
+    int cap;   /* capacity of job */
+    Input in;  /* the prompt file while it is read */
+    Json *obj; /* the --jsonl line being read, parsed */
+} Jobs;
+
+static void jobs_free(Jobs *js) {
+    for (int i = 0; i < js->n; i++) { Job *j = &js->job[i]; free(j->ids); free(j->out); free(j->lp); free(j->text); }
+    free(js->job);
+    input_close(&js->in);
+    json_free(js->obj);
+    memset(js, 0, sizeof *js);
+}
+
+/* Reads every input line into the zeroed js (validating all of it before any work). */
+static void read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, Jobs *js) {
+    Input *in = &js->in;
+    input_open(in, o->file);
     char *text;
     size_t len;
     bool score = !strcmp(o->cmd, "score"), left = o->truncate && !strcmp(o->truncate, "left");
     int limit = c->max_pos - (score ? 0 : o->max_new), n_cut = 0; /* prompt tokens that fit */
     char less[32] = "";
     if (!score) snprintf(less, sizeof less, " less -n %d", o->max_new);
-    while (input_line(&in, &text, &len, !o->jsonl)) {
+    while (input_line(in, &text, &len, !o->jsonl)) {
         if (o->jsonl && strspn(text, " \t") == len) continue; /* blank: no prompt; "index" counts prompts */
-        if (n == cap) jobs = check_realloc(jobs, sizeof(Job) * (size_t)(cap *= 2), "jobs");
-        Job *j = &jobs[n];
+        if (js->n == js->cap) js->job = check_realloc(js->job, sizeof(Job) * (size_t)(js->cap = js->cap ? 2 * js->cap : 64), "jobs");
+        Job *j = &js->job[js->n++];
         memset(j, 0, sizeof *j);
-        j->line = in.line;
+        j->line = in->line;
         const char *src = text;
         size_t srclen = len;
-        Json *js = NULL;
         if (o->jsonl) {
             char err[128];
-            js = json_parse(text, len, err, sizeof err);
-            if (!js || js->type != J_OBJ) die("%s:%d: not a JSON object%s%s", in.name, in.line, js ? "" : ": ", js ? "" : err);
-            const Json *pr = json_get(js, "prompt"), *ids = json_get(js, "ids");
+            const Json *obj = js->obj = json_parse(text, len, err, sizeof err);
+            if (!obj || obj->type != J_OBJ) die("%s:%d: not a JSON object%s%s", in->name, in->line, obj ? "" : ": ", obj ? "" : err);
+            const Json *pr = json_get(obj, "prompt"), *ids = json_get(obj, "ids");
             if (ids && ids->type == J_ARR) {
                 j->ids = check_malloc(sizeof(int) * (size_t)(ids->n + 1), "ids");
                 for (int i = 0; i < ids->n; i++) {
                     const Json *v = &ids->kids[i];
                     if (v->type != J_NUM || v->num < 0 || v->num >= c->vocab || v->num != floor(v->num))
-                        die("%s:%d: \"ids\" must hold integers in [0, %d)", in.name, in.line, c->vocab);
+                        die("%s:%d: \"ids\" must hold integers in [0, %d)", in->name, in->line, c->vocab);
                     j->ids[j->n_ids++] = (int)v->num;
                 }
             } else if (pr && pr->type == J_STR) { src = pr->str; srclen = pr->len; }
-            else die("%s:%d: expected {\"prompt\": \"...\"} or {\"ids\": [...]}", in.name, in.line);
+            else die("%s:%d: expected {\"prompt\": \"...\"} or {\"ids\": [...]}", in->name, in->line);
         }
         if (!j->ids) {
-            if (o->ids && !o->jsonl) parse_ids(src, in.name, in.line, c->vocab, &j->ids, &j->n_ids);
+            if (o->ids && !o->jsonl) parse_ids(src, in->name, in->line, c->vocab, &j->ids, &j->n_ids);
             else {
                 int *tmp = NULL, tcap = 0, k = tok_encode(tok, src, srclen, &tmp, &tcap);
                 j->ids = check_malloc(sizeof(int) * (size_t)(k + 1), "ids");
@@ -4980,14 +5005,15 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
             }
             if (o->jsonl || !o->ids) { j->text = check_malloc(srclen + 1, "prompt"); memcpy(j->text, src, srclen); j->text_len = srclen; }
         }
-        json_free(js);
-        if (j->n_ids == 0) die("%s:%d: no tokens", in.name, in.line);
+        json_free(js->obj);
+        js->obj = NULL;
+        if (j->n_ids == 0) die("%s:%d: no tokens", in->name, in->line);
         for (int i = 0; i < j->n_ids; i++) /* a small model's vocabulary may not hold every tokenizer id */
-            if (j->ids[i] >= c->vocab) die("%s:%d: token %d is outside the model's vocabulary of %d", in.name, in.line, j->ids[i], c->vocab);
+            if (j->ids[i] >= c->vocab) die("%s:%d: token %d is outside the model's vocabulary of %d", in->name, in->line, j->ids[i], c->vocab);
         if (j->n_ids > limit) {
-            if (limit < 1) die("%s:%d: -n %d leaves no room for a prompt in the model's %d positions", in.name, in.line, o->max_new, c->max_pos);
+            if (limit < 1) die("%s:%d: -n %d leaves no room for a prompt in the model's %d positions", in->name, in->line, o->max_new, c->max_pos);
             if (!left)
-                die("%s:%d: %d prompt tokens, more than the %d that fit (the model's %d positions%s; see --truncate)", in.name, in.line,
+                die("%s:%d: %d prompt tokens, more than the %d that fit (the model's %d positions%s; see --truncate)", in->name, in->line,
                     j->n_ids, limit, c->max_pos, less);
             memmove(j->ids + 1, j->ids + j->n_ids - (limit - 1), sizeof(int) * (size_t)(limit - 1)); /* BOS and the last tokens */
             j->n_ids = limit;
@@ -4995,15 +5021,12 @@ static Job *read_jobs(const Opts *o, const Tokenizer *tok, const Config *c, int 
         }
         if (score) j->lp = check_malloc(sizeof(float) * (size_t)(j->n_ids > 1 ? j->n_ids - 1 : 1), "log-probs");
         else j->out = check_malloc(sizeof(int) * (size_t)(o->max_new + 1), "generated ids");
-        rng_seed(j->rng, o->seed, (uint64_t)n);
-        n++;
+        rng_seed(j->rng, o->seed, (uint64_t)(js->n - 1));
     }
-    input_close(&in);
+    input_close(in);
     if (n_cut)
         fprintf(stderr, "opt: --truncate left: %d of %d prompts were longer than %d tokens (the model's %d positions%s); kept the first token and the last %d of each\n",
-                n_cut, n, limit, c->max_pos, less, limit - 1);
-    *n_jobs = n;
-    return jobs;
+                n_cut, js->n, limit, c->max_pos, less, limit - 1);
 }
 
 /* --policy auto: the cost model's best policy for this workload and these
@@ -5239,13 +5262,15 @@ static void cmd_run(const Opts *o) {
     model_load(&m, o->model);
     pipe_first(true);
     Tokenizer *tok = NULL;
-    Job *jobs = NULL;
+    Jobs js = {0};
     int n_jobs = 0, longest = 1, in[2]; /* a pipeline's input is rank 0's */
     if (!g_comm || g_comm->rank == 0) {
         tok = tokenizer_for(o->model);
-        jobs = read_jobs(o, tok, &m.cfg, &n_jobs);
-        for (int i = 0; i < n_jobs; i++) longest = jobs[i].n_ids > longest ? jobs[i].n_ids : longest;
+        read_jobs(o, tok, &m.cfg, &js);
+        n_jobs = js.n;
+        for (int i = 0; i < n_jobs; i++) longest = js.job[i].n_ids > longest ? js.job[i].n_ids : longest;
     }
+    Job *jobs = js.job;
     in[0] = n_jobs, in[1] = longest;
     if (g_comm) g_comm->bcast(in, sizeof in);
     n_jobs = in[0], longest = in[1];
@@ -5265,7 +5290,7 @@ static void cmd_run(const Opts *o) {
                 .on_token = o->stream ? stream_token : NULL, .ctx = &pr};
     if (g_comm && n_jobs) pipe_run((Opts *)o, &e, jobs, n_jobs);
     else engine_run(&e, jobs, n_jobs);
-    free(jobs);
+    jobs_free(&js);
     if (tok) tok_free(tok);
     model_free(&m);
 }

@@ -12,6 +12,8 @@
 #   unicode-data the Unicode tables unicode_tab.h is checked against
 #   OpenBLAS     so that numpy's reference is fast (its pthread build)
 #   Open MPI     mpicc and mpirun, for the pipeline build (make opt-mpi) and its tests
+#   libFuzzer    clang's, for the fuzz group's short run; optional: without it and without
+#                root, one line says so and the group skips that run
 set -u
 PYTHON=${PYTHON:-/usr/bin/python3}
 
@@ -37,7 +39,10 @@ if [ $debian_py = 1 ] && ! ls /usr/lib/x86_64-linux-gnu/openblas-pthread/libopen
    ! ls /usr/lib/*/openblas-pthread/libopenblas*.so* >/dev/null 2>&1; then
     missing_apt="$missing_apt libopenblas0-pthread"
 fi
-[ -z "$missing_apt$missing_pip" ] && exit 0
+missing_opt=""
+echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { (void)d; (void)n; return 0; }' |
+    ${CLANG:-clang} -fsanitize=fuzzer -x c - -o /dev/null >/dev/null 2>&1 || missing_opt=" clang libclang-rt-dev"
+[ -z "$missing_apt$missing_pip$missing_opt" ] && exit 0
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -45,6 +50,11 @@ if [ "$(id -u)" != 0 ]; then
 fi
 # PEP 668: Debian marks its Python as externally managed; tokenizers has no Debian package
 brk=""; [ $debian_py = 1 ] && brk=" --break-system-packages"
+if [ "$SUDO" = none ] && [ -z "$missing_apt$missing_pip" ]; then
+    echo "tests/deps.sh: no clang with libFuzzer, so the fuzz group skips its short run; as root: apt-get install -y$missing_opt" >&2
+    exit 0
+fi
+missing_apt="$missing_apt$missing_opt"
 cmd=""
 [ -z "$missing_apt" ] || cmd="apt-get update -qq && apt-get install -y -qq --no-install-recommends$missing_apt"
 [ -z "$missing_pip" ] || cmd="${cmd:+$cmd && }$PYTHON -m pip install -q$brk$missing_pip"

@@ -14,7 +14,8 @@
 #   cli      tests/test_cli.py: every command's options, --version, input hygiene (BOM, CRLF,
 #            blank lines), --truncate, stdout write errors (input checks also under ./opt-asan)
 #   fuzz     tests/fuzz/replay.c, built with $CC plain and with ASan/UBSan: every regression
-#            input (tests/fuzz/regress/TARGET/) is rejected cleanly, every seed (corpus/) returns
+#            input (tests/fuzz/regress/TARGET/) is rejected cleanly, every seed (corpus/) returns;
+#            then, where clang has libFuzzer, every harness fuzzed FUZZ_SECONDS (20; 0 skips)
 #   w8a8     tests/test_w8a8.py: int8 GEMM exactness, SmoothQuant folding, the outlier model
 #   q4       tests/test_q4.py (+ tests/test_q4.c): the 4-bit format byte for byte against numpy,
 #            fused kernels against dequantize-then-GEMM bitwise, 4-bit score against ref_opt.py
@@ -32,8 +33,9 @@
 # One line per group (PASS/FAIL/SKIP and seconds), the failures' details under a failed
 # group, then a summary. Exit status 0 only when no group failed.
 #
-# Environment: OPT (default ./opt), OPT_ASAN (./opt-asan), OPT_MPI (./opt-mpi), PYTHON (/usr/bin/python3),
-# CC (cc), TEST_SEED (test_kernels' seed; default from the clock, printed),
+# Environment: OPT (default ./opt), OPT_ASAN (./opt-asan), OPT_MPI (./opt-mpi), PYTHON
+# (/usr/bin/python3), CC (cc), CLANG (clang, for libFuzzer), FUZZ_SECONDS (20: each harness's
+# short run; 0 skips them), TEST_SEED (test_kernels' seed; default from the clock, printed),
 # OPT_REAL_MODEL_DIR (a real opt-125m/350m checkpoint for test_model's published
 # outputs), VERBOSE=1 (print every group's whole log).
 set -u
@@ -145,11 +147,13 @@ run_bad() { group bad "$OPT_ASAN" "$PYTHON" tests/test_bad_input.py --opt "$OPT_
 run_cli() { group cli "$OPT" "$PYTHON" tests/test_cli.py --opt "$OPT" --asan "$OPT_ASAN" --tmp "$TMP/cli"; }
 # The fuzz harnesses' inputs through both replay builds. A sanitizer report, a crash or an
 # accepted regression input fails the group; the 256 KiB stack is where the old pickle
-# machine's unbounded recursion overflowed on regress/bin/pickle-depth.
+# machine's unbounded recursion overflowed on regress/bin/pickle-depth. Then `make fuzz`
+# runs every harness a short time, so that a new parser path is fuzzed on every change;
+# a finding fails the group (its log's tail and the input's path are in the group's log).
 run_fuzz() {
     log=$TMP/fuzz.log
     flags="-std=c11 -O1 -g -fopenmp -D_GNU_SOURCE -DOPT_FUZZ -I. -Wall -Wextra -Wno-unused-function"
-    srcs="tests/fuzz/replay.c quant.c offload.c lp.c"
+    srcs="tests/fuzz/replay.c quant.c offload.c" # it includes opt.c and lp.c
     if ! { $CC $flags -o "$TMP/replay" $srcs -lm -lpthread &&
            $CC $flags -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
                -o "$TMP/replay-asan" $srcs -lm -lpthread; } >"$log" 2>&1; then
@@ -171,8 +175,16 @@ run_fuzz() {
             fi
         done
     done
-    if [ $bad = 0 ]; then result fuzz PASS "$nr regression inputs rejected, $ns seeds returned, plain and ASan/UBSan" "$log"
-    else result fuzz FAIL "$bad input sets failed" "$log"
+    if [ $bad != 0 ]; then result fuzz FAIL "$bad input sets failed" "$log"; return; fi
+    sec=${FUZZ_SECONDS:-20} replayed="$nr regression inputs rejected, $ns seeds returned, plain and ASan/UBSan"
+    if [ "$sec" = 0 ]; then result fuzz PASS "$replayed; short fuzzing skipped (FUZZ_SECONDS=0)" "$log"
+    elif ! echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { (void)d; (void)n; return 0; }' |
+            ${CLANG:-clang} -fsanitize=fuzzer -x c - -o "$TMP/fuzz-probe" >/dev/null 2>&1; then
+        result fuzz PASS "$replayed; short fuzzing skipped: ${CLANG:-clang} has no libFuzzer (tests/deps.sh installs it)" "$log"
+    elif ${MAKE:-make} -s fuzz SECONDS="$sec" >>"$log" 2>&1; then
+        result fuzz PASS "$replayed; every harness fuzzed $sec s" "$log"
+    else
+        result fuzz FAIL "$(grep '^make fuzz: ' "$log" | tail -n 1)" "$log"
     fi
 }
 

@@ -83,13 +83,14 @@ def pk_state_dict(entries):
 
 
 def torch_zip(pkl, storages):
-    """The zip torch.save writes: archive/data.pkl and archive/data/KEY, stored."""
+    """The zip torch.save writes: archive/data.pkl and archive/data/KEY, stored (dated 1980, so
+    that a rerun writes the same bytes)."""
     import io
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", pkl)
+        z.writestr(zipfile.ZipInfo("archive/data.pkl"), pkl)
         for k, v in storages.items():
-            z.writestr("archive/data/%s" % k, v)
+            z.writestr(zipfile.ZipInfo("archive/data/%s" % k), v)
     return buf.getvalue()
 
 
@@ -185,6 +186,16 @@ def seeds(tmp):
                                               "disk_read_bw": 2e9, "disk_write_bw": 2e9, "cpu_gemv_bw": 8e9,
                                               "cpu_gemv_q4_bw": 4e9, "cpu_gemm_flops_g": 50e9, "cpu_gemm_flops_p": 80e9,
                                               "cpu_mem_bw": 8e9, "layer_overhead": 1e-4}))
+    # jobs: the mode byte (targets.c: 1 --jsonl, 2 --ids, 4 score, 8 --truncate left, 16-48 -n, 64 a small
+    # vocabulary), then the prompt file
+    put("corpus", "jobs", "text", b"\x10" + "Hello\\tworld\n\ncaf\u00e9 </s> 😀\n".encode())
+    put("corpus", "jobs", "jsonl", b"\x15" + b'{"prompt": "Hi there"}\n  \n{"ids": [2, 100, 7]}\n{"prompt": ""}\n')
+    put("corpus", "jobs", "ids", b"\x16" + b"2 100 200, 300\n2\n")
+    put("corpus", "jobs", "truncate", b"\x18" + b" ".join([b"word"] * 80) + b"\n")
+    # policy: opt plan --eval's words
+    put("corpus", "policy", "offload", "--percent 20 80 0 100 0 100 --gpu-batch-size 48 --num-gpu-batches 3 --cpu-attention")
+    put("corpus", "policy", "largest-block", "--gpu-batch-size 1024 --num-gpu-batches 1024 --percent 0 100 0 100 0 100")
+    put("corpus", "policy", "flags", "--compress-weight --compress-cache --pin-weights --no-overlap\t--percent 100 0 100 0 100 0")
     # args: generate's flags, NUL-separated
     put("corpus", "args", "offload", "\0".join(["--percent", "0", "50", "0", "100", "0", "100", "--gpu-batch-size", "4",
                                                 "--num-gpu-batches", "2", "--cpu-mem", "1.5G", "--disk-mem", "100MiB",
@@ -241,6 +252,8 @@ def regress():
     put("regress", "native", "act-scale-float", native_header(
         {"embed_tokens.weight": {"format": "i8", "act_scale": 1e300}},
         [("embed_tokens.weight", "I8", [16, 32], b"\1" * 512), ("embed_tokens.weight.scale", "F32", [16], F32x2 * 8)]))
+    # 14. opt plan --eval took a block of 2^20 x 2^20 sequences: the cost model's int product overflowed
+    put("regress", "policy", "block-overflow", "--gpu-batch-size 1048576 --num-gpu-batches 1048576")
 
 
 if __name__ == "__main__":

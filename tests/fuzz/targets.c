@@ -2,11 +2,12 @@
  *
  * Built into two drivers: tests/fuzz/libfuzzer.c (clang -fsanitize=fuzzer, for `make fuzz`)
  * and tests/fuzz/replay.c (any compiler, for the regression inputs `tests/run.sh fuzz`
- * replays). opt.c is included whole, so its static readers are reachable, and built with
- * OPT_FUZZ, where die() longjmps back here: a rejected input is an ordinary return.
+ * replays). opt.c and lp.c are included whole, so their static readers are reachable, and
+ * built with OPT_FUZZ, where die() longjmps back here: a rejected input is an ordinary return.
  * A harness's state lives in statics so that its cleanup runs after a die() too. */
 #define OPT_NO_MAIN
 #include "../../opt.c"
+#include "../../lp.c"
 
 #include <sys/mman.h>
 
@@ -171,7 +172,8 @@ static void fuzz_tok(const uint8_t *d, size_t n) {
     const char *s = (const char *)d, *z1 = memchr(s, 0, n), *z2 = z1 ? memchr(z1 + 1, 0, n - (size_t)(z1 + 1 - s)) : NULL;
     const Tokenizer *t;
     if (z2) {
-        t = g_tok = tok_load_text(s, (size_t)(z1 - s), "vocab.json", z1 + 1, (size_t)(z2 - z1 - 1), "merges.txt");
+        t = g_tok = check_calloc(sizeof *g_tok, "the tokenizer"); /* held here: a die() in loading leaves it to tok_free */
+        tok_load_text(g_tok, s, (size_t)(z1 - s), "vocab.json", z1 + 1, (size_t)(z2 - z1 - 1), "merges.txt");
         s = z2 + 1;
         n -= (size_t)(z2 + 1 - (const char *)d);
     } else {
@@ -186,7 +188,7 @@ static void fuzz_tok(const uint8_t *d, size_t n) {
 }
 
 static void fuzz_tok_done(void) {
-    if (g_tok) tok_free(g_tok);
+    tok_free(g_tok);
     g_tok = NULL;
     free(g_ids);
     g_ids = NULL;
@@ -216,6 +218,52 @@ static void fuzz_lines_done(void) {
     memset(&g_in, 0, sizeof g_in);
     free(g_ids);
     g_ids = NULL;
+}
+
+/* ----------------------------------------------------------------------------
+ * jobs: a prompt file as generate and score read it (read_jobs), in the mode the
+ * first byte picks: bit 0 --jsonl, bit 1 --ids, bit 2 score (else generate), bit 3
+ * --truncate left, bits 4-5 -n 0, 8, 63 or 64 of the model's 64 positions, bit 6 a
+ * vocabulary of 1000 (a small model's, under the tokenizer's ids). The rest is the file. */
+
+static Jobs g_jobs;
+
+static void fuzz_jobs(const uint8_t *d, size_t n) {
+    static const int max_new[4] = {0, 8, 63, 64};
+    if (!n) return;
+    Opts o = {.cmd = d[0] & 4 ? "score" : "generate", .file = fuzz_file(d + 1, n - 1), .max_new = max_new[d[0] >> 4 & 3],
+              .jsonl = d[0] & 1, .ids = d[0] >> 1 & 1, .truncate = d[0] & 8 ? "left" : NULL};
+    Config c = {.vocab = d[0] & 64 ? 1000 : 50272, .max_pos = 64, .bos = 2};
+    if (!g_builtin) g_builtin = tokenizer_for(NULL);
+    read_jobs(&o, g_builtin, &c, &g_jobs);
+}
+
+static void fuzz_jobs_done(void) { jobs_free(&g_jobs); }
+
+/* ----------------------------------------------------------------------------
+ * policy: `opt plan --eval POLICY`'s words (plan_policy_parse), then the cost model
+ * on what it accepts, for OPT-30B on the h100 preset as `opt plan` would run it. */
+
+static char *g_text; /* the input as a string, split in place by the parser */
+
+static void fuzz_policy(const uint8_t *d, size_t n) {
+    g_text = memcpy(check_malloc(n + 1, "the policy"), d, n);
+    g_text[n] = 0;
+    Policy p;
+    plan_policy_parse(&p, g_text);
+    Config c;
+    Hardware hw;
+    PlanReq rq;
+    PlanResult r;
+    shape_config(&c, "opt-30b");
+    hw_load(&hw, "h100");
+    plan_req_default(&rq, &hw);
+    plan_eval(&c, &hw, &rq, &p, &r);
+}
+
+static void fuzz_policy_done(void) {
+    free(g_text);
+    g_text = NULL;
 }
 
 /* ----------------------------------------------------------------------------
@@ -265,6 +313,7 @@ static const FuzzTarget fuzz_targets[] = {
     {"native", fuzz_native, fuzz_native_done},   {"tok", fuzz_tok, fuzz_tok_done},
     {"lines", fuzz_lines, fuzz_lines_done},      {"mps", fuzz_mps, fuzz_nothing},
     {"probe", fuzz_probe, fuzz_nothing},         {"args", fuzz_args, fuzz_nothing},
+    {"jobs", fuzz_jobs, fuzz_jobs_done},         {"policy", fuzz_policy, fuzz_policy_done},
 };
 
 const FuzzTarget *fuzz_target(const char *name) {
