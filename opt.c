@@ -3940,16 +3940,30 @@ static bool sched_idle(const Sched *q, int s0, int s1) {
 
 /* The next step of slots [s0, s1): free slots take the next jobs (under a
  * policy only when all of them are free: FlexGen's blocks), decoding slots
- * give a row each, prompt chunks fill the rest up to rows_max. */
-static void sched_step(Engine *e, Sched *q, int s0, int s1, bool blocks, int rows_max, Rows *r) {
+ * give a row each, prompt chunks fill the rest up to rows_max. A pipeline of
+ * `stages` (> 1) takes prompts in chunks of about 1/(2 stages) of what is left
+ * (at least 64 rows), so that the first chunk reaches the next stage early and
+ * the last leaves little to finish alone: a smaller fill and drain bubble. */
+static void sched_step(Engine *e, Sched *q, int s0, int s1, bool blocks, int rows_max, int stages, Rows *r) {
     if (!blocks || sched_idle(q, s0, s1))
         for (int i = s0; i < s1 && q->next_job < q->n_jobs; i++)
             if (q->job_of[i] < 0) { q->job_of[i] = q->next_job++; q->fed[i] = 0; }
     int n = 0;
     r->prefill = false;
-    for (int i = s0; i < s1; i++) {
+    if (stages > 1 && !blocks) {
+        int64_t left = 0, dec = 0;
+        for (int i = s0; i < s1; i++)
+            if (q->job_of[i] >= 0) {
+                int k = q->jobs[q->job_of[i]].n_ids - q->fed[i];
+                if (k > 0) left += k; else dec++;
+            }
+        int64_t chunk = (left + 2 * stages - 1) / (2 * stages);
+        chunk = dec + (chunk > 64 ? chunk : 64);
+        rows_max = chunk < rows_max ? (int)chunk : rows_max;
+    }
+    for (int i = s0; i < s1; i++) { /* a sequence decodes once its last token is back (a pipeline sends prompts ahead) */
         Job *j = q->job_of[i] >= 0 ? &q->jobs[q->job_of[i]] : NULL;
-        if (!j || q->fed[i] < j->n_ids) continue;
+        if (!j || q->fed[i] < j->n_ids || e->score || !j->n_out) continue;
         r->tok[n] = j->out[j->n_out - 1]; r->slot[n] = i; r->pos[n] = j->n_ids + j->n_out - 1; r->need[n] = q->job_of[i]; r->tgt[n] = 0;
         n++;
     }
@@ -4156,7 +4170,7 @@ void engine_run(Engine *e, Job *jobs, int n_jobs) {
     double t0 = now_sec();
     while (q.n_done < n_jobs) {
         if (sched_idle(&q, 0, sh.slots)) bstep = 0;
-        sched_step(e, &q, 0, sh.slots, blocks, sh.rows_max, &r);
+        sched_step(e, &q, 0, sh.slots, blocks, sh.rows_max, 1, &r);
         int blk = (q.next_job - 1) / sh.slots;
         if (blocks) {
             if (r.prefill) snprintf(ph, sizeof ph, "block %d/%d prefill", blk + 1, n_blocks);
@@ -4261,44 +4275,50 @@ static void engine_pipe(Engine *e, Job *jobs, int n_jobs, RunShape sh, int G) {
         Rows *gr = check_malloc(sizeof(Rows) * (size_t)G, "groups");
         char **out = check_calloc(sizeof(char *) * (size_t)G, "groups");
         void **sreq = check_calloc(sizeof(void *) * (size_t)G, "groups");
-        int *fifo = check_malloc(sizeof(int) * 2 * (size_t)G, "groups"), *fly = fifo + G, head = 0, count = 0, pre_left = 0;
-        for (int g = 0; g < G; g++) { rows_init(&gr[g], sh.rows_max); out[g] = check_malloc(cap, "pipeline messages"); fly[g] = 0; }
+        /* steps in flight, oldest first: group, rows, and whether their results decide the
+         * group's next step (a prompt chunk without logits does not: the next chunk goes at once) */
+        int cap_fifo = 64 * G, head = 0, count = 0, pre_left = 0;
+        int *fifo = check_malloc(sizeof(int) * 3 * (size_t)cap_fifo, "groups"), *wait = check_calloc(sizeof(int) * (size_t)G, "groups");
+        for (int g = 0; g < G; g++) { rows_init(&gr[g], sh.rows_max); out[g] = check_malloc(cap, "pipeline messages"); }
         char *res = check_malloc(rcap, "pipeline results");
         void *rreq = cm->irecv(res, rcap, N - 1);
         for (;;) {
-            for (int g = 0; g < G; g++) { /* every group not in the pipe that has work goes in */
-                int s0, s1;
-                if (fly[g]) continue;
-                group_range(e, sh, G, g, &s0, &s1);
-                sched_step(e, &q, s0, s1, e->offcfg != NULL, sh.rows_max, &gr[g]);
-                if (!gr[g].n) continue;
-                if (sreq[g]) cm->wait(sreq[g]);
-                msg_pack(out[g], &gr[g], g);
-                stage_forward(e, &b, &gr[g], NULL, msg_x(out[g], gr[g].n));
-                sreq[g] = cm->isend(out[g], msg_bytes(gr[g].n, h), 1);
-                fly[g] = 1;
-                fifo[(head + count++) % G] = g;
-                pre_left += gr[g].prefill;
-            }
+            for (int g = 0; g < G; g++) /* every group free to step goes in, prompt chunks while they need nothing back */
+                while (!wait[g] && count < cap_fifo) {
+                    int s0, s1;
+                    group_range(e, sh, G, g, &s0, &s1);
+                    sched_step(e, &q, s0, s1, e->offcfg != NULL, sh.rows_max, N, &gr[g]);
+                    if (!gr[g].n) break;
+                    if (sreq[g]) cm->wait(sreq[g]);
+                    msg_pack(out[g], &gr[g], g);
+                    stage_forward(e, &b, &gr[g], NULL, msg_x(out[g], gr[g].n));
+                    sreq[g] = cm->isend(out[g], msg_bytes(gr[g].n, h), 1);
+                    for (int i = 0; i < gr[g].n; i++) wait[g] |= gr[g].need[i] >= 0;
+                    int *f = fifo + 3 * ((head + count++) % cap_fifo);
+                    f[0] = g, f[1] = gr[g].n, f[2] = wait[g];
+                    pre_left += gr[g].prefill && wait[g];
+                }
             if (!count) break;
-            int g = fifo[head], s0, s1;
-            head = (head + 1) % G, count--;
+            int *f = fifo + 3 * head, g = f[0], s0, s1;
+            head = (head + 1) % cap_fifo, count--;
             size_t got = cm->wait(rreq);
             int *hd = (int *)res;
-            check(got == sizeof(int) * (MSG_HDR + 2 * (size_t)gr[g].n) && hd[0] == gr[g].n && hd[2] == g, "pipeline result for group %d out of order", g);
-            sched_apply(e, &q, &gr[g], hd + MSG_HDR, (const float *)(hd + MSG_HDR + gr[g].n));
+            check(got == sizeof(int) * (MSG_HDR + 2 * (size_t)f[1]) && hd[0] == f[1] && hd[2] == g, "pipeline result for group %d out of order", g);
+            if (f[2]) { /* the results the group waited for */
+                sched_apply(e, &q, &gr[g], hd + MSG_HDR, (const float *)(hd + MSG_HDR + gr[g].n));
+                wait[g] = 0;
+                if (gr[g].prefill && --pre_left == 0 && !e->t_prefill) e->t_prefill = now_sec() - t0; /* every group's first tokens */
+            }
             rreq = cm->irecv(res, rcap, N - 1);
-            fly[g] = 0;
-            if (gr[g].prefill && --pre_left == 0 && !e->t_prefill) e->t_prefill = now_sec() - t0; /* every group's first tokens */
             group_range(e, sh, G, g, &s0, &s1);
-            sched_retire(e, &q, s0, s1);
+            if (!wait[g]) sched_retire(e, &q, s0, s1); /* every row the group sent has its results */
             progress(e, q.n_done, n_jobs, t0, (double)q.n_done / n_jobs, NULL);
         }
         int stop[MSG_HDR] = {-1, 0, 0, 0};
         cm->wait(cm->isend(stop, sizeof stop, 1));
         cm->wait(rreq); /* the last stage's end */
         for (int g = 0; g < G; g++) { if (sreq[g]) cm->wait(sreq[g]); free(out[g]); free(gr[g].tok); }
-        free(gr); free(out); free(sreq); free(fifo); free(res); free(q.job_of);
+        free(gr); free(out); free(sreq); free(fifo); free(wait); free(res); free(q.job_of);
     } else {
         char *in[2], *out[2];
         void *rq[2], *sq[2] = {NULL, NULL};
@@ -5197,9 +5217,9 @@ static void pipe_block(Opts *o) {
 /* Groups in flight: --micro-batches, else one per stage; whole GPU batches under a policy. */
 static int pipe_groups(const Opts *o, RunShape sh) {
     int N = g_comm->size, units = o->offload ? o->off.pol.num_gpu_batches : sh.slots, G = o->micro ? o->micro : N;
-    if (G > units && o->micro && g_comm->rank == 0)
-        die("--micro-batches %d: the block has %d %s", G, units, o->offload ? "GPU batches (--num-gpu-batches)" : "sequences in flight");
-    G = G < units ? G : units;
+    if (o->micro > (o->offload ? units : o->batch) && g_comm->rank == 0)
+        die("--micro-batches %d: more groups than the block's %d %s", G, o->offload ? units : o->batch, o->offload ? "GPU batches (--num-gpu-batches)" : "sequences (-b)");
+    G = G < units ? G : units; /* fewer prompts than the block */
     if (G < N && g_comm->rank == 0)
         fprintf(stderr, "opt: the block splits into %d group%s for %d stages, so stages idle; give %s %d or more\n", G, G == 1 ? "" : "s", N,
                 o->offload ? "--num-gpu-batches" : "-b", N);

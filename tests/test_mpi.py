@@ -79,6 +79,7 @@ def test_equivalence():
         ('generate sampled (--temperature 0.9 --top-k 40 --top-p 0.9 --seed 7)',
          ['generate', '-m', m5, '-f', pf, '-n', '9', '-b', '4', '--temperature', '0.9', '--top-k', '40', '--top-p', '0.9', '--seed', '7']),
         ('score -b 2', ['score', '-m', m5, '-f', pf, '-b', '2']),
+        ('generate -n 0 (prompts only)', ['generate', '-m', m5, '-f', pf, '-n', '0', '-b', '3']),
         ('generate --compress-weight --compress-cache', ['generate', '-m', m5, '-f', pf, '-n', '6', '-b', '5', '--compress-weight', '--compress-cache']),
     ]
     for n in (2, 3, 4):
@@ -166,7 +167,7 @@ def test_refusals():
     one_line(mpirun(2, base + ['--stages', '2,2']), ['--stages 2,2: 4 layers, but', 'has 5'], '--stages summing to the wrong count')
     one_line(opt(base + ['--stages', '2,3']), ['--stages 2,3: 2 stages, but 1 process runs'], '--stages 2,3 in one process')
     one_line(mpirun(6, base), ['6 pipeline stages for 5 layers'], 'more stages than layers')
-    one_line(mpirun(2, base + ['-b', '3', '--micro-batches', '4']), ['--micro-batches 4: the block has 3 sequences in flight'], '--micro-batches over the block')
+    one_line(mpirun(2, base + ['-b', '3', '--micro-batches', '4']), ['--micro-batches 4: more groups than the block\'s 3 sequences (-b)'], '--micro-batches over the block')
     one_line(mpirun(2, base + ['--bogus']), ['rank 0 on', '--bogus'], 'a bad option: one line, from rank 0 only')
     one_line(mpirun(2, ['tokenize', '-f', pf]), ['opt tokenize runs in one process'], 'tokenize under mpirun')
     m4 = os.path.join(TMP, 'm350')
