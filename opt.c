@@ -3941,26 +3941,16 @@ static bool sched_idle(const Sched *q, int s0, int s1) {
 /* The next step of slots [s0, s1): free slots take the next jobs (under a
  * policy only when all of them are free: FlexGen's blocks), decoding slots
  * give a row each, prompt chunks fill the rest up to rows_max. A pipeline of
- * `stages` (> 1) takes prompts in chunks of about 1/(2 stages) of what is left
- * (at least 64 rows), so that the first chunk reaches the next stage early and
- * the last leaves little to finish alone: a smaller fill and drain bubble. */
+ * `stages` (> 1) feeds every prompt in 2 x stages parts (at least 16 rows
+ * each), all sequences side by side: only the last part needs logits, so rank
+ * 0 sends the others ahead, the next stage starts after the first part and
+ * the last stage finishes alone only the last: a smaller fill and drain bubble. */
 static void sched_step(Engine *e, Sched *q, int s0, int s1, bool blocks, int rows_max, int stages, Rows *r) {
     if (!blocks || sched_idle(q, s0, s1))
         for (int i = s0; i < s1 && q->next_job < q->n_jobs; i++)
             if (q->job_of[i] < 0) { q->job_of[i] = q->next_job++; q->fed[i] = 0; }
     int n = 0;
     r->prefill = false;
-    if (stages > 1 && !blocks) {
-        int64_t left = 0, dec = 0;
-        for (int i = s0; i < s1; i++)
-            if (q->job_of[i] >= 0) {
-                int k = q->jobs[q->job_of[i]].n_ids - q->fed[i];
-                if (k > 0) left += k; else dec++;
-            }
-        int64_t chunk = (left + 2 * stages - 1) / (2 * stages);
-        chunk = dec + (chunk > 64 ? chunk : 64);
-        rows_max = chunk < rows_max ? (int)chunk : rows_max;
-    }
     for (int i = s0; i < s1; i++) { /* a sequence decodes once its last token is back (a pipeline sends prompts ahead) */
         Job *j = q->job_of[i] >= 0 ? &q->jobs[q->job_of[i]] : NULL;
         if (!j || q->fed[i] < j->n_ids || e->score || !j->n_out) continue;
@@ -3971,6 +3961,8 @@ static void sched_step(Engine *e, Sched *q, int s0, int s1, bool blocks, int row
         Job *j = q->job_of[i] >= 0 ? &q->jobs[q->job_of[i]] : NULL;
         if (!j || q->fed[i] >= j->n_ids) continue;
         int k = j->n_ids - q->fed[i] < rows_max - n ? j->n_ids - q->fed[i] : rows_max - n;
+        int part = stages > 1 && !blocks ? (j->n_ids + 2 * stages - 1) / (2 * stages) : k;
+        k = k < (part > 16 ? part : 16) ? k : (part > 16 ? part : 16);
         for (int t = 0; t < k; t++, n++) {
             int p = q->fed[i] + t;
             r->tok[n] = j->ids[p]; r->slot[n] = i; r->pos[n] = p;
