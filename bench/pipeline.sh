@@ -38,7 +38,7 @@ if [ ! -f "$MODEL/config.json" ] || [ ! -f "$MODEL/model.safetensors" ]; then
 fi
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) logical CPUs)"
+    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p') ($(nproc --all) logical CPUs)"
     echo "mpi: $(mpirun --version 2>&1 | head -n 1)"
     echo "opt: git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- opt.c opt.h offload.c quant.c lp.c pipe.c 2>/dev/null || echo ' + uncommitted changes')"
     echo "load_start: $(cut -d' ' -f1-3 /proc/loadavg)"
