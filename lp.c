@@ -1983,6 +1983,15 @@ static void plan_json_num(FILE *f, const char *k, double v, int comma) {
     if (comma) fprintf(f, ", ");
 }
 
+/* "k": {"prefill": p, "decode": d, "total": t} */
+static void plan_json_phases(FILE *f, const char *k, double p, double d, double t) {
+    fprintf(f, "\"%s\": {", k);
+    plan_json_num(f, "prefill", p, 1);
+    plan_json_num(f, "decode", d, 1);
+    plan_json_num(f, "total", t, 0);
+    fprintf(f, "}");
+}
+
 static void plan_json_tiers(FILE *f, const char *key, const double *v) {
     fprintf(f, "\"%s\": {", key);
     for (int t = 0; t < TIER_COUNT; t++) plan_json_num(f, tier_names[t], v[t], t + 1 < TIER_COUNT);
@@ -2015,15 +2024,11 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
                 p->gpu_batch_size, p->num_gpu_batches, block, p->w_gpu, p->w_cpu, p->c_gpu, p->c_cpu, p->a_gpu, p->a_cpu,
                 p->cpu_attention && p->c_gpu < 100 ? "true" : "false", p->compress_weight ? "true" : "false",
                 p->compress_cache ? "true" : "false", p->pin_weights ? "true" : "false", p->overlap ? "true" : "false");
-        fprintf(f, " \"throughput\": {");
-        plan_json_num(f, "prefill", r->tput_prefill, 1);
-        plan_json_num(f, "decode", r->tput_decode, 1);
-        plan_json_num(f, "total", r->tput_total, 0);
-        fprintf(f, "}, \"time\": {");
-        plan_json_num(f, "prefill", r->t_prefill, 1);
-        plan_json_num(f, "decode", r->t_decode, 1);
-        plan_json_num(f, "total", r->t_prefill + r->t_decode, 0);
-        fprintf(f, "}, \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"}, ", r->bound_prefill, r->bound_decode);
+        fprintf(f, " ");
+        plan_json_phases(f, "throughput", r->tput_prefill, r->tput_decode, r->tput_total);
+        fprintf(f, ", ");
+        plan_json_phases(f, "time", r->t_prefill, r->t_decode, r->t_prefill + r->t_decode);
+        fprintf(f, ", \"bottleneck\": {\"prefill\": \"%s\", \"decode\": \"%s\"}, ", r->bound_prefill, r->bound_decode);
         plan_json_tiers(f, "peak_bytes", r->peak);
         fprintf(f, ", ");
         plan_json_tiers(f, "budget_bytes", rq->budget);
@@ -2259,26 +2264,20 @@ static void pipe_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
         plan_json_num(f, "prefill", pp->c_pre, 1);
         plan_json_num(f, "decode", pp->c_dec, 1);
         plan_json_num(f, "tokens", pp->c_tok, 0);
-        fprintf(f, "}, \"throughput\": {");
-        plan_json_num(f, "prefill", pp->tput_prefill, 1);
-        plan_json_num(f, "decode", pp->tput_decode, 1);
-        plan_json_num(f, "total", pp->tput_total, 0);
-        fprintf(f, "}, \"time\": {");
-        plan_json_num(f, "prefill", pp->t_prefill, 1);
-        plan_json_num(f, "decode", pp->t_decode, 1);
-        plan_json_num(f, "total", pp->t_prefill + pp->t_decode, 0);
-        fprintf(f, "}, \"bottleneck_stage\": %d, ", pp->bottleneck);
+        fprintf(f, "}, ");
+        plan_json_phases(f, "throughput", pp->tput_prefill, pp->tput_decode, pp->tput_total);
+        fprintf(f, ", ");
+        plan_json_phases(f, "time", pp->t_prefill, pp->t_decode, pp->t_prefill + pp->t_decode);
+        fprintf(f, ", \"bottleneck_stage\": %d, ", pp->bottleneck);
         plan_json_num(f, "bubble", pp->bubble, 1);
         fprintf(f, "\"single\": ");
         if (r1) {
             plan_policy_flags(flags, sizeof flags, p1);
             fprintf(f, "{\"flags\": ");
             json_write_str(f, flags, strlen(flags));
-            fprintf(f, ", \"block\": %d, \"throughput\": {", p1->gpu_batch_size * p1->num_gpu_batches);
-            plan_json_num(f, "prefill", r1->tput_prefill, 1);
-            plan_json_num(f, "decode", r1->tput_decode, 1);
-            plan_json_num(f, "total", r1->tput_total, 0);
-            fprintf(f, "}}, ");
+            fprintf(f, ", \"block\": %d, ", p1->gpu_batch_size * p1->num_gpu_batches);
+            plan_json_phases(f, "throughput", r1->tput_prefill, r1->tput_decode, r1->tput_total);
+            fprintf(f, "}, ");
         } else {
             fprintf(f, "null, ");
         }
