@@ -99,7 +99,8 @@ bench: opt
 
 # Fuzzing (tests/fuzz/README.md): each harness of tests/fuzz/targets.c under libFuzzer for
 # SECONDS seconds, new inputs kept in build/fuzz/corpus/, crashes written to build/fuzz/.
-# libFuzzer comes with clang's runtime (Debian: libclang-rt-dev).
+# libFuzzer comes with clang's runtime (Debian: libclang-rt-dev). RSS limit 4 GiB, as in the
+# campaign: libFuzzer's own corpus and the mps harness's largest accepted problems reach ~2 GiB.
 # tests/run.sh fuzz replays the regression inputs through tests/fuzz/replay.c, built with
 # $(CC), plain and sanitized, then runs this for FUZZ_SECONDS (20) where libFuzzer is.
 FUZZ_TARGETS = json safetensors bin index native tok lines mps probe args jobs policy
@@ -119,7 +120,7 @@ fuzz: build/fuzz/libfuzzer
 	@for t in $(FUZZ_TARGETS); do \
 	    mkdir -p build/fuzz/corpus/$$t; \
 	    echo "fuzz $$t: $(SECONDS) s"; \
-	    OPT_FUZZ_TARGET=$$t ASAN_OPTIONS=detect_leaks=0 build/fuzz/libfuzzer -max_total_time=$(SECONDS) \
+	    OPT_FUZZ_TARGET=$$t ASAN_OPTIONS=detect_leaks=0 build/fuzz/libfuzzer -max_total_time=$(SECONDS) -rss_limit_mb=4096 \
 	        -print_final_stats=1 -artifact_prefix=build/fuzz/$$t- build/fuzz/corpus/$$t \
 	        $$(ls -d tests/fuzz/corpus/$$t tests/fuzz/regress/$$t 2>/dev/null) 2>build/fuzz/$$t.log || \
 	        { tail -n 60 build/fuzz/$$t.log; echo "make fuzz: $$t found a crash: $$(sed -n 's/.*Test unit written to //p' build/fuzz/$$t.log)"; exit 1; }; \
