@@ -1343,6 +1343,7 @@ static void forward_cpu(Offload *o, const Step *st, Batches *B, const float *xin
             t0 = now_sec();
             layer_forward(m, &m->layers[l], l, &o->kview[k], &sub[b], x, &o->s);
             o->t_compute += now_sec() - t0;
+            if (g_comm) g_comm->progress(); /* a pipeline stage's posted messages move (TCP needs the sender in MPI) */
             store_cache(o, l, b, k, B->lo + b * o->gbs, B->hi + b * o->gbs);
             store_x(o, b, k, r_at[b], r_at[b + 1]);
         }
@@ -1414,6 +1415,7 @@ static void forward_dev(Offload *o, const Step *st, Batches *B, const float *xin
         int l = pl[q], k = pk[q], b = q & 1;
         if (q == 0 || pl[q - 1] != l) weights_begin(o, l + 1);
         dev_layer(o, l, k, b, &sub[k], &dsub[k], r_at[k], r_at[k + 1], B->pos0 + k * o->gbs);
+        if (g_comm) g_comm->progress();
         if (q + 1 == np || pl[q + 1] != l) D->record(o->w_free[wbuf(o, l + 1)], 0);
         dev_flush(o, b ^ 1, sub, B->lo, B->hi);
         if (q + 1 < np) {
