@@ -1983,6 +1983,16 @@ static void plan_json_num(FILE *f, const char *k, double v, int comma) {
     if (comma) fprintf(f, ", ");
 }
 
+/* A plan's JSON line up to its mode's own fields: model, hardware, workload, mode, feasible. */
+static void plan_json_head(FILE *f, const Config *c, const Hardware *hw, const PlanReq *rq, const char *mode, int feasible) {
+    fprintf(f, "{\"model\": ");
+    json_write_str(f, c->name, strlen(c->name));
+    fprintf(f, ", \"hardware\": ");
+    json_write_str(f, hw->name, strlen(hw->name));
+    fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"%s\", \"feasible\": %s, ",
+            hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, mode, feasible ? "true" : "false");
+}
+
 /* "k": {"prefill": p, "decode": d, "total": t} */
 static void plan_json_phases(FILE *f, const char *k, double p, double d, double t) {
     fprintf(f, "\"%s\": {", k);
@@ -2011,12 +2021,7 @@ static void plan_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
     int block = p->gpu_batch_size * p->num_gpu_batches;
     if (json) {
         FILE *f = stdout;
-        fprintf(f, "{\"model\": ");
-        json_write_str(f, c->name, strlen(c->name));
-        fprintf(f, ", \"hardware\": ");
-        json_write_str(f, hw->name, strlen(hw->name));
-        fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"%s\", \"feasible\": %s, ",
-                hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, eval ? "eval" : "search", r->feasible ? "true" : "false");
+        plan_json_head(f, c, hw, rq, eval ? "eval" : "search", r->feasible);
         fprintf(f, "\"flags\": ");
         json_write_str(f, flags, strlen(flags));
         fprintf(f, ", \"policy\": {\"gpu_batch_size\": %d, \"num_gpu_batches\": %d, \"block\": %d, \"percent\": [%.4g, %.4g, %.4g, %.4g, %.4g, %.4g], "
@@ -2237,12 +2242,8 @@ static void pipe_print(const Config *c, const Hardware *hw, const PlanReq *rq, c
     char flags[256];
     if (json) {
         FILE *f = stdout;
-        fprintf(f, "{\"model\": ");
-        json_write_str(f, c->name, strlen(c->name));
-        fprintf(f, ", \"hardware\": ");
-        json_write_str(f, hw->name, strlen(hw->name));
-        fprintf(f, ", \"gpu\": %s, \"prompt_len\": %d, \"gen_len\": %d, \"mode\": \"pipeline\", \"feasible\": true, \"stages\": %d, ",
-                hw->has_gpu ? "true" : "false", rq->prompt_len, rq->gen_len, N);
+        plan_json_head(f, c, hw, rq, "pipeline", 1);
+        fprintf(f, "\"stages\": %d, ", N);
         plan_json_num(f, "link_bw", pp->bw, 1);
         fprintf(f, "\"groups\": %d, \"group\": %d, \"block\": %d, \"split\": [", pp->groups, pp->group, B);
         for (int i = 0; i < N; i++) fprintf(f, "%s%d", i ? ", " : "", pp->st[i].layers);
