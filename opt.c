@@ -1730,9 +1730,21 @@ GEMM_TILES_AVX512(bf16, 2, ld16_bf16, ldm16_bf16)
 
 void compute_set(const char *mode) {
     g_bf16 = mode && !strcmp(mode, "bf16");
+    g_w4a8 = mode && !strcmp(mode, "int8");
+    if (g_w4a8 && (!g_vnni || g_simd != SIMD_AVX512))
+        die("--compute int8: needs AVX-512 VNNI (this CPU%s has SIMD %s%s); use --compute f32", getenv("OPT_SIMD") ? ", as OPT_SIMD sets it," : "",
+            simd_names[g_simd], g_vnni ? " with VNNI" : " without VNNI");
     if (g_bf16 && (!g_has_bf16 || g_simd != SIMD_AVX512))
         die("--compute bf16: needs AVX-512 BF16 (this CPU%s has SIMD %s%s); use --compute f32", getenv("OPT_SIMD") ? ", as OPT_SIMD sets it," : "",
             simd_names[g_simd], g_has_bf16 ? " with BF16" : " without BF16");
+}
+
+/* --compute int8 changes the arithmetic of 4-bit weights only: on float weights
+ * it would silently be f32. */
+static void compute_check(const Model *m, const char *path) {
+    DType dt = m->layers[0].fc1.dtype;
+    if (g_w4a8 && dt != DT_Q4 && dt != DT_I8)
+        die("%s: --compute int8 needs 4-bit weights (--compress-weight, or a file of opt convert --int4-weights); these are %s", path, dtype_names[dt]);
 }
 
 static inline __mmask16 mask16(int n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
@@ -1997,6 +2009,7 @@ void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
     if (dt == DT_I8) { gemm_i8(g); return; }
+    if (dt == DT_Q4 && g_w4a8) { gemm_w4a8(g); return; }
     check(dt == DT_F32 || dt == DT_F16 || dt == DT_BF16 || dt == DT_Q4, "gemm on dtype %d", (int)dt);
     check(!g_bf16 || g_simd == SIMD_AVX512, "bf16 compute at SIMD level %s", simd_names[g_simd]);
     const int nb = LNB;
@@ -4382,7 +4395,7 @@ typedef struct {
     int step_rows;         /* --step-rows */
     int compress_weight;   /* --compress-weight: 4-bit weights at load time */
     int compress_cache;    /* --compress-cache: 4-bit KV cache */
-    const char *compute;   /* --compute f32|bf16: the CPU GEMMs' arithmetic (NULL = f32) */
+    const char *compute;   /* --compute f32|bf16|int8: the CPU GEMMs' arithmetic (NULL = f32) */
     int group;             /* --group-size for 4-bit formats */
     int int4;              /* convert --int4-weights */
     int outliers;          /* synth --outliers */
@@ -4408,6 +4421,8 @@ typedef struct {
      "      --compute C        CPU GEMM arithmetic: f32 (default; the reference the exactness tests\n" \
      "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; faster\n" \
      "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n" \
+     "                         or int8 (4-bit weights only: x quantized to int8 per weight group,\n" \
+     "                         exact integer sums, as llama.cpp's Q4 x Q8; AVX-512 VNNI)\n" \
      "      --stages N0,N1,... decoder layers per pipeline stage, one count per mpirun rank (make\n" \
      "                         MPI=1; default: balanced by the cost model; README: pipeline stages)\n" \
      "      --micro-batches G  groups of the block in flight through the stages (default: one per\n" \
@@ -4643,7 +4658,7 @@ static const OptSpec opt_specs[] = {
     O("--micro-batches", NULL, C_MODEL, A_INT, micro, 1, 1 << 16, NULL, 0, 0),
     O("--compress-weight", NULL, C_MODEL, A_SET, compress_weight, 0, 0, NULL, 0, 0),
     O("--compress-cache", NULL, C_MODEL, A_SET, compress_cache, 0, 0, NULL, 0, 0),
-    O("--compute", NULL, C_MODEL, A_STR, compute, 0, 0, "f32|bf16", 0, 0),
+    O("--compute", NULL, C_MODEL, A_STR, compute, 0, 0, "f32|bf16|int8", 0, 0),
     O("--group-size", NULL, C_MODEL | C_CONV, A_INT, group, 32, 128, "32|64|128", N_Q4, 0),
     O("--percent", NULL, C_MODEL, A_PERCENT, off.pol, 0, 100, NULL, 0, 1),
     O("--gpu-batch-size", NULL, C_MODEL, A_INT, off.pol.gpu_batch_size, 1, 1 << 16, NULL, 0, 1),
@@ -5288,6 +5303,7 @@ static void cmd_run(const Opts *o) {
     n_jobs = in[0], longest = in[1];
     pipe_model(o, &m, longest, score ? 1 : o->max_new);
     if (o->compress_weight) model_compress(&m, o->group);
+    compute_check(&m, o->model);
     if (!o->offload || o->compress_weight) model_materialize(&m);
     if (g_comm && o->offload) pipe_offload_dir((Opts *)o);
     if (o->policy_auto && n_jobs) policy_auto((Opts *)o, &m.cfg, longest, score ? 1 : o->max_new, n_jobs);
@@ -5463,6 +5479,7 @@ static void cmd_bench(const Opts *o) {
     int P = o->prompt_len ? o->prompt_len : 512, G = o->gen_len ? o->gen_len : 32;
     pipe_model(o, &m, P, G);
     if (o->compress_weight) model_compress(&m, o->group);
+    compute_check(&m, o->model);
     if (!o->offload || o->compress_weight) model_materialize(&m);
     if (g_comm && o->offload) pipe_offload_dir((Opts *)o);
     if (o->policy_auto) policy_auto((Opts *)o, &m.cfg, P, G, 1 << 20);

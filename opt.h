@@ -154,7 +154,8 @@ extern int g_simd_max;    /* best level of this CPU */
 extern int g_vnni;        /* AVX-512 VNNI present */
 extern int g_has_bf16;    /* AVX-512 BF16 present */
 extern int g_bf16;        /* --compute bf16 (needs g_has_bf16 and SIMD avx512) */
-void compute_set(const char *mode); /* --compute f32|bf16; dies when the CPU cannot */
+extern int g_w4a8;        /* --compute int8: 4-bit weights on int8 activations (needs VNNI) */
+void compute_set(const char *mode); /* --compute f32|bf16|int8; dies when the CPU cannot */
 #define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define T_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
@@ -209,6 +210,9 @@ extern const TileFn q4_tiles_avx512[3];  /* tiles 4x6, 2x8 and 1x8 */
 /* int8 (SmoothQuant W8A8), quant.c: y = (x quantized per token, or with the
  * static act_scale) . W_int8 * scale[n] + bias; exact int32 accumulation. */
 void gemm_i8(const Gemm *g);
+/* W4A8 (--compute int8), quant.c: 4-bit weights . x quantized to int8 per group
+ * of the weights; exact integer group sums, two f32 roundings per group. */
+void gemm_w4a8(const Gemm *g);
 
 void q4_attn_scores(float *const *s, const float *const *q, int n, const uint8_t *k, int D, int G, int T);
 void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1, int init);

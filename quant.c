@@ -462,9 +462,33 @@ T_AVX2 static int32_t i8_quant_avx2(void *q, int wide, const float *x, int K, in
 
 /* --- packed path: weight panels and micro-kernels --- */
 
+/* a[d] <- dword d of the 16 rows a[0..15]: rows interleaved by dword and by
+ * qword within 128-bit lanes (a[4j + c], lane L: dword 4L + c of rows 4j..4j+3),
+ * then the lanes gathered. */
+T_AVX512 static inline void transpose16_epi32(__m512i *a) {
+    __m512i b[16];
+    for (int j = 0; j < 16; j += 2) {
+        b[j] = _mm512_unpacklo_epi32(a[j], a[j + 1]);
+        b[j + 1] = _mm512_unpackhi_epi32(a[j], a[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) {
+        a[j] = _mm512_unpacklo_epi64(b[j], b[j + 2]);
+        a[j + 1] = _mm512_unpackhi_epi64(b[j], b[j + 2]);
+        a[j + 2] = _mm512_unpacklo_epi64(b[j + 1], b[j + 3]);
+        a[j + 3] = _mm512_unpackhi_epi64(b[j + 1], b[j + 3]);
+    }
+    for (int c = 0; c < 4; c++) { /* dwords c, c+4, c+8, c+12 of all 16 rows */
+        __m512i v = _mm512_shuffle_i32x4(a[c], a[4 + c], 0x88), w = _mm512_shuffle_i32x4(a[c], a[4 + c], 0xDD);
+        __m512i x = _mm512_shuffle_i32x4(a[8 + c], a[12 + c], 0x88), y = _mm512_shuffle_i32x4(a[8 + c], a[12 + c], 0xDD);
+        b[c] = _mm512_shuffle_i32x4(v, x, 0x88), b[8 + c] = _mm512_shuffle_i32x4(v, x, 0xDD);
+        b[4 + c] = _mm512_shuffle_i32x4(w, y, 0x88), b[12 + c] = _mm512_shuffle_i32x4(w, y, 0xDD);
+    }
+    for (int d = 0; d < 16; d++) a[d] = b[d];
+}
+
 /* VNNI panel of weight rows n0 .. n0 + cnt - 1: dst[k/4][j][k%4] = w[n0 + j][k] + 128 as a
- * byte, for 64 rows j (rows past cnt and columns past K hold weight 0, i.e. 0x80). Blocks of
- * 16 rows x 64 bytes are loaded (masked at the edges) and transposed as 16 x 16 dwords. */
+ * byte, for 64 rows j (rows past cnt and columns past K hold weight 0, i.e. 0x80): blocks of
+ * 16 rows x 64 bytes, loaded masked at the edges and transposed as 16 x 16 dwords. */
 T_AVX512 static void i8_pack_vnni(void *dst, const Tensor *t, int n0, int cnt, int Kp) {
     const int8_t *r[64];
     int K = (int)t->cols;
@@ -474,26 +498,10 @@ T_AVX512 static void i8_pack_vnni(void *dst, const Tensor *t, int n0, int cnt, i
         __mmask64 mk = K - k0 >= 64 ? ~0ull : K > k0 ? (1ull << (K - k0)) - 1 : 0;
         int32_t *d = (int32_t *)dst + (size_t)k0 * 16; /* (k0 / 4) steps of 64 dwords */
         for (int q = 0; q < 64; q += 16) {
-            __m512i a[16], b[16];
+            __m512i a[16];
             for (int j = 0; j < 16; j++) a[j] = q + j < cnt ? _mm512_maskz_loadu_epi8(mk, r[q + j] + k0) : _mm512_setzero_si512();
-            for (int j = 0; j < 16; j += 2) { /* rows j, j+1 interleaved by dword, per 128-bit lane */
-                b[j] = _mm512_unpacklo_epi32(a[j], a[j + 1]);
-                b[j + 1] = _mm512_unpackhi_epi32(a[j], a[j + 1]);
-            }
-            for (int j = 0; j < 16; j += 4) { /* a[j + c], lane L: dword 4L + c of rows j .. j+3 */
-                a[j] = _mm512_unpacklo_epi64(b[j], b[j + 2]);
-                a[j + 1] = _mm512_unpackhi_epi64(b[j], b[j + 2]);
-                a[j + 2] = _mm512_unpacklo_epi64(b[j + 1], b[j + 3]);
-                a[j + 3] = _mm512_unpackhi_epi64(b[j + 1], b[j + 3]);
-            }
-            for (int c = 0; c < 4; c++) { /* gather the lanes: dwords c, c+4, c+8, c+12 of all 16 rows */
-                __m512i v = _mm512_shuffle_i32x4(a[c], a[4 + c], 0x88), w = _mm512_shuffle_i32x4(a[c], a[4 + c], 0xDD);
-                __m512i x = _mm512_shuffle_i32x4(a[8 + c], a[12 + c], 0x88), y = _mm512_shuffle_i32x4(a[8 + c], a[12 + c], 0xDD);
-                _mm512_storeu_si512(d + (c + 0) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(v, x, 0x88), flip));
-                _mm512_storeu_si512(d + (c + 8) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(v, x, 0xDD), flip));
-                _mm512_storeu_si512(d + (c + 4) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(w, y, 0x88), flip));
-                _mm512_storeu_si512(d + (c + 12) * 64 + q, _mm512_xor_si512(_mm512_shuffle_i32x4(w, y, 0xDD), flip));
-            }
+            transpose16_epi32(a);
+            for (int c = 0; c < 16; c++) _mm512_storeu_si512(d + c * 64 + q, _mm512_xor_si512(a[c], flip));
         }
     }
 }
@@ -808,6 +816,271 @@ void gemm_i8(const Gemm *g) {
             int n0 = b * nb, n1 = n0 + nb < g->N ? n0 + nb : g->N;
             if (packed) i8_gemm_panel(g, &a, L, n0, n1);
             else i8_gemm_rows(g, &a, L, n0, n1);
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------
+ * W4A8 (--compute int8): 4-bit weights against int8 activations, as
+ * llama.cpp's Q4_1 x Q8_1 dot products. Each row of x is quantized per group
+ * of the weights (the same G inputs): a = max|x| / 127, q = rint(x / a)
+ * clamped to [-127, 127] (half to even), xs = a * sum(q); an outlier costs
+ * only its own group's precision. A group's dot product with the codes c is
+ * an exact integer, sum(q * c) (u8 x s8: vpdpbusd), and for groups in order
+ *     y = fmaf(sum(q * c), scale * a, y);  y = fmaf(min, xs, y)
+ * which is the dot product of the dequantized activations with the
+ * dequantized weights, rounded twice per group. Every path below evaluates
+ * exactly that, so results are independent of batch, tiling and threads
+ * (tests/test_q4.c checks them against a plain scalar evaluation).
+ * Layout: the code bytes of 16 elements hold elements 0,4,8,12,1,5,9,13 in
+ * their low nibbles and 2,6,10,14,3,7,11,15 in the high ones (the format
+ * above). A group's pieces of up to 64 elements (32 code bytes) unpack to one
+ * 64-byte vector: low nibbles in bytes 0..31, high ones in 32..63. x is
+ * quantized into that order, 64 bytes per piece, so no kernel permutes.
+ * Shapes:
+ *   M >= W4_PACK_M: threads take blocks of 32 weight rows, unpack and
+ *     transpose them once into [dword][32 rows] order with f32 scales and
+ *     mins, then run 4-row micro-tiles down all of x: a 64-byte load feeds 4
+ *     inputs of 16 outputs, a broadcast dword of x 4 inputs of a row.
+ *   fewer rows (decode): weight rows are read as stored, 16 dot products at a
+ *     time (1 row of x by 16 weight rows, 2 by 8, or 4 by 4); the group sums
+ *     of the 16 meet in one vector by a transposing tree. */
+
+enum { W4_MR = 4,        /* rows of x per micro-tile (packed path) */
+       W4_NB = 32,       /* weight rows per packed block */
+       W4_PACK_M = 8 };  /* rows from which the packed path is taken */
+
+int g_w4a8 = 0;          /* --compute int8: 4-bit GEMMs on int8 activations */
+
+/* The quantized rows of x of one GEMM. */
+typedef struct {
+    int8_t *q;             /* (M, rb) values in code order, 64 bytes per piece, zero past K */
+    float *a;              /* (M, ng) group scales */
+    float *xs;             /* (M, ng) a * sum(q) per group */
+    int ng, pp;            /* groups per row, pieces per group */
+    size_t rb;             /* bytes per row of q: ng * pp * 64 */
+} W4Act;
+
+static inline const uint8_t *w4_wrow(const Tensor *w, int64_t n) {
+    size_t rb = q4_row_bytes(w->cols, w->group);
+    if (w->data2 && n >= w->split) return (const uint8_t *)w->data2 + (size_t)(n - w->split) * rb;
+    return (const uint8_t *)w->data + (size_t)n * rb;
+}
+
+/* Row m of x into A: per group its scale, then 16 values at a time, permuted
+ * into code order (8 bytes to the low half of the piece, 8 to the high). */
+T_VNNI static void w4_quant_row(const W4Act *A, int m, const float *x, int K, int G) {
+    const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    int8_t *q = A->q + A->rb * (size_t)m;
+    memset(q, 0, A->rb);
+    for (int g = 0; g < A->ng; g++) {
+        int k0 = g * G, n = K - k0 < G ? K - k0 : G;
+        __m512 mx = _mm512_setzero_ps();
+        for (int e = 0; e < n; e += 16) /* NaN: keeps mx, as i8_scale_avx512 */
+            mx = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(n - e >= 16 ? 0xFFFF : (__mmask16)((1u << (n - e)) - 1), x + k0 + e)), mx);
+        float a = _mm512_reduce_max_ps(mx) / 127.0f;
+        int32_t sum = 0;
+        if (a > 0) {
+            __m512 va = _mm512_set1_ps(a);
+            __m512i s = _mm512_setzero_si512();
+            for (int e = 0; e < n; e += 16) {
+                __m512 t = _mm512_div_ps(_mm512_maskz_loadu_ps(n - e >= 16 ? 0xFFFF : (__mmask16)((1u << (n - e)) - 1), x + k0 + e), va);
+                __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, lo), hi)); /* NaN -> -127 */
+                s = _mm512_add_epi32(s, v);
+                __m128i b = _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(perm, v));
+                int8_t *p = q + (size_t)(g * A->pp + e / 64) * 64 + (e % 64) / 2;
+                _mm_storel_epi64((__m128i *)p, b);
+                _mm_storel_epi64((__m128i *)(p + 32), _mm_unpackhi_epi64(b, b));
+            }
+            sum = _mm512_reduce_add_epi32(s);
+        }
+        A->a[(size_t)m * A->ng + g] = a;
+        A->xs[(size_t)m * A->ng + g] = a * (float)sum;
+    }
+}
+
+/* The codes of a piece of n elements (n/2 bytes at c) as 64 bytes: low nibbles, high nibbles. */
+T_VNNI static inline __m512i w4_unpack(const uint8_t *c, int n) {
+    const __m256i nib = _mm256_set1_epi8(15);
+    __m256i v = _mm256_maskz_loadu_epi8(n >= 64 ? ~0u : (1u << (n / 2)) - 1, c);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nib)), _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), 1);
+}
+
+/* Lane t of the result = the sum of the 16 lanes of d[t]: pairs interleaved by
+ * dword, then by qword (4 sums per 128-bit lane), then the 128-bit lanes. */
+T_VNNI static inline __m512i w4_hsum16(const __m512i *d) {
+    __m512i u[8], v[4];
+    for (int i = 0; i < 8; i++) u[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_epi32(d[2 * i], d[2 * i + 1]));
+    for (int i = 0; i < 4; i++) v[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * i], u[2 * i + 1]), _mm512_unpackhi_epi64(u[2 * i], u[2 * i + 1]));
+    __m512i a = _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xDD));
+    __m512i b = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2], v[3], 0x88), _mm512_shuffle_i32x4(v[2], v[3], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+}
+
+/* out[t] (t = i * 16/R + j) = row m0 + i of x (the last of mr repeated) . weight row w[j]. */
+#define W4_ROWS(R)                                                                                       \
+T_VNNI static void w4_rows_##R(const W4Act *A, int m0, int mr, const uint8_t *const *w, int G, float *out) { \
+    enum { NJ = 16 / R };                                                                              \
+    const int8_t *x[R];                                                                                \
+    const float *av[R], *xv[R];                                                                        \
+    for (int i = 0; i < R; i++) {                                                                      \
+        size_t m = (size_t)(m0 + (i < mr ? i : mr - 1));                                               \
+        x[i] = A->q + A->rb * m, av[i] = A->a + m * A->ng, xv[i] = A->xs + m * A->ng;                  \
+    }                                                                                                  \
+    size_t bs = 4 + (size_t)G / 2;                                                                     \
+    __m512 acc = _mm512_setzero_ps();                                                                  \
+    for (int g = 0; g < A->ng; g++) {                                                                  \
+        __m512i d[16];                                                                                 \
+        for (int t = 0; t < 16; t++) d[t] = _mm512_setzero_si512();                                    \
+        for (int p = 0; p < A->pp; p++) {                                                              \
+            int e = 64 * p, n = G - e < 64 ? G - e : 64;                                               \
+            __m512i xq[R];                                                                             \
+            for (int i = 0; i < R; i++) xq[i] = _mm512_loadu_si512(x[i] + (size_t)(g * A->pp + p) * 64); \
+            for (int j = 0; j < NJ; j++) {                                                             \
+                const uint8_t *c = w[j] + g * bs + 4 + e / 2;                                          \
+                _mm_prefetch((const char *)c + 4 * bs, _MM_HINT_T0);                                   \
+                __m512i u = w4_unpack(c, n);                                                           \
+                for (int i = 0; i < R; i++) d[i * NJ + j] = _mm512_dpbusd_epi32(d[i * NJ + j], u, xq[i]); \
+            }                                                                                          \
+        }                                                                                              \
+        uint32_t sm[16];                                                                               \
+        float a16[16], x16[16];                                                                        \
+        for (int t = 0; t < 16; t++) {                                                                 \
+            sm[t] = (uint32_t)ld32(w[t % NJ] + g * bs);                                                \
+            a16[t] = av[t / NJ][g], x16[t] = xv[t / NJ][g];                                            \
+        }                                                                                              \
+        __m512i smv = _mm512_loadu_si512(sm);                                                          \
+        __m512 s = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(smv));                                        \
+        __m512 mn = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(smv, 16)));                \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w4_hsum16(d)), _mm512_mul_ps(s, _mm512_loadu_ps(a16)), acc); \
+        acc = _mm512_fmadd_ps(mn, _mm512_loadu_ps(x16), acc);                                          \
+    }                                                                                                  \
+    _mm512_storeu_ps(out, acc);                                                                        \
+}
+W4_ROWS(1)
+W4_ROWS(2)
+W4_ROWS(4)
+
+/* Block of weight rows n0 .. n0 + cnt - 1 (cnt <= 32) into dst: per group the
+ * f32 scales and mins of the 32 rows, then each piece's dwords d (those
+ * holding codes: [0, n/8) and [8, 8 + n/8)) as dst[d][row] (rows past cnt:
+ * codes, scale and min 0). Returns the bytes written. */
+T_VNNI static size_t w4_pack(uint8_t *dst, const Tensor *t, int n0, int cnt, const W4Act *A) {
+    const uint8_t *r[W4_NB];
+    int G = t->group;
+    size_t bs = 4 + (size_t)G / 2;
+    for (int j = 0; j < W4_NB; j++) r[j] = j < cnt ? w4_wrow(t, n0 + j) : NULL;
+    uint8_t *p = dst;
+    for (int g = 0; g < A->ng; g++) {
+        float *s = (float *)p, *mn = s + W4_NB;
+        for (int j = 0; j < W4_NB; j++) {
+            uint16_t h[2] = {0, 0};
+            if (r[j]) memcpy(h, r[j] + g * bs, 4);
+            s[j] = f16_to_f32(h[0]), mn[j] = f16_to_f32(h[1]);
+        }
+        p += sizeof(float) * 2 * W4_NB;
+        for (int q = 0; q < A->pp; q++) {
+            int e = 64 * q, n = G - e < 64 ? G - e : 64;
+            for (int j0 = 0; j0 < W4_NB; j0 += 16) {
+                __m512i u[16];
+                for (int j = 0; j < 16; j++) u[j] = r[j0 + j] ? w4_unpack(r[j0 + j] + g * bs + 4 + e / 2, n) : _mm512_setzero_si512();
+                transpose16_epi32(u);
+                uint32_t *o = (uint32_t *)p + j0;
+                for (int h = 0; h < 2; h++)
+                    for (int d = 8 * h; d < 8 * h + n / 8; d++, o += W4_NB) _mm512_storeu_si512(o, u[d]);
+            }
+            p += (size_t)n / 4 * 4 * W4_NB;
+        }
+    }
+    return (size_t)(p - dst);
+}
+
+/* out[i][j] (i < W4_MR, j < 32) = row rows[i] of x . packed weight row j. */
+T_VNNI static void w4_micro(const W4Act *A, const int *rows, const uint8_t *pk, int G, float *out) {
+    __m512 f[W4_MR][2];
+    const int8_t *x[W4_MR];
+    for (int i = 0; i < W4_MR; i++) f[i][0] = f[i][1] = _mm512_setzero_ps(), x[i] = A->q + A->rb * (size_t)rows[i];
+    for (int g = 0; g < A->ng; g++) {
+        const float *s = (const float *)pk, *mn = s + W4_NB;
+        pk += sizeof(float) * 2 * W4_NB;
+        __m512i d[W4_MR][2];
+        for (int i = 0; i < W4_MR; i++) d[i][0] = d[i][1] = _mm512_setzero_si512();
+        for (int q = 0; q < A->pp; q++) {
+            int n = G - 64 * q < 64 ? G - 64 * q : 64;
+            size_t base = (size_t)(g * A->pp + q) * 64;
+            for (int h = 0; h < 2; h++)
+                for (int dw = 8 * h; dw < 8 * h + n / 8; dw++, pk += 4 * W4_NB) {
+                    _mm_prefetch((const char *)pk + 1024, _MM_HINT_T0);
+                    __m512i w0 = _mm512_loadu_si512(pk), w1 = _mm512_loadu_si512(pk + 64);
+                    for (int i = 0; i < W4_MR; i++) {
+                        __m512i b = _mm512_set1_epi32(ld32(x[i] + base + 4 * dw));
+                        d[i][0] = _mm512_dpbusd_epi32(d[i][0], w0, b);
+                        d[i][1] = _mm512_dpbusd_epi32(d[i][1], w1, b);
+                    }
+                }
+        }
+        __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16), m0 = _mm512_loadu_ps(mn), m1 = _mm512_loadu_ps(mn + 16);
+        for (int i = 0; i < W4_MR; i++) {
+            size_t ag = (size_t)rows[i] * A->ng + g;
+            __m512 a = _mm512_set1_ps(A->a[ag]), xs = _mm512_set1_ps(A->xs[ag]);
+            f[i][0] = _mm512_fmadd_ps(m0, xs, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][0]), _mm512_mul_ps(s0, a), f[i][0]));
+            f[i][1] = _mm512_fmadd_ps(m1, xs, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][1]), _mm512_mul_ps(s1, a), f[i][1]));
+        }
+    }
+    for (int i = 0; i < W4_MR; i++) _mm512_storeu_ps(out + i * W4_NB, f[i][0]), _mm512_storeu_ps(out + i * W4_NB + 16, f[i][1]);
+}
+
+void gemm_w4a8(const Gemm *g) {
+    if (g->M <= 0 || g->N <= 0) return;
+    const Tensor *w = g->w;
+    check(w->dtype == DT_Q4 && w->cols == g->K && w->group % 16 == 0, "gemm_w4a8 on a tensor that is not 4-bit [N, K]");
+    check(g_simd == SIMD_AVX512 && g_vnni, "--compute int8 without AVX-512 VNNI");
+    int G = w->group, M = g->M;
+    W4Act A = {.ng = (g->K + G - 1) / G, .pp = (G + 63) / 64};
+    A.rb = (size_t)A.ng * A.pp * 64;
+    static _Thread_local char *buf; /* the quantized activations, kept per calling thread */
+    static _Thread_local size_t buf_cap;
+    size_t qb = A.rb * (size_t)M, need = qb + 2 * sizeof(float) * (size_t)M * A.ng;
+    if (need > buf_cap) { free(buf); buf = check_malloc(need, "int8 activations"); buf_cap = need; }
+    A.q = (int8_t *)buf, A.a = (float *)(buf + qb), A.xs = A.a + (size_t)M * A.ng;
+    bool packed = M >= W4_PACK_M;
+    int nb = packed ? W4_NB : 64, nblk = (g->N + nb - 1) / nb;
+    #pragma omp parallel if ((int64_t)M * g->N * g->K > 100000)
+    {
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
+        static _Thread_local uint8_t *panel;
+        static _Thread_local size_t panel_cap;
+        size_t pneed = (size_t)A.ng * (sizeof(float) * 2 * W4_NB + (size_t)A.pp * 64 * W4_NB);
+        if (packed && pneed > panel_cap) { free(panel); panel = check_malloc(pneed, "a 4-bit weight panel"); panel_cap = pneed; }
+        #pragma omp for schedule(dynamic, 1)
+        for (int b = 0; b < nblk; b++) {
+            int n0 = b * nb, cnt = g->N - n0 < nb ? g->N - n0 : nb;
+            float out[W4_MR * W4_NB];
+            if (packed) {
+                w4_pack(panel, w, n0, cnt, &A);
+                for (int m0 = 0; m0 < M; m0 += W4_MR) {
+                    int rows[W4_MR], mr = M - m0 < W4_MR ? M - m0 : W4_MR;
+                    for (int i = 0; i < W4_MR; i++) rows[i] = m0 + (i < mr ? i : mr - 1);
+                    w4_micro(&A, rows, panel, G, out);
+                    for (int i = 0; i < mr; i++) gemm_store(g, m0 + i, n0, out + i * W4_NB, cnt);
+                }
+                continue;
+            }
+            int R = M >= 3 ? 4 : M, nj = 16 / R;
+            for (int m0 = 0; m0 < M; m0 += R) {
+                int mr = M - m0 < R ? M - m0 : R;
+                for (int j0 = 0; j0 < cnt; j0 += nj) {
+                    const uint8_t *wr[16];
+                    int c = cnt - j0 < nj ? cnt - j0 : nj;
+                    for (int j = 0; j < nj; j++) wr[j] = w4_wrow(w, n0 + j0 + (j < c ? j : c - 1));
+                    if (R == 1) w4_rows_1(&A, m0, mr, wr, G, out);
+                    else if (R == 2) w4_rows_2(&A, m0, mr, wr, G, out);
+                    else w4_rows_4(&A, m0, mr, wr, G, out);
+                    for (int i = 0; i < mr; i++) gemm_store(g, m0 + i, n0 + j0, out + i * nj, c);
+                }
+            }
         }
     }
 }

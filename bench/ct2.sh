@@ -12,15 +12,16 @@
 # through bench/section.py. The machine load is recorded with them: on a shared machine
 # absolute numbers are noisy, ratios from one run less so. Never asserts.
 #
-# Installs into a virtual environment ($VENV) on Debian's python3 (whose torch 1.13 the
-# converter loads the checkpoint with): ctranslate2 4.5.0 (4.6 passes transformers a `dtype`
+# Installs Debian's python3-torch (1.13, which the converter loads the checkpoint with) when
+# /usr/bin/python3 lacks torch (as root; otherwise it says what to install), then into a
+# virtual environment ($VENV) on that python3: ctranslate2 4.5.0 (4.6 passes transformers a `dtype`
 # argument that 4.36 does not take) and transformers 4.36.2 (the version tests/check_ref_vs_hf.py
 # checks ref_opt.py against, and the last that supports torch 1.13 well).
 #
 # Knobs: SHAPES [opt-125m opt-1.3b], REPS [3], THREADS [2], OUT [/tmp/opt-bench-ct2],
 # VENV [$HOME/.cache/opt-bench-ct2], CT2_TYPES [int8 float32] (its CPU
 # backend refuses bfloat16 here: "do not support efficient bfloat16 computation"),
-# OPT_MODES [f16 f16-bf16 q4 q4-bf16 w8a8], NO_RESULTS=1 (print the section, leave RESULTS.md).
+# OPT_MODES [f16 f16-bf16 q4 q4-bf16 q4-int8 w8a8], NO_RESULTS=1 (print the section, leave RESULTS.md).
 set -eu
 cd "$(dirname "$0")/.."
 SHAPES=${SHAPES:-"opt-125m opt-1.3b"}
@@ -29,11 +30,16 @@ THREADS=${THREADS:-2}
 OUT=${OUT:-/tmp/opt-bench-ct2}
 VENV=${VENV:-$HOME/.cache/opt-bench-ct2}
 CT2_TYPES=${CT2_TYPES:-"int8 float32"}
-OPT_MODES=${OPT_MODES:-"f16 f16-bf16 q4 q4-bf16 w8a8"}
+OPT_MODES=${OPT_MODES:-"f16 f16-bf16 q4 q4-bf16 q4-int8 w8a8"}
 OPT=./opt
 log() { echo "ct2.sh: $*" >&2; }
 mkdir -p "$OUT" bench/models
 
+if ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+    [ "$(id -u)" = 0 ] || { log "needs torch for /usr/bin/python3: apt-get install python3-torch (as root)"; exit 1; }
+    log "installing python3-torch (Debian) for CTranslate2's converter"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-torch >&2
+fi
 if ! "$VENV/bin/python" -c 'import ctranslate2, transformers' 2>/dev/null; then
     log "installing ctranslate2 4.5.0 and transformers 4.36.2 into $VENV"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
@@ -69,6 +75,7 @@ for shape in $SHAPES; do
                     f16-bf16) r=$("$OPT" bench -m "$dir" --json --prompt-len $P --gen-len $G -b $B -t $THREADS --compute bf16) || r= ;;
                     q4) r=$("$OPT" bench -m "$dir.q4.opt" --json --prompt-len $P --gen-len $G -b $B -t $THREADS) || r= ;;
                     q4-bf16) r=$("$OPT" bench -m "$dir.q4.opt" --json --prompt-len $P --gen-len $G -b $B -t $THREADS --compute bf16) || r= ;;
+                    q4-int8) r=$("$OPT" bench -m "$dir.q4.opt" --json --prompt-len $P --gen-len $G -b $B -t $THREADS --compute int8) || r= ;;
                     w8a8) r=$("$OPT" bench -m "$dir.w8a8.opt" --json --prompt-len $P --gen-len $G -b $B -t $THREADS) || r= ;;
                     ct2-*) r=$("$VENV/bin/python" bench/ct2.py run "$dir.ct2" --prompt-len $P --gen-len $G -b $B \
                                    --compute-type "${mode#ct2-}" --threads $THREADS) || r= ;;
@@ -89,7 +96,9 @@ section=$OUT/section.md
     echo "load average $load0 at the start, $load1 at the end (other engineers' jobs share this machine:"
     echo "absolute numbers are noisy, ratios from the same run less so). $REPS rounds, rotating order."
     echo "CTranslate2 4.5.0 (transformers 4.36.2 converter) with KMP_BLOCKTIME=0; opt with its defaults."
-    echo "Modes: f16 = f16 weights, f32 compute; -bf16 = --compute bf16; q4 = the native 4-bit file;"
+    echo "Modes: f16 = f16 weights, f32 compute; -bf16 = --compute bf16; q4 = the native 4-bit file"
+    echo "(f32 compute: each block of weight rows dequantized once into an f32 panel); q4-int8 = the"
+    echo "same file with --compute int8 (W4A8: x quantized to int8 per weight group, VNNI integer dots);"
     echo "w8a8 = \`opt convert --w8a8\`."
     /usr/bin/python3 bench/ct2.py report "$raw"
 } > "$section"
