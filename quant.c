@@ -846,7 +846,7 @@ void gemm_i8(const Gemm *g) {
  *     time (1 row of x by 16 weight rows, 2 by 8, or 4 by 4); the group sums
  *     of the 16 meet in one vector by a transposing tree. */
 
-enum { W4_MR = 4,        /* rows of x per micro-tile (packed path) */
+enum { W4_MR = 6,        /* rows of x per micro-tile (packed path) */
        W4_NB = 32,       /* weight rows per packed block */
        W4_PACK_M = 8 };  /* rows from which the packed path is taken */
 
