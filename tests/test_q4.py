@@ -773,33 +773,54 @@ def kv_group(head_dim, G):
     return min(G, -(-head_dim // 16) * 16)
 
 
-def oracle_score(model_dir, seqs, gw=0, gc=0):
+def dequantize_weights(m, G):
+    """ref_opt model m: every matrix but the position table through the numpy 4-bit scheme."""
+    for name in list(m.W):
+        W = m.W[name]
+        if W.ndim == 2 and 'embed_positions' not in name:
+            m.W[name] = q4_dequantize(q4_quantize(W, G), W.shape[1], G)
+
+
+def oracle_seqs(fx, salt, name):
+    """Many short sequences and one longer, none sharing a first token (no </s>: a shared first
+    row would be one point of failure for all): a value at a rounding tie of its 4-bit (or
+    int8) code may round either way in opt's f32 and numpy's (measured: in about one sequence
+    in ten), and the difference flows into the later tokens of that sequence only, so the
+    median stays at f32 rounding unless the scheme itself differs. -> (seqs, ids file)"""
+    rng = random.Random(fx.seed + salt)
+    seqs = [[rng.randrange(3, 50272) for _ in range(n + 1)] for n in [40] + [rng.randrange(5, 15) for _ in range(12)]]
+    return seqs, fx.write(name, ''.join(' '.join(map(str, q)) + '\n' for q in seqs))
+
+
+def oracle_score(model_dir, seqs, gw=0, gc=0, ga=0):
     """tests/ref_opt.py (independent numpy OPT) with the numpy scheme applied: every matrix
     but the position table dequantized from 4 bits with group gw; the keys and values
     quantized per (position, head) row of head_dim with the cache's group before attention
     (opt stores a step's keys and values before it attends, so a token sees its own key
-    quantized too). -> list of log-prob arrays"""
+    quantized too); with ga (--compute int8), every GEMM input on those weights (the linears
+    and the logits) quantized to int8 per group of ga by fake_quant_rows. -> list of log-prob
+    arrays"""
     sys.path.insert(0, HERE)
     import ref_opt
     m = ref_opt.load_model(model_dir)
     if gw:
-        for name in list(m.W):
-            W = m.W[name]
-            if W.ndim == 2 and 'embed_positions' not in name:
-                m.W[name] = q4_dequantize(q4_quantize(W, gw), W.shape[1], gw)
-    orig = ref_opt.linear
+        dequantize_weights(m, gw)
+    orig, orig_logits = ref_opt.linear, m.logits
+    kv = set()
     if gc:
         hd = m.cfg.head_dim
         g = kv_group(hd, gc)
         kv = {id(m.W['decoder.layers.%d.self_attn.%s_proj.weight' % (i, n)]) for i in range(m.cfg.layers) for n in 'kv'}
+    if ga:
+        m.logits = lambda h: orig_logits(fake_quant_rows(h, ga))
 
-        def linear(x, w, b):
-            y = orig(x, w, b)
-            if id(w) in kv:
-                rows = np.ascontiguousarray(y, dtype=np.float32).reshape(-1, hd)
-                y = q4_dequantize(q4_quantize(rows, g), hd, g).reshape(y.shape)
-            return y
-        ref_opt.linear = linear
+    def linear(x, w, b):
+        y = orig(fake_quant_rows(x, ga) if ga else x, w, b)
+        if id(w) in kv:
+            rows = np.ascontiguousarray(y, dtype=np.float32).reshape(-1, hd)
+            y = q4_dequantize(q4_quantize(rows, g), hd, g).reshape(y.shape)
+        return y
+    ref_opt.linear = linear
     try:
         return [m.score(ids) for ids in seqs]
     finally:
@@ -808,14 +829,7 @@ def oracle_score(model_dir, seqs, gw=0, gc=0):
 
 def test_oracle(fx):
     section('oracle')
-    rng = random.Random(fx.seed + 3)
-    # many short sequences and one longer, none sharing a first token (no </s>: a shared first
-    # row would be one point of failure for all): a key or value at a rounding tie of its
-    # 4-bit code may round either way in opt's f32 and numpy's (measured: in about one
-    # sequence in ten), and the difference flows into the later tokens of that sequence
-    # only, so the median below stays at f32 rounding unless the scheme itself differs
-    seqs = [[rng.randrange(3, 50272) for _ in range(n + 1)] for n in [40] + [rng.randrange(5, 15) for _ in range(12)]]
-    ids = fx.write('oracle-ids.txt', ''.join(' '.join(map(str, q)) + '\n' for q in seqs))
+    seqs, ids = oracle_seqs(fx, 3, 'oracle-ids.txt')
     for shape, dt, G in (('80x2x4x144', 'f16', 32), ('64x2x4x256', 'bf16', 64), ('96x2x3x200', 'f32', 128)):
         m = fx.synth(shape, dt)
         hd = int(shape.split('x')[0]) // int(shape.split('x')[2])
@@ -866,37 +880,15 @@ def fake_quant_rows(x, G):
     return out.reshape(shp)
 
 
-def oracle_score_int8(model_dir, seqs, G):
-    """tests/ref_opt.py with every matrix but the position table dequantized from 4 bits (group
-    G), and the input of every GEMM on those weights (the linears and the logits) quantized per
-    group by fake_quant_rows. -> list of log-prob arrays"""
-    sys.path.insert(0, HERE)
-    import ref_opt
-    m = ref_opt.load_model(model_dir)
-    for name in list(m.W):
-        W = m.W[name]
-        if W.ndim == 2 and 'embed_positions' not in name:
-            m.W[name] = q4_dequantize(q4_quantize(W, G), W.shape[1], G)
-    orig_linear, orig_logits = ref_opt.linear, m.logits
-    ref_opt.linear = lambda x, w, b: orig_linear(fake_quant_rows(x, G), w, b)
-    m.logits = lambda h: orig_logits(fake_quant_rows(h, G))
-    try:
-        return [m.score(ids) for ids in seqs]
-    finally:
-        ref_opt.linear = orig_linear
-
-
 def test_int8(fx):
     section('int8')
-    rng = random.Random(fx.seed + 5)
-    seqs = [[rng.randrange(3, 50272) for _ in range(n + 1)] for n in [40] + [rng.randrange(5, 15) for _ in range(12)]]
-    ids = fx.write('int8-ids.txt', ''.join(' '.join(map(str, q)) + '\n' for q in seqs))
+    seqs, ids = oracle_seqs(fx, 5, 'int8-ids.txt')
     for shape, dt, G in (('80x2x4x144', 'f16', 32), ('64x2x4x256', 'bf16', 64), ('96x2x3x200', 'f32', 128)):
         m = fx.synth(shape, dt)
         base = ['score', '--ids', '-m', m, '-f', ids, '--compress-weight', '--group-size', str(G)]
         f32 = opt(base)
         r = opt(base + ['--compute', 'int8'])
-        want = oracle_score_int8(m, seqs, G)
+        want = oracle_score(m, seqs, gw=G, ga=G)
         got = logprobs(r.text) if r.rc == 0 else []
         if not check(r.rc == 0 and f32.rc == 0 and len(got) == len(want) and all(len(a) == len(b) for a, b in zip(got, want)),
                      '%s %s G %d: score --compute int8 runs' % (dt, shape, G), r.describe() + f32.describe()):
