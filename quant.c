@@ -900,11 +900,12 @@ T_VNNI static void w4_quant_row(const W4Act *A, int m, const float *x, int K, in
     }
 }
 
-/* The codes of a piece of n elements (n/2 bytes at c) as 64 bytes: low nibbles, high nibbles. */
+/* The codes of a piece of n elements (n/2 bytes at c) as 64 bytes: low nibbles, high nibbles
+ * (the 32 bytes in both halves, the high half shifted by 4 as 16-bit words, then masked). */
 T_VNNI static inline __m512i w4_unpack(const uint8_t *c, int n) {
-    const __m256i nib = _mm256_set1_epi8(15);
+    const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     __m256i v = _mm256_maskz_loadu_epi8(n >= 64 ? ~0u : (1u << (n / 2)) - 1, c);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nib)), _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), 1);
+    return _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(v), shift), _mm512_set1_epi8(15));
 }
 
 /* Lane t of the result = the sum of the 16 lanes of d[t]: pairs interleaved by
@@ -929,6 +930,16 @@ T_VNNI static void w4_rows_##R(const W4Act *A, int m0, int mr, const uint8_t *co
         x[i] = A->q + A->rb * m, av[i] = A->a + m * A->ng, xv[i] = A->xs + m * A->ng;                  \
     }                                                                                                  \
     size_t bs = 4 + (size_t)G / 2;                                                                     \
+    /* lane t's weight row as a byte offset from w[0] (gathers its scale and min), and its row  \
+     * of x as an offset into A->a and A->xs; rows too far apart (a split tensor) are copied */  \
+    int32_t wo[16], xo[16];                                                                            \
+    bool near = true;                                                                                  \
+    for (int t = 0; t < 16; t++) {                                                                     \
+        ptrdiff_t d = w[t % NJ] - w[0];                                                                \
+        near = near && d > -(1L << 30) && d < (1L << 30);                                              \
+        wo[t] = (int32_t)d, xo[t] = (int32_t)(av[t / NJ] - av[0]);                                     \
+    }                                                                                                  \
+    __m512i wov = _mm512_loadu_si512(wo), xov = _mm512_loadu_si512(xo);                                \
     __m512 acc = _mm512_setzero_ps();                                                                  \
     for (int g = 0; g < A->ng; g++) {                                                                  \
         __m512i d[16];                                                                                 \
@@ -944,17 +955,19 @@ T_VNNI static void w4_rows_##R(const W4Act *A, int m0, int mr, const uint8_t *co
                 for (int i = 0; i < R; i++) d[i * NJ + j] = _mm512_dpbusd_epi32(d[i * NJ + j], u, xq[i]); \
             }                                                                                          \
         }                                                                                              \
-        uint32_t sm[16];                                                                               \
-        float a16[16], x16[16];                                                                        \
-        for (int t = 0; t < 16; t++) {                                                                 \
-            sm[t] = (uint32_t)ld32(w[t % NJ] + g * bs);                                                \
-            a16[t] = av[t / NJ][g], x16[t] = xv[t / NJ][g];                                            \
+        __m512i smv;                                                                                   \
+        if (near) smv = _mm512_i32gather_epi32(wov, w[0] + g * bs, 1);                                 \
+        else {                                                                                         \
+            uint32_t sm[16];                                                                           \
+            for (int t = 0; t < 16; t++) sm[t] = (uint32_t)ld32(w[t % NJ] + g * bs);                   \
+            smv = _mm512_loadu_si512(sm);                                                              \
         }                                                                                              \
-        __m512i smv = _mm512_loadu_si512(sm);                                                          \
         __m512 s = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(smv));                                        \
         __m512 mn = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(smv, 16)));                \
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w4_hsum16(d)), _mm512_mul_ps(s, _mm512_loadu_ps(a16)), acc); \
-        acc = _mm512_fmadd_ps(mn, _mm512_loadu_ps(x16), acc);                                          \
+        __m512 a = R == 1 ? _mm512_set1_ps(av[0][g]) : _mm512_i32gather_ps(xov, av[0] + g, 4);         \
+        __m512 xs = R == 1 ? _mm512_set1_ps(xv[0][g]) : _mm512_i32gather_ps(xov, xv[0] + g, 4);        \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w4_hsum16(d)), _mm512_mul_ps(s, a), acc);             \
+        acc = _mm512_fmadd_ps(mn, xs, acc);                                                            \
     }                                                                                                  \
     _mm512_storeu_ps(out, acc);                                                                        \
 }
@@ -1046,10 +1059,13 @@ void gemm_w4a8(const Gemm *g) {
     A.q = (int8_t *)buf, A.a = (float *)(buf + qb), A.xs = A.a + (size_t)M * A.ng;
     bool packed = M >= W4_PACK_M;
     int nb = packed ? W4_NB : 64, nblk = (g->N + nb - 1) / nb;
+    if (!packed) for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G); /* one barrier less */
     #pragma omp parallel if ((int64_t)M * g->N * g->K > 100000)
     {
-        #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
+        if (packed) {
+            #pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
+        }
         static _Thread_local uint8_t *panel;
         static _Thread_local size_t panel_cap;
         size_t pneed = (size_t)A.ng * (sizeof(float) * 2 * W4_NB + (size_t)A.pp * 64 * W4_NB);
