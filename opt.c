@@ -4647,7 +4647,7 @@ static const OptSpec opt_specs[] = {
     O("--group-size", NULL, C_MODEL | C_CONV, A_INT, group, 32, 128, "32|64|128", N_Q4, 0),
     O("--percent", NULL, C_MODEL, A_PERCENT, off.pol, 0, 100, NULL, 0, 1),
     O("--gpu-batch-size", NULL, C_MODEL, A_INT, off.pol.gpu_batch_size, 1, 1 << 16, NULL, 0, 1),
-    O("--num-gpu-batches", NULL, C_MODEL, A_INT, off.pol.num_gpu_batches, 1, 64, NULL, 0, 1),
+    O("--num-gpu-batches", NULL, C_MODEL, A_INT, off.pol.num_gpu_batches, 1, MAX_GPU_BATCHES, NULL, 0, 1),
     O("--policy", NULL, C_MODEL, A_STR, policy, 0, 0, "auto", 0, 1),
     O("--hw", NULL, C_MODEL, A_STR, hw, 0, 0, NULL, N_AUTO, 0),
     O("--offload-dir", NULL, C_MODEL, A_STR, off.dir, 0, 0, NULL, 0, 1),
