@@ -889,7 +889,8 @@ int lp_main(int argc, char **argv) {
  * and plan_eval converts back. Every reported number comes from evaluating the rounded policy.
  *
  * The search: g over 1 2 3 4 6 8 12 16 24 ... (powers of two and 1.5x them) up to
- * --max-gpu-batch, k over every integer while g k <= --max-block, cpu_attention both ways. Two
+ * --max-gpu-batch, k over every integer while g k <= --max-block and k G <= 64 (generate's limit,
+ * MAX_GPU_BATCHES, for a pipeline's G groups of k), cpu_attention both ways. Two
  * exact cuts: memory grows with g and k term by term, so the first infeasible k ends that g
  * (and an infeasible k = 1 every larger g); and compute's constant part is k C(g), so no block
  * of g beats g n / C(g): g's are visited best bound first, skipped when the bound cannot beat
@@ -1715,6 +1716,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
         }
     }
     qsort(cand, nc, sizeof *cand, plan_cand_cmp);
+    int k_max = MAX_GPU_BATCHES / rq->groups; /* what generate takes: a pipeline runs G groups of k as one block */
     int g_unfit[2] = {INT32_MAX, INT32_MAX}; /* smallest g whose single batch did not fit */
     Policy best = {0};
     PlanResult br = {0};
@@ -1723,8 +1725,8 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
         int g = cand[i].g, ca = cand[i].ca;
         if (found && cand[i].ub < br.tput_total * (1 - 1e-9)) break; /* sorted: none left can win */
         if (g >= g_unfit[ca]) continue; /* memory grows with g too */
-        if (rq->block && rq->block % g) continue;
-        int k0 = rq->block ? rq->block / g : 1, k1 = rq->block ? k0 : rq->max_block / g;
+        if (rq->block && (rq->block % g || rq->block / g > k_max)) continue;
+        int k0 = rq->block ? rq->block / g : 1, k1 = rq->block ? k0 : rq->max_block / g < k_max ? rq->max_block / g : k_max;
         for (int k = k0; k <= k1; k++) {
             PlanShape sh = {g, k, ca, 1, 1};
             CostModel M;
@@ -1763,7 +1765,7 @@ int plan_search(const Config *c, const Hardware *hw, const PlanReq *rq, Policy *
         int bb = best.gpu_batch_size * best.num_gpu_batches, done = 0;
         for (int blk = 1; blk < bb && !done; blk++)
             for (int g = 1; g <= blk && g <= rq->max_gpu_batch && !done; g = plan_gbs_next(g)) {
-                if (blk % g) continue;
+                if (blk % g || blk / g > k_max) continue;
                 PlanShape sh = {g, blk / g, 0, 1, 1};
                 CostModel M;
                 cost_build(&M, c, hw, rq, &sh);

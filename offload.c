@@ -629,7 +629,7 @@ Offload *offload_open(Model *m, const OffloadCfg *cfg, int rows_max, int cap, DT
         die("--percent puts %s on the GPU, but there is no usable GPU (%s); give the GPU shares as 0",
             wg > 0 ? "weights" : cg > 0 ? "the KV cache" : "activations", gpu_describe());
     const Device *D = o->dev;
-    check(o->nb <= 64, "at most 64 GPU batches");
+    check(o->nb <= MAX_GPU_BATCHES, "at most %d GPU batches", MAX_GPU_BATCHES);
     if (D) for (int i = 0; i < 3; i++) o->ev[i] = D->event();
     g_off = o;
     for (int i = 0; i < 3; i++) o->slot[i] = -1;
@@ -1301,9 +1301,9 @@ double mem_usable(void) {
  * l+1's weights are. Writes go out behind the compute. */
 
 typedef struct {
-    Step sub[64];          /* each batch's rows; slots relative to the batch */
-    Step dsub[64];         /* the same with device copies of the indices */
-    int r_at[65];          /* batch k is rows r_at[k] .. r_at[k+1] of the step */
+    Step sub[MAX_GPU_BATCHES];  /* each batch's rows; slots relative to the batch */
+    Step dsub[MAX_GPU_BATCHES]; /* the same with device copies of the indices */
+    int r_at[MAX_GPU_BATCHES + 1]; /* batch k is rows r_at[k] .. r_at[k+1] of the step */
     int *pos0, *lo, *hi;   /* (block) per sequence: positions cached before the step, first and last position written */
     int *slot_rel;         /* (n) */
 } Batches;
@@ -1311,7 +1311,7 @@ typedef struct {
 static void forward_cpu(Offload *o, const Step *st, Batches *B, const float *xin, float *out) {
     Model *m = o->m;
     const Config *c = &m->cfg;
-    int L = c->n_layer, nb = o->nb, *r_at = B->r_at, buf[64], nx[64], first = nb, h = c->hidden;
+    int L = c->n_layer, nb = o->nb, *r_at = B->r_at, buf[MAX_GPU_BATCHES], nx[MAX_GPU_BATCHES], first = nb, h = c->hidden;
     Step *sub = B->sub;
     double t0;
     /* batches with rows alternate buffers (a finished batch in between must not make two neighbours share one) */

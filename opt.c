@@ -148,12 +148,15 @@ static void tmp_unlink_all(void) {
     for (int i = 0; i < TMP_SLOTS; i++) tmp_remove(i);
 }
 
-/* A dying pipeline rank's: its files, but not the job's shared directory,
- * which the other ranks may be creating files in: they remove it when the
- * launcher ends them. */
+/* A dying pipeline rank's: its files, then the job's shared directory if that
+ * left it empty: a rank alone on its host is the last one there. Ranks beside
+ * it keep a file in it from the start (pipe_offload_dir), so it stays for
+ * them to remove when the launcher ends them. */
 static void tmp_unlink_own(void) {
-    for (int i = 0; i < TMP_SLOTS; i++) {
+    for (int i = 0; i < TMP_SLOTS; i++)
         if (g_tmp[i][0] && !g_tmp_dir[i]) unlink(g_tmp[i]);
+    for (int i = 0; i < TMP_SLOTS; i++) {
+        if (g_tmp[i][0] && g_tmp_dir[i]) rmdir(g_tmp[i]);
         g_tmp[i][0] = 0; /* MPI_Abort may exit(): nothing left for atexit */
     }
 }
@@ -4662,7 +4665,7 @@ static const OptSpec opt_specs[] = {
     O("--group-size", NULL, C_MODEL | C_CONV, A_INT, group, 32, 128, "32|64|128", N_Q4, 0),
     O("--percent", NULL, C_MODEL, A_PERCENT, off.pol, 0, 100, NULL, 0, 1),
     O("--gpu-batch-size", NULL, C_MODEL, A_INT, off.pol.gpu_batch_size, 1, 1 << 16, NULL, 0, 1),
-    O("--num-gpu-batches", NULL, C_MODEL, A_INT, off.pol.num_gpu_batches, 1, 64, NULL, 0, 1),
+    O("--num-gpu-batches", NULL, C_MODEL, A_INT, off.pol.num_gpu_batches, 1, MAX_GPU_BATCHES, NULL, 0, 1),
     O("--policy", NULL, C_MODEL, A_STR, policy, 0, 0, "auto", 0, 1),
     O("--hw", NULL, C_MODEL, A_STR, hw, 0, 0, NULL, N_AUTO, 0),
     O("--offload-dir", NULL, C_MODEL, A_STR, off.dir, 0, 0, NULL, 0, 1),
@@ -5251,14 +5254,25 @@ static void pipe_run(Opts *o, Engine *e, Job *jobs, int n_jobs) {
 
 /* A pipeline's offload files on a host live in one directory, named after
  * rank 0's PID, that every rank there removes when it ends, however it ends:
- * so a rank killed with SIGKILL leaves nothing once the others have exited. */
+ * so a rank killed with SIGKILL leaves nothing once the others have exited.
+ * Each rank keeps a file of its own in it, so that a dying rank removes the
+ * directory only when no other rank there is using it; a rank creating it
+ * again is one that came in after it was removed (and will remove it too). */
 static void pipe_offload_dir(Opts *o) {
     static char dir[4000];
-    int pid0 = (int)getpid();
+    char mine[4100];
+    int pid0 = (int)getpid(), fd = -1;
     g_comm->bcast(&pid0, sizeof pid0);
     snprintf(dir, sizeof dir, "%s/opt-pipe-%d", o->off.dir ? o->off.dir : getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", pid0);
-    if (mkdir(dir, 0700) != 0 && errno != EEXIST) die("%s: cannot create the offload directory: %s", dir, strerror(errno));
+    snprintf(mine, sizeof mine, "%s/rank-%d", dir, g_comm->rank);
     tmp_add(dir, 1);
+    tmp_add(mine, 0);
+    for (int tries = 0; fd < 0 && tries < 3; tries++) {
+        if (mkdir(dir, 0700) != 0 && errno != EEXIST) break;
+        if ((fd = open(mine, O_WRONLY | O_CREAT | O_TRUNC, 0600)) < 0 && errno != ENOENT) break;
+    }
+    if (fd < 0) die("%s: cannot create the offload directory: %s", dir, strerror(errno));
+    close(fd);
     o->off.dir = dir;
 }
 

@@ -238,6 +238,8 @@ size_t utf8_valid_prefix(const char *s, size_t len);
 /* ----------------------------------------------------------------------------
  * Offloading policy: FlexGen's knobs, in percent as the CLI takes them. */
 
+#define MAX_GPU_BATCHES 64 /* --num-gpu-batches' limit: the block schedule's per-batch arrays; plan chooses no more */
+
 typedef struct {
     int gpu_batch_size;    /* sequences per GPU batch */
     int num_gpu_batches;   /* GPU batches per block; block = gpu_batch_size * num_gpu_batches */
@@ -375,7 +377,8 @@ typedef struct {
 /* Predicts throughput, peak memory and traffic of a given policy (percent units, as the CLI);
  * res->feasible says whether it fits. Dies on a policy that is not one (bad percents). */
 void plan_eval(const Config *c, const Hardware *hw, const PlanReq *req, const Policy *p, PlanResult *res);
-/* Solves the LP for every gpu_batch_size x num_gpu_batches (x cpu_attention) and returns the
+/* Solves the LP for every gpu_batch_size x num_gpu_batches (x cpu_attention; num_gpu_batches x
+ * req->groups <= MAX_GPU_BATCHES, what generate takes) and returns the
  * policy of highest predicted total throughput in *out: 0 on success, -1 when nothing fits
  * (res->need then holds the smallest budgets that would). */
 int plan_search(const Config *c, const Hardware *hw, const PlanReq *req, Policy *out, PlanResult *res);

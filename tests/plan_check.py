@@ -495,6 +495,33 @@ for args, pol in runs:
         check(r2.returncode == 0 and (cmd[0] == "bench" or len(lines) == 2),
               "run as printed: opt %s ... %s: exit %d, %d lines: %s" % (cmd[0], flags, r2.returncode, len(lines), r2.stderr[-300:]))
 check(disk_seen, "run as printed: no plan put a share on disk")
+# big-memory nodes want blocks of many GPU batches, but generate takes at most 64 (a pipeline's run
+# line multiplies a stage's by its groups): these printed 350, 135 and 216 before the search knew.
+# The printed command passes generate's option parsing (no prompts: nothing runs, not even the GPU)
+MAX_GPU_BATCHES = 64  # opt.h
+
+
+def big_plan(args):
+    return args, run(["plan", "-m"] + args)
+
+
+for args, r in pmap(big_plan, [["opt-175b", "--hw", "h100"], ["opt-30b", "--hw", "t4", "--stages", "3"],
+                               ["opt-66b", "--hw", "t4", "--stages", "8"]]):
+    what = "plan -m %s" % " ".join(args)
+    lines = r.stdout.splitlines()
+    run_line = next((l for l in lines if l.startswith("run ")), None) if "--stages" in args else lines[0] if lines else None
+    if not check(r.returncode == 0 and run_line, "%s: exit %d %s" % (what, r.returncode, r.stderr[-200:])):
+        continue
+    nb = [int(v) for v in re.findall(r"--num-gpu-batches (\d+)", run_line)]
+    check(nb and max(nb) <= MAX_GPU_BATCHES, "%s: --num-gpu-batches %r, generate takes at most %d" % (what, nb, MAX_GPU_BATCHES))
+    for cmd in run_line.split(" : "):  # each rank's flags, in one process: its model a tiny one, --stages dropped
+        words = shlex.split(cmd.split("./opt generate", 1)[-1])
+        for flag in ("-m", "--stages"):
+            if flag in words:
+                del words[words.index(flag):words.index(flag) + 2]
+        r2 = subprocess.run([OPT, "generate", "-m", "dummy:64x2x4x256", "-n", "0", "--offload-dir", work] + words,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        check(r2.returncode == 0, "%s: opt generate %s: exit %d %s" % (what, " ".join(words), r2.returncode, r2.stderr[-200:]))
 
 # ---- 8. -m takes dummy:SHAPE and a directory like the other commands; --hw - reads stdin ----
 mdir = os.path.join(TMP, "model")

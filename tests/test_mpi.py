@@ -4,8 +4,9 @@ stages must print exactly the bytes one process prints: for N = 2, 3 and 4 stage
 layer counts, greedy and seeded sampling, score, continuous batching with more prompts than
 slots, offloading policies with disk shares (the CPU computing, and the host standing in for
 a GPU), 4-bit weights and cache, W8A8. Then the start-up checks and the failures: a rank with
-an unreadable model, a rank SIGKILLed mid-run, a rank over its memory budget: each ends the
-whole job within a time limit, with one line naming the rank and host, and no files left.
+an unreadable model, a rank SIGKILLed mid-run, a rank over its memory budget (beside the other
+rank, and alone in its own offload dir as on its own host): each ends the whole job within a
+time limit, with one line naming the rank and host, and no files or opt-pipe-* directory left.
 
 usage: test_mpi.py --opt ./opt --mpi ./opt-mpi --tmp DIR"""
 import argparse
@@ -199,10 +200,28 @@ def test_faults():
     r = mpirun((1, g + ['-m', m5]), (1, g + ['-m', bad]), timeout=60)
     one_line(r, ['rank 1 on %s' % host, 'm5-truncated/model.safetensors', 'truncated'], 'rank 1 with a truncated model file: one line naming rank, host and file')
     check(os.listdir(od) == [] and not leftover_procs(), 'truncated model: no files, no processes left', '%s %s' % (os.listdir(od), leftover_procs()))
-    # a rank over its budget
+    # a rank over its budget: with its sibling on one host (one directory), and alone on its own
+    # (each rank its own --offload-dir, as on two hosts): the rank that dies removes the job's
+    # directory there, once its own files are gone
     r = mpirun((1, g + ['-m', m5]), (1, g + ['-m', m5, '--cpu-mem', '1M']), timeout=60)
     one_line(r, ['rank 1 on %s' % host, 'cpu'], 'rank 1 over its --cpu-mem: one line naming rank and host')
     check(os.listdir(od) == [] and not leftover_procs(), 'over budget: no files, no processes left', '%s %s' % (os.listdir(od), leftover_procs()))
+    hosts = [os.path.join(od, 'host%d' % i) for i in range(2)]
+    for h in hosts:
+        os.makedirs(h, exist_ok=True)
+    g2 = g[:-1]  # --offload-dir's value, per rank
+    for label, bad_rank in (('rank 1 over its --cpu-mem', 1), ('rank 0 over its --cpu-mem', 0)):
+        apps = [(1, g2 + [hosts[i], '-m', m5] + (['--cpu-mem', '1M'] if i == bad_rank else [])) for i in range(2)]
+        r = mpirun(*apps, timeout=60)
+        one_line(r, ['rank %d on %s' % (bad_rank, host), 'cpu'], '%s, each rank its own offload dir: one line' % label)
+        left = [os.path.join(h, f) for h in hosts for f in os.listdir(h)]
+        check(left == [] and not leftover_procs(), '%s alone in its offload dir: no opt-pipe-* directory, no file, no process left' % label,
+              '%s %s' % (left, leftover_procs()))
+        for h in hosts:
+            shutil.rmtree(h, ignore_errors=True)
+            os.makedirs(h)
+    for h in hosts:
+        os.rmdir(h)
     # SIGKILL of rank 1 mid-run: the others end, their files go, and so do rank 1's
     big = harness.fixture(os.path.join(TMP, 'big'), opt, ['synth', '--shape', '256x8x4x1024', '-o', os.path.join(TMP, 'big')])
     argv = ['mpirun', '-q', '--oversubscribe', '--bind-to', 'none', '-np', '3', MPI, 'bench', '-m', big, '--prompt-len', '128', '--gen-len', '400',
@@ -212,7 +231,7 @@ def test_faults():
     victim, t0 = None, time.time()
     while victim is None and time.time() - t0 < 60 and p.poll() is None:
         time.sleep(0.2)
-        files = [f for d in os.listdir(od) for f in os.listdir(os.path.join(od, d))] if os.listdir(od) else []
+        files = [f for d in os.listdir(od) for f in os.listdir(os.path.join(od, d)) if f.endswith('.bin')] if os.listdir(od) else []
         if len(files) < 6:  # every rank has its cache and activation files: mid-run
             continue
         for pid in leftover_procs():

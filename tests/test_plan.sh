@@ -14,8 +14,10 @@
 # One spelling of the policy flags: --eval takes generate's (FlexGen's are refused, naming opt's),
 # and plan's flags line runs as printed: `opt bench` and `opt generate -m dummy:SHAPE ... FLAGS`
 # exit 0 for CPU-only plans with and without compression, CPU attention, disk shares (a tiny
-# --cpu-mem), --pin-weights and --no-overlap. -m takes SHAPE, dummy:SHAPE and a directory alike;
-# --hw - reads the probe file from stdin, probe -o - writes it to stdout; --json is one line
+# --cpu-mem), --pin-weights and --no-overlap; plans for big-memory nodes (one, and pipelines' run
+# lines) keep --num-gpu-batches within generate's 64 and pass its option parsing. -m takes SHAPE,
+# dummy:SHAPE and a directory alike; --hw - reads the probe file from stdin, probe -o - writes it
+# to stdout; --json is one line
 # (nothing fitting too); without --hw, plan measures this machine, says so in one stderr line, and
 # its plan runs here. Pipelines (--stages): one stage predicts what plain plan does; the split sums
 # to the layers, stages are contiguous, stage 0 embeds and the last applies the output, every stage's
