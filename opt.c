@@ -4422,8 +4422,8 @@ typedef struct {
      "      --compress-cache   4-bit group-wise KV cache\n" \
      "      --group-size N     4-bit group size: 32, 64 (default) or 128\n" \
      "      --compute C        CPU GEMM arithmetic: f32 (default; the reference the exactness tests\n" \
-     "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; faster\n" \
-     "                         only where vdpbf16ps issues at the FMA rate: 0.6x on Sapphire Rapids)\n" \
+     "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; 1.3-1.6x\n" \
+     "                         f32 prefill on Zen 5, 0.6x on Sapphire Rapids, where vdpbf16ps is slow)\n" \
      "                         or int8 (4-bit weights only: x quantized to int8 per weight group,\n" \
      "                         exact integer sums, as llama.cpp's Q4 x Q8; AVX-512 VNNI)\n" \
      "      --stages N0,N1,... decoder layers per pipeline stage, one count per mpirun rank (make\n" \
