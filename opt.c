@@ -2006,8 +2006,9 @@ static void gemm_lanes(const Gemm *g, const float *xp, int Kq, int n0, int n1, c
  * loads). More: the lane GEMM on packed panels (widened exactly, once per
  * block). Both give the same bits. With --compute bf16, x is rounded to bf16
  * pairs first and both paths run on those (a pair of k per 32-bit word, so the
- * f32 packing moves pairs unchanged); 4-bit weights reach the tiles through an
- * f32 panel too. */
+ * f32 packing moves pairs unchanged). 4-bit weights reach the tiles through an
+ * f32 panel too from 8 rows (and always with bf16): dequantized once per block,
+ * not once per tile of 4 rows (batched decode 1.1-1.4x on Zen 5). */
 void gemm(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     DType dt = g->w->dtype;
@@ -2045,7 +2046,7 @@ void gemm(const Gemm *g) {
         int n0 = b < nblk0 ? b * nb : split + (b - nblk0) * nb, end = b < nblk0 ? split : g->N, n1 = n0 + nb < end ? n0 + nb : end;
         const char *w = w_row(g->w, n0);
         if (g_simd == SIMD_SCALAR) { gemm_scalar(g, n0, n1); continue; }
-        if (!lanes && !(g_bf16 && dt == DT_Q4)) { gemm_tiled(&gx, n0, n1, w, dt, rb, tiles); continue; }
+        if (!lanes && !(dt == DT_Q4 && (g_bf16 || g->M >= 8))) { gemm_tiled(&gx, n0, n1, w, dt, rb, tiles); continue; }
         static _Thread_local float *panel, *packed;
         static _Thread_local size_t panel_cap;
         size_t need = (size_t)nb * 16 * ((g->K + 15) / 16);
