@@ -4288,7 +4288,7 @@ static void engine_pipe(Engine *e, Job *jobs, int n_jobs, RunShape sh, int G) {
          * group's next step (a prompt chunk without logits does not: the next chunk goes at once) */
         int cap_fifo = 64 * G, head = 0, count = 0, pre_left = 0;
         int *fifo = check_malloc(sizeof(int) * 3 * (size_t)cap_fifo, "groups"), *wait = check_calloc(sizeof(int) * (size_t)G, "groups");
-        for (int g = 0; g < G; g++) { rows_init(&gr[g], sh.rows_max); out[g] = check_malloc(cap, "pipeline messages"); }
+        for (int g = 0; g < G; g++) { rows_init(&gr[g], sh.rows_max); out[g] = host_pinned(b.pd, cap, "pipeline messages"); }
         char *res = check_malloc(rcap, "pipeline results");
         void *rreq = cm->irecv(res, rcap, N - 1);
         for (;;) {
@@ -4326,14 +4326,14 @@ static void engine_pipe(Engine *e, Job *jobs, int n_jobs, RunShape sh, int G) {
         int stop[MSG_HDR] = {-1, 0, 0, 0};
         cm->wait(cm->isend(stop, sizeof stop, 1));
         cm->wait(rreq); /* the last stage's end */
-        for (int g = 0; g < G; g++) { if (sreq[g]) cm->wait(sreq[g]); free(out[g]); free(gr[g].tok); }
+        for (int g = 0; g < G; g++) { if (sreq[g]) cm->wait(sreq[g]); host_pinned_free(b.pd, out[g]); free(gr[g].tok); }
         free(gr); free(out); free(sreq); free(fifo); free(wait); free(res); free(q.job_of);
     } else {
         char *in[2], *out[2];
         void *rq[2], *sq[2] = {NULL, NULL};
         for (int i = 0; i < 2; i++) {
-            in[i] = check_malloc(cap, "pipeline messages");
-            out[i] = check_malloc(last ? rcap : cap, "pipeline messages");
+            in[i] = host_pinned(b.pd, cap, "pipeline messages"); /* page-locked for a GPU stage's copies */
+            out[i] = host_pinned(b.pd, last ? rcap : cap, "pipeline messages");
             rq[i] = cm->irecv(in[i], cap, rank - 1); /* posted ahead: the next step arrives while this one computes */
         }
         int *rtok = check_malloc(sizeof(int) * (size_t)sh.rows_max, "step");
@@ -4366,7 +4366,7 @@ static void engine_pipe(Engine *e, Job *jobs, int n_jobs, RunShape sh, int G) {
             }
             rq[i] = cm->irecv(in[i], cap, rank - 1);
         }
-        for (int i = 0; i < 2; i++) free(in[i]), free(out[i]);
+        for (int i = 0; i < 2; i++) host_pinned_free(b.pd, in[i]), host_pinned_free(b.pd, out[i]);
         free(rtok); free(rlp);
     }
     if (rank == 0) e->t_decode = now_sec() - t0 - e->t_prefill;
@@ -4423,7 +4423,7 @@ typedef struct {
      "      --compress-cache   4-bit group-wise KV cache\n" \
      "      --group-size N     4-bit group size: 32, 64 (default) or 128\n" \
      "      --compute C        CPU GEMM arithmetic: f32 (default; the reference the exactness tests\n" \
-     "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; 1.3-1.6x\n" \
+     "                         hold) or bf16 (inputs rounded to bf16, f32 sums; AVX-512 BF16; 1.4-1.7x\n" \
      "                         f32 prefill on Zen 5, 0.6x on Sapphire Rapids, where vdpbf16ps is slow)\n" \
      "                         or int8 (4-bit weights only: x quantized to int8 per weight group,\n" \
      "                         exact integer sums, as llama.cpp's Q4 x Q8; AVX-512 VNNI)\n" \
