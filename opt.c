@@ -1485,9 +1485,15 @@ void model_stage(Model *m, int l0, int l1) {
     if (l1 < L) { m->lm_head = m->proj_out = (Tensor){0}; m->lnfw = m->lnfb = NULL; }
 }
 
-void *model_own(Model *m, size_t bytes, const char *what) {
+void model_own_add(Model *m, void *p) {
     if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
-    return m->q4[m->n_q4++] = check_malloc(bytes, what);
+    m->q4[m->n_q4++] = p;
+}
+
+void *model_own(Model *m, size_t bytes, const char *what) {
+    void *p = check_malloc(bytes, what);
+    model_own_add(m, p);
+    return p;
 }
 
 /* --compress-weight: every matrix but the position table to 4 bits, one at a
@@ -1508,8 +1514,7 @@ void model_compress(Model *m, int group) {
     for (int i = 0; i < n; i++) {
         if (mats[i]->dtype == DT_Q4 || mats[i]->dtype == DT_I8) continue;
         *mats[i] = tensor_to_q4(m, mats[i], group);
-        if (m->n_q4 == m->cap_q4) m->q4 = check_realloc(m->q4, sizeof(void *) * (size_t)(m->cap_q4 = m->cap_q4 ? 2 * m->cap_q4 : 64), "the model");
-        m->q4[m->n_q4++] = (void *)mats[i]->data;
+        model_own_add(m, (void *)mats[i]->data);
     }
     if (tied) m->lm_head = m->embed;
 }
@@ -4076,6 +4081,7 @@ static void bufs_open(Engine *e, Bufs *b, RunShape sh) {
         gpu_scratch_init(&b->s, c, sh.rows_max, sh.cap);
         b->final = b->s.e;
     } else {
+        if (g_w4a8) model_w4_interleave((Model *)e->m); /* decode without reduction trees */
         kv_init(&b->kv, c, sh.slots, sh.cap, kv_dt, e->group);
         scratch_init(&b->s, c, sh.rows_max, sh.cap);
         b->final = b->s.e;

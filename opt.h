@@ -95,6 +95,7 @@ typedef struct {
     int group;            /* DT_Q4 group size along cols (32, 64, 128) */
     Tier tier;            /* where data lives */
     int gen;              /* dummy models: 1 + index of the generator of its values (made on demand); 0 otherwise */
+    int w4i;              /* DT_Q4 interleaved for W4A8 (--compute int8, CPU engine): blocks of 32 rows, quant.c */
     const char *name;     /* checkpoint name, for error messages */
 } Tensor;
 
@@ -213,6 +214,7 @@ void gemm_i8(const Gemm *g);
 /* W4A8 (--compute int8), quant.c: 4-bit weights . x quantized to int8 per group
  * of the weights; exact integer group sums, two f32 roundings per group. */
 void gemm_w4a8(const Gemm *g);
+Tensor w4_interleave(const Tensor *t);  /* a 4-bit tensor's W4A8 layout, in new memory (free its data) */
 
 void q4_attn_scores(float *const *s, const float *const *q, int n, const uint8_t *k, int D, int G, int T);
 void q4_attn_mix(float *const *out, const float *const *p, int n, const uint8_t *v, int D, int G, int t0, int t1, int init);
@@ -479,6 +481,8 @@ void model_stage(Model *m, int l0, int l1);
 static inline bool model_first(const Model *m) { return m->layer0 == 0; } /* embeds (stage 0, or the whole model) */
 static inline bool model_last(const Model *m) { return m->layer0 + m->cfg.n_layer == m->n_layer_all; } /* has the output */
 void *model_own(Model *m, size_t bytes, const char *what); /* memory freed with the model */
+void model_own_add(Model *m, void *p);                     /* malloc'd memory handed to the model */
+void model_w4_interleave(Model *m); /* quant.c: 4-bit layer matrices to the W4A8 layout (--compute int8), the old bytes released */
 void native_write(const Model *m, const char *path, int group); /* opt convert's output; group > 0: 4-bit matrices */
 
 /* One layer's cache for a set of sequences: a key area and a value area per

@@ -11,6 +11,8 @@
 #include <math.h>
 #include <stdbool.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* ----------------------------------------------------------------------------
  * 4-bit format (DT_Q4). Groups run along a row (the input dimension of a
@@ -1044,6 +1046,146 @@ T_VNNI static void w4_micro(const W4Act *A, const int *rows, const uint8_t *pk, 
     for (int i = 0; i < W4_MR; i++) _mm512_storeu_ps(out + i * W4_NB, f[i][0]), _mm512_storeu_ps(out + i * W4_NB + 16, f[i][1]);
 }
 
+/* --- the interleaved layout: decode without a reduction tree ---
+ * The CPU engine under --compute int8 stores each 4-bit layer matrix as blocks
+ * of 32 rows; per group: the 32 f16 scales, the 32 f16 mins, then for each
+ * piece's code dwords d (those holding codes: n/8 of them) the dword d of the
+ * 32 rows (two 64-byte vectors). Dword d's low nibbles multiply x's bytes
+ * 4d..4d+3 of the piece, its high nibbles bytes 32+4d..: the storage order, so
+ * interleaving only transposes dwords, and the block keeps the bytes of its 32
+ * rows (rows past N are zero). A 64-byte load then feeds 8 inputs of 16
+ * outputs to every row of x, with no per-call packing and no horizontal sums:
+ * the same integers and the same epilogue as the paths above, so the same bits. */
+
+static size_t w4i_block_bytes(int64_t K, int G) {
+    return (size_t)((K + G - 1) / G) * (128 + 16 * (size_t)G);
+}
+
+T_VNNI Tensor w4_interleave(const Tensor *t) {
+    int G = t->group, ng = (int)((t->cols + G - 1) / G), pp = (G + 63) / 64;
+    size_t bb = w4i_block_bytes(t->cols, G), bs = 4 + (size_t)G / 2;
+    int64_t nblk = (t->rows + W4_NB - 1) / W4_NB;
+    uint8_t *dst = check_malloc(bb * (size_t)nblk, "4-bit weights (W4A8 layout)");
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblk; b++) {
+        const uint8_t *r[W4_NB];
+        for (int j = 0; j < W4_NB; j++) r[j] = b * W4_NB + j < t->rows ? w4_wrow(t, b * W4_NB + j) : NULL;
+        uint8_t *p = dst + bb * (size_t)b;
+        for (int g = 0; g < ng; g++) {
+            uint16_t *sm = (uint16_t *)p;
+            for (int j = 0; j < W4_NB; j++) {
+                uint16_t h[2] = {0, 0};
+                if (r[j]) memcpy(h, r[j] + g * bs, 4);
+                sm[j] = h[0], sm[W4_NB + j] = h[1];
+            }
+            p += 4 * W4_NB;
+            for (int q = 0; q < pp; q++) {
+                int e = 64 * q, n = G - e < 64 ? G - e : 64;
+                for (int j0 = 0; j0 < W4_NB; j0 += 16) {
+                    __m512i u[16];
+                    for (int j = 0; j < 16; j++)
+                        u[j] = r[j0 + j] ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(n >= 64 ? ~0u : (1u << (n / 2)) - 1, r[j0 + j] + g * bs + 4 + e / 2))
+                                         : _mm512_setzero_si512();
+                    transpose16_epi32(u);
+                    for (int d = 0; d < n / 8; d++) _mm512_storeu_si512(p + (size_t)d * 4 * W4_NB + 4 * j0, u[d]);
+                }
+                p += (size_t)n / 8 * 4 * W4_NB;
+            }
+        }
+    }
+    Tensor o = *t;
+    o.data = dst, o.data2 = NULL, o.split = 0, o.w4i = 1;
+    return o;
+}
+
+/* out[i][j] (i < MR, j < 32) = row rows[i] of x . row j of an interleaved block. */
+#define W4I_MICRO(MR)                                                                                    \
+T_VNNI static void w4i_micro_##MR(const W4Act *A, const int *rows, const uint8_t *pk, int G, float *out) { \
+    const __m512i nib = _mm512_set1_epi8(15);                                                          \
+    __m512 f[MR][2];                                                                                   \
+    const int8_t *x[MR];                                                                               \
+    for (int i = 0; i < MR; i++) f[i][0] = f[i][1] = _mm512_setzero_ps(), x[i] = A->q + A->rb * (size_t)rows[i]; \
+    for (int g = 0; g < A->ng; g++) {                                                                  \
+        __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)pk));                          \
+        __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pk + 32)));                   \
+        __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pk + 64)));                   \
+        __m512 m1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(pk + 96)));                   \
+        pk += 4 * W4_NB;                                                                               \
+        __m512i d[MR][2];                                                                              \
+        for (int i = 0; i < MR; i++) d[i][0] = d[i][1] = _mm512_setzero_si512();                       \
+        for (int q = 0; q < A->pp; q++) {                                                              \
+            int n = G - 64 * q < 64 ? G - 64 * q : 64;                                                 \
+            size_t base = (size_t)(g * A->pp + q) * 64;                                                \
+            for (int dw = 0; dw < n / 8; dw++, pk += 4 * W4_NB) {                                      \
+                _mm_prefetch((const char *)pk + 1024, _MM_HINT_T0);                                    \
+                _mm_prefetch((const char *)pk + 1024 + 64, _MM_HINT_T0);                               \
+                __m512i w0 = _mm512_loadu_si512(pk), w1 = _mm512_loadu_si512(pk + 64);                 \
+                __m512i l0 = _mm512_and_si512(w0, nib), h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), nib); \
+                __m512i l1 = _mm512_and_si512(w1, nib), h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), nib); \
+                for (int i = 0; i < MR; i++) {                                                         \
+                    __m512i bl = _mm512_set1_epi32(ld32(x[i] + base + 4 * dw));                        \
+                    __m512i bh = _mm512_set1_epi32(ld32(x[i] + base + 32 + 4 * dw));                   \
+                    d[i][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[i][0], l0, bl), h0, bh);       \
+                    d[i][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(d[i][1], l1, bl), h1, bh);       \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        for (int i = 0; i < MR; i++) {                                                                 \
+            size_t ag = (size_t)rows[i] * A->ng + g;                                                   \
+            __m512 a = _mm512_set1_ps(A->a[ag]), xs = _mm512_set1_ps(A->xs[ag]);                       \
+            f[i][0] = _mm512_fmadd_ps(m0, xs, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][0]), _mm512_mul_ps(s0, a), f[i][0])); \
+            f[i][1] = _mm512_fmadd_ps(m1, xs, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][1]), _mm512_mul_ps(s1, a), f[i][1])); \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int i = 0; i < MR; i++) _mm512_storeu_ps(out + i * W4_NB, f[i][0]), _mm512_storeu_ps(out + i * W4_NB + 16, f[i][1]); \
+}
+W4I_MICRO(1)
+W4I_MICRO(2)
+W4I_MICRO(4)
+W4I_MICRO(6)
+
+/* Weight block b (interleaved) against all rows of x: 6-row tiles, the rest exactly by 4, 2, 1. */
+static void w4i_block(const Gemm *g, const W4Act *A, int64_t b) {
+    const Tensor *w = g->w;
+    const uint8_t *pk = (const uint8_t *)w->data + w4i_block_bytes(w->cols, w->group) * (size_t)b;
+    int n0 = (int)b * W4_NB, cnt = g->N - n0 < W4_NB ? g->N - n0 : W4_NB;
+    float out[6 * W4_NB];
+    for (int m0 = 0; m0 < g->M;) {
+        int left = g->M - m0, mr = left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1, rows[6];
+        for (int i = 0; i < mr; i++) rows[i] = m0 + i;
+        if (mr == 6) w4i_micro_6(A, rows, pk, w->group, out);
+        else if (mr == 4) w4i_micro_4(A, rows, pk, w->group, out);
+        else if (mr == 2) w4i_micro_2(A, rows, pk, w->group, out);
+        else w4i_micro_1(A, rows, pk, w->group, out);
+        for (int i = 0; i < mr; i++) gemm_store(g, m0 + i, n0, out + i * W4_NB, cnt);
+        m0 += mr;
+    }
+}
+
+/* The CPU engine's 4-bit layer matrices to the interleaved layout, one at a
+ * time; a native file's mapped pages are dropped, --compress-weight's buffers freed. */
+void model_w4_interleave(Model *m) {
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        Layer *L = &m->layers[l];
+        Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
+        for (int i = 0; i < 6; i++) {
+            Tensor *t = lm[i];
+            if (t->dtype != DT_Q4 || t->w4i || t->data2 || !t->data) continue;
+            Tensor o = w4_interleave(t);
+            int owned = -1;
+            for (int k = 0; k < m->n_q4; k++) if (m->q4[k] == t->data) owned = k;
+            if (owned >= 0) free(m->q4[owned]), m->q4[owned] = (void *)o.data;
+            else {
+                model_own_add(m, (void *)o.data);
+                uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)t->data, e = a + q4_row_bytes(t->cols, t->group) * (size_t)t->rows;
+                a = (a + pg - 1) / pg * pg, e = e / pg * pg;
+                if (e > a) madvise((void *)a, e - a, MADV_DONTNEED); /* a read-only mapping: refaults from the file if touched */
+            }
+            *t = o;
+        }
+    }
+}
+
 void gemm_w4a8(const Gemm *g) {
     if (g->M <= 0 || g->N <= 0) return;
     const Tensor *w = g->w;
@@ -1057,8 +1199,21 @@ void gemm_w4a8(const Gemm *g) {
     size_t qb = A.rb * (size_t)M, need = qb + 2 * sizeof(float) * (size_t)M * A.ng;
     if (need > buf_cap) { free(buf); buf = check_malloc(need, "int8 activations"); buf_cap = need; }
     A.q = (int8_t *)buf, A.a = (float *)(buf + qb), A.xs = A.a + (size_t)M * A.ng;
-    bool packed = M >= W4_PACK_M;
-    int nb = packed ? W4_NB : 64, nblk = (g->N + nb - 1) / nb;
+    bool packed = M >= W4_PACK_M && !w->w4i;
+    int nb = packed || w->w4i ? W4_NB : 64, nblk = (g->N + nb - 1) / nb;
+    if (w->w4i) {
+        if (M < W4_PACK_M) for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
+        #pragma omp parallel if ((int64_t)M * g->N * g->K > 100000)
+        {
+            if (M >= W4_PACK_M) {
+                #pragma omp for schedule(static)
+                for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (int b = 0; b < nblk; b++) w4i_block(g, &A, b);
+        }
+        return;
+    }
     if (!packed) for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G); /* one barrier less */
     #pragma omp parallel if ((int64_t)M * g->N * g->K > 100000)
     {

@@ -403,10 +403,13 @@ static void test_w4a8(void) {
                     if (c.relu && v < 0) v = 0;
                     want[m * c.ldy + n] = v;
                 }
+            Tensor ti = w4_interleave(&c.tq); /* the CPU engine's layout */
             for (int M = 1; M <= 70; M++) {
                 if (M > 20 && M % 7 && M != 64 && M != 70) continue;
                 gcase_run(&c, &c.tq, M, y);
                 gcase_cmp(&c, M, y, want, "w4a8 gemm vs the scalar scheme", SIMD_AVX512);
+                gcase_run(&c, &ti, M, y);
+                gcase_cmp(&c, M, y, want, "w4a8 gemm on the interleaved layout vs the scalar scheme", SIMD_AVX512);
                 if (M % 5 == 1) {
                     omp_set_num_threads(1);
                     gcase_run(&c, &c.tq, M, y);
@@ -415,7 +418,7 @@ static void test_w4a8(void) {
                 }
                 rows += M;
             }
-            free(want); free(y);
+            free(want); free(y); free((void *)ti.data);
             gcase_free(&c);
         }
     }
@@ -423,7 +426,7 @@ static void test_w4a8(void) {
     g_simd = g_simd_max;
     char s[320];
     snprintf(s, sizeof s, "%d shapes (G 16..128, split tensors, outlier channels), %d rows: bitwise = the scalar scheme at M 1..70 "
-             "(streaming 1/2/4 rows, then packed) and 1 thread; |scheme - exact| <= int8 bound (worst %.2f of it)", ncase, rows, worst);
+             "(streaming 1/2/4 rows, then packed; and the interleaved layout, 6/4/2/1-row tiles) and 1 thread; |scheme - exact| <= int8 bound (worst %.2f of it)", ncase, rows, worst);
     group_end("w4a8", s);
 }
 
