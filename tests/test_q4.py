@@ -59,8 +59,9 @@ Sections:
             moves the log-probs by far more (head_dim 16, 20, 32: cache groups 16 and 32).
   int8      --compute int8 (W4A8) equals ref_opt.py with the weights dequantized and every
             GEMM input on them (the linears, the logits) quantized to int8 per group by numpy
-            (G 32, 64, 128); the same bytes at every batch size, thread count and step size and
-            from --compress-weight as from the converted file; generate batched == one at a
+            (G 32, 64, 128); the same bytes at every batch size, thread count and step size, from
+            --compress-weight as from the converted file, and under an offloading policy (the
+            stored layout) as without (the interleaved one); generate batched == one at a
             time; float weights and a CPU without VNNI are refused with one line.
   accuracy  score with 4-bit weights, 4-bit cache and both against the fp16 run on a synthetic
             model: mean/max |d log-prob| and the perplexity change are printed; loose sanity
@@ -912,12 +913,15 @@ def test_int8(fx):
     c = opt(['convert', '-m', src, '-o', conv, '--int4-weights'])
     ref = opt(['score', '--ids', '-m', conv, '-f', fx.ids, '--compute', 'int8'])
     diff = []
-    for model, args in [(src, ['--compress-weight']), (conv, ['-b', '1']), (conv, ['-b', '3', '-t', '1']), (conv, ['--step-rows', '7'])]:
+    # (a policy keeps the stored layout, which the offloading engine streams; without one the
+    # CPU engine interleaves the matrices: the same bytes either way)
+    for model, args in [(src, ['--compress-weight']), (conv, ['-b', '1']), (conv, ['-b', '3', '-t', '1']), (conv, ['--step-rows', '7']),
+                        (conv, ['--percent', '0', '50', '0', '50', '0', '100', '--gpu-batch-size', '2'])]:
         r = opt(['score', '--ids', '-m', model, '-f', fx.ids, '--compute', 'int8'] + args)
         if r.rc != 0 or r.out != ref.out:
             diff.append('%s: %s' % (' '.join(args), r.describe()))
     check(c.rc == 0 and ref.rc == 0 and len(logprobs(ref.text)) == 6 and not diff,
-          '--compute int8: the same bytes at every batch size, thread count and step size, and from --compress-weight',
+          '--compute int8: the same bytes at every batch size, thread count and step size, from --compress-weight, and under a policy',
           c.describe() + ref.describe() + '\n'.join(diff))
     g = [opt(['generate', '--ids', '-m', conv, '-f', fx.ids, '-n', '12', '--compute', 'int8'] + a) for a in ([], ['-b', '1'])]
     check(all(r.rc == 0 for r in g) and g[0].out == g[1].out and g[0].out.count(b'\n') == 6,
