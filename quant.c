@@ -1162,27 +1162,41 @@ static void w4i_block(const Gemm *g, const W4Act *A, int64_t b) {
     }
 }
 
-/* The CPU engine's 4-bit layer matrices to the interleaved layout, one at a
- * time; a native file's mapped pages are dropped, --compress-weight's buffers freed. */
+/* t to the interleaved layout; its old bytes go: a native file's mapped pages
+ * are dropped, --compress-weight's buffer freed. */
+static void w4_replace(Model *m, Tensor *t) {
+    Tensor o = w4_interleave(t);
+    int owned = -1;
+    for (int k = 0; k < m->n_q4; k++) if (m->q4[k] == t->data) owned = k;
+    if (owned >= 0) free(m->q4[owned]), m->q4[owned] = (void *)o.data;
+    else {
+        model_own_add(m, (void *)o.data);
+        uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)t->data, e = a + q4_row_bytes(t->cols, t->group) * (size_t)t->rows;
+        a = (a + pg - 1) / pg * pg, e = e / pg * pg;
+        if (e > a) madvise((void *)a, e - a, MADV_DONTNEED); /* a read-only mapping: refaults from the file if touched */
+    }
+    *t = o;
+}
+
+/* The CPU engine's 4-bit matrices to the interleaved layout, one at a time. A
+ * 4-bit lm_head that is the embedding too (whose rows the embedding reads as
+ * stored) gets an interleaved copy: a third of OPT-125m's decode bytes, 8% of
+ * OPT-1.3b's. */
 void model_w4_interleave(Model *m) {
+    Tensor *h = &m->lm_head;
+    if (h->dtype == DT_Q4 && !h->w4i && !h->data2 && h->data) {
+        if (h->data != m->embed.data) w4_replace(m, h);
+        else {
+            Tensor o = w4_interleave(h);
+            model_own_add(m, (void *)o.data);
+            *h = o;
+        }
+    }
     for (int l = 0; l < m->cfg.n_layer; l++) {
         Layer *L = &m->layers[l];
         Tensor *lm[] = {&L->q, &L->k, &L->v, &L->o, &L->fc1, &L->fc2};
-        for (int i = 0; i < 6; i++) {
-            Tensor *t = lm[i];
-            if (t->dtype != DT_Q4 || t->w4i || t->data2 || !t->data) continue;
-            Tensor o = w4_interleave(t);
-            int owned = -1;
-            for (int k = 0; k < m->n_q4; k++) if (m->q4[k] == t->data) owned = k;
-            if (owned >= 0) free(m->q4[owned]), m->q4[owned] = (void *)o.data;
-            else {
-                model_own_add(m, (void *)o.data);
-                uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)t->data, e = a + q4_row_bytes(t->cols, t->group) * (size_t)t->rows;
-                a = (a + pg - 1) / pg * pg, e = e / pg * pg;
-                if (e > a) madvise((void *)a, e - a, MADV_DONTNEED); /* a read-only mapping: refaults from the file if touched */
-            }
-            *t = o;
-        }
+        for (int i = 0; i < 6; i++)
+            if (lm[i]->dtype == DT_Q4 && !lm[i]->w4i && !lm[i]->data2 && lm[i]->data) w4_replace(m, lm[i]);
     }
 }
 
