@@ -839,10 +839,12 @@ void gemm_i8(const Gemm *g) {
  * above). A group's pieces of up to 64 elements (32 code bytes) unpack to one
  * 64-byte vector: low nibbles in bytes 0..31, high ones in 32..63. x is
  * quantized into that order, 64 bytes per piece, so no kernel permutes.
- * Shapes:
+ * Shapes: the CPU engine's matrices are interleaved once (below) and run
+ * 6/4/2/1-row tiles at every M. Matrices in the stored layout (streamed by an
+ * offloading policy):
  *   M >= W4_PACK_M: threads take blocks of 32 weight rows, unpack and
  *     transpose them once into [dword][32 rows] order with f32 scales and
- *     mins, then run 4-row micro-tiles down all of x: a 64-byte load feeds 4
+ *     mins, then run 6-row micro-tiles down all of x: a 64-byte load feeds 4
  *     inputs of 16 outputs, a broadcast dword of x 4 inputs of a row.
  *   fewer rows (decode): weight rows are read as stored, 16 dot products at a
  *     time (1 row of x by 16 weight rows, 2 by 8, or 4 by 4); the group sums
