@@ -1063,38 +1063,42 @@ static size_t w4i_block_bytes(int64_t K, int G) {
     return (size_t)((K + G - 1) / G) * (128 + 16 * (size_t)G);
 }
 
-T_VNNI Tensor w4_interleave(const Tensor *t) {
+/* Block b (rows 32b ..) of t into dst. */
+T_VNNI static void w4i_pack_block(uint8_t *dst, const Tensor *t, int64_t b) {
     int G = t->group, ng = (int)((t->cols + G - 1) / G), pp = (G + 63) / 64;
-    size_t bb = w4i_block_bytes(t->cols, G), bs = 4 + (size_t)G / 2;
+    size_t bs = 4 + (size_t)G / 2;
+    const uint8_t *r[W4_NB];
+    for (int j = 0; j < W4_NB; j++) r[j] = b * W4_NB + j < t->rows ? w4_wrow(t, b * W4_NB + j) : NULL;
+    uint8_t *p = dst;
+    for (int g = 0; g < ng; g++) {
+        uint16_t *sm = (uint16_t *)p;
+        for (int j = 0; j < W4_NB; j++) {
+            uint16_t h[2] = {0, 0};
+            if (r[j]) memcpy(h, r[j] + g * bs, 4);
+            sm[j] = h[0], sm[W4_NB + j] = h[1];
+        }
+        p += 4 * W4_NB;
+        for (int q = 0; q < pp; q++) {
+            int e = 64 * q, n = G - e < 64 ? G - e : 64;
+            for (int j0 = 0; j0 < W4_NB; j0 += 16) {
+                __m512i u[16];
+                for (int j = 0; j < 16; j++)
+                    u[j] = r[j0 + j] ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(n >= 64 ? ~0u : (1u << (n / 2)) - 1, r[j0 + j] + g * bs + 4 + e / 2))
+                                     : _mm512_setzero_si512();
+                transpose16_epi32(u);
+                for (int d = 0; d < n / 8; d++) _mm512_storeu_si512(p + (size_t)d * 4 * W4_NB + 4 * j0, u[d]);
+            }
+            p += (size_t)n / 8 * 4 * W4_NB;
+        }
+    }
+}
+
+Tensor w4_interleave(const Tensor *t) {
+    size_t bb = w4i_block_bytes(t->cols, t->group);
     int64_t nblk = (t->rows + W4_NB - 1) / W4_NB;
     uint8_t *dst = check_malloc(bb * (size_t)nblk, "4-bit weights (W4A8 layout)");
     #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nblk; b++) {
-        const uint8_t *r[W4_NB];
-        for (int j = 0; j < W4_NB; j++) r[j] = b * W4_NB + j < t->rows ? w4_wrow(t, b * W4_NB + j) : NULL;
-        uint8_t *p = dst + bb * (size_t)b;
-        for (int g = 0; g < ng; g++) {
-            uint16_t *sm = (uint16_t *)p;
-            for (int j = 0; j < W4_NB; j++) {
-                uint16_t h[2] = {0, 0};
-                if (r[j]) memcpy(h, r[j] + g * bs, 4);
-                sm[j] = h[0], sm[W4_NB + j] = h[1];
-            }
-            p += 4 * W4_NB;
-            for (int q = 0; q < pp; q++) {
-                int e = 64 * q, n = G - e < 64 ? G - e : 64;
-                for (int j0 = 0; j0 < W4_NB; j0 += 16) {
-                    __m512i u[16];
-                    for (int j = 0; j < 16; j++)
-                        u[j] = r[j0 + j] ? _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(n >= 64 ? ~0u : (1u << (n / 2)) - 1, r[j0 + j] + g * bs + 4 + e / 2))
-                                         : _mm512_setzero_si512();
-                    transpose16_epi32(u);
-                    for (int d = 0; d < n / 8; d++) _mm512_storeu_si512(p + (size_t)d * 4 * W4_NB + 4 * j0, u[d]);
-                }
-                p += (size_t)n / 8 * 4 * W4_NB;
-            }
-        }
-    }
+    for (int64_t b = 0; b < nblk; b++) w4i_pack_block(dst + bb * (size_t)b, t, b);
     Tensor o = *t;
     o.data = dst, o.data2 = NULL, o.split = 0, o.w4i = 1;
     return o;
