@@ -1736,15 +1736,18 @@ GEMM_TILES_AVX512(bf16, 2, ld16_bf16, ldm16_bf16)
  * into pairs (one 32-bit word holds k = 2i and 2i + 1), zero-padded to a
  * multiple of 32 (the padding adds 0*0, as the f32 kernels' does). --- */
 
+/* --compute MODE needs AVX-512 with the extension ext (present: have). */
+static void compute_need(const char *mode, int have, const char *ext) {
+    if (!have || g_simd != SIMD_AVX512)
+        die("--compute %s: needs AVX-512 %s (this CPU%s has SIMD %s %s %s); use --compute f32", mode, ext,
+            getenv("OPT_SIMD") ? ", as OPT_SIMD sets it," : "", simd_names[g_simd], have ? "with" : "without", ext);
+}
+
 void compute_set(const char *mode) {
     g_bf16 = mode && !strcmp(mode, "bf16");
     g_w4a8 = mode && !strcmp(mode, "int8");
-    if (g_w4a8 && (!g_vnni || g_simd != SIMD_AVX512))
-        die("--compute int8: needs AVX-512 VNNI (this CPU%s has SIMD %s%s); use --compute f32", getenv("OPT_SIMD") ? ", as OPT_SIMD sets it," : "",
-            simd_names[g_simd], g_vnni ? " with VNNI" : " without VNNI");
-    if (g_bf16 && (!g_has_bf16 || g_simd != SIMD_AVX512))
-        die("--compute bf16: needs AVX-512 BF16 (this CPU%s has SIMD %s%s); use --compute f32", getenv("OPT_SIMD") ? ", as OPT_SIMD sets it," : "",
-            simd_names[g_simd], g_has_bf16 ? " with BF16" : " without BF16");
+    if (g_w4a8) compute_need("int8", g_vnni, "VNNI");
+    if (g_bf16) compute_need("bf16", g_has_bf16, "BF16");
 }
 
 /* --compute int8 changes the arithmetic of 4-bit weights only: on float weights

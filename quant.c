@@ -1150,11 +1150,10 @@ W4I_MICRO(2)
 W4I_MICRO(4)
 W4I_MICRO(6)
 
-/* Weight block b (interleaved) against all rows of x: 6-row tiles, the rest exactly by 4, 2, 1. */
-static void w4i_block(const Gemm *g, const W4Act *A, int64_t b) {
+/* Weight block b (interleaved, at pk) against all rows of x: 6-row tiles, the rest exactly by 4, 2, 1. */
+static void w4i_block(const Gemm *g, const W4Act *A, const uint8_t *pk, int b) {
     const Tensor *w = g->w;
-    const uint8_t *pk = (const uint8_t *)w->data + w4i_block_bytes(w->cols, w->group) * (size_t)b;
-    int n0 = (int)b * W4_NB, cnt = g->N - n0 < W4_NB ? g->N - n0 : W4_NB;
+    int n0 = b * W4_NB, cnt = g->N - n0 < W4_NB ? g->N - n0 : W4_NB;
     float out[6 * W4_NB];
     for (int m0 = 0; m0 < g->M;) {
         int left = g->M - m0, mr = left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1, rows[6];
@@ -1221,23 +1220,10 @@ void gemm_w4a8(const Gemm *g) {
     A.q = (int8_t *)buf, A.a = (float *)(buf + qb), A.xs = A.a + (size_t)M * A.ng;
     bool packed = M >= W4_PACK_M && !w->w4i;
     int nb = packed || w->w4i ? W4_NB : 64, nblk = (g->N + nb - 1) / nb;
-    if (w->w4i) {
-        if (M < W4_PACK_M) for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
-        #pragma omp parallel if ((int64_t)M * g->N * g->K > 100000)
-        {
-            if (M >= W4_PACK_M) {
-                #pragma omp for schedule(static)
-                for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
-            }
-            #pragma omp for schedule(dynamic, 1)
-            for (int b = 0; b < nblk; b++) w4i_block(g, &A, b);
-        }
-        return;
-    }
-    if (!packed) for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G); /* one barrier less */
+    if (M < W4_PACK_M) for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G); /* one barrier less */
     #pragma omp parallel if ((int64_t)M * g->N * g->K > 100000)
     {
-        if (packed) {
+        if (M >= W4_PACK_M) {
             #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) w4_quant_row(&A, m, g->x + (int64_t)m * g->ldx, g->K, G);
         }
@@ -1249,6 +1235,7 @@ void gemm_w4a8(const Gemm *g) {
         for (int b = 0; b < nblk; b++) {
             int n0 = b * nb, cnt = g->N - n0 < nb ? g->N - n0 : nb;
             float out[W4_MR * W4_NB];
+            if (w->w4i) { w4i_block(g, &A, (const uint8_t *)w->data + w4i_block_bytes(g->K, G) * (size_t)b, b); continue; }
             if (packed) {
                 w4_pack(panel, w, n0, cnt, &A);
                 for (int m0 = 0; m0 < M; m0 += W4_MR) {
